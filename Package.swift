@@ -1,0 +1,54 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "Ferry",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "seeder", targets: ["seeder"]),
+        .executable(name: "leecher", targets: ["leecher"]),
+        .executable(name: "hub", targets: ["hub"]),
+        .library(name: "FerryMigration", targets: ["FerryMigration"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // The only C shim: syscall wrappers and the kernel structs Debian's headers lack.
+        .target(name: "CFerryLinux"),
+        .systemLibrary(
+            name: "CSodium",
+            pkgConfig: "libsodium",
+            providers: [.apt(["libsodium-dev"])]
+        ),
+        .systemLibrary(
+            name: "CUV",
+            pkgConfig: "libuv",
+            providers: [.apt(["libuv1-dev"])]
+        ),
+        // Kernel facilities: maps, freezer, remote syscall, userfaultfd, trackers, page reader.
+        .target(name: "FerrySystem", dependencies: ["CFerryLinux"]),
+        // Transports, secure channel, RPC.
+        .target(name: "FerryWire", dependencies: ["CUV", "CSodium"]),
+        // Seeder, leecher, hub, heuristics, page store, image format.
+        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire"]),
+        .executableTarget(
+            name: "seeder",
+            dependencies: ["FerryMigration", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(
+            name: "leecher",
+            dependencies: ["FerryMigration", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(
+            name: "hub",
+            dependencies: ["FerryMigration", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        // Workload generator used by tests and benchmarks (C, no runtime to disturb timings).
+        .executableTarget(name: "memwriter", path: "Tools/memwriter"),
+        .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem"]),
+        .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
+        .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,7 @@
+// FerryMigration: the seeder, leecher and hub roles on top of FerrySystem
+// (the memory engine) and FerryWire (the encrypted RPC).
+@_exported import FerrySystem
+@_exported import FerryWire
+
+/// The version printed by every command.
+public let ferryVersion = "0.1.0"

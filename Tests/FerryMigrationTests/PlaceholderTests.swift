@@ -1,0 +1,6 @@
+import Testing
+@testable import FerryMigration
+
+@Test func versionIsSet() {
+    #expect(!ferryVersion.isEmpty)
+}

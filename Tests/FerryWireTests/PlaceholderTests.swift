@@ -1,0 +1,6 @@
+import Testing
+@testable import FerryWire
+
+@Test func wireModuleLoads() {
+    #expect(Bool(true))
+}
