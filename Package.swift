@@ -31,7 +31,7 @@ let package = Package(
         // Transports, secure channel, RPC.
         .target(name: "FerryWire", dependencies: ["CUV", "CSodium"]),
         // Seeder, leecher, hub, heuristics, page store, image format.
-        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire"]),
+        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "CSodium"]),
         .executableTarget(
             name: "seeder",
             dependencies: ["FerryMigration", .product(name: "ArgumentParser", package: "swift-argument-parser")]

@@ -1,0 +1,147 @@
+import Foundation
+import Testing
+@testable import FerryMigration
+
+private func region(_ start: UInt64, _ end: UInt64, name: String = "", kind: RegionKind = .migrate) -> Region {
+    Region(range: AddressRange(start: start, end: end), permissions: "rw-p", offset: 0, device: "00:00",
+           inode: 0, name: name, kind: kind)
+}
+
+private func pages(_ start: UInt64, _ count: UInt64) -> AddressRange {
+    AddressRange(start: start, end: start + count * pageSize)
+}
+
+@Suite struct PageStoreTests {
+    @Test func countsOnlyMigratableRegions() {
+        let store = PageStore(layout: [region(0x10000, 0x20000), region(0x30000, 0x31000, kind: .recordOnly)])
+        #expect(store.totalPages == 16)
+        #expect(store.count(.remote) == 16)
+        #expect(store.pagesToPull == 16)
+    }
+
+    @Test func stateMachineFollowsRequestsAndDirtyReports() {
+        var store = PageStore(layout: [region(0x10000, 0x20000)])
+        store.markRequested([pages(0x10000, 4)])
+        #expect(store.count(.inFlight) == 4)
+        // A dirty report while in flight makes the reply stale.
+        store.markDirty([pages(0x11000, 1)])
+        store.markArrived([pages(0x10000, 4)])
+        #expect(store.count(.clean) == 3)
+        #expect(store.state(at: 0x11000) == .dirty)
+        // A dirty report on a clean page.
+        store.markDirty([pages(0x10000, 1)])
+        #expect(store.count(.dirty) == 2)
+        #expect(store.dirtyReportCount(at: 0x10000) == 1)
+        // Dirty reports on remote pages change nothing but the heat.
+        store.markDirty([pages(0x18000, 1)])
+        #expect(store.state(at: 0x18000) == .remote)
+        #expect(store.pagesToPull == 2 + 12)
+        store.markRemoteUnlessClean()
+        #expect(store.count(.remote) == 14)
+        #expect(store.count(.clean) == 2)
+    }
+
+    @Test func lostRequestsAreAskedAgain() {
+        var store = PageStore(layout: [region(0x10000, 0x12000)])
+        store.markRequested([pages(0x10000, 2)])
+        store.markLost([pages(0x10000, 2)])
+        #expect(store.count(.remote) == 2)
+    }
+
+    @Test func reconcileKeepsCoveredPagesAndAddsNewOnesRemote() {
+        var store = PageStore(layout: [region(0x10000, 0x14000), region(0x20000, 0x22000)])
+        store.markRequested([pages(0x10000, 4), pages(0x20000, 2)])
+        store.markArrived([pages(0x10000, 4), pages(0x20000, 2)])
+        // The first region is split by mprotect and grows; the second goes away; a third appears.
+        store.reconcile(layout: [region(0x10000, 0x12000), region(0x12000, 0x16000), region(0x40000, 0x41000)])
+        #expect(store.totalPages == 7)
+        #expect(store.count(.clean) == 4)
+        #expect(store.state(at: 0x14000) == .remote)
+        #expect(store.state(at: 0x20000) == nil)
+        #expect(store.state(at: 0x40000) == .remote)
+    }
+
+    @Test func rangesCoalesceAndSplitAtTheLimit() {
+        var store = PageStore(layout: [region(0x10000, 0x20000)])
+        store.markRequested([pages(0x14000, 1)])
+        let remote = store.ranges(in: [.remote], maxPages: 5)
+        #expect(remote == [pages(0x10000, 4), pages(0x15000, 5), pages(0x1a000, 5), pages(0x1f000, 1)])
+    }
+}
+
+@Suite struct HeuristicTests {
+    let layout = [region(0x10000, 0x12000, name: "/usr/bin/x"), region(0x20000, 0x22000, name: "[heap]"),
+                  region(0x30000, 0x32000, name: "[stack]"), region(0x40000, 0x42000)]
+
+    @Test func sequentialIsAddressOrder() throws {
+        let store = PageStore(layout: layout)
+        let order = try HeuristicName.make("sequential").order(store, layout: layout)
+        #expect(order.map(\.start) == [0x10000, 0x20000, 0x30000, 0x40000])
+    }
+
+    @Test func stackAndHeapComeFirst() throws {
+        let store = PageStore(layout: layout)
+        let order = try HeuristicName.make("stack-heap-first").order(store, layout: layout)
+        #expect(order.map(\.start) == [0x30000, 0x20000, 0x40000, 0x10000])
+    }
+
+    @Test func coldPagesComeBeforeHotOnes() throws {
+        var store = PageStore(layout: layout)
+        store.markDirty([pages(0x10000, 1)])
+        store.markDirty([pages(0x10000, 1), pages(0x20000, 1)])
+        let order = try HeuristicName.make("cold-first").order(store, layout: layout)
+        #expect(order.first?.start == 0x11000)
+        #expect(order.last == pages(0x10000, 1))
+        #expect(order.dropLast().last == pages(0x20000, 1))
+        #expect(order.reduce(0) { $0 + $1.pageCount } == 8)
+    }
+
+    @Test func profileOrderFirstThenTheRest() throws {
+        let path = "/tmp/ferry-profile-\(getpid()).txt"
+        try "# recorded\n0x41000\n0x20000-0x22000\n".write(toFile: path, atomically: true, encoding: .utf8)
+        defer { unlink(path) }
+        let store = PageStore(layout: layout)
+        let order = try HeuristicName.make("profile:\(path)").order(store, layout: layout)
+        #expect(Array(order.prefix(2)) == [pages(0x41000, 1), pages(0x20000, 2)])
+    }
+
+    @Test func badNamesAndFilesSaySo() throws {
+        #expect(throws: MigrationError.badArgument(
+            "unknown heuristic 'fastest': choose sequential, stack-heap-first, cold-first or profile:FILE")) {
+            try HeuristicName.make("fastest")
+        }
+        let path = "/tmp/ferry-badprofile-\(getpid()).txt"
+        try "0x1000\nzzz\n".write(toFile: path, atomically: true, encoding: .utf8)
+        defer { unlink(path) }
+        #expect(throws: MigrationError.badArgument(
+            "profile file \(path), line 2: expected an address or START-END, found 'zzz'")) {
+            try HeuristicName.make("profile:\(path)")
+        }
+    }
+}
+
+@Suite struct FinalizePolicyTests {
+    @Test func parsesPercentages() throws {
+        #expect(try FinalizePolicy.parsePercent("95%") == 0.95)
+        #expect(try FinalizePolicy.parsePercent("0.5") == 0.5)
+        #expect(try FinalizePolicy.parsePercent("0%") == 0)
+        #expect(throws: MigrationError.self) { try FinalizePolicy.parsePercent("101%") }
+        #expect(throws: MigrationError.self) { try FinalizePolicy.parsePercent("lots") }
+    }
+
+    @Test func decidesByShareDowntimeOrDeadline() {
+        func progress(_ share: Double, left: Int = 1000, rate: Double = 0, elapsed: Double = 1) -> FinalizePolicy.Progress {
+            .init(cleanShare: share, pagesLeft: left, bytesPerSecond: rate, dirtyPagesPerSecond: 0,
+                  elapsedSeconds: elapsed, converged: false)
+        }
+        let share = FinalizePolicy(cleanShare: 0.95)
+        #expect(share.reason(progress(0.9)) == nil)
+        #expect(share.reason(progress(0.96)) != nil)
+        let downtime = FinalizePolicy(maxDowntimeMilliseconds: 10)
+        // 1000 pages at 1 GB/s is about 4 ms.
+        #expect(downtime.reason(progress(0.1, rate: 1e9)) != nil)
+        #expect(downtime.reason(progress(0.1, rate: 1e8)) == nil)
+        let deadline = FinalizePolicy(cleanShare: 1, maxWaitSeconds: 5)
+        #expect(deadline.reason(progress(0.5, elapsed: 6)) != nil)
+    }
+}

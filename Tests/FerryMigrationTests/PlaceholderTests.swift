@@ -1,6 +1,0 @@
-import Testing
-@testable import FerryMigration
-
-@Test func versionIsSet() {
-    #expect(!ferryVersion.isEmpty)
-}
