@@ -28,3 +28,30 @@ public protocol FrameTransport: AnyObject, Sendable {
     /// Who is on the other end, for error messages ("127.0.0.1:7070", "stdio").
     var peerDescription: String { get }
 }
+
+/// Failures common to every transport. Transports may throw their own errors
+/// as well (socket errors); these are the ones the protocol itself defines.
+public enum TransportError: Error, CustomStringConvertible, Sendable, Equatable {
+    /// The transport was closed locally; nothing more can be sent or received.
+    case closed(peer: String)
+    /// The peer went away (or closed its receiving side) while we were sending.
+    case peerClosed(peer: String)
+    /// The peer announced a frame over the current limit; the connection is closed
+    /// before anything is allocated.
+    case frameTooLarge(peer: String, size: Int, limit: Int)
+    /// The stream ended in the middle of a frame.
+    case truncatedFrame(peer: String, expected: Int, received: Int)
+
+    public var description: String {
+        switch self {
+        case .closed(let peer):
+            return "connection to \(peer) is closed"
+        case .peerClosed(let peer):
+            return "\(peer) closed the connection"
+        case .frameTooLarge(let peer, let size, let limit):
+            return "\(peer) sent a frame of \(size) bytes, over the limit of \(limit) bytes at this stage; connection closed"
+        case .truncatedFrame(let peer, let expected, let received):
+            return "\(peer) closed the connection in the middle of a frame (\(received) of \(expected) bytes)"
+        }
+    }
+}

@@ -1,6 +1,0 @@
-import Testing
-@testable import FerryWire
-
-@Test func wireModuleLoads() {
-    #expect(Bool(true))
-}
