@@ -32,18 +32,14 @@ let package = Package(
         .target(name: "FerryWire", dependencies: ["CUV", "CSodium"]),
         // Seeder, leecher, hub, heuristics, page store, image format.
         .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "CSodium"]),
-        .executableTarget(
-            name: "seeder",
+        // What the three commands share: credential flags, JSON events, progress, exit codes.
+        .target(
+            name: "FerryCLI",
             dependencies: ["FerryMigration", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
-        .executableTarget(
-            name: "leecher",
-            dependencies: ["FerryMigration", .product(name: "ArgumentParser", package: "swift-argument-parser")]
-        ),
-        .executableTarget(
-            name: "hub",
-            dependencies: ["FerryMigration", .product(name: "ArgumentParser", package: "swift-argument-parser")]
-        ),
+        .executableTarget(name: "seeder", dependencies: ["FerryCLI"]),
+        .executableTarget(name: "leecher", dependencies: ["FerryCLI"]),
+        .executableTarget(name: "hub", dependencies: ["FerryCLI"]),
         // Workload generator used by tests and benchmarks (C, no runtime to disturb timings).
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem"]),

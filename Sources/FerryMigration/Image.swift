@@ -82,7 +82,7 @@ public struct Manifest: Codable, Sendable {
 public final class ImageWriter: PageSink {
     public let directory: String
     let partial: String
-    private let slotFile: Int32
+    private var slotFile: Int32
     /// Slot of each stored page in the slot file; `zeroSlot` for all-zero pages.
     private var slots: [UInt64: UInt32] = [:]
     private var nextSlot: UInt32 = 0
@@ -119,7 +119,7 @@ public final class ImageWriter: PageSink {
     }
 
     deinit {
-        close(slotFile)
+        if slotFile >= 0 { close(slotFile) }
         if !finished { try? FileManager.default.removeItem(atPath: partial) }
     }
 
@@ -175,12 +175,12 @@ public final class ImageWriter: PageSink {
         return true
     }
 
-    /// Writes the region files and the manifest for the final layout, then
-    /// moves the image into place. Every page of every migrated region must
-    /// have been stored.
+    /// Writes the region files and the manifest for the final layout into the
+    /// hidden partial directory. Every page of every migrated region must have
+    /// been stored. `commit()` then moves the image into place.
     @discardableResult
-    public func finish(layout: [Region], sourcePid: Int32, sourceHost: String, tracker: String,
-                       downtimeMilliseconds: Double?) throws -> Manifest {
+    public func prepare(layout: [Region], sourcePid: Int32, sourceHost: String, tracker: String,
+                        downtimeMilliseconds: Double?) throws -> Manifest {
         try mkdirOrThrow(partial + "/regions")
         var entries: [ManifestRegion] = []
         for (index, region) in layout.enumerated() {
@@ -202,15 +202,31 @@ public final class ImageWriter: PageSink {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let json = try encoder.encode(manifest)
-        close(slotFile)
-        unlink(partial + "/pages.slots")
         try writeFile(partial + "/manifest.json", json)
+        return manifest
+    }
+
+    /// Moves the prepared image into place; until then nothing at `directory`
+    /// looks like an image.
+    public func commit() throws {
+        close(slotFile)
+        slotFile = -1
+        unlink(partial + "/pages.slots")
         // An empty directory of the same name may be in the way (checked in init).
         rmdir(directory)
         guard rename(partial, directory) == 0 else {
             throw MigrationError.image("cannot move the finished image to \(directory): \(String(cString: strerror(errno)))")
         }
         finished = true
+    }
+
+    /// `prepare` then `commit`.
+    @discardableResult
+    public func finish(layout: [Region], sourcePid: Int32, sourceHost: String, tracker: String,
+                       downtimeMilliseconds: Double?) throws -> Manifest {
+        let manifest = try prepare(layout: layout, sourcePid: sourcePid, sourceHost: sourceHost, tracker: tracker,
+                                   downtimeMilliseconds: downtimeMilliseconds)
+        try commit()
         return manifest
     }
 
@@ -224,13 +240,7 @@ public final class ImageWriter: PageSink {
         guard ftruncate(fd, off_t(range.length)) == 0 else {
             throw MigrationError.image("cannot size \(path) to \(range.length) bytes: \(String(cString: strerror(errno)))")
         }
-        _ = sodiumReady
-        // SAFETY: libsodium's hash state wants 64-byte alignment, which a Swift
-        // local does not promise; this buffer lives until the end of the function.
-        let state = UnsafeMutableRawPointer.allocate(byteCount: crypto_generichash_statebytes(), alignment: 64)
-        defer { state.deallocate() }
-        let hash = OpaquePointer(state)
-        crypto_generichash_init(hash, nil, 0, 32)
+        var hash = Blake2b256()
         let chunkPages = 256
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkPages * Int(pageSize), alignment: 4096)
         defer { buffer.deallocate() }
@@ -262,24 +272,48 @@ public final class ImageWriter: PageSink {
             if anyData {
                 try writeAll(fd, buffer.baseAddress!, bytes, at: off_t(page - range.start))
             }
-            crypto_generichash_update(hash, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), UInt64(bytes))
+            hash.update(UnsafeRawBufferPointer(rebasing: buffer[..<bytes]))
             page += UInt64(count) * pageSize
         }
-        var digest = [UInt8](repeating: 0, count: 32)
-        crypto_generichash_final(hash, &digest, 32)
-        return digest.map { String(format: "%02x", $0) }.joined()
+        return hash.finish().hexString
     }
 }
 
 /// BLAKE2b-256 of a buffer, hexadecimal, as the manifest records it.
 public func imageChecksum(_ bytes: UnsafeRawBufferPointer) -> String {
-    _ = sodiumReady
-    var digest = [UInt8](repeating: 0, count: 32)
-    crypto_generichash(&digest, 32, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count), nil, 0)
-    return digest.map { String(format: "%02x", $0) }.joined()
+    var hash = Blake2b256()
+    hash.update(bytes)
+    return hash.finish().hexString
 }
 
 private let sodiumReady: Bool = sodium_init() >= 0
+
+/// Streaming BLAKE2b-256, the checksum of image regions and of the seeder's
+/// frozen memory, so the two can be compared.
+struct Blake2b256: ~Copyable {
+    private let state: UnsafeMutableRawPointer
+
+    init() {
+        _ = sodiumReady
+        // SAFETY: libsodium's hash state wants 64-byte alignment, which a Swift
+        // stored struct does not promise; this allocation lives as long as self.
+        state = UnsafeMutableRawPointer.allocate(byteCount: crypto_generichash_statebytes(), alignment: 64)
+        crypto_generichash_init(OpaquePointer(state), nil, 0, 32)
+    }
+
+    deinit { state.deallocate() }
+
+    mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        guard let base = bytes.baseAddress else { return }
+        crypto_generichash_update(OpaquePointer(state), base.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count))
+    }
+
+    consuming func finish() -> [UInt8] {
+        var digest = [UInt8](repeating: 0, count: 32)
+        crypto_generichash_final(OpaquePointer(state), &digest, 32)
+        return digest
+    }
+}
 
 private func mkdirOrThrow(_ path: String) throws {
     guard mkdir(path, 0o700) == 0 else {

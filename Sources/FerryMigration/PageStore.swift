@@ -165,6 +165,12 @@ public struct PageStore: Sendable {
         }
     }
 
+    /// Seeder side: these pages were just read and sent, so they are clean
+    /// until a scan finds them written again.
+    public mutating func markSent(_ ranges: [AddressRange]) {
+        update(ranges) { _ in .clean }
+    }
+
     /// The seeder reported these pages written since they were sent.
     public mutating func markDirty(_ ranges: [AddressRange]) {
         for range in ranges {

@@ -1,0 +1,82 @@
+// The credential flags every command shares, and the default that makes a
+// migration on one machine work without set-up: a root-only secret file that
+// the seeder creates on first use and the leecher on the same machine reads.
+import ArgumentParser
+import Foundation
+import FerryMigration
+
+public struct AuthOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp(
+        "A file holding the pre-shared secret (`seeder secret` makes one); the same file on both sides.",
+        valueName: "FILE"))
+    public var secretFile: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Our private key file (`keygen` makes one). Use with --authorized.", valueName: "FILE"))
+    public var key: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Public keys we accept, one per line, like SSH's authorized_keys.", valueName: "FILE"))
+    public var authorized: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Accept only this peer public key (the line of its .pub file, or a file holding it).",
+        valueName: "KEY|FILE"))
+    public var peerKey: String?
+
+    public init() {}
+
+    /// Where the single-machine default secret lives.
+    public static var defaultSecretPath: String {
+        let base = ProcessInfo.processInfo.environment["XDG_CONFIG_HOME"]
+            ?? (NSHomeDirectory() + "/.config")
+        return base + "/ferry/secret"
+    }
+
+    public func validate() throws {
+        if secretFile != nil && (key != nil || authorized != nil) {
+            throw ValidationError("choose one way to authenticate: --secret-file, or --key with --authorized")
+        }
+        if key != nil && authorized == nil && peerKey == nil {
+            throw ValidationError("--key needs --authorized FILE (or --peer-key) to say which peers to accept")
+        }
+        if key == nil && (authorized != nil || peerKey != nil) {
+            throw ValidationError("--authorized and --peer-key need --key FILE, our own private key")
+        }
+    }
+
+    /// The credentials the flags describe. Without flags, the default secret:
+    /// created when `createDefault` (the seeder), required otherwise.
+    public func credentials(createDefault: Bool) throws -> Credentials {
+        if let key {
+            let pair = try KeyPair.load(path: key)
+            let accepted = try authorized.map { try AuthorizedKeys.load(path: $0) } ?? AuthorizedKeys([])
+            let pinned = try peerKey.map { text -> PublicKey in
+                if FileManager.default.fileExists(atPath: text) {
+                    let line = try String(contentsOfFile: text, encoding: .utf8)
+                        .split(separator: "\n").first.map(String.init) ?? ""
+                    return try PublicKey(text: line)
+                }
+                return try PublicKey(text: text)
+            }
+            return .keys(pair, authorized: accepted, pinnedPeer: pinned)
+        }
+        let path = secretFile ?? Self.defaultSecretPath
+        if secretFile == nil && createDefault && !FileManager.default.fileExists(atPath: path) {
+            let directory = (path as NSString).deletingLastPathComponent
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+            let secret = try PreSharedSecret.generate()
+            guard FileManager.default.createFile(atPath: path, contents: Data((secret.text + "\n").utf8),
+                                                 attributes: [.posixPermissions: 0o600]) else {
+                throw ValidationError("cannot create the default secret file \(path); pass --secret-file")
+            }
+        }
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw ValidationError(secretFile == nil
+                ? "no credentials given and no default secret at \(path): pass --secret-file FILE (the seeder's), or --key and --authorized"
+                : "secret file \(path) does not exist (`seeder secret > FILE` makes one)")
+        }
+        return .preSharedSecret(try PreSharedSecret.load(path: path))
+    }
+}

@@ -1,0 +1,480 @@
+// The leecher: pulls pages in the background in the heuristic's order with
+// many requests in flight, learns which pulled pages were written since,
+// finalizes when the policy says the rest is small, fills what is left by
+// post-copy, checks the result against the frozen source, and only then
+// confirms and writes the image. A dropped connection is resumed, not failed.
+import Foundation
+
+public struct LeecherOptions: Sendable {
+    public var policy = FinalizePolicy()
+    public var heuristic: any PullHeuristic = SequentialHeuristic()
+    /// ReadAt requests in flight. 16 x 1 MiB keeps a loopback link and both
+    /// cores busy without holding much memory.
+    public var requestsInFlight = 16
+    /// Pages per ReadAt (at most `MigrationLimits.maxPagesPerRead`).
+    public var pagesPerRequest = 256
+    /// How often pre-copy asks for the dirty set.
+    public var syncInterval: Duration = .milliseconds(200)
+    /// Compare every region with the frozen source's checksum before Complete.
+    public var verify = true
+    /// Abort instead of Complete at the end (the source is thawed): a dry run.
+    public var abortAtEnd = false
+
+    public init() {}
+}
+
+public struct LeecherProgress: Sendable {
+    public var pagesTotal: Int
+    public var pagesClean: Int
+    public var pagesDirty: Int
+    public var pagesRemote: Int
+    public var bytesReceived: UInt64
+    public var bytesPerSecond: Double
+    public var dirtyPagesPerSecond: Double
+    public var elapsedSeconds: Double
+    public var phase: String
+}
+
+public enum LeecherEvent: Sendable {
+    case connected(peer: String, pid: Int32, host: String, tracker: String, regions: Int, pages: Int)
+    case progress(LeecherProgress)
+    case finalizing(reason: String)
+    case finalized(downtimeMilliseconds: Double, freezeMilliseconds: Double, dirtyPages: UInt64, remotePages: Int)
+    case reconnecting(attempt: Int, reason: String)
+    case resumed(phase: String)
+    case verified(regions: Int)
+    case complete(bytes: UInt64, seconds: Double, seederSays: String)
+}
+
+public struct LeecherSummary: Sendable {
+    public var manifest: Manifest
+    public var bytesReceived: UInt64
+    public var seconds: Double
+    public var downtimeMilliseconds: Double
+    public var dirtyPagesAtFinalize: UInt64
+    public var seederSays: String
+}
+
+public final class Leecher {
+    public typealias Connector = @Sendable () async throws -> FrameTransport
+
+    private let connect: Connector
+    private let sink: ImageWriter
+    private let options: LeecherOptions
+    private let events: (LeecherEvent) -> Void
+
+    private var client: RPCClient?
+    private var session: [UInt8]? = nil
+    private var seeder: TrackReply? = nil
+    private var store = PageStore(layout: [])
+    private var layout: [Region] = []
+    private var layoutEpoch: UInt64 = 0
+    private var phase: SessionPhase = .tracking
+    private var bytesReceived: UInt64 = 0
+    private var dirtyRate: Double = 0
+    private var started = ContinuousClock.now
+    private var finalizeReply: FinalizeReply? = nil
+    private var downtime: Double = 0
+    private var lastProgress = ContinuousClock.now
+    private var rate = ByteRate()
+
+    public init(connect: @escaping Connector, sink: ImageWriter, options: LeecherOptions = .init(),
+                events: @escaping (LeecherEvent) -> Void = { _ in }) {
+        self.connect = connect
+        self.sink = sink
+        self.options = options
+        self.events = events
+    }
+
+    /// Runs the whole migration. On error the seeder, if reachable, is told to
+    /// abort, so the source runs on; no image is left behind.
+    public func run() async throws -> LeecherSummary {
+        started = .now
+        do {
+            try await attach()
+            try await pull(precopy: true)
+            try await finalize()
+            try await pull(precopy: false)
+            let manifest = try sink.prepare(layout: layout, sourcePid: seeder!.pid, sourceHost: seeder!.host,
+                                            tracker: seeder!.tracker, downtimeMilliseconds: downtime)
+            if options.verify { try await verify(manifest) }
+            let said: String
+            if options.abortAtEnd {
+                said = try OutcomeReply.decode(try await call(.abort, [])).message
+            } else {
+                said = try OutcomeReply.decode(try await call(.complete, [])).message
+            }
+            try sink.commit()
+            client?.close()
+            let seconds = elapsed
+            events(.complete(bytes: bytesReceived, seconds: seconds, seederSays: said))
+            return LeecherSummary(manifest: manifest, bytesReceived: bytesReceived, seconds: seconds,
+                                  downtimeMilliseconds: downtime,
+                                  dirtyPagesAtFinalize: finalizeReply?.dirty.reduce(0) { $0 + $1.pageCount } ?? 0,
+                                  seederSays: said)
+        } catch {
+            if let client, phase == .frozen || phase == .tracking, !(error is CancellationError) {
+                _ = try? await client.call(MigrationMethod.abort.rawValue, [])
+            }
+            client?.close()
+            throw error
+        }
+    }
+
+    private var elapsed: Double { seconds(ContinuousClock.now - started) }
+
+    // MARK: - Connection and resume
+
+    private func attach() async throws {
+        let transport = try await connect()
+        let client = RPCClient(transport: transport)
+        let reply = try TrackReply.decode(try await client.call(MigrationMethod.track.rawValue,
+                                                               TrackRequest(resume: session).encode()))
+        if session == nil {
+            seeder = reply
+            session = reply.session
+            layout = reply.layout
+            layoutEpoch = reply.layoutEpoch
+            store = PageStore(layout: layout)
+            events(.connected(peer: transport.peerDescription, pid: reply.pid, host: reply.host,
+                              tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
+        } else {
+            events(.resumed(phase: reply.phase.description))
+        }
+        phase = reply.phase
+        self.client = client
+    }
+
+    /// Reconnects after a lost connection, with backoff, within the seeder's grace period.
+    private func reconnect(after error: Error) async throws {
+        client?.close()
+        client = nil
+        guard session != nil else { throw error }
+        let grace = Double(seeder?.graceMilliseconds ?? 5000) / 1000
+        let deadline = ContinuousClock.now + .milliseconds(Int(grace * 1000))
+        var attempt = 0
+        var delay = 0.05
+        var last: Error = error
+        while ContinuousClock.now < deadline {
+            attempt += 1
+            events(.reconnecting(attempt: attempt, reason: "\(last)"))
+            do {
+                try await attach()
+                return
+            } catch let refusal as RPCError {
+                throw MigrationError.connectionLost("lost the connection to the seeder (\(error)) and it refused to resume: \(refusal.message)")
+            } catch {
+                last = error
+            }
+            try await Task.sleep(for: .milliseconds(Int(delay * 1000)))
+            delay = min(delay * 2, 1)
+        }
+        throw MigrationError.connectionLost(
+            "lost the connection to the seeder and could not resume within its grace period of \(grace) s: \(last)")
+    }
+
+    /// Calls once, resuming the connection on transport failures. Replies
+    /// that are errors from the seeder are final.
+    private func call(_ method: MigrationMethod, _ payload: [UInt8]) async throws -> [UInt8] {
+        while true {
+            guard let client else { throw MigrationError.connectionLost("not connected") }
+            do {
+                return try await client.call(method.rawValue, payload)
+            } catch let error as RPCError {
+                throw MigrationError.seeder("the seeder refused \(method): \(error.message)")
+            } catch {
+                try await reconnect(after: error)
+            }
+        }
+    }
+
+    private func callParts(_ method: MigrationMethod, _ payload: [UInt8]) async throws -> [[UInt8]] {
+        while true {
+            guard let client else { throw MigrationError.connectionLost("not connected") }
+            do {
+                return try await Self.collect(client, method, payload)
+            } catch let error as RPCError {
+                throw MigrationError.seeder("the seeder refused \(method): \(error.message)")
+            } catch {
+                try await reconnect(after: error)
+            }
+        }
+    }
+
+    private static func collect(_ client: RPCClient, _ method: MigrationMethod, _ payload: [UInt8]) async throws -> [[UInt8]] {
+        var parts: [[UInt8]] = []
+        for try await part in client.callStreaming(method.rawValue, payload) { parts.append(part) }
+        return parts
+    }
+
+    // MARK: - Pulling
+
+    private enum JobResult: Sendable {
+        case read([AddressRange], [[UInt8]])
+        case sync([[UInt8]])
+        case failed([AddressRange], any Error)
+        case syncFailed(any Error)
+    }
+
+    private static let wanted: Set<PageState> = [.remote, .dirty]
+
+    /// Pulls until the finalize policy is met (pre-copy) or every page is held (post-copy).
+    private func pull(precopy: Bool) async throws {
+        var queue = options.heuristic.order(store, layout: layout)
+        var cursor = 0
+        var readsInFlight = 0
+        var syncInFlight = false
+        var lastSync = ContinuousClock.now
+        var stopIssuing = false
+        var needResync = false
+        var bestToPull = Int.max
+        var stalledSyncs = 0
+        var pendingError: Error? = nil
+
+        try await withThrowingTaskGroup(of: JobResult.self) { group in
+            while true {
+                if precopy && !stopIssuing, let reason = options.policy.reason(progressForPolicy(stalledSyncs >= 5)) {
+                    events(.finalizing(reason: reason))
+                    stopIssuing = true
+                }
+                // Issue reads while there is room.
+                while !stopIssuing, pendingError == nil, readsInFlight < options.requestsInFlight, let client {
+                    guard let batch = nextBatch(&queue, &cursor) else { break }
+                    store.markRequested(batch)
+                    readsInFlight += 1
+                    let payload = ReadRequest(ranges: batch).encode()
+                    group.addTask {
+                        do {
+                            return .read(batch, try await Self.collect(client, .readAt, payload))
+                        } catch {
+                            return .failed(batch, error)
+                        }
+                    }
+                }
+                // Ask for the dirty set now and then during pre-copy.
+                let now = ContinuousClock.now
+                if precopy, !stopIssuing, !syncInFlight, pendingError == nil, let client,
+                   needResync || now - lastSync >= options.syncInterval {
+                    syncInFlight = true
+                    needResync = false
+                    lastSync = now
+                    var w = WireWriter()
+                    w.u64(layoutEpoch)
+                    let payload = w.bytes
+                    group.addTask {
+                        do {
+                            return .sync(try await Self.collect(client, .sync, payload))
+                        } catch {
+                            return .syncFailed(error)
+                        }
+                    }
+                }
+                if readsInFlight == 0 && !syncInFlight {
+                    if let error = pendingError {
+                        pendingError = nil
+                        try await reconnect(after: error)
+                        if phase != .tracking && precopy { return }
+                        queue = options.heuristic.order(store, layout: layout)
+                        cursor = 0
+                        continue
+                    }
+                    if stopIssuing { return }
+                    if store.pagesToPull == 0 {
+                        if !precopy { return }
+                        // Everything held: wait for the next dirty report.
+                        try await Task.sleep(until: lastSync + options.syncInterval)
+                        continue
+                    }
+                    // The order is used up but pages are still wanted: a new round.
+                    queue = options.heuristic.order(store, layout: layout)
+                    cursor = 0
+                    if queue.isEmpty { queue = store.ranges(in: Self.wanted) }
+                    continue
+                }
+                guard let result = try await group.next() else { continue }
+                switch result {
+                case .read(let batch, let parts):
+                    readsInFlight -= 1
+                    if try receive(batch, parts) { needResync = true }
+                case .failed(let batch, let error):
+                    readsInFlight -= 1
+                    store.markLost(batch)
+                    if let refusal = error as? RPCError {
+                        throw MigrationError.seeder("the seeder refused to send pages: \(refusal.message)")
+                    }
+                    pendingError = pendingError ?? error
+                case .sync(let parts):
+                    syncInFlight = false
+                    let report = try DirtyReportCodec.decode(parts)
+                    apply(epoch: report.epoch, layout: report.layout, dirty: report.dirty)
+                    dirtyRate = Double(report.rate)
+                    if store.count(.remote) == 0 {
+                        if store.pagesToPull < bestToPull {
+                            bestToPull = store.pagesToPull
+                            stalledSyncs = 0
+                        } else {
+                            stalledSyncs += 1
+                        }
+                    }
+                case .syncFailed(let error):
+                    syncInFlight = false
+                    if let refusal = error as? RPCError {
+                        throw MigrationError.seeder("the seeder refused the dirty report: \(refusal.message)")
+                    }
+                    pendingError = pendingError ?? error
+                }
+                reportProgress(precopy ? "pre-copy" : "post-copy")
+            }
+        }
+    }
+
+    /// The next ReadAt batch: pages of the queue that are still wanted, up to the request size.
+    private func nextBatch(_ queue: inout [AddressRange], _ cursor: inout Int) -> [AddressRange]? {
+        var batch: [AddressRange] = []
+        var pages = 0
+        let limit = min(options.pagesPerRequest, MigrationLimits.maxPagesPerRead)
+        while cursor < queue.count && pages < limit {
+            let range = queue[cursor]
+            var page = range.start
+            var taken = range.end
+            while page < range.end && pages < limit {
+                if let state = store.state(at: page), Self.wanted.contains(state) {
+                    if let last = batch.last, last.end == page {
+                        batch[batch.count - 1].end = page + pageSize
+                    } else {
+                        batch.append(AddressRange(start: page, end: page + pageSize))
+                    }
+                    pages += 1
+                }
+                page += pageSize
+                taken = page
+            }
+            if taken >= range.end {
+                cursor += 1
+            } else {
+                queue[cursor].start = taken
+            }
+        }
+        return batch.isEmpty ? nil : batch
+    }
+
+    /// Stores a ReadAt reply. Returns true when pages turned out unmapped (the layout moved).
+    private func receive(_ batch: [AddressRange], _ parts: [[UInt8]]) throws -> Bool {
+        var layoutMoved = false
+        var arrived: [AddressRange] = []
+        for part in parts where !part.isEmpty {
+            let runs: [PageRun]
+            do {
+                runs = try PagePart.parse(part)
+            } catch {
+                throw MigrationError.protocolViolation("the seeder sent a malformed page batch: \(error)")
+            }
+            try part.withUnsafeBytes { bytes in
+                for run in runs {
+                    guard batch.contains(where: { $0.start <= run.range.start && run.range.end <= $0.end }) else {
+                        throw MigrationError.protocolViolation("the seeder sent pages \(run.range) that were not asked for")
+                    }
+                    switch run.kind {
+                    case .data:
+                        try sink.store(run.range, data: UnsafeRawBufferPointer(
+                            rebasing: bytes[run.dataOffset..<run.dataOffset + Int(run.range.length)]))
+                        bytesReceived += run.range.length
+                        arrived.append(run.range)
+                    case .zero:
+                        try sink.storeZero(run.range)
+                        arrived.append(run.range)
+                    case .unmapped:
+                        layoutMoved = true
+                    }
+                }
+            }
+        }
+        store.markArrived(arrived)
+        // Whatever was asked and not answered (unmapped pages) is asked again
+        // once the layout says whether it still exists.
+        store.markLost(batch)
+        rate.add(bytesReceived)
+        return layoutMoved
+    }
+
+    private func apply(epoch: UInt64, layout newLayout: [Region]?, dirty: [AddressRange]) {
+        if let newLayout {
+            layout = newLayout
+            layoutEpoch = epoch
+            store.reconcile(layout: newLayout)
+        }
+        store.markDirty(dirty)
+    }
+
+    private func progressForPolicy(_ converged: Bool) -> FinalizePolicy.Progress {
+        FinalizePolicy.Progress(cleanShare: store.cleanShare,
+                                pagesLeft: store.totalPages - store.count(.clean),
+                                bytesPerSecond: rate.perSecond, dirtyPagesPerSecond: dirtyRate,
+                                elapsedSeconds: elapsed, converged: converged)
+    }
+
+    private func reportProgress(_ phaseName: String, force: Bool = false) {
+        let now = ContinuousClock.now
+        guard force || now - lastProgress >= .milliseconds(250) else { return }
+        lastProgress = now
+        events(.progress(LeecherProgress(
+            pagesTotal: store.totalPages, pagesClean: store.count(.clean), pagesDirty: store.count(.dirty),
+            pagesRemote: store.count(.remote) + store.count(.inFlight) + store.count(.inFlightStale),
+            bytesReceived: bytesReceived, bytesPerSecond: rate.perSecond, dirtyPagesPerSecond: dirtyRate,
+            elapsedSeconds: elapsed, phase: phaseName)))
+    }
+
+    // MARK: - Finalize and verify
+
+    private func finalize() async throws {
+        let began = ContinuousClock.now
+        let parts = try await callParts(.finalize, [])
+        let report = try DirtyReportCodec.decode(parts)
+        downtime = seconds(ContinuousClock.now - began) * 1000
+        phase = .frozen
+        guard let finalLayout = report.layout else {
+            throw MigrationError.protocolViolation("the seeder's Finalize reply carries no layout")
+        }
+        apply(epoch: report.epoch, layout: finalLayout, dirty: report.dirty)
+        store.markRemoteUnlessClean()
+        finalizeReply = FinalizeReply(layoutEpoch: report.epoch, layout: finalLayout, dirty: report.dirty,
+                                      freezeMicroseconds: report.freeze)
+        events(.finalized(downtimeMilliseconds: downtime, freezeMilliseconds: Double(report.freeze) / 1000,
+                          dirtyPages: report.dirty.reduce(0) { $0 + $1.pageCount }, remotePages: store.count(.remote)))
+    }
+
+    private func verify(_ manifest: Manifest) async throws {
+        let regions = manifest.regions.filter { $0.file != nil }
+        var w = WireWriter()
+        w.ranges(regions.map { AddressRange(start: $0.start, end: $0.end) })
+        let reply = try ChecksumReply.decode(try await call(.checksum, w.bytes))
+        guard reply.digests.count == regions.count else {
+            throw MigrationError.protocolViolation("the seeder sent \(reply.digests.count) checksums for \(regions.count) regions")
+        }
+        for (region, digest) in zip(regions, reply.digests) where digest.hexString != region.blake2b {
+            throw MigrationError.image(
+                "region 0x\(String(region.start, radix: 16))-0x\(String(region.end, radix: 16)) (\(region.name)) does not match the frozen source; the migration is aborted and the source thawed")
+        }
+        events(.verified(regions: regions.count))
+    }
+}
+
+func seconds(_ duration: Duration) -> Double {
+    Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+}
+
+/// Bytes per second over the last two seconds.
+struct ByteRate {
+    private var samples: [(ContinuousClock.Instant, UInt64)] = []
+
+    mutating func add(_ total: UInt64) {
+        let now = ContinuousClock.now
+        samples.append((now, total))
+        while let first = samples.first, now - first.0 > .seconds(2), samples.count > 2 { samples.removeFirst() }
+    }
+
+    var perSecond: Double {
+        guard let first = samples.first, let last = samples.last, last.0 > first.0 else { return 0 }
+        return Double(last.1 - first.1) / seconds(last.0 - first.0)
+    }
+}

@@ -1,0 +1,34 @@
+// What the seeder needs from the process it serves. `TrackedProcess` (the
+// real memory engine) is the one implementation in the product; the protocol
+// keeps the seeder's session logic readable and lets a hub serve from a cache
+// through the same code paths later.
+
+/// What to do with the source process once the destination confirms.
+public enum ThenAction: String, Sendable, CaseIterable {
+    /// Leave it stopped (SIGSTOP), detached: it can be killed or resumed by hand.
+    case stop
+    /// Kill it.
+    case kill
+    /// Let it run on.
+    case resume
+}
+
+public protocol MemorySource: AnyObject, Sendable {
+    var pid: Int32 { get }
+    var trackerName: String { get }
+    /// The layout at the last refresh.
+    var regions: [Region] { get }
+    /// Migratable regions that could not be write-protected: always dirty.
+    var unprotectable: [Region] { get }
+    func startTracking() throws
+    /// Pages written since the last scan or since they were last read.
+    func scanDirty() throws -> [AddressRange]
+    /// Reads `ranges` into `buffer` in order, re-arming tracking first.
+    /// Returns the sub-ranges that are no longer mapped (their bytes are undefined).
+    func read(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange]
+    func refreshLayout() throws -> LayoutChange
+    func freeze() throws -> Duration
+    func thaw() throws
+    /// Ends tracking and lets go of the process, applying `then`.
+    func release(then: ThenAction) throws
+}

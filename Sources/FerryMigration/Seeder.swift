@@ -1,0 +1,395 @@
+// The seeder's side of a migration: one session per process, owned by one
+// leecher connection at a time, kept across dropped connections for a grace
+// period so the leecher can resume. The session keeps, for every page, whether
+// it was sent and whether it was written since; that makes the dirty set
+// "written since last sent" and lets any reply be asked for again.
+import Foundation
+import Synchronization
+
+public struct SeederOptions: Sendable {
+    public var then: ThenAction = .stop
+    /// How long a session outlives its connection before the seeder gives up
+    /// (and thaws a frozen process).
+    public var grace: Duration = .seconds(5)
+    public var host: String = ProcessInfo.processInfo.hostName
+
+    public init(then: ThenAction = .stop, grace: Duration = .seconds(5)) {
+        self.then = then
+        self.grace = grace
+    }
+}
+
+/// What the seeder reports to its command line.
+public enum SeederEvent: Sendable {
+    case connected(peer: String)
+    case tracking(regions: Int, migratePages: UInt64, tracker: String)
+    case resumed(peer: String, phase: SessionPhase)
+    case disconnected(peer: String, reason: String)
+    case finalized(freezeMilliseconds: Double, dirtyPages: UInt64)
+    case refused(peer: String, reason: String)
+}
+
+/// How a served migration ended.
+public enum SeederOutcome: Sendable, Equatable {
+    case completed(String)
+    case aborted(String)
+}
+
+public final class SeederService: Sendable {
+    public let source: any MemorySource
+    public let options: SeederOptions
+    private let events: @Sendable (SeederEvent) -> Void
+
+    private struct State {
+        var phase: SessionPhase? = nil
+        var session: [UInt8] = []
+        /// Increases each time a connection takes the session; a grace timer
+        /// only fires if no connection took it since.
+        var owner = 0
+        var ownerAlive = false
+        var store = PageStore(layout: [])
+        var layout: [Region] = []
+        var layoutEpoch: UInt64 = 1
+        var finalized: FinalizeReply? = nil
+        var outcome: SeederOutcome? = nil
+        var dirtyRate = RateMeter()
+        var pagesSent: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+    private let outcomeStream: AsyncStream<SeederOutcome>
+    private let outcomeContinuation: AsyncStream<SeederOutcome>.Continuation
+
+    public init(source: any MemorySource, options: SeederOptions = .init(),
+                events: @escaping @Sendable (SeederEvent) -> Void = { _ in }) {
+        self.source = source
+        self.options = options
+        self.events = events
+        (outcomeStream, outcomeContinuation) = AsyncStream.makeStream(of: SeederOutcome.self)
+    }
+
+    /// Waits until the migration completed or was aborted.
+    public func outcome() async -> SeederOutcome {
+        for await outcome in outcomeStream { return outcome }
+        return state.withLock { $0.outcome } ?? .aborted("the seeder stopped")
+    }
+
+    public var pagesSent: UInt64 { state.withLock { $0.pagesSent } }
+
+    /// Serves one authenticated connection until it ends.
+    public func serve(_ transport: FrameTransport) async {
+        let connection = Connection()
+        let server = RPCServer(transport: transport) { [self] method, payload, parts in
+            try await self.handle(method, payload, parts, connection)
+        }
+        var reason = "connection closed"
+        do {
+            try await server.run()
+        } catch {
+            reason = "\(error)"
+        }
+        transport.close()
+        connectionEnded(connection, peer: transport.peerDescription, reason: reason)
+    }
+
+    /// Per-connection facts the handler needs.
+    private final class Connection: Sendable {
+        /// The owner number this connection holds, 0 until Track.
+        let owner = Atomic<Int>(0)
+    }
+
+    private func connectionEnded(_ connection: Connection, peer: String, reason: String) {
+        let owner = connection.owner.load(ordering: .acquiring)
+        guard owner != 0 else { return }
+        let waiting = state.withLock { s -> Bool in
+            guard s.owner == owner, s.outcome == nil else { return false }
+            s.ownerAlive = false
+            return true
+        }
+        guard waiting else { return }
+        events(.disconnected(peer: peer, reason: reason))
+        let grace = options.grace
+        Task {
+            try? await Task.sleep(for: grace)
+            let expired = self.state.withLock { s in s.owner == owner && !s.ownerAlive && s.outcome == nil }
+            if expired {
+                self.abandon("the leecher was gone for longer than the grace period (\(grace))")
+            }
+        }
+    }
+
+    /// Ends the session: applies `then` on success, or thaws and lets go on abort.
+    private func finish(_ outcome: SeederOutcome, abort: Bool) {
+        let first = state.withLock { s -> Bool in
+            guard s.outcome == nil else { return false }
+            s.outcome = outcome
+            s.phase = abort ? .aborted : .completed
+            return true
+        }
+        guard first else { return }
+        outcomeContinuation.yield(outcome)
+        outcomeContinuation.finish()
+    }
+
+    /// Lets go of the process for an outcome decided elsewhere (a signal, a
+    /// fatal error): a frozen process is thawed, tracking removed.
+    public func abandon(_ reason: String) {
+        let open = state.withLock { $0.outcome == nil && $0.phase != nil }
+        if open { try? source.release(then: .resume) }
+        finish(.aborted(reason), abort: true)
+    }
+
+    // MARK: - Requests
+
+    private func handle(_ method: UInt16, _ payload: [UInt8], _ parts: RPCPartWriter,
+                        _ connection: Connection) async throws -> [UInt8] {
+        guard let known = MigrationMethod(rawValue: method) else {
+            throw RPCError(code: .unknownMethod, message: "unknown method 0x\(String(method, radix: 16))")
+        }
+        if known == .track {
+            return try track(TrackRequest.decode(payload), connection)
+        }
+        try requireOwner(connection)
+        switch known {
+        case .track:
+            fatalError("handled above")
+        case .readAt:
+            try await readAt(ReadRequest.decode(payload), parts)
+            return []
+        case .sync:
+            var reader = WireReader(payload)
+            let epoch = try reader.u64("layout epoch")
+            try reader.expectEnd("Sync request")
+            let reply = try sync(knownEpoch: epoch)
+            let encoded = DirtyReportCodec.parts(epoch: reply.layoutEpoch, layout: reply.layout, dirty: reply.dirty,
+                                                 rate: reply.dirtyPagesPerSecond, freeze: 0)
+            for part in encoded.dropLast() { try await parts.send(part) }
+            return encoded.last!
+        case .finalize:
+            let reply = try finalize()
+            let encoded = DirtyReportCodec.parts(epoch: reply.layoutEpoch, layout: reply.layout, dirty: reply.dirty,
+                                                 rate: 0, freeze: reply.freezeMicroseconds)
+            for part in encoded.dropLast() { try await parts.send(part) }
+            return encoded.last!
+        case .checksum:
+            var reader = WireReader(payload)
+            let ranges = try reader.ranges()
+            try reader.expectEnd("Checksum request")
+            return try checksum(ranges).encode()
+        case .complete:
+            return try complete().encode()
+        case .abort:
+            return try abortSession().encode()
+        }
+    }
+
+    private func requireOwner(_ connection: Connection) throws {
+        let owner = connection.owner.load(ordering: .acquiring)
+        let (current, phase) = state.withLock { ($0.owner, $0.phase) }
+        guard owner != 0, owner == current else {
+            throw RPCError(code: .badRequest, message: "call Track first: this connection does not own the migration of pid \(source.pid)")
+        }
+        if phase == .completed || phase == .aborted {
+            throw RPCError(code: .badRequest, message: "the migration of pid \(source.pid) has already \(phase!)")
+        }
+    }
+
+    private func track(_ request: TrackRequest, _ connection: Connection) throws -> [UInt8] {
+        guard request.version == MigrationLimits.version else {
+            throw RPCError(code: .badRequest,
+                           message: "migration protocol version \(request.version) is not supported; this seeder speaks \(MigrationLimits.version)")
+        }
+        let pid = source.pid
+        let reply = try state.withLock { s -> TrackReply in
+            switch (s.phase, request.resume) {
+            case (nil, nil):
+                try source.startTracking()
+                s.session = (0..<16).map { _ in UInt8.random(in: 0...255) }
+                s.phase = .tracking
+                s.layout = source.regions
+                s.store = PageStore(layout: s.layout)
+            case (nil, .some):
+                throw RPCError(code: .badRequest, message: "no migration of pid \(pid) to resume: the seeder has no session")
+            case (.some(let phase), let resume):
+                guard resume == s.session else {
+                    throw RPCError(code: .busy, message: "pid \(pid) is already being migrated (\(phase)) to another leecher; one migration at a time per process: use a hub to feed several destinations")
+                }
+                guard phase == .tracking || phase == .frozen else {
+                    throw RPCError(code: .badRequest, message: "the migration of pid \(pid) has already \(phase)")
+                }
+            }
+            s.owner += 1
+            s.ownerAlive = true
+            connection.owner.store(s.owner, ordering: .releasing)
+            return TrackReply(session: s.session, phase: s.phase!, pid: pid, host: options.host,
+                              tracker: source.trackerName,
+                              graceMilliseconds: UInt32(options.grace.components.seconds * 1000
+                                  + options.grace.components.attoseconds / 1_000_000_000_000_000),
+                              layoutEpoch: s.layoutEpoch, layout: s.layout)
+        }
+        if request.resume == nil {
+            let pages = reply.layout.filter { $0.kind == .migrate }.reduce(0) { $0 + $1.range.pageCount }
+            events(.tracking(regions: reply.layout.count, migratePages: pages, tracker: reply.tracker))
+        }
+        return reply.encode()
+    }
+
+    private func readAt(_ request: ReadRequest, _ parts: RPCPartWriter) async throws {
+        // Read part by part: each part is read and marked sent under the lock,
+        // so no scan can fall between re-arming a page and marking it sent.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(
+            byteCount: MigrationLimits.pagesPerPart * Int(pageSize), alignment: Int(pageSize))
+        defer { buffer.deallocate() }
+        var batch: [AddressRange] = []
+        var batchPages = 0
+        func flush() async throws {
+            guard !batch.isEmpty else { return }
+            let part = try state.withLock { s -> [UInt8] in
+                let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<(batchPages * Int(pageSize))])
+                let vanished = try source.read(batch, into: view)
+                s.store.markSent(batch)
+                s.pagesSent += UInt64(batchPages)
+                return PagePart.build(ranges: batch, data: UnsafeRawBufferPointer(view), unmapped: vanished)
+            }
+            batch.removeAll(keepingCapacity: true)
+            batchPages = 0
+            try await parts.send(part)
+        }
+        for range in request.ranges {
+            var start = range.start
+            while start < range.end {
+                let room = MigrationLimits.pagesPerPart - batchPages
+                let take = min(UInt64(room), (range.end - start) / pageSize)
+                batch.append(AddressRange(start: start, end: start + take * pageSize))
+                batchPages += Int(take)
+                start += take * pageSize
+                if batchPages == MigrationLimits.pagesPerPart { try await flush() }
+            }
+        }
+        try await flush()
+    }
+
+    /// Scans, folds the result into the session, and re-reads the layout.
+    /// Returns the newly dirty parts of a changed layout; the caller holds the lock.
+    private func rescan(_ s: inout State) throws -> Bool {
+        let dirty = try source.scanDirty()
+        s.dirtyRate.add(dirty.reduce(0) { $0 + $1.pageCount })
+        s.store.markDirty(dirty)
+        let change = try source.refreshLayout()
+        guard !change.isEmpty else { return false }
+        s.layout = change.regions
+        s.layoutEpoch += 1
+        s.store.reconcile(layout: s.layout)
+        // An address whose backing changed was covered before and is still
+        // covered: it is dirty, whatever was sent from it.
+        s.store.markDirty(change.newlyDirty)
+        return true
+    }
+
+    private func sync(knownEpoch: UInt64) throws -> SyncReply {
+        try state.withLock { s in
+            guard s.phase == .tracking || s.phase == .frozen else {
+                throw RPCError(code: .badRequest, message: "Sync needs a tracking session")
+            }
+            if s.phase == .tracking { _ = try rescan(&s) }
+            return SyncReply(layoutEpoch: s.layoutEpoch, layout: knownEpoch == s.layoutEpoch ? nil : s.layout,
+                             dirty: s.store.ranges(in: [.dirty], maxPages: Int(UInt32.max)),
+                             dirtyPagesPerSecond: UInt64(s.dirtyRate.perSecond))
+        }
+    }
+
+    private func finalize() throws -> FinalizeReply {
+        let reply = try state.withLock { s -> FinalizeReply in
+            if let done = s.finalized { return done }
+            guard s.phase == .tracking else {
+                throw RPCError(code: .badRequest, message: "Finalize needs a tracking session, this one is \(s.phase!)")
+            }
+            let frozenFor = try source.freeze()
+            do {
+                _ = try rescan(&s)
+            } catch {
+                try? source.thaw()
+                throw error
+            }
+            var dirty = s.store.ranges(in: [.dirty], maxPages: Int(UInt32.max))
+            dirty += source.unprotectable.map(\.range)
+            let micros = UInt64(frozenFor.components.seconds) * 1_000_000
+                + UInt64(frozenFor.components.attoseconds / 1_000_000_000_000)
+            let reply = FinalizeReply(layoutEpoch: s.layoutEpoch, layout: s.layout, dirty: dirty,
+                                      freezeMicroseconds: micros)
+            s.finalized = reply
+            s.phase = .frozen
+            return reply
+        }
+        let pages = reply.dirty.reduce(0) { $0 + $1.pageCount }
+        events(.finalized(freezeMilliseconds: Double(reply.freezeMicroseconds) / 1000, dirtyPages: pages))
+        return reply
+    }
+
+    private func checksum(_ ranges: [AddressRange]) throws -> ChecksumReply {
+        guard state.withLock({ $0.phase }) == .frozen else {
+            throw RPCError(code: .badRequest, message: "Checksum is only answered once the process is frozen")
+        }
+        var digests: [[UInt8]] = []
+        let chunk = 1024 * Int(pageSize)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: Int(pageSize))
+        defer { buffer.deallocate() }
+        for range in ranges {
+            var hasher = Blake2b256()
+            var start = range.start
+            while start < range.end {
+                let end = min(range.end, start + UInt64(chunk))
+                let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<Int(end - start)])
+                let vanished = try source.read([AddressRange(start: start, end: end)], into: view)
+                guard vanished.isEmpty else {
+                    throw RPCError(code: .badRequest, message: "range \(range) is not mapped in pid \(source.pid)")
+                }
+                hasher.update(UnsafeRawBufferPointer(view))
+                start = end
+            }
+            digests.append(hasher.finish())
+        }
+        return ChecksumReply(digests: digests)
+    }
+
+    private func complete() throws -> OutcomeReply {
+        let phase = state.withLock { $0.phase }
+        guard phase == .frozen else {
+            throw RPCError(code: .badRequest, message: "Complete needs a finalized migration; call Finalize first")
+        }
+        try source.release(then: options.then)
+        let message: String
+        switch options.then {
+        case .stop: message = "pid \(source.pid) is stopped and detached; kill it or resume it (kill -CONT) by hand"
+        case .kill: message = "pid \(source.pid) was killed"
+        case .resume: message = "pid \(source.pid) runs on"
+        }
+        finish(.completed(message), abort: false)
+        return OutcomeReply(message: message)
+    }
+
+    private func abortSession() throws -> OutcomeReply {
+        try source.release(then: .resume)
+        let message = "migration aborted by the leecher; pid \(source.pid) runs on as before"
+        finish(.aborted(message), abort: true)
+        return OutcomeReply(message: message)
+    }
+}
+
+/// Pages per second over the last few seconds.
+struct RateMeter: Sendable {
+    private var samples: [(ContinuousClock.Instant, UInt64)] = []
+
+    mutating func add(_ count: UInt64) {
+        let now = ContinuousClock.now
+        samples.append((now, count))
+        samples.removeAll { now - $0.0 > .seconds(3) }
+    }
+
+    var perSecond: Double {
+        guard let first = samples.first, let last = samples.last, last.0 > first.0 else { return 0 }
+        let total = samples.dropFirst().reduce(0) { $0 + $1.1 }
+        let span = last.0 - first.0
+        return Double(total) / (Double(span.components.seconds) + Double(span.components.attoseconds) / 1e18)
+    }
+}

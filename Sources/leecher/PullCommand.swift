@@ -1,0 +1,140 @@
+import ArgumentParser
+import Foundation
+import FerryCLI
+import FerryMigration
+
+struct PullCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pull",
+        abstract: "Migrate a process's memory from a seeder into an image directory.",
+        discussion: """
+            Pulls pages in the background while the source runs, in the order the \
+            heuristic chooses, and asks which pulled pages were written since. When the \
+            finalize policy is met, the seeder freezes the source and sends the dirty set; \
+            the rest is fetched by post-copy, checked against the frozen source, and the \
+            image is written to --out (format: Protocols/image.md). A lost connection is \
+            resumed within the seeder's grace period.
+
+            Finalize policy: --finalize-at (share of pages held clean), or --max-downtime \
+            (estimated post-freeze transfer), and --max-wait as a deadline for workloads \
+            that never converge.
+
+            Exit status: 0 only when the image is complete and verified.
+            """)
+
+    @Argument(help: ArgumentHelp("The seeder (or hub): HOST:PORT, [IPv6]:PORT or unix:PATH.", valueName: "ADDRESS"))
+    var address: String
+
+    @Option(name: .long, help: ArgumentHelp("Finalize when this share of pages is held clean (0% = pure post-copy).", valueName: "PCT"))
+    var finalizeAt = "95%"
+
+    @Option(name: .long, help: ArgumentHelp("Finalize once the estimated post-freeze transfer fits in this many milliseconds.", valueName: "MS"))
+    var maxDowntime: Double?
+
+    @Option(name: .long, help: ArgumentHelp("Finalize after this many seconds of pulling, whatever the state.", valueName: "SECONDS"))
+    var maxWait: Double?
+
+    @Option(name: .long, help: ArgumentHelp("Image directory to write; must not exist or be empty.", valueName: "DIR"))
+    var out = "ferry-image"
+
+    @Option(name: .long, help: "Pull order: sequential, stack-heap-first, cold-first or profile:FILE.")
+    var heuristic = "sequential"
+
+    @Option(name: .long, help: "ReadAt requests in flight.")
+    var inFlight = 16
+
+    @Option(name: .long, help: "Pages per ReadAt request (1 to 1024).")
+    var batchPages = 256
+
+    @Flag(name: .long, help: "Skip comparing the image with the frozen source's checksums.")
+    var noVerify = false
+
+    @Flag(name: .long, help: "Abort instead of Complete at the end: the source is thawed and runs on (a dry run).")
+    var dryRun = false
+
+    @OptionGroup var auth: AuthOptions
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        guard (1...1024).contains(batchPages) else { throw ValidationError("--batch-pages takes 1 to 1024") }
+        guard (1...1024).contains(inFlight) else { throw ValidationError("--in-flight takes 1 to 1024") }
+        if let maxDowntime, maxDowntime < 0 { throw ValidationError("--max-downtime cannot be negative") }
+        if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }
+    }
+
+    func run() async throws {
+        let reporter = Reporter(command: "leecher", json: output.json)
+        try await runReporting(reporter) {
+            var options = LeecherOptions()
+            options.policy = FinalizePolicy(cleanShare: try FinalizePolicy.parsePercent(finalizeAt),
+                                            maxDowntimeMilliseconds: maxDowntime, maxWaitSeconds: maxWait)
+            options.heuristic = try HeuristicName.make(heuristic)
+            options.requestsInFlight = inFlight
+            options.pagesPerRequest = batchPages
+            options.verify = !noVerify
+            options.abortAtEnd = dryRun
+            let endpoint = try Endpoint(parsing: address)
+            let credentials = try auth.credentials(createDefault: false)
+            let sink = try ImageWriter(directory: out)
+            let leecher = Leecher(connect: {
+                let transport = try await Transports.connect(to: endpoint)
+                do {
+                    return try await SecureChannel.client(over: transport, credentials: credentials)
+                } catch {
+                    transport.close()
+                    throw error
+                }
+            }, sink: sink, options: options) { event in
+                Self.report(event, reporter)
+            }
+            let task = Task { try await leecher.run() }
+            let signals = SignalWatcher { _ in task.cancel() }
+            defer { signals.cancel() }
+            let summary = try await task.value
+            reporter.event("image", ["directory": .string(sink.directory),
+                                     "regions": .int(Int64(summary.manifest.regions.count))],
+                           text: "leecher: image written to \(sink.directory) (\(summary.manifest.regions.count) regions)")
+        }
+    }
+
+    static func report(_ event: LeecherEvent, _ reporter: Reporter) {
+        switch event {
+        case .connected(let peer, let pid, let host, let tracker, let regions, let pages):
+            reporter.event("connected", ["peer": .string(peer), "pid": .int(Int64(pid)), "host": .string(host),
+                                         "tracker": .string(tracker), "regions": .int(Int64(regions)),
+                                         "pages": .int(Int64(pages))],
+                           text: "leecher: migrating pid \(pid) on \(host) (\(peer)): \(regions) regions, \(pages) pages, tracker \(tracker)")
+        case .progress(let p):
+            let fraction = p.pagesTotal == 0 ? 1 : Double(p.pagesClean) / Double(p.pagesTotal)
+            let mbps = p.bytesPerSecond / 1e6
+            let eta = p.bytesPerSecond > 0 ? Double(p.pagesTotal - p.pagesClean) * 4096 / p.bytesPerSecond : .infinity
+            reporter.progress(["phase": .string(p.phase), "pages_total": .int(Int64(p.pagesTotal)),
+                               "pages_clean": .int(Int64(p.pagesClean)), "pages_dirty": .int(Int64(p.pagesDirty)),
+                               "pages_remote": .int(Int64(p.pagesRemote)), "bytes": .int(Int64(p.bytesReceived)),
+                               "mb_per_s": .double(mbps), "dirty_pages_per_s": .double(p.dirtyPagesPerSecond),
+                               "eta_s": .double(eta)],
+                              bar: "\(p.phase) \(progressBar(fraction)) \(p.pagesClean)/\(p.pagesTotal) pages  "
+                                + String(format: "%.0f MB/s  %.0f dirty/s  ETA %.1f s", mbps, p.dirtyPagesPerSecond,
+                                         eta.isFinite ? eta : 0))
+        case .finalizing(let reason):
+            reporter.event("finalizing", ["reason": .string(reason)], text: "leecher: finalizing: \(reason)")
+        case .finalized(let downtime, let freeze, let dirty, let remote):
+            reporter.event("finalized", ["downtime_ms": .double(downtime), "freeze_ms": .double(freeze),
+                                         "dirty_pages": .int(Int64(dirty)), "remote_pages": .int(Int64(remote))],
+                           text: String(format: "leecher: source frozen; downtime %.2f ms (freeze %.2f ms), %llu dirty pages, %d pages left for post-copy",
+                                        downtime, freeze, dirty, remote))
+        case .reconnecting(let attempt, let reason):
+            reporter.event("reconnecting", ["attempt": .int(Int64(attempt)), "reason": .string(reason)],
+                           text: "leecher: connection lost (\(reason)); reconnecting, attempt \(attempt)")
+        case .resumed(let phase):
+            reporter.event("resumed", ["phase": .string(phase)], text: "leecher: resumed the session (\(phase))")
+        case .verified(let regions):
+            reporter.event("verified", ["regions": .int(Int64(regions))],
+                           text: "leecher: all \(regions) regions match the frozen source (BLAKE2b)")
+        case .complete(let bytes, let seconds, let said):
+            reporter.event("complete", ["bytes": .int(Int64(bytes)), "seconds": .double(seconds),
+                                        "seeder": .string(said)],
+                           text: String(format: "leecher: complete: %.1f MB in %.2f s; seeder: %@", Double(bytes) / 1e6, seconds, said))
+        }
+    }
+}

@@ -1,0 +1,137 @@
+import ArgumentParser
+import Foundation
+import FerryCLI
+import FerryMigration
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Track a running process and serve its memory to one leecher.",
+        discussion: """
+            Attaches to PID, waits for a leecher, and on its Track write-protects every \
+            migratable region while the process keeps running. Pages are served as the \
+            leecher asks; Finalize freezes the process. On Complete the process is left \
+            as --then says (default: stopped, never destroyed). If the leecher goes away \
+            after the freeze for longer than --grace, the process is thawed and runs on.
+
+            Exit status: 0 when the migration completed, 1 otherwise.
+            """)
+
+    @Argument(help: "The process to migrate.")
+    var pid: Int32
+
+    @Option(name: .long, help: ArgumentHelp("Where to listen: HOST:PORT, [IPv6]:PORT or unix:PATH.", valueName: "ADDRESS"))
+    var listen = "127.0.0.1:7070"
+
+    @Flag(name: .long, help: "Serve one leecher on standard input/output (for ssh) instead of listening.")
+    var stdio = false
+
+    @Option(name: .long, help: "What to do with the process after Complete: stop, kill or resume.")
+    var then: String = "stop"
+
+    @Option(name: .long, help: ArgumentHelp("Seconds a session survives a lost leecher.", valueName: "SECONDS"))
+    var grace = "5"
+
+    @Option(name: .long, help: "Dirty tracker: async, sync or soft-dirty (default: the best this kernel has).")
+    var tracker: String?
+
+    @OptionGroup var auth: AuthOptions
+    @OptionGroup var output: OutputOptions
+
+    func run() async throws {
+        let reporter = Reporter(command: "seeder", json: output.json)
+        try await runReporting(reporter) {
+            guard let thenAction = ThenAction(rawValue: then) else {
+                throw ValidationError("--then takes stop, kill or resume; got '\(then)'")
+            }
+            let trackerKind = try tracker.map { name -> TrackerKind in
+                guard let kind = TrackerKind(rawValue: name) else {
+                    throw ValidationError("--tracker takes async, sync or soft-dirty; got '\(name)'")
+                }
+                return kind
+            }
+            let graceDuration = try parseSeconds(grace, option: "--grace")
+            let credentials = try auth.credentials(createDefault: true)
+            let process = try TrackedProcess.attach(pid: pid, tracker: trackerKind)
+            var options = SeederOptions(then: thenAction, grace: graceDuration)
+            options.host = ProcessInfo.processInfo.hostName
+            let service = SeederService(source: process, options: options) { event in
+                Self.report(event, reporter)
+            }
+            let signals = SignalWatcher { signal in
+                service.abandon("interrupted by signal \(signal)")
+            }
+            defer { signals.cancel() }
+
+            var listener: Listener? = nil
+            if stdio {
+                let transport = Transports.stdio()
+                Task {
+                    await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)
+                }
+            } else {
+                let endpoint = try Endpoint(parsing: listen)
+                let bound = try await Listener.bind(endpoint)
+                listener = bound
+                reporter.event("listening", ["address": .string("\(bound.endpoint)"), "pid": .int(Int64(pid)),
+                                             "tracker": .string(process.trackerKind.rawValue)],
+                               text: "seeder: serving pid \(pid) on \(bound.endpoint) (tracker \(process.trackerKind.rawValue))")
+                Task {
+                    while true {
+                        guard let transport = try? await bound.accept() else { return }
+                        Task {
+                            await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)
+                        }
+                    }
+                }
+            }
+            let outcome = await service.outcome()
+            listener?.close()
+            switch outcome {
+            case .completed(let message):
+                reporter.event("complete", ["pid": .int(Int64(pid)), "pages_sent": .int(Int64(service.pagesSent)),
+                                            "message": .string(message)],
+                               text: "seeder: migration complete; \(message)")
+            case .aborted(let reason):
+                throw MigrationError.seeder("migration aborted: \(reason); pid \(pid) was thawed and runs on")
+            }
+        }
+    }
+
+    static func accept(_ transport: FrameTransport, credentials: Credentials, service: SeederService,
+                       reporter: Reporter) async {
+        let peer = transport.peerDescription
+        do {
+            let channel = try await SecureChannel.server(over: transport, credentials: credentials)
+            reporter.event("connected", ["peer": .string(peer)], text: "seeder: leecher connected from \(peer)")
+            await service.serve(channel)
+        } catch {
+            transport.close()
+            reporter.event("refused", ["peer": .string(peer), "reason": .string("\(error)")],
+                           text: "seeder: refused \(peer): \(error)")
+        }
+    }
+
+    static func report(_ event: SeederEvent, _ reporter: Reporter) {
+        switch event {
+        case .connected(let peer):
+            reporter.event("connected", ["peer": .string(peer)], text: nil)
+        case .tracking(let regions, let pages, let tracker):
+            reporter.event("tracking", ["regions": .int(Int64(regions)), "pages": .int(Int64(pages)),
+                                        "tracker": .string(tracker)],
+                           text: "seeder: tracking \(regions) regions, \(pages) pages (\(tracker))")
+        case .resumed(let peer, let phase):
+            reporter.event("resumed", ["peer": .string(peer), "phase": .string(phase.description)],
+                           text: "seeder: \(peer) resumed the session (\(phase))")
+        case .disconnected(let peer, let reason):
+            reporter.event("disconnected", ["peer": .string(peer), "reason": .string(reason)],
+                           text: "seeder: lost \(peer) (\(reason)); waiting for it to resume")
+        case .finalized(let freeze, let dirty):
+            reporter.event("finalized", ["freeze_ms": .double(freeze), "dirty_pages": .int(Int64(dirty))],
+                           text: String(format: "seeder: frozen in %.2f ms; %llu dirty pages", freeze, dirty))
+        case .refused(let peer, let reason):
+            reporter.event("refused", ["peer": .string(peer), "reason": .string(reason)],
+                           text: "seeder: refused \(peer): \(reason)")
+        }
+    }
+}
