@@ -25,10 +25,42 @@ public protocol MemorySource: AnyObject, Sendable {
     func scanDirty() throws -> [AddressRange]
     /// Reads `ranges` into `buffer` in order, re-arming tracking first.
     /// Returns the sub-ranges that are no longer mapped (their bytes are undefined).
-    func read(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange]
+    func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange]
     func refreshLayout() throws -> LayoutChange
     func freeze() throws -> Duration
     func thaw() throws
     /// Ends tracking and lets go of the process, applying `then`.
     func release(then: ThenAction) throws
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension TrackedProcess: MemorySource {
+    public var trackerName: String { trackerKind.rawValue }
+
+    public func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
+        do {
+            _ = try read(ranges, into: buffer)
+            return []
+        } catch PageReaderError.vanished(_, let vanished) {
+            return vanished
+        }
+    }
+
+    public func release(then: ThenAction) throws {
+        switch then {
+        case .resume:
+            try detach()
+        case .stop:
+            // Queued while the threads are held; delivered as a group stop the
+            // moment they are let go, so the process never runs another instruction.
+            kill(pid, SIGSTOP)
+            try detach()
+        case .kill:
+            kill(pid, SIGKILL)
+            try? detach()
+        }
+    }
 }

@@ -246,7 +246,7 @@ public final class SeederService: Sendable {
             guard !batch.isEmpty else { return }
             let part = try state.withLock { s -> [UInt8] in
                 let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<(batchPages * Int(pageSize))])
-                let vanished = try source.read(batch, into: view)
+                let vanished = try source.readPages(batch, into: view)
                 s.store.markSent(batch)
                 s.pagesSent += UInt64(batchPages)
                 return PagePart.build(ranges: batch, data: UnsafeRawBufferPointer(view), unmapped: vanished)
@@ -340,7 +340,7 @@ public final class SeederService: Sendable {
             while start < range.end {
                 let end = min(range.end, start + UInt64(chunk))
                 let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<Int(end - start)])
-                let vanished = try source.read([AddressRange(start: start, end: end)], into: view)
+                let vanished = try source.readPages([AddressRange(start: start, end: end)], into: view)
                 guard vanished.isEmpty else {
                     throw RPCError(code: .badRequest, message: "range \(range) is not mapped in pid \(source.pid)")
                 }

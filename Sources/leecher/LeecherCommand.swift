@@ -8,6 +8,6 @@ struct LeecherCommand: AsyncParsableCommand {
         commandName: "leecher",
         abstract: "Ferry's destination side: pull a running process's memory from a seeder.",
         version: ferryVersion,
-        subcommands: [PullCommand.self, KeygenCommand.self, SecretCommand.self]
+        subcommands: [PullCommand.self, VerifyCommand.self, KeygenCommand.self, SecretCommand.self]
     )
 }
