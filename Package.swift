@@ -42,6 +42,8 @@ let package = Package(
         .executableTarget(name: "hub", dependencies: ["FerryCLI"]),
         // Workload generator used by tests and benchmarks (C, no runtime to disturb timings).
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
+        // A TCP relay that drops its connections on command (reconnect tests).
+        .executableTarget(name: "relay", path: "Tools/relay"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem"]),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration"]),

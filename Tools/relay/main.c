@@ -1,0 +1,195 @@
+// relay: a TCP relay that can cut its connections on command, for testing
+// that a migration survives a dropped link (Ferry's reconnect and resume).
+//
+//   relay --listen PORT --to HOST:PORT
+//
+// Prints "relay listening <port>" when ready (port 0 picks one). Commands on
+// stdin, one per line:
+//   drop      close every relayed connection now (both sides see a reset)
+//   refuse N  also refuse the next N incoming connections
+//   count     print "connections <accepted> <open>"
+//   quit      exit
+// Bytes are forwarded unchanged; the relay knows nothing of Ferry's frames,
+// so a cut can land anywhere, mid-frame included.
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MAX_PAIRS 64
+#define BUFFER (256 * 1024)
+
+struct pair { int a, b; };
+static struct pair pairs[MAX_PAIRS];
+static int pair_count;
+static long accepted;
+static int refuse_next;
+static char buffer[BUFFER];
+
+static void die(const char *what) {
+    fprintf(stderr, "relay: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static int connect_upstream(const char *host, const char *port) {
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *list;
+    if (getaddrinfo(host, port, &hints, &list) != 0) return -1;
+    int fd = -1;
+    for (struct addrinfo *ai = list; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
+        if (fd < 0) continue;
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) break;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(list);
+    if (fd >= 0) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    return fd;
+}
+
+static void cut(int i) {
+    // SO_LINGER 0 makes close send a reset: the peers see the link die.
+    struct linger hard = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(pairs[i].a, SOL_SOCKET, SO_LINGER, &hard, sizeof hard);
+    setsockopt(pairs[i].b, SOL_SOCKET, SO_LINGER, &hard, sizeof hard);
+    close(pairs[i].a);
+    close(pairs[i].b);
+    pairs[i] = pairs[--pair_count];
+}
+
+static int forward(int from, int to) {
+    ssize_t n = read(from, buffer, sizeof buffer);
+    if (n <= 0) return -1;
+    for (ssize_t done = 0; done < n;) {
+        ssize_t w = write(to, buffer + done, n - done);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        done += w;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *listen_port = NULL, *to = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--listen") && i + 1 < argc) listen_port = argv[++i];
+        else if (!strcmp(argv[i], "--to") && i + 1 < argc) to = argv[++i];
+        else if (!strcmp(argv[i], "--help")) {
+            puts("usage: relay --listen PORT --to HOST:PORT   (stdin: drop | refuse N | count | quit)");
+            return 0;
+        } else {
+            fprintf(stderr, "relay: unknown argument %s (try --help)\n", argv[i]);
+            return 2;
+        }
+    }
+    if (!listen_port || !to) {
+        fprintf(stderr, "relay: --listen PORT and --to HOST:PORT are required\n");
+        return 2;
+    }
+    char host[256];
+    const char *colon = strrchr(to, ':');
+    if (!colon || colon == to || (size_t)(colon - to) >= sizeof host) {
+        fprintf(stderr, "relay: --to takes HOST:PORT, got %s\n", to);
+        return 2;
+    }
+    memcpy(host, to, colon - to);
+    host[colon - to] = 0;
+    const char *port = colon + 1;
+    signal(SIGPIPE, SIG_IGN);
+
+    int server = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (server < 0) die("socket");
+    int one = 1;
+    setsockopt(server, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons(atoi(listen_port)),
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (bind(server, (struct sockaddr *)&address, sizeof address) < 0) die("bind");
+    if (listen(server, 16) < 0) die("listen");
+    socklen_t length = sizeof address;
+    getsockname(server, (struct sockaddr *)&address, &length);
+    printf("relay listening %d\n", ntohs(address.sin_port));
+    fflush(stdout);
+
+    char line[128];
+    size_t line_length = 0;
+    for (;;) {
+        struct pollfd fds[2 + 2 * MAX_PAIRS];
+        int n = 0;
+        fds[n++] = (struct pollfd){.fd = 0, .events = POLLIN};
+        fds[n++] = (struct pollfd){.fd = server, .events = POLLIN};
+        for (int i = 0; i < pair_count; i++) {
+            fds[n++] = (struct pollfd){.fd = pairs[i].a, .events = POLLIN};
+            fds[n++] = (struct pollfd){.fd = pairs[i].b, .events = POLLIN};
+        }
+        if (poll(fds, n, -1) < 0) {
+            if (errno == EINTR) continue;
+            die("poll");
+        }
+        if (fds[0].revents) {
+            ssize_t r = read(0, line + line_length, sizeof line - 1 - line_length);
+            if (r <= 0) return 0;
+            line_length += r;
+            char *newline;
+            while ((newline = memchr(line, '\n', line_length))) {
+                *newline = 0;
+                if (!strcmp(line, "drop")) {
+                    while (pair_count) cut(0);
+                    puts("dropped");
+                } else if (!strncmp(line, "refuse ", 7)) {
+                    refuse_next = atoi(line + 7);
+                    puts("refusing");
+                } else if (!strcmp(line, "count")) {
+                    printf("connections %ld %d\n", accepted, pair_count);
+                } else if (!strcmp(line, "quit")) {
+                    return 0;
+                }
+                fflush(stdout);
+                size_t used = newline + 1 - line;
+                memmove(line, newline + 1, line_length - used);
+                line_length -= used;
+            }
+            if (line_length == sizeof line - 1) line_length = 0;
+        }
+        if (fds[1].revents & POLLIN) {
+            int client = accept4(server, NULL, NULL, SOCK_CLOEXEC);
+            if (client >= 0) {
+                int upstream = -1;
+                if (refuse_next > 0) {
+                    refuse_next--;
+                } else if (pair_count < MAX_PAIRS) {
+                    upstream = connect_upstream(host, port);
+                }
+                if (upstream < 0) {
+                    close(client);
+                } else {
+                    setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    pairs[pair_count++] = (struct pair){client, upstream};
+                    accepted++;
+                }
+            }
+        }
+        // Walk backwards: cut() moves the last pair into the freed slot.
+        for (int i = pair_count - 1; i >= 0; i--) {
+            struct pollfd *a = &fds[2 + 2 * i], *b = &fds[3 + 2 * i];
+            if (a->fd != pairs[i].a) continue;
+            int failed = 0;
+            if (a->revents && forward(pairs[i].a, pairs[i].b) < 0) failed = 1;
+            if (!failed && b->revents && forward(pairs[i].b, pairs[i].a) < 0) failed = 1;
+            if (failed) cut(i);
+        }
+    }
+}
