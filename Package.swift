@@ -44,9 +44,11 @@ let package = Package(
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
         // A TCP relay that drops its connections on command (reconnect tests).
         .executableTarget(name: "relay", path: "Tools/relay"),
-        .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem"]),
+        // Real child processes for tests: the workload generator and the relay.
+        .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
+        .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
-        .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration"]),
+        .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

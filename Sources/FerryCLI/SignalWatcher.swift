@@ -3,8 +3,9 @@
 import Dispatch
 import Foundation
 
-public final class SignalWatcher: Sendable {
-    // Sendable: the sources are created once in init and only cancelled after.
+public final class SignalWatcher: @unchecked Sendable {
+    // @unchecked: `sources` is written once in init and then only cancelled,
+    // which DispatchSource allows from any thread.
     private let sources: [any DispatchSourceSignal]
 
     public init(_ signals: [Int32] = [SIGINT, SIGTERM], handler: @escaping @Sendable (Int32) -> Void) {

@@ -161,8 +161,10 @@ public final class Leecher {
             do {
                 try await attach()
                 return
-            } catch let refusal as RPCError {
+            } catch let refusal as RPCError where !isLinkFailure(refusal) {
                 throw MigrationError.connectionLost("lost the connection to the seeder (\(error)) and it refused to resume: \(refusal.message)")
+            } catch is CancellationError {
+                throw CancellationError()
             } catch {
                 last = error
             }
@@ -180,12 +182,21 @@ public final class Leecher {
             guard let client else { throw MigrationError.connectionLost("not connected") }
             do {
                 return try await client.call(method.rawValue, payload)
-            } catch let error as RPCError {
-                throw MigrationError.seeder("the seeder refused \(method): \(error.message)")
             } catch {
-                try await reconnect(after: error)
+                try await recover(from: error, during: method)
             }
         }
+    }
+
+    /// Reconnects after a link failure; rethrows a refusal as the seeder's error.
+    private func recover(from error: any Error, during method: MigrationMethod) async throws {
+        guard isLinkFailure(error) else {
+            if let rpc = error as? RPCError {
+                throw MigrationError.seeder("the seeder refused \(method): \(rpc.message)")
+            }
+            throw error
+        }
+        try await reconnect(after: error)
     }
 
     private func callParts(_ method: MigrationMethod, _ payload: [UInt8]) async throws -> [[UInt8]] {
@@ -193,10 +204,8 @@ public final class Leecher {
             guard let client else { throw MigrationError.connectionLost("not connected") }
             do {
                 return try await Self.collect(client, method, payload)
-            } catch let error as RPCError {
-                throw MigrationError.seeder("the seeder refused \(method): \(error.message)")
             } catch {
-                try await reconnect(after: error)
+                try await recover(from: error, during: method)
             }
         }
     }
@@ -299,8 +308,8 @@ public final class Leecher {
                 case .failed(let batch, let error):
                     readsInFlight -= 1
                     store.markLost(batch)
-                    if let refusal = error as? RPCError {
-                        throw MigrationError.seeder("the seeder refused to send pages: \(refusal.message)")
+                    if !isLinkFailure(error) {
+                        throw MigrationError.seeder("the seeder refused to send pages: \(error)")
                     }
                     pendingError = pendingError ?? error
                 case .sync(let parts):
@@ -318,8 +327,8 @@ public final class Leecher {
                     }
                 case .syncFailed(let error):
                     syncInFlight = false
-                    if let refusal = error as? RPCError {
-                        throw MigrationError.seeder("the seeder refused the dirty report: \(refusal.message)")
+                    if !isLinkFailure(error) {
+                        throw MigrationError.seeder("the seeder refused the dirty report: \(error)")
                     }
                     pendingError = pendingError ?? error
                 }
@@ -457,6 +466,13 @@ public final class Leecher {
         }
         events(.verified(regions: regions.count))
     }
+}
+
+/// True for errors that mean the link failed (reconnect and resume), false
+/// for replies in which the seeder refused something (final).
+func isLinkFailure(_ error: any Error) -> Bool {
+    guard let rpc = error as? RPCError else { return !(error is MigrationError) && !(error is CancellationError) }
+    return rpc.code.rawValue >= 0xFF00
 }
 
 func seconds(_ duration: Duration) -> Double {

@@ -3,6 +3,7 @@
 
 /// RPC method numbers of the migration protocol.
 public enum MigrationMethod: UInt16, Sendable, CaseIterable {
+    case hello = 0x0100
     case track = 0x0101
     case readAt = 0x0102
     case sync = 0x0103
@@ -159,13 +160,20 @@ public struct TrackRequest: Sendable, Equatable {
     public var version: UInt16 = MigrationLimits.version
     /// The session to resume after a dropped connection; nil starts a new one.
     public var resume: [UInt8]?
+    /// The migration wanted, by name; empty for whatever the peer serves.
+    /// A hub serving several seeders routes by it.
+    public var migration: String
 
-    public init(resume: [UInt8]? = nil) { self.resume = resume }
+    public init(resume: [UInt8]? = nil, migration: String = "") {
+        self.resume = resume
+        self.migration = migration
+    }
 
     public func encode() -> [UInt8] {
         var w = WireWriter()
         w.u16(version)
         w.bytes16(resume ?? [])
+        w.text(migration)
         return w.bytes
     }
 
@@ -173,10 +181,48 @@ public struct TrackRequest: Sendable, Equatable {
         var r = WireReader(bytes)
         let version = try r.u16("version")
         let resume = try r.bytes16("session", limit: 16)
+        let migration = try r.text("migration")
         try r.expectEnd("Track request")
-        var request = TrackRequest(resume: resume.isEmpty ? nil : resume)
+        var request = TrackRequest(resume: resume.isEmpty ? nil : resume, migration: migration)
         request.version = version
         return request
+    }
+}
+
+/// Hello: who serves what, with no side effect (a hub asks a seeder that
+/// dialed in before any leecher wants it).
+public struct HelloReply: Sendable, Equatable {
+    public var migration: String
+    public var pid: Int32
+    public var host: String
+    /// The session's phase, nil before any Track.
+    public var phase: SessionPhase?
+
+    public init(migration: String, pid: Int32, host: String, phase: SessionPhase?) {
+        self.migration = migration
+        self.pid = pid
+        self.host = host
+        self.phase = phase
+    }
+
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.text(migration)
+        w.u32(UInt32(bitPattern: pid))
+        w.text(host)
+        w.u8(phase?.rawValue ?? 0xFF)
+        return w.bytes
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws -> HelloReply {
+        var r = WireReader(bytes)
+        let migration = try r.text("migration")
+        let pid = Int32(bitPattern: try r.u32("pid"))
+        let host = try r.text("host")
+        let raw = try r.u8("phase")
+        try r.expectEnd("Hello reply")
+        guard raw == 0xFF || SessionPhase(rawValue: raw) != nil else { throw WireDecodeError("unknown session phase \(raw)") }
+        return HelloReply(migration: migration, pid: pid, host: host, phase: SessionPhase(rawValue: raw))
     }
 }
 

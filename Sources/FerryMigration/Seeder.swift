@@ -12,10 +12,13 @@ public struct SeederOptions: Sendable {
     /// (and thaws a frozen process).
     public var grace: Duration = .seconds(5)
     public var host: String = ProcessInfo.processInfo.hostName
+    /// The name leechers (and hubs) ask for; empty accepts any.
+    public var migration: String = ""
 
-    public init(then: ThenAction = .stop, grace: Duration = .seconds(5)) {
+    public init(then: ThenAction = .stop, grace: Duration = .seconds(5), migration: String = "") {
         self.then = then
         self.grace = grace
+        self.migration = migration
     }
 }
 
@@ -146,13 +149,17 @@ public final class SeederService: Sendable {
         guard let known = MigrationMethod(rawValue: method) else {
             throw RPCError(code: .unknownMethod, message: "unknown method 0x\(String(method, radix: 16))")
         }
+        if known == .hello {
+            let phase = state.withLock { $0.phase }
+            return HelloReply(migration: options.migration, pid: source.pid, host: options.host, phase: phase).encode()
+        }
         if known == .track {
             return try track(TrackRequest.decode(payload), connection)
         }
         try requireOwner(connection)
         switch known {
-        case .track:
-            fatalError("handled above")
+        case .track, .hello:
+            throw RPCError(code: .internalError, message: "unreachable: \(known) is handled before the owner check")
         case .readAt:
             try await readAt(ReadRequest.decode(payload), parts)
             return []
@@ -200,6 +207,10 @@ public final class SeederService: Sendable {
                            message: "migration protocol version \(request.version) is not supported; this seeder speaks \(MigrationLimits.version)")
         }
         let pid = source.pid
+        if !request.migration.isEmpty && !options.migration.isEmpty && request.migration != options.migration {
+            throw RPCError(code: .badRequest,
+                           message: "this seeder serves migration '\(options.migration)', not '\(request.migration)'")
+        }
         let reply = try state.withLock { s -> TrackReply in
             switch (s.phase, request.resume) {
             case (nil, nil):
@@ -212,7 +223,7 @@ public final class SeederService: Sendable {
                 throw RPCError(code: .badRequest, message: "no migration of pid \(pid) to resume: the seeder has no session")
             case (.some(let phase), let resume):
                 guard resume == s.session else {
-                    throw RPCError(code: .busy, message: "pid \(pid) is already being migrated (\(phase)) to another leecher; one migration at a time per process: use a hub to feed several destinations")
+                    throw RPCError(code: .unavailable, message: "pid \(pid) is already being migrated (\(phase)) to another leecher; one migration at a time per process: use a hub to feed several destinations")
                 }
                 guard phase == .tracking || phase == .frozen else {
                     throw RPCError(code: .badRequest, message: "the migration of pid \(pid) has already \(phase)")

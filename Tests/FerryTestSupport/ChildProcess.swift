@@ -1,0 +1,119 @@
+// Real child processes for tests: started with posix_spawn, spoken to line
+// by line over pipes, killed and reaped exactly once. The workload generator
+// and the relay in Tools/ are both driven this way.
+import Glibc
+
+public struct TestFailure: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The directory holding the package's built executables: the one the test
+/// binary sits in, or above it on bundle layouts.
+public func builtExecutable(_ name: String) -> String {
+    let variable = "FERRY_" + name.uppercased()
+    if let path = getenv(variable) { return String(cString: path) }
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    var directory = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "."
+    for _ in 0..<4 {
+        if let slash = directory.lastIndex(of: "/") { directory = String(directory[..<slash]) }
+        if access(directory + "/" + name, X_OK) == 0 { return directory + "/" + name }
+    }
+    return name
+}
+
+/// A running child with its stdin and stdout on pipes. Not Sendable except
+/// for `send`, which only writes to a pipe; one test owns it.
+public final class ChildProcess: @unchecked Sendable {
+    // @unchecked: `pending` and `reaped` are touched only by the owning test's
+    // thread; other threads call only `send`, a single write(2) to a pipe.
+    public let pid: Int32
+    private let input: Int32
+    private let output: Int32
+    private var pending: [UInt8] = []
+    private var reaped = false
+
+    public init(_ path: String, _ arguments: [String]) throws {
+        var toChild: [Int32] = [0, 0]
+        var fromChild: [Int32] = [0, 0]
+        guard pipe(&toChild) == 0, pipe(&fromChild) == 0 else { throw TestFailure("pipe: \(errno)") }
+        for fd in toChild + fromChild { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, toChild[0], 0)
+        posix_spawn_file_actions_adddup2(&actions, fromChild[1], 1)
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var child: pid_t = 0
+        let rc = posix_spawn(&child, path, &actions, nil, argv, environ)
+        close(toChild[0])
+        close(fromChild[1])
+        guard rc == 0 else {
+            close(toChild[1])
+            close(fromChild[0])
+            throw TestFailure("cannot start \(path): \(String(cString: strerror(rc))) (build the package's products first)")
+        }
+        pid = child
+        input = toChild[1]
+        output = fromChild[0]
+    }
+
+    deinit { stop() }
+
+    public func send(_ command: String) {
+        let text = command + "\n"
+        _ = text.withCString { write(input, $0, strlen($0)) }
+    }
+
+    /// The next stdout line, waiting at most `timeout` seconds.
+    public func readLine(timeout: Double = 20) throws -> String {
+        let deadline = Self.now() + timeout
+        while true {
+            if let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: pending[..<newline], as: UTF8.self)
+                pending.removeSubrange(...newline)
+                return line
+            }
+            let left = deadline - Self.now()
+            guard left > 0 else { throw TestFailure("pid \(pid) said nothing for \(timeout) s") }
+            var pfd = pollfd(fd: output, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&pfd, 1, Int32(left * 1000) + 1)
+            if ready <= 0 { continue }
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let n = read(output, &chunk, chunk.count)
+            if n <= 0 { throw TestFailure("pid \(pid) closed its output") }
+            pending.append(contentsOf: chunk[0..<n])
+        }
+    }
+
+    /// Reads lines until one starts with `prefix` and returns it.
+    public func expect(_ prefix: String, timeout: Double = 20) throws -> String {
+        while true {
+            let line = try readLine(timeout: timeout)
+            if line.hasPrefix(prefix) { return line }
+        }
+    }
+
+    /// Sends `signal`, waits, and returns the wait status.
+    @discardableResult
+    public func end(with signal: Int32) -> Int32 {
+        guard !reaped else { return -1 }
+        kill(pid, signal)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        reaped = true
+        close(input)
+        close(output)
+        return status
+    }
+
+    public func stop() { end(with: SIGKILL) }
+
+    public static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+}
