@@ -102,7 +102,7 @@ public final class Leecher {
             if options.abortAtEnd {
                 said = try OutcomeReply.decode(try await call(.abort, [])).message
             } else {
-                said = try OutcomeReply.decode(try await call(.complete, [])).message
+                said = try await completeOnce()
             }
             try sink.commit()
             client?.close()
@@ -118,6 +118,19 @@ public final class Leecher {
             }
             client?.close()
             throw error
+        }
+    }
+
+    /// Complete, once: if the reply was lost with the connection, the resumed
+    /// session says whether it went through.
+    private func completeOnce() async throws -> String {
+        guard let client else { throw MigrationError.connectionLost("not connected") }
+        do {
+            return try OutcomeReply.decode(try await client.call(MigrationMethod.complete.rawValue, [])).message
+        } catch {
+            try await recover(from: error, during: .complete)
+            if phase == .completed { return "completed (confirmed after reconnecting)" }
+            return try OutcomeReply.decode(try await call(.complete, [])).message
         }
     }
 

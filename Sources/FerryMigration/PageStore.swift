@@ -216,7 +216,7 @@ public struct PageStore: Sendable {
                 guard let start = runStart else { return }
                 var from = start
                 while from < end {
-                    let to = min(end, from + maxPages)
+                    let to = end - from <= maxPages ? end : from + maxPages
                     out.append(AddressRange(start: segment.range.start + UInt64(from) * pageSize,
                                             end: segment.range.start + UInt64(to) * pageSize))
                     from = to

@@ -60,6 +60,19 @@ public final class SeederService: Sendable {
     }
 
     private let state = Mutex(State())
+    private let openConnections = Atomic<Int>(0)
+
+    /// Connections being served now.
+    public var connectionCount: Int { openConnections.load(ordering: .relaxed) }
+
+    /// After the outcome: waits (at most `limit`) for the leecher to close its
+    /// connection, so the last reply is delivered before the process exits.
+    public func drain(limit: Duration = .seconds(2)) async {
+        let deadline = ContinuousClock.now + limit
+        while connectionCount > 0 && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+    }
     private let outcomeStream: AsyncStream<SeederOutcome>
     private let outcomeContinuation: AsyncStream<SeederOutcome>.Continuation
 
@@ -81,6 +94,8 @@ public final class SeederService: Sendable {
 
     /// Serves one authenticated connection until it ends.
     public func serve(_ transport: FrameTransport) async {
+        openConnections.add(1, ordering: .relaxed)
+        defer { openConnections.subtract(1, ordering: .relaxed) }
         let connection = Connection()
         let server = RPCServer(transport: transport) { [self] method, payload, parts in
             try await self.handle(method, payload, parts, connection)
@@ -225,7 +240,9 @@ public final class SeederService: Sendable {
                 guard resume == s.session else {
                     throw RPCError(code: .unavailable, message: "pid \(pid) is already being migrated (\(phase)) to another leecher; one migration at a time per process: use a hub to feed several destinations")
                 }
-                guard phase == .tracking || phase == .frozen else {
+                // A completed session still answers its own leecher, whose
+                // Complete reply may have been lost with the connection.
+                guard phase != .aborted else {
                     throw RPCError(code: .badRequest, message: "the migration of pid \(pid) has already \(phase)")
                 }
             }

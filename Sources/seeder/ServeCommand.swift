@@ -87,6 +87,7 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let outcome = await service.outcome()
             listener?.close()
+            await service.drain()
             switch outcome {
             case .completed(let message):
                 reporter.event("complete", ["pid": .int(Int64(pid)), "pages_sent": .int(Int64(service.pagesSent)),
