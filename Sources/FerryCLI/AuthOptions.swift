@@ -48,6 +48,12 @@ public struct AuthOptions: ParsableArguments {
     /// The credentials the flags describe. Without flags, the default secret:
     /// created when `createDefault` (the seeder), required otherwise.
     public func credentials(createDefault: Bool) throws -> Credentials {
+        try Self.credentials(secretFile: secretFile, key: key, authorized: authorized, peerKey: peerKey,
+                             createDefault: createDefault)
+    }
+
+    static func credentials(secretFile: String?, key: String?, authorized: String?, peerKey: String?,
+                            createDefault: Bool) throws -> Credentials {
         if let key {
             let pair = try KeyPair.load(path: key)
             let accepted = try authorized.map { try AuthorizedKeys.load(path: $0) } ?? AuthorizedKeys([])
@@ -78,5 +84,36 @@ public struct AuthOptions: ParsableArguments {
                 : "secret file \(path) does not exist (`seeder secret > FILE` makes one)")
         }
         return .preSharedSecret(try PreSharedSecret.load(path: path))
+    }
+}
+
+/// The hub's credentials toward its upstream seeders, beside `AuthOptions`
+/// for its leechers: a hub authenticates both ways, with separate lists.
+public struct UpstreamAuthOptions: ParsableArguments {
+    @Option(name: .customLong("upstream-secret-file"), help: ArgumentHelp(
+        "Pre-shared secret shared with the seeders (default: the leecher-side one).", valueName: "FILE"))
+    public var secretFile: String?
+
+    @Option(name: .customLong("upstream-key"), help: ArgumentHelp(
+        "Private key presented to seeders (default: --key).", valueName: "FILE"))
+    public var key: String?
+
+    @Option(name: .customLong("upstream-authorized"), help: ArgumentHelp(
+        "Seeder public keys accepted.", valueName: "FILE"))
+    public var authorized: String?
+
+    @Option(name: .customLong("upstream-peer-key"), help: ArgumentHelp(
+        "Accept only this seeder key.", valueName: "KEY|FILE"))
+    public var peerKey: String?
+
+    public init() {}
+
+    /// Falls back to the leecher-side flags for whatever is not given.
+    public func credentials(fallback: AuthOptions) throws -> Credentials {
+        if secretFile == nil && key == nil && authorized == nil && peerKey == nil {
+            return try fallback.credentials(createDefault: false)
+        }
+        return try AuthOptions.credentials(secretFile: secretFile, key: key ?? fallback.key,
+                                           authorized: authorized, peerKey: peerKey, createDefault: false)
     }
 }

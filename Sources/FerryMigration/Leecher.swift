@@ -56,20 +56,17 @@ public struct LeecherSummary: Sendable {
 }
 
 public final class Leecher {
-    public typealias Connector = @Sendable () async throws -> FrameTransport
+    public typealias Connector = SessionLink.Connector
 
-    private let connect: Connector
+    private let link: SessionLink
     private let sink: ImageWriter
     private let options: LeecherOptions
-    private let events: (LeecherEvent) -> Void
+    private let events: @Sendable (LeecherEvent) -> Void
 
-    private var client: RPCClient?
-    private var session: [UInt8]? = nil
     private var seeder: TrackReply? = nil
     private var store = PageStore(layout: [])
     private var layout: [Region] = []
     private var layoutEpoch: UInt64 = 0
-    private var phase: SessionPhase = .tracking
     private var bytesReceived: UInt64 = 0
     private var dirtyRate: Double = 0
     private var started = ContinuousClock.now
@@ -78,9 +75,15 @@ public final class Leecher {
     private var lastProgress = ContinuousClock.now
     private var rate = ByteRate()
 
+    /// `migration` names the migration wanted from a hub; empty for a seeder.
     public init(connect: @escaping Connector, sink: ImageWriter, options: LeecherOptions = .init(),
-                events: @escaping (LeecherEvent) -> Void = { _ in }) {
-        self.connect = connect
+                migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+        self.link = SessionLink(migration: migration, connect: connect) { event in
+            switch event {
+            case .reconnecting(let attempt, let reason): events(.reconnecting(attempt: attempt, reason: reason))
+            case .resumed(let phase): events(.resumed(phase: phase.description))
+            }
+        }
         self.sink = sink
         self.options = options
         self.events = events
@@ -91,21 +94,27 @@ public final class Leecher {
     public func run() async throws -> LeecherSummary {
         started = .now
         do {
-            try await attach()
+            let reply = try await link.open()
+            seeder = reply
+            layout = reply.layout
+            layoutEpoch = reply.layoutEpoch
+            store = PageStore(layout: layout)
+            events(.connected(peer: await link.peer, pid: reply.pid, host: reply.host,
+                              tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
             try await pull(precopy: true)
             try await finalize()
             try await pull(precopy: false)
-            let manifest = try sink.prepare(layout: layout, sourcePid: seeder!.pid, sourceHost: seeder!.host,
-                                            tracker: seeder!.tracker, downtimeMilliseconds: downtime)
+            let manifest = try sink.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
+                                            tracker: reply.tracker, downtimeMilliseconds: downtime)
             if options.verify { try await verify(manifest) }
             let said: String
             if options.abortAtEnd {
-                said = try OutcomeReply.decode(try await call(.abort, [])).message
+                said = try OutcomeReply.decode(try await link.call(.abort, [])).message
             } else {
                 said = try await completeOnce()
             }
             try sink.commit()
-            client?.close()
+            await link.close()
             let seconds = elapsed
             events(.complete(bytes: bytesReceived, seconds: seconds, seederSays: said))
             return LeecherSummary(manifest: manifest, bytesReceived: bytesReceived, seconds: seconds,
@@ -113,10 +122,19 @@ public final class Leecher {
                                   dirtyPagesAtFinalize: finalizeReply?.dirty.reduce(0) { $0 + $1.pageCount } ?? 0,
                                   seederSays: said)
         } catch {
-            if let client, phase == .frozen || phase == .tracking, !(error is CancellationError) {
-                _ = try? await client.call(MigrationMethod.abort.rawValue, [])
+            if seeder != nil {
+                // Best effort: the source must run on. A seeder that cannot be
+                // reached thaws it itself after its grace period.
+                let link = self.link
+                let abort = Task { _ = try? await link.call(.abort, []) }
+                let timeout = Task {
+                    try? await Task.sleep(for: .seconds(2))
+                    abort.cancel()
+                }
+                _ = await abort.result
+                timeout.cancel()
             }
-            client?.close()
+            await link.close()
             throw error
         }
     }
@@ -124,110 +142,15 @@ public final class Leecher {
     /// Complete, once: if the reply was lost with the connection, the resumed
     /// session says whether it went through.
     private func completeOnce() async throws -> String {
-        guard let client else { throw MigrationError.connectionLost("not connected") }
         do {
-            return try OutcomeReply.decode(try await client.call(MigrationMethod.complete.rawValue, [])).message
+            return try OutcomeReply.decode(try await link.call(.complete, [])).message
         } catch {
-            try await recover(from: error, during: .complete)
-            if phase == .completed { return "completed (confirmed after reconnecting)" }
-            return try OutcomeReply.decode(try await call(.complete, [])).message
+            if await link.phase == .completed { return "completed (confirmed after reconnecting)" }
+            throw error
         }
     }
 
     private var elapsed: Double { seconds(ContinuousClock.now - started) }
-
-    // MARK: - Connection and resume
-
-    private func attach() async throws {
-        let transport = try await connect()
-        let client = RPCClient(transport: transport)
-        let reply = try TrackReply.decode(try await client.call(MigrationMethod.track.rawValue,
-                                                               TrackRequest(resume: session).encode()))
-        if session == nil {
-            seeder = reply
-            session = reply.session
-            layout = reply.layout
-            layoutEpoch = reply.layoutEpoch
-            store = PageStore(layout: layout)
-            events(.connected(peer: transport.peerDescription, pid: reply.pid, host: reply.host,
-                              tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
-        } else {
-            events(.resumed(phase: reply.phase.description))
-        }
-        phase = reply.phase
-        self.client = client
-    }
-
-    /// Reconnects after a lost connection, with backoff, within the seeder's grace period.
-    private func reconnect(after error: Error) async throws {
-        client?.close()
-        client = nil
-        guard session != nil else { throw error }
-        let grace = Double(seeder?.graceMilliseconds ?? 5000) / 1000
-        let deadline = ContinuousClock.now + .milliseconds(Int(grace * 1000))
-        var attempt = 0
-        var delay = 0.05
-        var last: Error = error
-        while ContinuousClock.now < deadline {
-            attempt += 1
-            events(.reconnecting(attempt: attempt, reason: "\(last)"))
-            do {
-                try await attach()
-                return
-            } catch let refusal as RPCError where !isLinkFailure(refusal) {
-                throw MigrationError.connectionLost("lost the connection to the seeder (\(error)) and it refused to resume: \(refusal.message)")
-            } catch is CancellationError {
-                throw CancellationError()
-            } catch {
-                last = error
-            }
-            try await Task.sleep(for: .milliseconds(Int(delay * 1000)))
-            delay = min(delay * 2, 1)
-        }
-        throw MigrationError.connectionLost(
-            "lost the connection to the seeder and could not resume within its grace period of \(grace) s: \(last)")
-    }
-
-    /// Calls once, resuming the connection on transport failures. Replies
-    /// that are errors from the seeder are final.
-    private func call(_ method: MigrationMethod, _ payload: [UInt8]) async throws -> [UInt8] {
-        while true {
-            guard let client else { throw MigrationError.connectionLost("not connected") }
-            do {
-                return try await client.call(method.rawValue, payload)
-            } catch {
-                try await recover(from: error, during: method)
-            }
-        }
-    }
-
-    /// Reconnects after a link failure; rethrows a refusal as the seeder's error.
-    private func recover(from error: any Error, during method: MigrationMethod) async throws {
-        guard isLinkFailure(error) else {
-            if let rpc = error as? RPCError {
-                throw MigrationError.seeder("the seeder refused \(method): \(rpc.message)")
-            }
-            throw error
-        }
-        try await reconnect(after: error)
-    }
-
-    private func callParts(_ method: MigrationMethod, _ payload: [UInt8]) async throws -> [[UInt8]] {
-        while true {
-            guard let client else { throw MigrationError.connectionLost("not connected") }
-            do {
-                return try await Self.collect(client, method, payload)
-            } catch {
-                try await recover(from: error, during: method)
-            }
-        }
-    }
-
-    private static func collect(_ client: RPCClient, _ method: MigrationMethod, _ payload: [UInt8]) async throws -> [[UInt8]] {
-        var parts: [[UInt8]] = []
-        for try await part in client.callStreaming(method.rawValue, payload) { parts.append(part) }
-        return parts
-    }
 
     // MARK: - Pulling
 
@@ -251,7 +174,6 @@ public final class Leecher {
         var needResync = false
         var bestToPull = Int.max
         var stalledSyncs = 0
-        var pendingError: Error? = nil
 
         try await withThrowingTaskGroup(of: JobResult.self) { group in
             while true {
@@ -260,14 +182,14 @@ public final class Leecher {
                     stopIssuing = true
                 }
                 // Issue reads while there is room.
-                while !stopIssuing, pendingError == nil, readsInFlight < options.requestsInFlight, let client {
+                while !stopIssuing, readsInFlight < options.requestsInFlight {
                     guard let batch = nextBatch(&queue, &cursor) else { break }
                     store.markRequested(batch)
                     readsInFlight += 1
                     let payload = ReadRequest(ranges: batch).encode()
-                    group.addTask {
+                    group.addTask { [link] in
                         do {
-                            return .read(batch, try await Self.collect(client, .readAt, payload))
+                            return .read(batch, try await link.callParts(.readAt, payload))
                         } catch {
                             return .failed(batch, error)
                         }
@@ -275,31 +197,22 @@ public final class Leecher {
                 }
                 // Ask for the dirty set now and then during pre-copy.
                 let now = ContinuousClock.now
-                if precopy, !stopIssuing, !syncInFlight, pendingError == nil, let client,
-                   needResync || now - lastSync >= options.syncInterval {
+                if precopy, !stopIssuing, !syncInFlight, needResync || now - lastSync >= options.syncInterval {
                     syncInFlight = true
                     needResync = false
                     lastSync = now
                     var w = WireWriter()
                     w.u64(layoutEpoch)
                     let payload = w.bytes
-                    group.addTask {
+                    group.addTask { [link] in
                         do {
-                            return .sync(try await Self.collect(client, .sync, payload))
+                            return .sync(try await link.callParts(.sync, payload))
                         } catch {
                             return .syncFailed(error)
                         }
                     }
                 }
                 if readsInFlight == 0 && !syncInFlight {
-                    if let error = pendingError {
-                        pendingError = nil
-                        try await reconnect(after: error)
-                        if phase != .tracking && precopy { return }
-                        queue = options.heuristic.order(store, layout: layout)
-                        cursor = 0
-                        continue
-                    }
                     if stopIssuing { return }
                     if store.pagesToPull == 0 {
                         if !precopy { return }
@@ -321,10 +234,7 @@ public final class Leecher {
                 case .failed(let batch, let error):
                     readsInFlight -= 1
                     store.markLost(batch)
-                    if !isLinkFailure(error) {
-                        throw MigrationError.seeder("the seeder refused to send pages: \(error)")
-                    }
-                    pendingError = pendingError ?? error
+                    throw error
                 case .sync(let parts):
                     syncInFlight = false
                     let report = try DirtyReportCodec.decode(parts)
@@ -340,10 +250,7 @@ public final class Leecher {
                     }
                 case .syncFailed(let error):
                     syncInFlight = false
-                    if !isLinkFailure(error) {
-                        throw MigrationError.seeder("the seeder refused the dirty report: \(error)")
-                    }
-                    pendingError = pendingError ?? error
+                    throw error
                 }
                 reportProgress(precopy ? "pre-copy" : "post-copy")
             }
@@ -450,10 +357,9 @@ public final class Leecher {
 
     private func finalize() async throws {
         let began = ContinuousClock.now
-        let parts = try await callParts(.finalize, [])
+        let parts = try await link.callParts(.finalize, [])
         let report = try DirtyReportCodec.decode(parts)
         downtime = seconds(ContinuousClock.now - began) * 1000
-        phase = .frozen
         guard let finalLayout = report.layout else {
             throw MigrationError.protocolViolation("the seeder's Finalize reply carries no layout")
         }
@@ -469,7 +375,7 @@ public final class Leecher {
         let regions = manifest.regions.filter { $0.file != nil }
         var w = WireWriter()
         w.ranges(regions.map { AddressRange(start: $0.start, end: $0.end) })
-        let reply = try ChecksumReply.decode(try await call(.checksum, w.bytes))
+        let reply = try ChecksumReply.decode(try await link.call(.checksum, w.bytes))
         guard reply.digests.count == regions.count else {
             throw MigrationError.protocolViolation("the seeder sent \(reply.digests.count) checksums for \(regions.count) regions")
         }
@@ -479,13 +385,6 @@ public final class Leecher {
         }
         events(.verified(regions: regions.count))
     }
-}
-
-/// True for errors that mean the link failed (reconnect and resume), false
-/// for replies in which the seeder refused something (final).
-func isLinkFailure(_ error: any Error) -> Bool {
-    guard let rpc = error as? RPCError else { return !(error is MigrationError) && !(error is CancellationError) }
-    return rpc.code.rawValue >= 0xFF00
 }
 
 func seconds(_ duration: Duration) -> Double {

@@ -61,6 +61,8 @@ public final class SeederService: Sendable {
 
     private let state = Mutex(State())
     private let openConnections = Atomic<Int>(0)
+    /// The transports being served, so an abandoned migration can hang up on them.
+    private let transports = Mutex<[ObjectIdentifier: FrameTransport]>([:])
 
     /// Connections being served now.
     public var connectionCount: Int { openConnections.load(ordering: .relaxed) }
@@ -92,10 +94,17 @@ public final class SeederService: Sendable {
 
     public var pagesSent: UInt64 { state.withLock { $0.pagesSent } }
 
+    /// True once the migration completed or was aborted.
+    public var isFinished: Bool { state.withLock { $0.outcome != nil } }
+
     /// Serves one authenticated connection until it ends.
     public func serve(_ transport: FrameTransport) async {
         openConnections.add(1, ordering: .relaxed)
-        defer { openConnections.subtract(1, ordering: .relaxed) }
+        transports.withLock { $0[ObjectIdentifier(transport)] = transport }
+        defer {
+            transports.withLock { $0[ObjectIdentifier(transport)] = nil }
+            openConnections.subtract(1, ordering: .relaxed)
+        }
         let connection = Connection()
         let server = RPCServer(transport: transport) { [self] method, payload, parts in
             try await self.handle(method, payload, parts, connection)
@@ -108,6 +117,26 @@ public final class SeederService: Sendable {
         }
         transport.close()
         connectionEnded(connection, peer: transport.peerDescription, reason: reason)
+    }
+
+    /// Serves through a hub the seeder dials (`--via`, for NAT): keeps one
+    /// connection open until the migration ends, dialing again with backoff
+    /// whenever it drops. The hub calls; the seeder still only answers.
+    public func dialOut(connect: @escaping @Sendable () async throws -> FrameTransport,
+                        failed: @escaping @Sendable (String) -> Void = { _ in }) async {
+        var delay = 0.1
+        while !isFinished {
+            do {
+                let channel = try await connect()
+                delay = 0.1
+                await serve(channel)
+            } catch {
+                failed("\(error)")
+            }
+            if isFinished { return }
+            try? await Task.sleep(for: .milliseconds(Int(delay * 1000)))
+            delay = min(delay * 2, 2)
+        }
     }
 
     /// Per-connection facts the handler needs.
@@ -155,6 +184,8 @@ public final class SeederService: Sendable {
         let open = state.withLock { $0.outcome == nil && $0.phase != nil }
         if open { try? source.release(then: .resume) }
         finish(.aborted(reason), abort: true)
+        // Nothing is served after an abandon: hang up, so callers learn it now.
+        for transport in transports.withLock({ Array($0.values) }) { transport.close() }
     }
 
     // MARK: - Requests

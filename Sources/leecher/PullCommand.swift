@@ -40,6 +40,9 @@ struct PullCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Pull order: sequential, stack-heap-first, cold-first or profile:FILE.")
     var heuristic = "sequential"
 
+    @Option(name: .long, help: "Through a hub relaying several migrations: the one to pull (its seeder's --name).")
+    var migration = ""
+
     @Option(name: .long, help: "ReadAt requests in flight.")
     var inFlight = 16
 
@@ -84,7 +87,7 @@ struct PullCommand: AsyncParsableCommand {
                     transport.close()
                     throw error
                 }
-            }, sink: sink, options: options) { event in
+            }, sink: sink, options: options, migration: migration) { event in
                 Self.report(event, reporter)
             }
             let task = Task { try await leecher.run() }

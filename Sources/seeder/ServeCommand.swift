@@ -26,6 +26,12 @@ struct ServeCommand: AsyncParsableCommand {
     @Flag(name: .long, help: "Serve one leecher on standard input/output (for ssh) instead of listening.")
     var stdio = false
 
+    @Option(name: .long, help: ArgumentHelp("Dial out to a hub's seeder address instead of listening (for NAT).", valueName: "HUB:PORT"))
+    var via: String?
+
+    @Option(name: .long, help: "The migration's name, which leechers of a hub ask for (default: pid-PID).")
+    var name: String?
+
     @Option(name: .long, help: "What to do with the process after Complete: stop, kill or resume.")
     var then: String = "stop"
 
@@ -53,7 +59,7 @@ struct ServeCommand: AsyncParsableCommand {
             let graceDuration = try parseSeconds(grace, option: "--grace")
             let credentials = try auth.credentials(createDefault: true)
             let process = try TrackedProcess.attach(pid: pid, tracker: trackerKind)
-            var options = SeederOptions(then: thenAction, grace: graceDuration)
+            var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
@@ -64,7 +70,25 @@ struct ServeCommand: AsyncParsableCommand {
             defer { signals.cancel() }
 
             var listener: Listener? = nil
-            if stdio {
+            if let via {
+                let hub = try Endpoint(parsing: via)
+                reporter.event("dialing", ["hub": .string("\(hub)"), "pid": .int(Int64(pid))],
+                               text: "seeder: serving pid \(pid) through the hub at \(hub)")
+                Task {
+                    await service.dialOut(connect: {
+                        let transport = try await Transports.connect(to: hub)
+                        do {
+                            return try await SecureChannel.client(over: transport, credentials: credentials)
+                        } catch {
+                            transport.close()
+                            throw error
+                        }
+                    }, failed: { reason in
+                        reporter.event("dial_failed", ["hub": .string("\(hub)"), "reason": .string(reason)],
+                                       text: "seeder: cannot reach the hub at \(hub): \(reason)")
+                    })
+                }
+            } else if stdio {
                 let transport = Transports.stdio()
                 Task {
                     await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)

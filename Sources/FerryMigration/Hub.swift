@@ -1,0 +1,741 @@
+// The star hub: leechers call it exactly as they would call a seeder; it
+// pulls each page once from upstream (a seeder, or another hub) and serves
+// every leecher from its cache. Dirty state per leecher is kept with page
+// versions: a page's version goes up each time upstream reports it written,
+// and each leecher remembers the version it was sent, so an early and a late
+// leecher each learn exactly what they lack. The source freezes once for all
+// of them, when the finalize policy says so.
+import Foundation
+import Synchronization
+
+public enum HubFinalizePolicy: String, Sendable, CaseIterable {
+    /// Freeze once every attached leecher has asked to finalize.
+    case whenAllReady = "when-all-ready"
+    /// Freeze when the first leecher asks.
+    case first
+    /// Freeze when the operator says so (`HubService.finalizeNow()`, SIGUSR1 on `hub serve`).
+    case manual
+}
+
+public struct HubOptions: Sendable {
+    public var finalize: HubFinalizePolicy = .whenAllReady
+    /// Cached page bytes kept in memory; more spills to a file in `spillDirectory`.
+    public var memoryLimit = 1 << 30
+    public var spillDirectory = NSTemporaryDirectory()
+    /// How long a leecher's session outlives its connection.
+    public var grace: Duration = .seconds(5)
+    /// Upstream dirty reports are at most this old when a leecher asks for one.
+    public var syncInterval: Duration = .milliseconds(100)
+    public var host = ProcessInfo.processInfo.hostName
+
+    public init() {}
+}
+
+public enum HubEvent: Sendable {
+    case upstream(migration: String, pid: Int32, host: String)
+    case leecherJoined(peer: String, migration: String)
+    case leecherLeft(peer: String, reason: String)
+    case waitingToFinalize(ready: Int, attached: Int)
+    case finalized(migration: String, freezeMilliseconds: Double, dirtyPages: UInt64)
+    case upstreamLost(migration: String, reason: String)
+    case completed(migration: String, message: String)
+}
+
+/// Relays migrations from upstream seeders to many leechers.
+public final class HubService: Sendable {
+    public let options: HubOptions
+    private let events: @Sendable (HubEvent) -> Void
+    private let migrations = Mutex<[String: HubMigration]>([:])
+    /// Seeders that dialed in (`seeder serve --via`), by migration name, for
+    /// the upstream link to take (first connection and reconnections).
+    private let dialedIn = Mutex<[String: [(RPCClient, String)]]>([:])
+
+    public init(options: HubOptions = .init(), events: @escaping @Sendable (HubEvent) -> Void = { _ in }) {
+        self.options = options
+        self.events = events
+    }
+
+    /// Adds an upstream the hub dials itself (a seeder or another hub).
+    /// Returns the migration's name, from the upstream's Hello.
+    @discardableResult
+    public func addUpstream(connect: @escaping SessionLink.Connector, name wanted: String = "") async throws -> String {
+        let transport = try await connect()
+        let client = RPCClient(transport: transport)
+        defer { client.close() }
+        let hello = try HelloReply.decode(try await client.call(MigrationMethod.hello.rawValue, []))
+        let name = wanted.isEmpty ? hello.migration : wanted
+        let link = SessionLink(migration: wanted, connect: connect)
+        register(HubMigration(name: name, link: link, options: options, events: events))
+        events(.upstream(migration: name, pid: hello.pid, host: hello.host))
+        return name
+    }
+
+    /// A seeder dialed in: learn its migration's name, and keep the
+    /// connection for the upstream link, which calls on it as on any seeder.
+    public func acceptSeeder(_ transport: FrameTransport) async throws {
+        let client = RPCClient(transport: transport)
+        let hello: HelloReply
+        do {
+            hello = try HelloReply.decode(try await client.call(MigrationMethod.hello.rawValue, []))
+        } catch {
+            client.close()
+            throw error
+        }
+        // The link takes this client as it is: the seeder answers on the
+        // connection it opened.
+        let name = hello.migration.isEmpty ? "pid-\(hello.pid)" : hello.migration
+        dialedIn.withLock { $0[name, default: []].append((client, transport.peerDescription)) }
+        let known = migrations.withLock { $0[name] != nil }
+        if !known {
+            let link = SessionLink(migration: "", connectClient: { [self] in try await self.takeDialedIn(name) })
+            register(HubMigration(name: name, link: link, options: options, events: events))
+            events(.upstream(migration: name, pid: hello.pid, host: hello.host))
+        }
+    }
+
+    private func takeDialedIn(_ name: String) async throws -> (RPCClient, String) {
+        let deadline = ContinuousClock.now + options.grace
+        while ContinuousClock.now < deadline {
+            if let waiting = dialedIn.withLock({ $0[name]?.isEmpty == false ? $0[name]!.removeFirst() : nil }) {
+                return waiting
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw MigrationError.connectionLost("the seeder of migration '\(name)' did not dial in again within \(options.grace)")
+    }
+
+    private func register(_ migration: HubMigration) {
+        migrations.withLock { $0[migration.name] = migration }
+    }
+
+    /// The names of the migrations the hub relays.
+    public var migrationNames: [String] { migrations.withLock { Array($0.keys).sorted() } }
+
+    /// Upstream pages read so far, for one migration (statistics and tests).
+    public func upstreamPagesFetched(_ name: String) -> UInt64 {
+        migrations.withLock { $0[name] }?.pagesFetched ?? 0
+    }
+
+    /// The operator's finalize, for `--finalize manual`.
+    public func finalizeNow() {
+        for migration in migrations.withLock({ Array($0.values) }) { migration.operatorFinalize() }
+    }
+
+    /// Serves one authenticated leecher connection until it ends.
+    public func serve(_ transport: FrameTransport) async {
+        let connection = HubConnection(peer: transport.peerDescription)
+        let server = RPCServer(transport: transport) { [self] method, payload, parts in
+            try await self.handle(method, payload, parts, connection)
+        }
+        var reason = "connection closed"
+        do {
+            try await server.run()
+        } catch {
+            reason = "\(error)"
+        }
+        transport.close()
+        if let (migration, leecher) = connection.binding.withLock({ $0 }) {
+            migration.leecherDisconnected(leecher, reason: reason)
+            events(.leecherLeft(peer: connection.peer, reason: reason))
+        }
+    }
+
+    private func handle(_ method: UInt16, _ payload: [UInt8], _ parts: RPCPartWriter,
+                        _ connection: HubConnection) async throws -> [UInt8] {
+        guard let known = MigrationMethod(rawValue: method) else {
+            throw RPCError(code: .unknownMethod, message: "unknown method 0x\(String(method, radix: 16))")
+        }
+        switch known {
+        case .hello:
+            let all = migrations.withLock { Array($0.values) }
+            return HelloReply(migration: all.count == 1 ? all[0].name : "", pid: 0, host: options.host,
+                              phase: nil).encode()
+        case .track:
+            let request = try TrackRequest.decode(payload)
+            let all = migrations.withLock { $0 }
+            let migration: HubMigration
+            if request.migration.isEmpty {
+                guard all.count == 1, let only = all.values.first else {
+                    throw RPCError(code: .badRequest, message: all.isEmpty
+                        ? "this hub relays no migration yet: start the seeder (or its --via) first"
+                        : "this hub relays \(all.count) migrations (\(all.keys.sorted().joined(separator: ", "))): name one with --migration")
+                }
+                migration = only
+            } else {
+                guard let named = all[request.migration] else {
+                    throw RPCError(code: .badRequest,
+                                   message: "this hub relays no migration named '\(request.migration)'; it has: \(all.keys.sorted().joined(separator: ", "))")
+                }
+                migration = named
+            }
+            let (leecher, reply) = try await migration.track(request, peer: connection.peer)
+            connection.binding.withLock { $0 = (migration, leecher) }
+            events(.leecherJoined(peer: connection.peer, migration: migration.name))
+            return reply.encode()
+        default:
+            guard let (migration, leecher) = connection.binding.withLock({ $0 }) else {
+                throw RPCError(code: .badRequest, message: "call Track first")
+            }
+            return try await migration.handle(known, payload, parts, leecher)
+        }
+    }
+}
+
+/// Which migration and leecher session a connection speaks for.
+final class HubConnection: Sendable {
+    let peer: String
+    let binding = Mutex<(HubMigration, HubLeecher)?>(nil)
+    init(peer: String) { self.peer = peer }
+}
+
+/// One leecher's view of a hub migration.
+final class HubLeecher: Sendable {
+    let session: [UInt8]
+    let peer: String
+    struct State {
+        /// The version of each page as last sent to this leecher.
+        var sent: [UInt64: UInt32] = [:]
+        var ready = false
+        var completed = false
+        var attached = true
+        var owner = 0
+    }
+    let state = Mutex(State())
+    init(session: [UInt8], peer: String) {
+        self.session = session
+        self.peer = peer
+    }
+}
+
+/// One upstream migration and every leecher pulling it.
+final class HubMigration: Sendable {
+    let name: String
+    let options: HubOptions
+    private let events: @Sendable (HubEvent) -> Void
+    private let link: SessionLink
+
+    private struct State {
+        var started: Task<TrackReply, any Error>? = nil
+        var info: TrackReply? = nil
+        var phase: SessionPhase = .tracking
+        var layout: [Region] = []
+        var layoutEpoch: UInt64 = 0
+        var versions: [UInt64: UInt32] = [:]
+        var fetching: [UInt64: Task<Void, any Error>] = [:]
+        var leechers: [HubLeecher] = []
+        var finalized: FinalizeReply? = nil
+        var finalizing: Task<FinalizeReply, any Error>? = nil
+        var operatorSaidFinalize = false
+        var checksums: [[AddressRange]: [UInt8]] = [:]
+        var lastSync: ContinuousClock.Instant? = nil
+        var syncing: Task<Void, any Error>? = nil
+        var upstreamFailure: String? = nil
+        var upstreamCompleted: String? = nil
+        var pagesFetched: UInt64 = 0
+        var filling: Task<Void, Never>? = nil
+        /// Pages upstream said are not mapped, at the version asked: nothing to fetch.
+        var unmappedAt: [UInt64: UInt32] = [:]
+    }
+    private let state = Mutex(State())
+    private let cache: PageCache
+    private let cacheLock = Mutex(())
+
+    init(name: String, link: SessionLink, options: HubOptions, events: @escaping @Sendable (HubEvent) -> Void) {
+        self.name = name
+        self.options = options
+        self.events = events
+        self.link = link
+        cache = PageCache(memoryLimit: options.memoryLimit, spillDirectory: options.spillDirectory)
+    }
+
+    var pagesFetched: UInt64 { state.withLock { $0.pagesFetched } }
+
+    // MARK: Upstream
+
+    /// Starts the upstream session once, for all leechers.
+    private func upstreamInfo() async throws -> TrackReply {
+        let task = state.withLock { s -> Task<TrackReply, any Error> in
+            if let started = s.started { return started }
+            let task = Task { [link] in try await link.open() }
+            s.started = task
+            return task
+        }
+        do {
+            let reply = try await task.value
+            state.withLock { s in
+                if s.info == nil {
+                    s.info = reply
+                    s.layout = reply.layout
+                    s.layoutEpoch = reply.layoutEpoch
+                    s.phase = reply.phase
+                }
+            }
+            return reply
+        } catch {
+            state.withLock { $0.started = nil }
+            throw RPCError(code: .unavailable, message: "the hub cannot reach the seeder of migration '\(name)': \(error)")
+        }
+    }
+
+    private func upstreamFailed(_ error: any Error) -> RPCError {
+        let message = "the hub lost the seeder of migration '\(name)': \(error)"
+        let first = state.withLock { s -> Bool in
+            defer { if s.upstreamFailure == nil { s.upstreamFailure = message } }
+            return s.upstreamFailure == nil
+        }
+        if first { events(.upstreamLost(migration: name, reason: "\(error)")) }
+        return RPCError(code: .unavailable, message: message)
+    }
+
+    /// A fresh upstream dirty report, at most `syncInterval` old, shared by
+    /// all leechers asking at the same time.
+    private func syncUpstream() async throws {
+        let task = state.withLock { s -> Task<Void, any Error>? in
+            guard s.phase == .tracking, s.upstreamFailure == nil else { return nil }
+            if let syncing = s.syncing { return syncing }
+            if let last = s.lastSync, ContinuousClock.now - last < options.syncInterval { return nil }
+            let epoch = s.layoutEpoch
+            let task = Task { [link] in
+                var w = WireWriter()
+                w.u64(epoch)
+                let parts = try await link.callParts(.sync, w.bytes)
+                let report = try DirtyReportCodec.decode(parts)
+                self.applyUpstreamReport(epoch: report.epoch, layout: report.layout, dirty: report.dirty)
+            }
+            s.syncing = task
+            return task
+        }
+        guard let task else { return }
+        defer { state.withLock { s in s.syncing = nil; s.lastSync = .now } }
+        do {
+            try await task.value
+        } catch {
+            throw upstreamFailed(error)
+        }
+    }
+
+    /// Every page upstream reports written gets a new version: cached copies
+    /// and the copies leechers hold of it are stale from now on.
+    private func applyUpstreamReport(epoch: UInt64, layout: [Region]?, dirty: [AddressRange]) {
+        state.withLock { s in
+            if let layout {
+                s.layout = layout
+                s.layoutEpoch = epoch
+            }
+            for range in dirty {
+                var page = range.start
+                while page < range.end {
+                    s.versions[page, default: 0] &+= 1
+                    page += pageSize
+                }
+            }
+        }
+    }
+
+    /// Makes sure every page of `pages` is cached at its current version,
+    /// fetching what is missing once, however many leechers ask.
+    private func ensureCached(_ pages: [UInt64]) async throws {
+        for _ in 0..<8 {
+            var waits: [Task<Void, any Error>] = []
+            var missing: [UInt64] = []
+            let (versions, failure) = state.withLock { s -> ([UInt64: UInt32], String?) in
+                var vs: [UInt64: UInt32] = [:]
+                for page in pages where s.unmappedAt[page] != s.versions[page, default: 0] {
+                    vs[page] = s.versions[page, default: 0]
+                }
+                return (vs, s.upstreamFailure)
+            }
+            cacheLock.withLock { _ in
+                for (page, version) in versions where cache.entry(page)?.version != version { missing.append(page) }
+            }
+            if missing.isEmpty { return }
+            if let failure { throw RPCError(code: .unavailable, message: failure) }
+            state.withLock { s in
+                var toFetch: [UInt64] = []
+                for page in missing {
+                    if let task = s.fetching[page] { waits.append(task) } else { toFetch.append(page) }
+                }
+                for batch in Self.batches(toFetch) {
+                    let task = Task { [link] in
+                        try await self.fetch(batch, link: link)
+                    }
+                    for range in batch {
+                        var page = range.start
+                        while page < range.end {
+                            s.fetching[page] = task
+                            page += pageSize
+                        }
+                    }
+                    waits.append(task)
+                }
+            }
+            for task in waits {
+                do {
+                    try await task.value
+                } catch let error as RPCError {
+                    throw error
+                } catch {
+                    throw upstreamFailed(error)
+                }
+            }
+            // Pages reported dirty while in flight have a newer version now: go round again.
+        }
+        throw RPCError(code: .unavailable, message: "pages of migration '\(name)' keep changing faster than the hub can fetch them")
+    }
+
+    private static func batches(_ pages: [UInt64]) -> [[AddressRange]] {
+        var out: [[AddressRange]] = []
+        var current: [AddressRange] = []
+        var count = 0
+        for page in pages.sorted() {
+            if let last = current.last, last.end == page {
+                current[current.count - 1].end = page + pageSize
+            } else {
+                current.append(AddressRange(start: page, end: page + pageSize))
+            }
+            count += 1
+            if count == MigrationLimits.maxPagesPerRead {
+                out.append(current)
+                current = []
+                count = 0
+            }
+        }
+        if !current.isEmpty { out.append(current) }
+        return out
+    }
+
+    /// One upstream ReadAt; stores each page at the version it had when asked.
+    private func fetch(_ ranges: [AddressRange], link: SessionLink) async throws {
+        let asked = state.withLock { s -> [UInt64: UInt32] in
+            var vs: [UInt64: UInt32] = [:]
+            for range in ranges {
+                var page = range.start
+                while page < range.end {
+                    vs[page] = s.versions[page, default: 0]
+                    page += pageSize
+                }
+            }
+            return vs
+        }
+        defer {
+            state.withLock { s in
+                for page in asked.keys { s.fetching[page] = nil }
+            }
+        }
+        let parts = try await link.callParts(.readAt, ReadRequest(ranges: ranges).encode())
+        var fetched: UInt64 = 0
+        var unmapped: [UInt64] = []
+        for part in parts where !part.isEmpty {
+            let runs = try PagePart.parse(part)
+            try part.withUnsafeBytes { bytes in
+                try cacheLock.withLock { _ in
+                    for run in runs {
+                        var page = run.range.start
+                        while page < run.range.end {
+                            guard let version = asked[page] else {
+                                throw MigrationError.protocolViolation("upstream sent page 0x\(String(page, radix: 16)), not asked for")
+                            }
+                            switch run.kind {
+                            case .data:
+                                let offset = run.dataOffset + Int(page - run.range.start)
+                                try cache.store(page, version: version,
+                                                data: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + Int(pageSize)]))
+                            case .zero:
+                                try cache.store(page, version: version, data: nil)
+                            case .unmapped:
+                                unmapped.append(page)
+                            }
+                            fetched += 1
+                            page += pageSize
+                        }
+                    }
+                }
+            }
+        }
+        state.withLock { s in
+            s.pagesFetched += fetched
+            for page in unmapped { s.unmappedAt[page] = asked[page] }
+        }
+    }
+
+    // MARK: Leechers
+
+    func track(_ request: TrackRequest, peer: String) async throws -> (HubLeecher, TrackReply) {
+        guard request.version == MigrationLimits.version else {
+            throw RPCError(code: .badRequest, message: "migration protocol version \(request.version) is not supported; this hub speaks \(MigrationLimits.version)")
+        }
+        let info = try await upstreamInfo()
+        return try state.withLock { s in
+            let leecher: HubLeecher
+            if let resume = request.resume {
+                guard let known = s.leechers.first(where: { $0.session == resume }) else {
+                    throw RPCError(code: .badRequest, message: "no session to resume on this hub for migration '\(name)'")
+                }
+                leecher = known
+            } else {
+                leecher = HubLeecher(session: (0..<16).map { _ in UInt8.random(in: 0...255) }, peer: peer)
+                s.leechers.append(leecher)
+            }
+            leecher.state.withLock { l in
+                l.attached = true
+                l.owner += 1
+            }
+            let phase: SessionPhase = leecher.state.withLock { $0.completed } ? .completed : (s.finalized == nil ? .tracking : .frozen)
+            let grace = UInt32(options.grace.components.seconds * 1000)
+            return (leecher, TrackReply(session: leecher.session, phase: phase, pid: info.pid, host: info.host,
+                                        tracker: info.tracker, graceMilliseconds: grace,
+                                        layoutEpoch: s.layoutEpoch, layout: s.layout))
+        }
+    }
+
+    func leecherDisconnected(_ leecher: HubLeecher, reason: String) {
+        let owner = leecher.state.withLock { l -> Int in
+            l.attached = false
+            return l.owner
+        }
+        let grace = options.grace
+        Task {
+            try? await Task.sleep(for: grace)
+            let gone = leecher.state.withLock { !$0.attached && $0.owner == owner }
+            if gone {
+                self.state.withLock { s in s.leechers.removeAll { $0 === leecher } }
+                // A leecher gone for good no longer holds up a finalize or a complete.
+                self.maybeFinalize()
+                await self.maybeCompleteUpstream()
+            }
+        }
+    }
+
+    func handle(_ method: MigrationMethod, _ payload: [UInt8], _ parts: RPCPartWriter,
+                _ leecher: HubLeecher) async throws -> [UInt8] {
+        switch method {
+        case .readAt:
+            try await readAt(ReadRequest.decode(payload), parts, leecher)
+            return []
+        case .sync:
+            var reader = WireReader(payload)
+            let epoch = try reader.u64("layout epoch")
+            try reader.expectEnd("Sync request")
+            try await syncUpstream()
+            let reply = report(for: leecher, includeLayout: epoch != state.withLock { $0.layoutEpoch })
+            let encoded = DirtyReportCodec.parts(epoch: reply.layoutEpoch, layout: reply.layout, dirty: reply.dirty,
+                                                 rate: reply.dirtyPagesPerSecond, freeze: 0)
+            for part in encoded.dropLast() { try await parts.send(part) }
+            return encoded.last!
+        case .finalize:
+            let final = try await finalize(leecher)
+            let reply = report(for: leecher, includeLayout: true)
+            let encoded = DirtyReportCodec.parts(epoch: reply.layoutEpoch, layout: reply.layout, dirty: reply.dirty,
+                                                 rate: 0, freeze: final.freezeMicroseconds)
+            for part in encoded.dropLast() { try await parts.send(part) }
+            return encoded.last!
+        case .checksum:
+            return try await checksum(payload)
+        case .complete:
+            leecher.state.withLock { $0.completed = true }
+            await maybeCompleteUpstream()
+            let said = state.withLock { $0.upstreamCompleted } ?? "the hub will complete the source once every leecher has"
+            return OutcomeReply(message: said).encode()
+        case .abort:
+            leecher.state.withLock { $0.attached = false }
+            state.withLock { s in s.leechers.removeAll { $0 === leecher } }
+            maybeFinalize()
+            await maybeCompleteUpstream()
+            return OutcomeReply(message: "left migration '\(name)'; the other leechers go on").encode()
+        case .hello, .track:
+            throw RPCError(code: .badRequest, message: "\(method) was already answered on this connection")
+        }
+    }
+
+    private func readAt(_ request: ReadRequest, _ parts: RPCPartWriter, _ leecher: HubLeecher) async throws {
+        let covered = state.withLock { s in s.layout.filter { $0.kind == .migrate }.map(\.range) }
+        var pages: [UInt64] = []
+        for range in request.ranges {
+            var page = range.start
+            while page < range.end {
+                pages.append(page)
+                page += pageSize
+            }
+        }
+        let mapped = pages.filter { page in covered.contains { $0.contains(page) } }
+        try await ensureCached(mapped)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: MigrationLimits.pagesPerPart * Int(pageSize),
+                                                           alignment: Int(pageSize))
+        defer { buffer.deallocate() }
+        var index = 0
+        while index < pages.count {
+            let chunk = Array(pages[index..<min(pages.count, index + MigrationLimits.pagesPerPart)])
+            index += chunk.count
+            var ranges: [AddressRange] = []
+            var unmapped: [AddressRange] = []
+            var sentVersions: [(UInt64, UInt32)] = []
+            try cacheLock.withLock { _ in
+                for (i, page) in chunk.enumerated() {
+                    let destination = buffer.baseAddress! + i * Int(pageSize)
+                    if let entry = cache.entry(page) {
+                        if try !cache.load(entry, into: destination) { memset(destination, 0, Int(pageSize)) }
+                        sentVersions.append((page, entry.version))
+                    } else {
+                        memset(destination, 0, Int(pageSize))
+                        unmapped.append(AddressRange(start: page, end: page + pageSize))
+                    }
+                    if let last = ranges.last, last.end == page {
+                        ranges[ranges.count - 1].end = page + pageSize
+                    } else {
+                        ranges.append(AddressRange(start: page, end: page + pageSize))
+                    }
+                }
+            }
+            leecher.state.withLock { l in
+                for (page, version) in sentVersions { l.sent[page] = version }
+            }
+            let bytes = UnsafeRawBufferPointer(rebasing: buffer[..<(chunk.count * Int(pageSize))])
+            try await parts.send(PagePart.build(ranges: ranges, data: bytes, unmapped: unmapped))
+        }
+    }
+
+    /// The leecher's dirty set: pages it holds at an older version than the current one.
+    private func report(for leecher: HubLeecher, includeLayout: Bool) -> SyncReply {
+        let (versions, layout, epoch) = state.withLock { ($0.versions, $0.layout, $0.layoutEpoch) }
+        var dirtyPages: [UInt64] = []
+        leecher.state.withLock { l in
+            for (page, version) in l.sent where versions[page, default: 0] != version { dirtyPages.append(page) }
+        }
+        dirtyPages.sort()
+        var dirty: [AddressRange] = []
+        for page in dirtyPages {
+            if let last = dirty.last, last.end == page {
+                dirty[dirty.count - 1].end = page + pageSize
+            } else {
+                dirty.append(AddressRange(start: page, end: page + pageSize))
+            }
+        }
+        return SyncReply(layoutEpoch: epoch, layout: includeLayout ? layout : nil, dirty: dirty, dirtyPagesPerSecond: 0)
+    }
+
+    // MARK: Finalize and complete
+
+    private func finalize(_ leecher: HubLeecher) async throws -> FinalizeReply {
+        leecher.state.withLock { $0.ready = true }
+        maybeFinalize()
+        while true {
+            let (task, failure) = state.withLock { ($0.finalizing, $0.upstreamFailure) }
+            if let task {
+                do {
+                    return try await task.value
+                } catch {
+                    throw upstreamFailed(error)
+                }
+            }
+            if let failure { throw RPCError(code: .unavailable, message: failure) }
+            // While waiting for the others, keep an eye on the source: a lost
+            // upstream must fail this leecher, not leave it waiting forever.
+            try await syncUpstream()
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    func operatorFinalize() {
+        state.withLock { $0.operatorSaidFinalize = true }
+        maybeFinalize()
+    }
+
+    /// Starts the upstream Finalize when the policy is met.
+    private func maybeFinalize() {
+        let (start, ready, attached) = state.withLock { s -> (Bool, Int, Int) in
+            guard s.finalizing == nil, s.info != nil else { return (false, 0, 0) }
+            let ready = s.leechers.filter { $0.state.withLock { $0.ready } }.count
+            let attached = s.leechers.count
+            let go: Bool
+            switch options.finalize {
+            case .first: go = ready > 0
+            case .whenAllReady: go = ready > 0 && ready == attached
+            case .manual: go = s.operatorSaidFinalize
+            }
+            if go {
+                s.finalizing = Task { [link] in
+                    let parts = try await link.callParts(.finalize, [])
+                    let report = try DirtyReportCodec.decode(parts)
+                    self.applyUpstreamReport(epoch: report.epoch, layout: report.layout, dirty: report.dirty)
+                    let reply = FinalizeReply(layoutEpoch: report.epoch, layout: report.layout ?? [],
+                                              dirty: report.dirty, freezeMicroseconds: report.freeze)
+                    self.state.withLock { s in
+                        s.finalized = reply
+                        s.phase = .frozen
+                    }
+                    self.events(.finalized(migration: self.name, freezeMilliseconds: Double(report.freeze) / 1000,
+                                           dirtyPages: report.dirty.reduce(0) { $0 + $1.pageCount }))
+                    self.startFill()
+                    return reply
+                }
+            }
+            return (go, ready, attached)
+        }
+        if !start && options.finalize != .first && ready > 0 {
+            events(.waitingToFinalize(ready: ready, attached: attached))
+        }
+    }
+
+    /// After the freeze, pulls every page not yet cached, so the hub can
+    /// serve late leechers and outlive its upstream.
+    private func startFill() {
+        let task = Task {
+            let layout = self.state.withLock { $0.layout }
+            for region in layout where region.kind == .migrate {
+                var start = region.start
+                while start < region.end {
+                    let end = min(region.end, start + UInt64(MigrationLimits.maxPagesPerRead) * pageSize)
+                    var pages: [UInt64] = []
+                    var page = start
+                    while page < end {
+                        pages.append(page)
+                        page += pageSize
+                    }
+                    do { try await self.ensureCached(pages) } catch { return }
+                    start = end
+                }
+            }
+            let ranges = layout.filter { $0.kind == .migrate }.map(\.range)
+            var w = WireWriter()
+            w.ranges(ranges)
+            _ = try? await self.checksum(w.bytes)
+        }
+        state.withLock { $0.filling = task }
+    }
+
+    private func checksum(_ payload: [UInt8]) async throws -> [UInt8] {
+        var reader = WireReader(payload)
+        let ranges = try reader.ranges()
+        try reader.expectEnd("Checksum request")
+        if let cached = state.withLock({ $0.checksums[ranges] }) { return cached }
+        do {
+            let reply = try await link.call(.checksum, payload)
+            state.withLock { $0.checksums[ranges] = reply }
+            return reply
+        } catch {
+            throw upstreamFailed(error)
+        }
+    }
+
+    /// Completes upstream once every attached leecher has completed and the
+    /// cache holds the whole frozen image.
+    private func maybeCompleteUpstream() async {
+        let (go, filling) = state.withLock { s -> (Bool, Task<Void, Never>?) in
+            guard s.finalized != nil, s.upstreamCompleted == nil, !s.leechers.isEmpty else { return (false, nil) }
+            let allDone = s.leechers.allSatisfy { $0.state.withLock { $0.completed } }
+            return (allDone, s.filling)
+        }
+        guard go else { return }
+        await filling?.value
+        do {
+            let said = try OutcomeReply.decode(try await link.call(.complete, [])).message
+            let first = state.withLock { s -> Bool in
+                defer { s.upstreamCompleted = said }
+                return s.upstreamCompleted == nil
+            }
+            if first { events(.completed(migration: name, message: said)) }
+        } catch {
+            _ = upstreamFailed(error)
+        }
+    }
+}

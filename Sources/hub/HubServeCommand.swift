@@ -1,0 +1,143 @@
+import ArgumentParser
+import Foundation
+import FerryCLI
+import FerryMigration
+
+struct HubServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Relay migrations: pull each page once from the seeder, serve it to every leecher.",
+        discussion: """
+            Leechers connect to --listen exactly as to a seeder (`leecher pull HUB:PORT \
+            [--migration NAME]`). Upstream, the hub either dials seeders (--upstream, \
+            repeatable; a seeder or another hub) or accepts seeders that dial out to it \
+            (--seeders-listen, with `seeder serve PID --via HUB:PORT`), which is how peers \
+            behind NAT meet. The source freezes once for all leechers, when --finalize says.
+
+            What a hub sees: every page it relays, in clear, and the layout. It cannot \
+            forge the seeder's answers to a leecher that verifies checksums, but it holds \
+            the memory: run it where you would run the seeder.
+            """)
+
+    @Option(name: .long, help: ArgumentHelp("Where leechers connect: HOST:PORT, [IPv6]:PORT or unix:PATH.", valueName: "ADDRESS"))
+    var listen = "127.0.0.1:7080"
+
+    @Option(name: .long, help: ArgumentHelp("A seeder (or hub) to pull from; repeatable.", valueName: "ADDRESS"))
+    var upstream: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Where seeders dial in (seeder serve --via).", valueName: "ADDRESS"))
+    var seedersListen: String?
+
+    @Option(name: .long, help: "When the source freezes: when-all-ready, first or manual (SIGUSR1).")
+    var finalize = "when-all-ready"
+
+    @Option(name: .long, help: ArgumentHelp("Cached pages kept in memory, in MiB; more spills to disk.", valueName: "MIB"))
+    var memoryLimit = 1024
+
+    @Option(name: .long, help: ArgumentHelp("Seconds a leecher's session survives a lost connection.", valueName: "SECONDS"))
+    var grace = "5"
+
+    @OptionGroup var auth: AuthOptions
+    @OptionGroup var upstreamAuth: UpstreamAuthOptions
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        if upstream.isEmpty && seedersListen == nil {
+            throw ValidationError("name a seeder with --upstream ADDRESS, or let seeders dial in with --seeders-listen ADDRESS")
+        }
+        guard memoryLimit >= 0 else { throw ValidationError("--memory-limit cannot be negative") }
+    }
+
+    func run() async throws {
+        let reporter = Reporter(command: "hub", json: output.json)
+        try await runReporting(reporter) {
+            guard let policy = HubFinalizePolicy(rawValue: finalize) else {
+                throw ValidationError("--finalize takes when-all-ready, first or manual; got '\(finalize)'")
+            }
+            var options = HubOptions()
+            options.finalize = policy
+            options.memoryLimit = memoryLimit << 20
+            options.grace = try parseSeconds(grace, option: "--grace")
+            let leecherCredentials = try auth.credentials(createDefault: true)
+            let upstreamCredentials = try upstreamAuth.credentials(fallback: auth)
+            let hub = HubService(options: options) { event in Self.report(event, reporter) }
+            let signals = SignalWatcher([SIGUSR1]) { _ in hub.finalizeNow() }
+            defer { signals.cancel() }
+
+            for address in upstream {
+                let endpoint = try Endpoint(parsing: address)
+                try await hub.addUpstream(connect: {
+                    let transport = try await Transports.connect(to: endpoint)
+                    do {
+                        return try await SecureChannel.client(over: transport, credentials: upstreamCredentials)
+                    } catch {
+                        transport.close()
+                        throw error
+                    }
+                })
+            }
+            if let seedersListen {
+                let seeders = try await Listener.bind(try Endpoint(parsing: seedersListen))
+                reporter.event("listening", ["address": .string("\(seeders.endpoint)"), "side": .string("seeders")],
+                               text: "hub: seeders dial in at \(seeders.endpoint)")
+                Task {
+                    while let transport = try? await seeders.accept() {
+                        Task {
+                            do {
+                                let channel = try await SecureChannel.server(over: transport, credentials: upstreamCredentials)
+                                try await hub.acceptSeeder(channel)
+                            } catch {
+                                transport.close()
+                                reporter.event("refused", ["peer": .string(transport.peerDescription),
+                                                           "reason": .string("\(error)")],
+                                               text: "hub: refused seeder \(transport.peerDescription): \(error)")
+                            }
+                        }
+                    }
+                }
+            }
+            let leechers = try await Listener.bind(try Endpoint(parsing: listen))
+            reporter.event("listening", ["address": .string("\(leechers.endpoint)"), "side": .string("leechers")],
+                           text: "hub: leechers connect at \(leechers.endpoint) (finalize \(policy.rawValue))")
+            while let transport = try? await leechers.accept() {
+                Task {
+                    do {
+                        let channel = try await SecureChannel.server(over: transport, credentials: leecherCredentials)
+                        await hub.serve(channel)
+                    } catch {
+                        transport.close()
+                        reporter.event("refused", ["peer": .string(transport.peerDescription), "reason": .string("\(error)")],
+                                       text: "hub: refused \(transport.peerDescription): \(error)")
+                    }
+                }
+            }
+        }
+    }
+
+    static func report(_ event: HubEvent, _ reporter: Reporter) {
+        switch event {
+        case .upstream(let migration, let pid, let host):
+            reporter.event("upstream", ["migration": .string(migration), "pid": .int(Int64(pid)), "host": .string(host)],
+                           text: "hub: relaying migration '\(migration)' (pid \(pid) on \(host))")
+        case .leecherJoined(let peer, let migration):
+            reporter.event("leecher_joined", ["peer": .string(peer), "migration": .string(migration)],
+                           text: "hub: \(peer) joined '\(migration)'")
+        case .leecherLeft(let peer, let reason):
+            reporter.event("leecher_left", ["peer": .string(peer), "reason": .string(reason)],
+                           text: "hub: \(peer) left (\(reason))")
+        case .waitingToFinalize(let ready, let attached):
+            reporter.event("waiting_to_finalize", ["ready": .int(Int64(ready)), "attached": .int(Int64(attached))],
+                           text: "hub: \(ready) of \(attached) leechers ready to finalize")
+        case .finalized(let migration, let freeze, let dirty):
+            reporter.event("finalized", ["migration": .string(migration), "freeze_ms": .double(freeze),
+                                         "dirty_pages": .int(Int64(dirty))],
+                           text: String(format: "hub: '%@' frozen in %.2f ms, %llu dirty pages", migration, freeze, dirty))
+        case .upstreamLost(let migration, let reason):
+            reporter.event("upstream_lost", ["migration": .string(migration), "reason": .string(reason)],
+                           text: "hub: lost the seeder of '\(migration)': \(reason)")
+        case .completed(let migration, let message):
+            reporter.event("complete", ["migration": .string(migration), "message": .string(message)],
+                           text: "hub: '\(migration)' complete; \(message)")
+        }
+    }
+}
