@@ -111,6 +111,23 @@ public final class ChildProcess: @unchecked Sendable {
 
     public func stop() { end(with: SIGKILL) }
 
+    /// Waits for the child to exit by itself; its exit code, or nil after `timeout`.
+    public func waitForExit(timeout: Double = 30) -> Int32? {
+        guard !reaped else { return nil }
+        let deadline = Self.now() + timeout
+        while Self.now() < deadline {
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                reaped = true
+                close(input)
+                close(output)
+                return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+            }
+            usleep(10_000)
+        }
+        return nil
+    }
+
     public static func now() -> Double {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)

@@ -1,0 +1,150 @@
+// The commands as people and scripts run them: real `seeder` and `leecher`
+// processes, killed at the worst moments. A failed migration loses nothing:
+// the source runs on, and no image that looks complete is left behind.
+import Foundation
+import Testing
+import FerryTestSupport
+@testable import FerryMigration
+
+@Suite(.serialized) struct CommandLineTests {
+    let secretPath = "/tmp/ferry-cli-secret-\(getpid())"
+
+    init() throws {
+        let secret = try PreSharedSecret.generate()
+        FileManager.default.createFile(atPath: secretPath, contents: Data((secret.text + "\n").utf8),
+                                       attributes: [.posixPermissions: 0o600])
+    }
+
+    /// Starts `seeder serve` and returns it with the address it listens on.
+    func startSeeder(pid: Int32, _ extra: [String] = []) throws -> (ChildProcess, String) {
+        let seeder = try ChildProcess(builtExecutable("seeder"),
+                                      ["serve", "\(pid)", "--listen", "127.0.0.1:0", "--secret-file", secretPath,
+                                       "--json", "--grace", "1"] + extra)
+        let line = try seeder.expect("{\"event\":\"listening\"")
+        guard let range = line.range(of: #"127\.0\.0\.1:\d+"#, options: .regularExpression) else {
+            throw TestFailure("no address in \(line)")
+        }
+        return (seeder, String(line[range]))
+    }
+
+    func startLeecher(_ address: String, out: String, _ extra: [String] = []) throws -> ChildProcess {
+        try ChildProcess(builtExecutable("leecher"),
+                         ["pull", address, "--secret-file", secretPath, "--out", out, "--json"] + extra)
+    }
+
+    /// True when the workload does not answer within half a second: frozen.
+    func isFrozen(_ child: Memwriter) -> Bool {
+        child.send("count")
+        return (try? child.expect("count", timeout: 0.5)) == nil
+    }
+
+    /// True when the workload's write counter moves: the process runs.
+    func isRunning(_ child: Memwriter) throws -> Bool {
+        child.send("count")
+        let before = try child.expect("count")
+        usleep(200_000)
+        child.send("count")
+        return try child.expect("count") != before
+    }
+
+    @Test func aCompleteMigrationExitsZeroAndTheImageVerifies() throws {
+        let child = try Memwriter(["--mib", "16", "--threads", "2", "--rate", "5000", "--pattern"])
+        defer { child.stop() }
+        let (seeder, address) = try startSeeder(pid: child.pid)
+        defer { seeder.stop() }
+        let out = scratchDirectory("cli-ok")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let leecher = try startLeecher(address, out: out)
+        _ = try leecher.expect("{\"event\":\"complete\"", timeout: 60)
+        #expect(leecher.waitForExit() == 0)
+        #expect(seeder.waitForExit() == 0)
+        let verify = try ChildProcess(builtExecutable("leecher"), ["verify", out, "--pid", "\(child.pid)", "--json"])
+        #expect(try verify.expect("{\"event\":\"verified\"").contains("\"pid\":\(child.pid)"))
+        #expect(verify.waitForExit() == 0)
+    }
+
+    @Test func killingTheLeecherBeforeTheFreezeCostsNothing() throws {
+        let child = try Memwriter(["--mib", "64", "--threads", "2", "--rate", "20000"])
+        defer { child.stop() }
+        let (seeder, address) = try startSeeder(pid: child.pid)
+        defer { seeder.stop() }
+        let out = scratchDirectory("cli-kill-early")
+        let leecher = try startLeecher(address, out: out, ["--finalize-at", "100%", "--max-wait", "60"])
+        _ = try leecher.expect("{\"event\":\"progress\"")
+        leecher.stop()
+        _ = try seeder.expect("{\"event\":\"error\"", timeout: 10)
+        #expect(seeder.waitForExit() == 1)
+        #expect(try isRunning(child))
+        #expect(!FileManager.default.fileExists(atPath: out))
+    }
+
+    @Test func killingTheLeecherAfterTheFreezeThawsTheSourceAfterTheGrace() throws {
+        let child = try Memwriter(["--mib", "128", "--threads", "2", "--rate", "20000"])
+        defer { child.stop() }
+        let (seeder, address) = try startSeeder(pid: child.pid)
+        defer { seeder.stop() }
+        let out = scratchDirectory("cli-kill-late")
+        let leecher = try startLeecher(address, out: out, ["--finalize-at", "0%"])
+        _ = try leecher.expect("{\"event\":\"finalized\"", timeout: 30)
+        leecher.stop()
+        #expect(isFrozen(child), "the source must stay frozen until the grace period ends")
+        let error = try seeder.expect("{\"event\":\"error\"", timeout: 10)
+        #expect(error.contains("thawed and runs on"))
+        #expect(seeder.waitForExit() == 1)
+        #expect(try isRunning(child))
+        #expect(!FileManager.default.fileExists(atPath: out))
+    }
+
+    @Test func killingTheSeederFailsTheLeecherClearlyAndLeavesNoImage() throws {
+        let child = try Memwriter(["--mib", "64", "--threads", "2", "--rate", "20000"])
+        defer { child.stop() }
+        let (seeder, address) = try startSeeder(pid: child.pid)
+        let out = scratchDirectory("cli-kill-seeder")
+        let leecher = try startLeecher(address, out: out, ["--finalize-at", "100%", "--max-wait", "60"])
+        _ = try leecher.expect("{\"event\":\"progress\"")
+        seeder.stop()
+        let error = try leecher.expect("{\"event\":\"error\"", timeout: 30)
+        #expect(error.contains("lost the connection to the seeder"))
+        #expect(leecher.waitForExit() == 1)
+        #expect(!FileManager.default.fileExists(atPath: out))
+        #expect(try isRunning(child))
+    }
+
+    @Test func badInputGetsClearErrors() throws {
+        let noSuchPid = try ChildProcess(builtExecutable("seeder"),
+                                         ["serve", "999999", "--secret-file", secretPath, "--json"])
+        let line = try noSuchPid.expect("{\"event\":\"error\"")
+        #expect(line.contains("999999"))
+        #expect(noSuchPid.waitForExit() == 1)
+
+        let nobody = try ChildProcess(builtExecutable("leecher"),
+                                      ["pull", "127.0.0.1:1", "--secret-file", secretPath, "--json",
+                                       "--out", scratchDirectory("cli-nobody")])
+        #expect(try nobody.expect("{\"event\":\"error\"").contains("cannot connect to 127.0.0.1:1"))
+        #expect(nobody.waitForExit() == 1)
+
+        let badHeuristic = try ChildProcess(builtExecutable("leecher"),
+                                            ["pull", "127.0.0.1:1", "--secret-file", secretPath, "--heuristic", "fastest"])
+        #expect(badHeuristic.waitForExit() != 0)
+    }
+
+    @Test func aWrongSecretIsRefusedOnBothSides() throws {
+        let child = try Memwriter(["--mib", "4"])
+        defer { child.stop() }
+        let (seeder, address) = try startSeeder(pid: child.pid)
+        defer { seeder.stop() }
+        let otherSecret = "/tmp/ferry-cli-other-\(getpid())"
+        FileManager.default.createFile(atPath: otherSecret,
+                                       contents: Data((try PreSharedSecret.generate().text + "\n").utf8),
+                                       attributes: [.posixPermissions: 0o600])
+        defer { try? FileManager.default.removeItem(atPath: otherSecret) }
+        let leecher = try ChildProcess(builtExecutable("leecher"),
+                                       ["pull", address, "--secret-file", otherSecret, "--json",
+                                        "--out", scratchDirectory("cli-wrong-secret")])
+        let error = try leecher.expect("{\"event\":\"error\"")
+        #expect(error.contains("secret"))
+        #expect(leecher.waitForExit() == 1)
+        let refused = try seeder.expect("{\"event\":\"refused\"")
+        #expect(refused.contains("secret"))
+    }
+}
