@@ -1,0 +1,392 @@
+// The secure channel: runs the handshake over any FrameTransport, then seals
+// every frame as an AEAD record and is itself a FrameTransport, so the RPC
+// runs over it unchanged (Protocols/wire.md § Records).
+//
+// Record = type (1 byte, also the AEAD's associated data) || ciphertext || tag.
+// The nonce is the direction's implicit 64-bit record counter, so a replayed,
+// reordered, dropped or altered record fails authentication. Each direction
+// ratchets its key (KDF) every `rekeyRecords` records or `rekeyBytes` bytes.
+//
+// Sealing happens on the sending task's thread and opening on the receiving
+// task's, never on a transport's event-loop thread. Concurrent senders seal in
+// parallel; a ticket gate hands the sealed records to the transport in
+// counter order.
+
+import Synchronization
+
+/// Tuning and test hooks for a secure channel.
+public struct SecureChannelOptions: Sendable {
+    /// Time allowed for the whole handshake.
+    public var handshakeTimeout: Duration = WireLimits.handshakeTimeout
+    /// Largest payload accepted after authentication.
+    public var maxIncomingPayload: Int = WireLimits.maxFrame
+    /// Offer/accept AES-256-GCM when this CPU has it (false forces XChaCha20-Poly1305).
+    public var allowAES: Bool = CipherSuite.aesAvailable
+    /// Names for messages ("the seeder", "the leecher").
+    public var roles = HandshakeRoles()
+    /// Rekey limits; both peers must use the same values (tests lower them).
+    var rekeyRecords: UInt64 = WireLimits.rekeyRecords
+    var rekeyBytes: UInt64 = WireLimits.rekeyBytes
+
+    public init() {}
+}
+
+/// A record-layer failure; the channel is closed when one occurs.
+public enum SecureChannelError: Error, CustomStringConvertible, Sendable, Equatable {
+    /// The AEAD tag did not verify.
+    case authenticationFailed(peer: String, record: UInt64)
+    /// A frame too short to hold a record header and tag.
+    case truncatedRecord(peer: String, record: UInt64, bytes: Int)
+    /// A record type this version does not define.
+    case unknownRecordType(peer: String, type: UInt8)
+    /// The transport ended without the peer's authenticated close record.
+    case truncatedStream(peer: String)
+    /// The 64-bit record counter is exhausted (never in practice).
+    case counterExhausted(peer: String)
+    /// The channel was closed locally.
+    case closed(peer: String)
+    /// A payload over the peer-agreed limit.
+    case payloadTooLarge(peer: String, size: Int, limit: Int)
+
+    public var description: String {
+        switch self {
+        case .authenticationFailed(let peer, let n):
+            return "frame failed authentication: altered, replayed or reordered (record \(n) from \(peer)); connection closed"
+        case .truncatedRecord(let peer, let n, let bytes):
+            return "frame failed authentication: truncated (record \(n) from \(peer) is \(bytes) bytes, shorter than a record header and tag); connection closed"
+        case .unknownRecordType(let peer, let t):
+            return "\(peer) sent unknown record type \(t); connection closed"
+        case .truncatedStream(let peer):
+            return "\(peer) closed the connection without an authenticated close record: the stream may have been truncated"
+        case .counterExhausted(let peer):
+            return "record counter exhausted on the connection to \(peer); reconnect"
+        case .closed(let peer):
+            return "secure channel to \(peer) is closed"
+        case .payloadTooLarge(let peer, let size, let limit):
+            return "payload of \(size) bytes for \(peer) is over the limit of \(limit) bytes"
+        }
+    }
+}
+
+/// An authenticated, encrypted FrameTransport over another FrameTransport.
+public final class SecureChannel: FrameTransport {
+    let transport: FrameTransport
+    /// The peer's static public key (key-pair mode), nil with a pre-shared secret.
+    public let peerPublicKey: PublicKey?
+    /// The negotiated AEAD.
+    public let cipher: CipherSuite
+    /// Hash of the whole handshake transcript (channel binding, test vectors).
+    let transcriptHash: [UInt8]
+    private let options: SecureChannelOptions
+    private let overhead: Int
+
+    private struct Direction {
+        var key: AEADKey
+        var keyBytes: [UInt8]
+        var counter: UInt64 = 0
+        var epochRecords: UInt64 = 0
+        var epochBytes: UInt64 = 0
+        var epoch: UInt64 = 0
+    }
+    private struct SendState {
+        var dir: Direction
+        var turn: UInt64 = 0
+        var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+        var failure: SecureChannelError? = nil
+        var closing = false
+    }
+    private struct ReceiveState {
+        var dir: Direction
+        var failure: SecureChannelError? = nil
+        var ended = false
+        var busy = false
+    }
+    private let sendState: Mutex<SendState>
+    private let receiveState: Mutex<ReceiveState>
+    private let maxPayload: Atomic<Int>
+
+    private init(transport: FrameTransport, keys: SessionKeys, options: SecureChannelOptions) throws {
+        self.transport = transport
+        self.peerPublicKey = keys.peerPublicKey
+        self.cipher = keys.suite
+        self.transcriptHash = keys.transcriptHash
+        self.options = options
+        self.overhead = keys.suite.overhead
+        sendState = Mutex(SendState(dir: Direction(key: try AEADKey(suite: keys.suite, key: keys.sendKey), keyBytes: keys.sendKey)))
+        receiveState = Mutex(ReceiveState(dir: Direction(key: try AEADKey(suite: keys.suite, key: keys.receiveKey), keyBytes: keys.receiveKey)))
+        maxPayload = Atomic(options.maxIncomingPayload)
+        transport.setMaxIncomingFrameSize(options.maxIncomingPayload + 1 + overhead)
+    }
+
+    deinit {
+        sendState.withLock { Sodium.wipe(&$0.dir.keyBytes) }
+        receiveState.withLock { Sodium.wipe(&$0.dir.keyBytes) }
+    }
+
+    public var peerDescription: String { transport.peerDescription }
+
+    // MARK: Handshake
+
+    /// Runs the client (leecher) side of the handshake over `transport`.
+    public static func client(over transport: FrameTransport, credentials: Credentials, options: SecureChannelOptions = .init()) async throws -> SecureChannel {
+        transport.setMaxIncomingFrameSize(WireLimits.handshakeMaxFrame)
+        let peer = transport.peerDescription
+        var hs = try ClientHandshake(credentials: credentials, peer: peer, roles: options.roles, offerAES: options.allowAES)
+        let hello = try hs.hello()
+        let h = hs
+        let keys = try await runHandshake(transport, options: options, peerRole: options.roles.server) { io in
+            var hs = h
+            try await io.send(hello)
+            let m3 = try hs.handleServerHello(try await io.receive("ServerHello"))
+            try await io.send(m3)
+            return try hs.handleServerAccept(try await io.receive("ServerAccept"))
+        }
+        return try SecureChannel(transport: transport, keys: keys, options: options)
+    }
+
+    /// Runs the server (seeder) side of the handshake over `transport`.
+    public static func server(over transport: FrameTransport, credentials: Credentials, options: SecureChannelOptions = .init()) async throws -> SecureChannel {
+        transport.setMaxIncomingFrameSize(WireLimits.handshakeMaxFrame)
+        let peer = transport.peerDescription
+        let h = try ServerHandshake(credentials: credentials, peer: peer, roles: options.roles, allowAES: options.allowAES)
+        let keys = try await runHandshake(transport, options: options, peerRole: options.roles.client) { io in
+            var hs = h
+            let m2 = try hs.handleClientHello(try await io.receive("ClientHello"))
+            try await io.send(m2)
+            let (m4, keys) = try hs.handleClientAuth(try await io.receive("ClientAuth"))
+            try await io.send(m4)
+            return keys
+        }
+        return try SecureChannel(transport: transport, keys: keys, options: options)
+    }
+
+    /// Handshake I/O with the error mapping every step shares.
+    struct HandshakeIO: Sendable {
+        let transport: FrameTransport
+        let peerRole: String
+        func send(_ f: [UInt8]) async throws { try await transport.send(f) }
+        func receive(_ stage: String) async throws -> [UInt8] {
+            let frame: [UInt8]?
+            do { frame = try await transport.receive() }
+            catch let e as TransportError {
+                if case .frameTooLarge = e {
+                    throw HandshakeError(failure: .malformed, rejectedByPeer: false, peer: transport.peerDescription,
+                                         detail: "\(peerRole) sent an oversized frame during the handshake (waiting for \(stage)): \(e)",
+                                         reply: Reject.frame(.malformed, "handshake frame too large"))
+                }
+                throw HandshakeError(failure: .peerClosed, rejectedByPeer: false, peer: transport.peerDescription,
+                                     detail: "the connection failed while waiting for \(stage): \(e)")
+            }
+            guard let frame else {
+                throw HandshakeError(failure: .peerClosed, rejectedByPeer: false, peer: transport.peerDescription,
+                                     detail: "\(peerRole) closed the connection while we waited for \(stage)")
+            }
+            return frame
+        }
+    }
+
+    private static func runHandshake(_ transport: FrameTransport, options: SecureChannelOptions, peerRole: String,
+                                     _ body: @escaping @Sendable (HandshakeIO) async throws -> SessionKeys) async throws -> SessionKeys {
+        let io = HandshakeIO(transport: transport, peerRole: peerRole)
+        let timeout = options.handshakeTimeout
+        do {
+            return try await withThrowingTaskGroup(of: SessionKeys?.self) { group in
+                group.addTask { try await body(io) }
+                group.addTask { try await Task.sleep(for: timeout); return nil }
+                defer { group.cancelAll() }
+                if let first = try await group.next(), let keys = first { return keys }
+                // The timer won: tell the peer (best effort, it may not read) and close.
+                throw HandshakeError(failure: .timeout, rejectedByPeer: false, peer: transport.peerDescription,
+                                     detail: "\(peerRole) did not complete the handshake within \(timeout); connection closed",
+                                     reply: Reject.frame(.timeout, "handshake timeout"))
+            }
+        } catch let e as HandshakeError {
+            if let reply = e.reply {
+                // Best effort; must not block: the peer may have stopped reading.
+                let t = Task { try? await transport.send(reply) }
+                try? await Task.sleep(for: .milliseconds(1))
+                t.cancel()
+            }
+            transport.close()
+            throw e
+        } catch {
+            transport.close()
+            throw error
+        }
+    }
+
+    // MARK: Records
+
+    /// Advances a direction for one record of `bytes` plaintext bytes; returns the
+    /// counter and the key to use. Identical on both sides, so keys never travel.
+    private static func advance(_ d: inout Direction, bytes: Int, options: SecureChannelOptions) throws -> (UInt64, AEADKey) {
+        if d.epochRecords >= options.rekeyRecords || d.epochBytes >= options.rekeyBytes {
+            let next = try KeySchedule.ratchet(d.keyBytes)
+            Sodium.wipe(&d.keyBytes)
+            d.keyBytes = next
+            d.key = try AEADKey(suite: d.key.suite, key: next)
+            d.epochRecords = 0; d.epochBytes = 0; d.epoch += 1
+        }
+        let n = d.counter
+        d.counter += 1
+        d.epochRecords += 1
+        d.epochBytes += UInt64(bytes)
+        return (n, d.key)
+    }
+
+    /// Seals one record into a fresh frame: type || ciphertext || tag.
+    private func sealRecord(type: UInt8, payload: [UInt8], key: AEADKey, counter: UInt64) throws -> [UInt8] {
+        let total = 1 + payload.count + overhead
+        var failure: Error? = nil
+        // SAFETY: the buffer holds `total` bytes; byte 0 is the type, the AEAD writes the rest.
+        let frame = [UInt8](unsafeUninitializedCapacity: total) { buf, count in
+            buf[0] = type
+            let raw = UnsafeMutableRawBufferPointer(buf)
+            withUnsafeBytes(of: type) { ad in
+                payload.withUnsafeBytes { p in
+                    do { try key.seal(counter: counter, ad: ad, plaintext: p, into: UnsafeMutableRawBufferPointer(rebasing: raw[1...])) }
+                    catch { failure = error }
+                }
+            }
+            count = total
+        }
+        if let failure { throw failure }
+        return frame
+    }
+
+    public func send(_ frame: [UInt8]) async throws {
+        try await sendRecord(type: WireMessageType.data.rawValue, payload: frame)
+    }
+
+    private func sendRecord(type: UInt8, payload: [UInt8]) async throws {
+        let peer = peerDescription
+        let (counter, key): (UInt64, AEADKey) = try sendState.withLock { s in
+            if let f = s.failure { throw f }
+            if s.closing && type == WireMessageType.data.rawValue { throw SecureChannelError.closed(peer: peer) }
+            guard s.dir.counter < UInt64.max else { throw SecureChannelError.counterExhausted(peer: peer) }
+            if type == WireMessageType.close.rawValue { s.closing = true }
+            return try Self.advance(&s.dir, bytes: payload.count, options: options)
+        }
+        // Seal outside the lock: concurrent senders use several cores.
+        let sealed: [UInt8]
+        do { sealed = try sealRecord(type: type, payload: payload, key: key, counter: counter) }
+        catch { failSend(counter, SecureChannelError.closed(peer: peer)); throw error }
+        // Wait for our turn so records reach the transport in counter order.
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = sendState.withLock { s -> Bool in
+                if s.turn == counter { return true }
+                s.waiters[counter] = c
+                return false
+            }
+            if now { c.resume() }
+        }
+        if let f = sendState.withLock({ $0.failure }) { passTurn(counter); throw f }
+        do {
+            try await transport.send(sealed)
+        } catch {
+            // A record that never reached the transport leaves a gap the peer
+            // cannot skip: the channel is finished.
+            failSend(counter, SecureChannelError.closed(peer: peer))
+            passTurn(counter)
+            transport.close()
+            throw error
+        }
+        passTurn(counter)
+    }
+
+    private func failSend(_ counter: UInt64, _ e: SecureChannelError) {
+        sendState.withLock { s in if s.failure == nil { s.failure = e } }
+    }
+
+    private func passTurn(_ counter: UInt64) {
+        let next = sendState.withLock { s -> CheckedContinuation<Void, Never>? in
+            s.turn = counter + 1
+            return s.waiters.removeValue(forKey: counter + 1)
+        }
+        next?.resume()
+    }
+
+    public func receive() async throws -> [UInt8]? {
+        let peer = peerDescription
+        try receiveState.withLock { s in
+            if let f = s.failure { throw f }
+            if s.busy { throw WireUsageError("two concurrent receive() calls on one secure channel") }
+            s.busy = true
+        }
+        defer { receiveState.withLock { $0.busy = false } }
+        if receiveState.withLock({ $0.ended }) { return nil }
+        let frame: [UInt8]?
+        do { frame = try await transport.receive() }
+        catch { receiveState.withLock { $0.ended = true }; throw error }
+        guard let frame else {
+            let closedLocally = sendState.withLock { $0.closing }
+            receiveState.withLock { $0.ended = true }
+            if closedLocally { return nil }
+            throw fail(.truncatedStream(peer: peer))
+        }
+        let recordCount = receiveState.withLock { $0.dir.counter }
+        guard frame.count >= 1 + overhead else {
+            throw fail(.truncatedRecord(peer: peer, record: recordCount, bytes: frame.count))
+        }
+        let type = frame[0]
+        guard type == WireMessageType.data.rawValue || type == WireMessageType.close.rawValue else {
+            // The type is authenticated, so this is tampering or a foreign peer.
+            throw fail(.authenticationFailed(peer: peer, record: recordCount))
+        }
+        let plainCount = frame.count - 1 - overhead
+        let (counter, key) = try receiveState.withLock { s in try Self.advance(&s.dir, bytes: plainCount, options: options) }
+        var ok = false
+        // SAFETY: `buf` holds plainCount bytes, exactly what the AEAD writes on success.
+        let plain = [UInt8](unsafeUninitializedCapacity: plainCount) { buf, count in
+            let out = UnsafeMutableRawBufferPointer(buf)
+            frame.withUnsafeBytes { f in
+                ok = key.open(counter: counter, ad: UnsafeRawBufferPointer(rebasing: f[0..<1]),
+                              ciphertext: UnsafeRawBufferPointer(rebasing: f[1...]), into: out)
+            }
+            count = ok ? plainCount : 0
+        }
+        guard ok else { throw fail(.authenticationFailed(peer: peer, record: counter)) }
+        if type == WireMessageType.close.rawValue {
+            receiveState.withLock { $0.ended = true }
+            return nil
+        }
+        return plain
+    }
+
+    private func fail(_ e: SecureChannelError) -> SecureChannelError {
+        receiveState.withLock { if $0.failure == nil { $0.failure = e } }
+        sendState.withLock { if $0.failure == nil { $0.failure = e } }
+        transport.close()
+        return e
+    }
+
+    public func setMaxIncomingFrameSize(_ bytes: Int) {
+        maxPayload.store(bytes, ordering: .relaxed)
+        transport.setMaxIncomingFrameSize(bytes + 1 + overhead)
+    }
+
+    /// Sends the authenticated close record after every queued record, then
+    /// closes the transport. Returns at once; see `closeGracefully()`.
+    public func close() {
+        let first = sendState.withLock { s -> Bool in
+            if s.closing { return false }
+            return true
+        }
+        guard first else { return }
+        Task { await self.closeGracefully() }
+    }
+
+    /// Sends the close record (so the peer can tell a clean end from truncation),
+    /// then closes the transport.
+    public func closeGracefully() async {
+        let alreadyFailed = sendState.withLock { $0.failure != nil }
+        if !alreadyFailed {
+            try? await sendRecord(type: WireMessageType.close.rawValue, payload: [])
+        }
+        transport.close()
+    }
+
+    // Test hooks.
+    var sendEpoch: UInt64 { sendState.withLock { $0.dir.epoch } }
+    var receiveEpoch: UInt64 { receiveState.withLock { $0.dir.epoch } }
+}
