@@ -374,7 +374,15 @@ public final class SecureChannel: FrameTransport {
         }
         guard first else { return }
         Task { await self.closeGracefully() }
+        // A peer that stopped reading must not hold the connection open.
+        Task { [transport] in
+            try? await Task.sleep(for: SecureChannel.closeFlushTimeout)
+            transport.close()
+        }
     }
+
+    /// How long `close()` waits for the close record to reach the transport.
+    static let closeFlushTimeout: Duration = .seconds(2)
 
     /// Sends the close record (so the peer can tell a clean end from truncation),
     /// then closes the transport.
