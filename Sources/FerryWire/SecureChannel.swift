@@ -235,8 +235,8 @@ public final class SecureChannel: FrameTransport {
     }
 
     /// Seals one record into a fresh frame: type || ciphertext || tag.
-    private func sealRecord(type: UInt8, payload: [UInt8], key: AEADKey, counter: UInt64) throws -> [UInt8] {
-        let total = 1 + payload.count + overhead
+    static func sealRecord(type: UInt8, payload: [UInt8], key: AEADKey, counter: UInt64) throws -> [UInt8] {
+        let total = 1 + payload.count + key.suite.overhead
         var failure: Error? = nil
         // SAFETY: the buffer holds `total` bytes; byte 0 is the type, the AEAD writes the rest.
         let frame = [UInt8](unsafeUninitializedCapacity: total) { buf, count in
@@ -269,7 +269,7 @@ public final class SecureChannel: FrameTransport {
         }
         // Seal outside the lock: concurrent senders use several cores.
         let sealed: [UInt8]
-        do { sealed = try sealRecord(type: type, payload: payload, key: key, counter: counter) }
+        do { sealed = try Self.sealRecord(type: type, payload: payload, key: key, counter: counter) }
         catch { failSend(counter, SecureChannelError.closed(peer: peer)); throw error }
         // Wait for our turn so records reach the transport in counter order.
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
