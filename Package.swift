@@ -46,6 +46,8 @@ let package = Package(
         ),
         // Workload generator used by tests and benchmarks (C, no runtime to disturb timings).
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
+        // Wire benchmark: transports, secure channel and RPC against baselines (Tools/bench-wire.sh).
+        .executableTarget(name: "ferry-bench-wire", dependencies: ["FerryWire"], path: "Tools/bench-wire"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem"]),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration"]),

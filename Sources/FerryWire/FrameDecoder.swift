@@ -33,9 +33,11 @@ public struct FrameDecoder: Sendable {
     // Header bytes gathered so far (a header may straddle two reads).
     private var header: UInt32 = 0
     private var headerBytes = 0
-    // The body being gathered; `expected` is its announced length, or nil
-    // while no header is complete.
+    // The body being gathered: `body` has the announced length from the
+    // start and `filled` bytes of it are received; `expected` is nil while no
+    // header is complete.
     private var body: [UInt8] = []
+    private var filled = 0
     private var expected: Int? = nil
     /// The announced length that stopped decoding, if any. Raise
     /// `maxFrameSize` and call `resume()` to accept it, or give up.
@@ -50,7 +52,7 @@ public struct FrameDecoder: Sendable {
     public var isAtFrameBoundary: Bool { headerBytes == 0 && expected == nil && oversizedAnnouncement == nil }
 
     /// Bytes of a partial frame held (header and body).
-    public var partialByteCount: Int { headerBytes + body.count }
+    public var partialByteCount: Int { headerBytes + filled }
 
     /// Consumes bytes and calls `deliver` for every complete frame, in order.
     /// Returns how many bytes were consumed: all of them, unless a header
@@ -64,15 +66,15 @@ public struct FrameDecoder: Sendable {
         while offset < count {
             if let want = expected {
                 // Gathering a body.
-                let take = min(want - body.count, count - offset)
-                body.append(contentsOf: UnsafeRawBufferPointer(rebasing: bytes[offset ..< offset + take]))
-                offset += take
-                if body.count == want {
-                    let frame = body
-                    body = []
-                    expected = nil
-                    deliver(frame)
+                let take = min(want - filled, count - offset)
+                let at = filled
+                body.withUnsafeMutableBytes { dst in
+                    // SAFETY: at + take <= want == dst.count; the source range is in bounds.
+                    (dst.baseAddress! + at).copyMemory(from: bytes.baseAddress! + offset, byteCount: take)
                 }
+                filled += take
+                offset += take
+                if filled == want { deliver(takeBody()) }
                 continue
             }
             // Fast path: a whole header at a frame boundary.
@@ -104,11 +106,52 @@ public struct FrameDecoder: Sendable {
                 deliver(Array(UnsafeRawBufferPointer(rebasing: bytes[offset ..< offset + length])))
                 offset += length
             } else {
-                expected = length
-                body.reserveCapacity(length)
+                startBody(length)
             }
         }
         return offset
+    }
+
+    /// Allocates the body at its full length. The bytes are uninitialised
+    /// until received; the array is never read before `filled == expected`.
+    private mutating func startBody(_ length: Int) {
+        expected = length
+        filled = 0
+        // SAFETY: UInt8 is trivial; every byte is written (by `feed` or through
+        // `bodyRegion`) before the array is handed out.
+        body = [UInt8](unsafeUninitializedCapacity: length) { _, count in count = length }
+    }
+
+    private mutating func takeBody() -> [UInt8] {
+        let frame = body
+        body = []
+        filled = 0
+        expected = nil
+        return frame
+    }
+
+    /// Zero-copy reads: while a body of which at least `minimum` bytes are
+    /// missing is being gathered, the place where the next bytes belong, so
+    /// a socket read can land there directly. Report them with `bodyReceived`
+    /// before any other call.
+    ///
+    /// The pointer stays valid until the next mutating call: `body` is held
+    /// only here, so it is uniquely referenced and never reallocated while
+    /// being filled.
+    mutating func bodyRegion(minimum: Int) -> UnsafeMutableRawBufferPointer? {
+        guard let want = expected, want - filled >= minimum else { return nil }
+        let at = filled
+        // SAFETY: the escaping pointer is used only until `bodyReceived`, and
+        // nothing copies or resizes `body` in between (see above).
+        return body.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[at...]) }
+    }
+
+    /// `n` bytes were written into the region `bodyRegion` returned.
+    mutating func bodyReceived(_ n: Int, deliver: ([UInt8]) -> Void) {
+        guard let want = expected else { return }
+        precondition(n >= 0 && filled + n <= want, "bodyReceived: more bytes than the region held")
+        filled += n
+        if filled == want { deliver(takeBody()) }
     }
 
     /// Accepts the oversized announcement that stopped decoding if it now fits
@@ -118,8 +161,7 @@ public struct FrameDecoder: Sendable {
         guard length <= maxFrameSize else { return false }
         oversizedAnnouncement = nil
         if length == 0 { return true }
-        expected = length
-        body.reserveCapacity(length)
+        startBody(length)
         return true
     }
 
@@ -136,7 +178,7 @@ public struct FrameDecoder: Sendable {
     public func finish() throws(Failure) {
         if let n = oversizedAnnouncement { throw .frameTooLarge(announced: n, limit: maxFrameSize) }
         if let want = expected {
-            throw .closedMidFrame(received: Self.headerSize + body.count, expected: Self.headerSize + want)
+            throw .closedMidFrame(received: Self.headerSize + filled, expected: Self.headerSize + want)
         }
         if headerBytes > 0 {
             throw .closedMidFrame(received: headerBytes, expected: Self.headerSize)

@@ -120,6 +120,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         self.input = input
         self.output = output
         input.onRead = { [weak self] event in self?.didRead(event) }
+        input.readRegion = { [weak self] in self?.directReadRegion() }
         let (closed, failed, pending) = state.withLock { s -> (Bool, Bool, Bool) in
             s.opened = true
             return (s.closed, s.failure != nil, !s.outbox.isEmpty)
@@ -353,6 +354,10 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         switch event {
         case .bytes(let bytes):
             process(bytes)
+        case .direct(let n):
+            var frames: [[UInt8]] = []
+            decoder.bodyReceived(n) { frames.append($0) }
+            if !frames.isEmpty { handOver(frames, oversized: nil) }
         case .eof:
             do {
                 try decoder.finish()
@@ -404,6 +409,21 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
             input?.stopReading()
         }
         if frames.isEmpty && oversized == nil { return true }
+        handOver(frames, oversized: oversized)
+        return oversized == nil
+    }
+
+    /// Reads of at least this many bytes go straight into the frame body
+    /// (no copy through the read buffer); smaller remainders are not worth a
+    /// separate read.
+    static let directReadMinimum = 64 << 10
+
+    private func directReadRegion() -> UnsafeMutableRawBufferPointer? {
+        decoder.bodyRegion(minimum: Self.directReadMinimum)
+    }
+
+    /// Queues decoded frames for `receive` (and hands one to a waiting receiver).
+    private func handOver(_ frames: [[UInt8]], oversized: Int?) {
         var effects = Effects()
         var pause = false
         let handoff = state.withLock { s -> (CheckedContinuation<[UInt8]?, any Error>, Next)? in
@@ -431,7 +451,6 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         if pause { input?.stopReading() }
         perform(effects)
         if let (c, n) = handoff { Self.resume(c, with: n) }
-        return oversized == nil
     }
 
     private func resumeReading() {

@@ -83,6 +83,8 @@ enum UVStreamKind: Sendable {
 /// What a read delivers.
 enum UVReadEvent {
     case bytes(UnsafeRawBufferPointer)
+    /// `n` bytes landed in the region `readRegion` supplied.
+    case direct(Int)
     case eof
     case error(UVError)
 }
@@ -111,6 +113,10 @@ final class UVStream: @unchecked Sendable {
 
     /// Called for every read while reading is on.
     var onRead: ((UVReadEvent) -> Void)?
+    /// Supplies, if it wants, the memory the next read should land in (the
+    /// rest of a large frame body) instead of the handle's read buffer.
+    var readRegion: (() -> UnsafeMutableRawBufferPointer?)?
+    private var lastReadWasDirect = false
     /// Called for every incoming connection on a listening stream.
     var onConnection: ((Int32) -> Void)?
     /// Called once from the close callback.
@@ -217,6 +223,7 @@ final class UVStream: @unchecked Sendable {
         guard initialised, !isClosing else { return }
         isClosing = true
         onRead = nil
+        readRegion = nil
         onConnection = nil
         uv_close(handle, uvStreamClosed)
     }
@@ -278,6 +285,14 @@ final class UVStream: @unchecked Sendable {
     }
 
     fileprivate func allocate(_ buf: UnsafeMutablePointer<uv_buf_t>) {
+        if let region = readRegion?(), let base = region.baseAddress, region.count > 0 {
+            // SAFETY: the supplier keeps this memory valid and untouched until
+            // the read callback reports into it (see FrameDecoder.bodyRegion).
+            lastReadWasDirect = true
+            buf.pointee = uv_buf_init(base.assumingMemoryBound(to: CChar.self), UInt32(min(region.count, 1 << 30)))
+            return
+        }
+        lastReadWasDirect = false
         guard let readBuffer else {
             buf.pointee = uv_buf_init(nil, 0)   // libuv reports UV_ENOBUFS
             return
@@ -286,7 +301,11 @@ final class UVStream: @unchecked Sendable {
     }
 
     fileprivate func didRead(_ n: Int, _ buf: UnsafePointer<uv_buf_t>?) {
-        if n > 0, let base = buf?.pointee.base {
+        let direct = lastReadWasDirect
+        lastReadWasDirect = false
+        if n > 0 && direct {
+            onRead?(.direct(n))
+        } else if n > 0, let base = buf?.pointee.base {
             onRead?(.bytes(UnsafeRawBufferPointer(start: base, count: n)))
         } else if n == Int(UVError.eof) {
             onRead?(.eof)

@@ -86,3 +86,25 @@ import Testing
         }
     }
 }
+
+extension FrameDecoderTests {
+    @Test func directBodyRegion() throws {
+        var d = FrameDecoder(maxFrameSize: 1 << 20)
+        let payload = (0 ..< 300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        let stream = FrameDecoder.encode(payload) + FrameDecoder.encode([42])
+        // Header and a little body through the copying path.
+        #expect(try d.feed(Array(stream[0 ..< 1000])) == [])
+        #expect(d.bodyRegion(minimum: 300_000) == nil, "less than the minimum is missing")
+        var offset = 1000
+        var frames: [[UInt8]] = []
+        while let region = d.bodyRegion(minimum: 1) {
+            let n = min(region.count, 65_536)
+            stream.withUnsafeBytes { region.baseAddress!.copyMemory(from: $0.baseAddress! + offset, byteCount: n) }
+            offset += n
+            d.bodyReceived(n) { frames.append($0) }
+        }
+        #expect(frames == [payload])
+        #expect(try d.feed(Array(stream[offset...])) == [[42]])
+        #expect(d.isAtFrameBoundary)
+    }
+}
