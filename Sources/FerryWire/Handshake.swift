@@ -170,8 +170,8 @@ enum Reject {
     }
 
     /// Printable ASCII only, so a hostile peer cannot inject terminal escapes.
-    static func sanitize(_ b: [UInt8]) -> String {
-        String(decoding: b.prefix(200).map { (0x20...0x7e).contains($0) ? $0 : 0x3f }, as: UTF8.self)
+    static func sanitize(_ b: [UInt8], limit: Int = 200) -> String {
+        String(decoding: b.prefix(limit).map { (0x20...0x7e).contains($0) ? $0 : 0x3f }, as: UTF8.self)
     }
 }
 

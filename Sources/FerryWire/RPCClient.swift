@@ -240,7 +240,7 @@ final class RPCClientCore: Sendable {
                     case .response: complete(m.id, with: .success(m.payload))
                     case .part: try part(m.id, m.payload)
                     case .error:
-                        let text = Reject.sanitize(m.payload)
+                        let text = Reject.sanitize(m.payload, limit: 4096)
                         complete(m.id, with: .failure(RPCError(RPCErrorCode(m.code), "\(peer): \(text)")))
                     case .ping: try? outbox.enqueue(RPCMessage.frame(.pong, id: m.id))
                     case .pong: break
