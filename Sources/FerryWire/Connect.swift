@@ -56,6 +56,7 @@ public enum Transports {
                     if case .connectTimedOut = e { break }
                 }
             }
+            // Report the overall timeout, not the share left for the last address.
             if let lastError, case SocketError.connectFailed = lastError { throw lastError }
             throw SocketError.connectTimedOut(endpoint: endpoint.description, timeout)
         }

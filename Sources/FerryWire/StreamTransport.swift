@@ -85,7 +85,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     private struct Effects {
         var resumeReading = false
         var resumeDecoder = false
-        var closeHandles = false
+        var failure: (any Error)? = nil
     }
 
     private enum Next {
@@ -281,7 +281,8 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
                 }
                 let e = TransportError.frameTooLarge(peer: peerDescription, size: n, limit: current)
                 failLocked(&s, e)
-                effects.closeHandles = true
+                // `fail` (after the lock) closes the handles and wakes senders.
+                effects.failure = e
                 return .failed(e)
             }
         }
@@ -293,8 +294,8 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     }
 
     private func perform(_ effects: Effects) {
-        if effects.closeHandles {
-            loop.execute { self.closeHandlesNow() }
+        if let failure = effects.failure {
+            fail(failure)
         }
         if effects.resumeDecoder {
             loop.execute { self.resumeDecoder() }
@@ -461,10 +462,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
             s.readPaused = false
             return true
         }
-        if go, let input, !input.isClosing {
-            let rc = input.startReading()
-            if rc != 0 { fail(SocketError.readFailed(peer: peerDescription, UVError(rc))) }
-        }
+        if go { startReading() }
     }
 
     /// The consumer reached an oversized header and the limit now allows it.
@@ -476,16 +474,21 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
             fail(TransportError.frameTooLarge(peer: peerDescription, size: n, limit: decoder.maxFrameSize))
             return
         }
-        let paused = state.withLock { s -> Bool in
-            s.decoderBlocked = false
-            return s.readPaused || s.closed || s.readEnd != nil
-        }
+        state.withLock { $0.decoderBlocked = false }
         let pending = stash
         stash = []
         let unblocked = pending.withUnsafeBytes { process($0) }
-        if unblocked && !paused, let input, !input.isClosing {
-            let rc = input.startReading()
-            if rc != 0 { fail(SocketError.readFailed(peer: peerDescription, UVError(rc))) }
+        // Processing the stash may itself have paused reading.
+        let paused = state.withLock { s in s.readPaused || s.closed || s.readEnd != nil || s.failure != nil }
+        if unblocked && !paused { startReading() }
+    }
+
+    /// Starts (or restarts) reading; "already reading" is not an error.
+    private func startReading() {
+        guard let input, !input.isClosing else { return }
+        let rc = input.startReading()
+        if rc != 0 && rc != Int32(UV_EALREADY.rawValue) {
+            fail(SocketError.readFailed(peer: peerDescription, UVError(rc)))
         }
     }
 

@@ -3,7 +3,7 @@
 // reference). Every figure is loopback TCP on this host.
 //
 //   ferry-bench-wire [--bytes N] [--frame N] [--cores N] [--requests N]
-//                    [--only socket|transport|secure|rpc] [--cipher aes|xchacha]
+//                    [--only socket|transport|secure|pingpong|rpc] [--cipher aes|xchacha]
 //
 // Output: one "name value unit" line per figure, easy to grep from a script.
 
@@ -46,7 +46,7 @@ struct Options {
                 case let c: fail("--cipher: unknown cipher \"\(c)\" (aes or xchacha)")
                 }
             case "--help", "-h":
-                print("usage: ferry-bench-wire [--bytes N] [--frame N] [--cores N] [--requests N] [--only socket|transport|secure|rpc] [--cipher aes|xchacha] [--default-malloc]")
+                print("usage: ferry-bench-wire [--bytes N] [--frame N] [--cores N] [--requests N] [--only socket|transport|secure|pingpong|rpc] [--cipher aes|xchacha] [--default-malloc]")
                 exit(0)
             default: fail("unknown argument \(args[i]); see --help")
             }
@@ -249,6 +249,29 @@ func secureBulk(_ o: Options, cores: Int) async throws -> Double {
     return report("ferry-secure-\(a.cipher)-cores\(cores)", bytes: frames * o.frame, elapsed)
 }
 
+// MARK: Round trips without crypto and RPC (what the transport itself costs)
+
+func pingPong(_ o: Options) async throws -> Double {
+    let (a, b, listener) = try await connectedPair()
+    defer { a.close(); b.close(); listener.close() }
+    let count = 20_000
+    let echo = Task {
+        while let f = try await b.receive() { try await b.send(f) }
+    }
+    let request = [UInt8](repeating: 3, count: 32)
+    let start = now()
+    for _ in 0 ..< count {
+        try await a.send(request)
+        _ = try await a.receive()
+    }
+    let elapsed = now() - start
+    a.close()
+    _ = try? await echo.value
+    let rate = Double(count) / seconds(elapsed)
+    print("ferry-transport-pingpong \(Int(rate)) round trips/s (\(format3(seconds(elapsed) / Double(count) * 1e6)) us each, 32 bytes, no crypto)")
+    return rate
+}
+
 // MARK: RPC round trips
 
 func rpc(_ o: Options, inFlight: Int) async throws -> Double {
@@ -299,6 +322,7 @@ if options.wants("secure") {
     if options.cores > 1 { coreCounts.append(options.cores) }
     for c in coreCounts { _ = try await secureBulk(options, cores: c) }
 }
+if options.wants("pingpong") { _ = try await pingPong(options) }
 if options.wants("rpc") {
     _ = try await rpc(options, inFlight: 1)
     _ = try await rpc(options, inFlight: 256)
