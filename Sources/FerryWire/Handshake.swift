@@ -153,7 +153,7 @@ enum Reject {
     static func parse(_ frame: [UInt8], peer: String, peerRole: String, mode: AuthMode, ourKey: PublicKey?) -> HandshakeError {
         var r = WireReader(frame, from: 1)
         let code = (try? r.u8("reject code")).flatMap(HandshakeFailure.init(rawValue:)) ?? .internalError
-        let said = (try? r.bytes16("reject text", limit: WireLimits.maxReasonText)).map(sanitize) ?? ""
+        let said = (try? r.bytes16("reject text", limit: WireLimits.maxReasonText)).map { sanitize($0) } ?? ""
         let ours = ourKey.map { " (our key: \($0.text))" } ?? ""
         let detail: String
         switch code {
