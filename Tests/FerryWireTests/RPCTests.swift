@@ -59,19 +59,25 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
     }
 
     @Test func responsesArriveOutOfOrder() async throws {
-        let (c, _, _) = try await rpcPair { _, p, _ in
-            try await Task.sleep(for: .milliseconds(Int(p[0]) * 40))
+        // Handlers finish in the order the test releases them, not the request order.
+        let released = Locked<Set<UInt8>>([])
+        let (c, server, _) = try await rpcPair { _, p, _ in
+            while !released.withLock({ $0.contains(p[0]) }) { try await Task.sleep(for: .milliseconds(1)) }
             return p
         }
         let order = Locked<[UInt8]>([])
         try await withThrowingTaskGroup(of: Void.self) { g in
-            for d in [5, 1, 3] as [UInt8] {
+            for d in [1, 3, 5] as [UInt8] {
                 g.addTask { let r = try await c.call(0x100, [d]); order.withLock { $0.append(r[0]) } }
-                try await Task.sleep(for: .milliseconds(2))
+            }
+            for _ in 0..<2000 where server.inFlight < 3 { try await Task.sleep(for: .milliseconds(1)) }
+            for (n, d) in ([5, 1, 3] as [UInt8]).enumerated() {
+                released.withLock { _ = $0.insert(d) }
+                for _ in 0..<2000 where order.withLock({ $0.count }) <= n { try await Task.sleep(for: .milliseconds(1)) }
             }
             try await g.waitForAll()
         }
-        #expect(order.withLock { $0 } == [1, 3, 5])
+        #expect(order.withLock { $0 } == [5, 1, 3])
     }
 
     @Test(arguments: [false, true]) func streamsSeveralMiB(secure: Bool) async throws {
@@ -112,7 +118,7 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
             return []
         }
         let call = Task { try await c.call(0x100, []) }
-        try await Task.sleep(for: .milliseconds(30))
+        for _ in 0..<400 where server.inFlight == 0 { try await Task.sleep(for: .milliseconds(5)) }
         #expect(server.inFlight == 1)
         call.cancel()
         await #expect(throws: CancellationError.self) { try await call.value }
@@ -135,9 +141,10 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
     }
 
     @Test func keepaliveHoldsAnIdleConnection() async throws {
-        var o = RPCOptions(); o.keepaliveInterval = .milliseconds(20); o.idleTimeout = .milliseconds(300)
+        var o = RPCOptions();         // Generous timeout: the test suite runs in parallel on 2 shared cores.
+        o.keepaliveInterval = .milliseconds(30); o.idleTimeout = .milliseconds(1500)
         let (c, _, done) = try await rpcPair(options: o, handler: echo)
-        try await Task.sleep(for: .milliseconds(800))
+        try await Task.sleep(for: .milliseconds(1800))
         #expect(try await c.call(0x100, [1]) == [1, 0])
         c.close()
         #expect(await done.value == nil)
