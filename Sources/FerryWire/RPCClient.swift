@@ -233,9 +233,10 @@ final class RPCClientCore: Sendable {
     private func readLoop() async {
         let peer = transport.peerDescription
         do {
-            while let frame = try await transport.receive() {
+            while true {
+                guard let frame = try await transport.receive() else { break }
                 lastReceive.store(clock.nanoseconds, ordering: .relaxed)
-                try RPCMessage.decode(frame: frame, maxPayload: options.maxPayload) { m in
+                try RPCMessage.decode(frame: consume frame, maxPayload: options.maxPayload) { m in
                     switch m.type {
                     case .response: complete(m.id, with: .success(m.payload))
                     case .part: try part(m.id, m.payload)

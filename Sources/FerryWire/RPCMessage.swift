@@ -68,7 +68,14 @@ public enum RPCMethodRange {
     public static let experimental: ClosedRange<UInt16> = 0x8000...0xFFFF
 }
 
-/// One decoded message; `payload` is a copy of its bytes.
+/// Bytes the RPC adds after a one-message payload: the 12-byte message trailer
+/// and the encoding-version byte. A payload array with this much spare capacity
+/// (`reserveCapacity(count + RPCEncoding.trailerBytes)`) is framed without a copy.
+public enum RPCEncoding {
+    public static let trailerBytes = RPCMessage.trailerBytes + 1
+}
+
+/// One decoded message.
 struct RPCMessage: Equatable, Sendable {
     var type: RPCMessageType
     var id: UInt32
@@ -77,54 +84,79 @@ struct RPCMessage: Equatable, Sendable {
     var payload: [UInt8]
 
     static let encodingVersion: UInt8 = 1
-    static let headerBytes = 12
+    static let trailerBytes = 12
 
-    /// Encodes as a one-message frame (version byte first). Frames of several
-    /// messages append further messages without their version byte.
-    static func frame(_ type: RPCMessageType, id: UInt32, code: UInt16 = 0, payload: [UInt8] = []) -> [UInt8] {
-        let n = 1 + headerBytes + payload.count
-        // SAFETY: exactly n bytes are initialized: 13 header bytes, then the payload.
-        return [UInt8](unsafeUninitializedCapacity: n) { b, count in
-            b[0] = encodingVersion
-            b[1] = type.rawValue
-            b[2] = 0   // flags, reserved
-            b[3] = UInt8(truncatingIfNeeded: id >> 24); b[4] = UInt8(truncatingIfNeeded: id >> 16)
-            b[5] = UInt8(truncatingIfNeeded: id >> 8); b[6] = UInt8(truncatingIfNeeded: id)
-            b[7] = UInt8(truncatingIfNeeded: code >> 8); b[8] = UInt8(truncatingIfNeeded: code)
-            let len = UInt32(payload.count)
-            b[9] = UInt8(truncatingIfNeeded: len >> 24); b[10] = UInt8(truncatingIfNeeded: len >> 16)
-            b[11] = UInt8(truncatingIfNeeded: len >> 8); b[12] = UInt8(truncatingIfNeeded: len)
-            if !payload.isEmpty {
-                payload.withUnsafeBufferPointer { p in
-                    _ = UnsafeMutableBufferPointer(rebasing: b[13..<n]).initialize(fromContentsOf: p)
-                }
-            }
-            count = n
-        }
+    /// Encodes a one-message frame: payload || trailer || version. The trailer
+    /// follows the payload so that framing appends (no copy when the payload has
+    /// spare capacity) and decoding a one-message frame truncates (no copy).
+    static func frame(_ type: RPCMessageType, id: UInt32, code: UInt16 = 0, payload: consuming [UInt8] = []) -> [UInt8] {
+        var b = consume payload
+        let len = UInt32(b.count)
+        b.reserveCapacity(b.count + trailerBytes + 1)
+        b.append(type.rawValue)
+        b.append(0)   // flags, reserved
+        b.append(UInt8(truncatingIfNeeded: id >> 24)); b.append(UInt8(truncatingIfNeeded: id >> 16))
+        b.append(UInt8(truncatingIfNeeded: id >> 8)); b.append(UInt8(truncatingIfNeeded: id))
+        b.append(UInt8(truncatingIfNeeded: code >> 8)); b.append(UInt8(truncatingIfNeeded: code))
+        b.append(UInt8(truncatingIfNeeded: len >> 24)); b.append(UInt8(truncatingIfNeeded: len >> 16))
+        b.append(UInt8(truncatingIfNeeded: len >> 8)); b.append(UInt8(truncatingIfNeeded: len))
+        b.append(encodingVersion)
+        return b
     }
 
-    /// Decodes every message of a frame, checking each length before copying.
-    static func decode(frame: [UInt8], maxPayload: Int = WireLimits.maxPayload, _ each: (RPCMessage) throws -> Void) throws {
-        var r = WireReader(frame)
-        let version: UInt8
-        do { version = try r.u8("encoding version") } catch { throw RPCError(.protocolError, "empty RPC frame") }
+    /// Joins one-message frames into one frame (their messages in order).
+    static func batch(_ frames: some Collection<[UInt8]>) -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(frames.reduce(0) { $0 + $1.count })
+        for f in frames { out.append(contentsOf: f.dropLast()) }
+        out.append(encodingVersion)
+        return out
+    }
+
+    /// Decodes every message of a frame in order. Each trailer's length is
+    /// checked against `maxPayload` and the bytes before it before anything
+    /// is copied; a one-message frame becomes its payload by truncation.
+    static func decode(frame: consuming [UInt8], maxPayload: Int = WireLimits.maxPayload, _ each: (RPCMessage) throws -> Void) throws {
+        var buf = consume frame
+        guard let version = buf.last else { throw RPCError(.protocolError, "empty RPC frame") }
         guard version == encodingVersion else {
             throw RPCError(.protocolError, "RPC frame uses encoding version \(version); this side speaks version \(encodingVersion)")
         }
-        if r.isAtEnd { throw RPCError(.protocolError, "RPC frame holds no message") }
-        while !r.isAtEnd {
-            do {
-                let t = try r.u8("message type")
-                guard let type = RPCMessageType(rawValue: t) else { throw WireDecodeError("unknown RPC message type \(t)") }
-                let flags = try r.u8("flags")
-                guard flags == 0 else { throw WireDecodeError("reserved flags set (\(flags))") }
-                let id = try r.u32("id"), code = try r.u16("code"), len = Int(try r.u32("length"))
-                guard len <= maxPayload else { throw WireDecodeError("payload of \(len) bytes is over the limit of \(maxPayload)") }
-                let payload = try r.raw(len, "payload")
-                try each(RPCMessage(type: type, id: id, code: code, payload: payload))
-            } catch let e as WireDecodeError {
-                throw RPCError(.protocolError, "\(e)")
+        // Walk trailers from the end; collect (type, id, code, payload range).
+        var found: [(RPCMessageType, UInt32, UInt16, Range<Int>)] = []
+        var end = buf.count - 1
+        if end == 0 { throw RPCError(.protocolError, "RPC frame holds no message") }
+        while end > 0 {
+            guard end >= trailerBytes else {
+                throw RPCError(.protocolError, "malformed wire message: \(end) stray bytes before a message trailer")
             }
+            let t = end - trailerBytes
+            guard let type = RPCMessageType(rawValue: buf[t]) else {
+                throw RPCError(.protocolError, "malformed wire message: unknown RPC message type \(buf[t])")
+            }
+            guard buf[t + 1] == 0 else { throw RPCError(.protocolError, "malformed wire message: reserved flags set (\(buf[t + 1]))") }
+            var id: UInt32 = 0
+            for i in 2..<6 { id = id << 8 | UInt32(buf[t + i]) }
+            let code = UInt16(buf[t + 6]) << 8 | UInt16(buf[t + 7])
+            var len = 0
+            for i in 8..<12 { len = len << 8 | Int(buf[t + i]) }
+            guard len <= maxPayload else {
+                throw RPCError(.protocolError, "malformed wire message: payload of \(len) bytes is over the limit of \(maxPayload)")
+            }
+            guard len <= t else {
+                throw RPCError(.protocolError, "malformed wire message: payload of \(len) bytes but only \(t) bytes precede its trailer")
+            }
+            found.append((type, id, code, (t - len)..<t))
+            end = t - len
+        }
+        if found.count == 1 {
+            let (type, id, code, range) = found[0]
+            buf.removeLast(buf.count - range.upperBound)   // O(1): keeps the payload in place
+            try each(RPCMessage(type: type, id: id, code: code, payload: buf))
+            return
+        }
+        for (type, id, code, range) in found.reversed() {
+            try each(RPCMessage(type: type, id: id, code: code, payload: Array(buf[range])))
         }
     }
 }
@@ -219,14 +251,12 @@ final class Outbox: Sendable {
             var i = 0
             do {
                 while i < items.count {
-                    var frame = items[i]
                     var j = i + 1
-                    if frame.count < batchBytes {
-                        while j < items.count, frame.count + items[j].count - 1 <= batchBytes {
-                            frame.append(contentsOf: items[j][1...]); j += 1
-                        }
+                    var size = items[i].count
+                    if size < batchBytes {
+                        while j < items.count, size + items[j].count - 1 <= batchBytes { size += items[j].count - 1; j += 1 }
                     }
-                    try await transport.send(frame)
+                    try await transport.send(j == i + 1 ? items[i] : RPCMessage.batch(items[i..<j]))
                     i = j
                 }
             } catch {

@@ -66,9 +66,10 @@ public final class RPCServer: Sendable {
         }
         let peer = transport.peerDescription
         do {
-            while let frame = try await transport.receive() {
+            while true {
+                guard let frame = try await transport.receive() else { break }
                 lastReceive.store(clock.nanoseconds, ordering: .relaxed)
-                try RPCMessage.decode(frame: frame, maxPayload: options.maxPayload) { m in
+                try RPCMessage.decode(frame: consume frame, maxPayload: options.maxPayload) { m in
                     switch m.type {
                     case .request: try start(m)
                     case .cancel:

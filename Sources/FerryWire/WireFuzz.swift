@@ -54,8 +54,8 @@ enum WireFuzz {
 
         let rk = try! AEADKey(suite: .xchacha20poly1305, key: keys.receiveKey)
         let rec = try! SecureChannel.sealRecord(type: 0x10, payload: Array("record".utf8), key: try! AEADKey(suite: .xchacha20poly1305, key: keys.receiveKey), counter: 0)
-        var rpc = RPCMessage.frame(.request, id: 1, code: 0x100, payload: [1, 2, 3])
-        rpc += RPCMessage.frame(.error, id: 2, code: 1, payload: Array("x".utf8))[1...]
+        let rpc = RPCMessage.batch([RPCMessage.frame(.request, id: 1, code: 0x100, payload: [1, 2, 3]),
+                                    RPCMessage.frame(.error, id: 2, code: 1, payload: Array("x".utf8))])
         let seeds: [Target: [UInt8]] = [
             .rpcFrame: rpc, .clientHello: h1, .serverHelloPSK: sh1, .clientAuthPSK: ca1,
             .serverHelloKeys: sh2, .clientAuthKeys: ca2, .serverAccept: acc,

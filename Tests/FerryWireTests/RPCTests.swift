@@ -178,7 +178,7 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
     @Test func malformedFramesEndTheServer() async throws {
         let (a, b) = InMemoryTransport.pair()
         let server = RPCServer(transport: b, handler: echo)
-        try await a.send([1, 0x01, 0, 0, 0, 0, 1, 0, 1, 0xFF, 0xFF, 0xFF, 0xFF])   // length over the limit
+        try await a.send([0x01, 0, 0, 0, 0, 1, 1, 0, 0xFF, 0xFF, 0xFF, 0xFF, 1])   // length over the limit
         await #expect { try await server.run() } throws: { "\($0)".contains("over the limit") }
         let (x, y) = InMemoryTransport.pair()
         try await x.send([9])
