@@ -268,10 +268,10 @@ public final class SecureChannel: FrameTransport {
             return try Self.advance(&s.dir, bytes: payload.count, options: options)
         }
         // Seal outside the lock: concurrent senders use several cores.
-        let sealed: [UInt8]
-        do { sealed = try Self.sealRecord(type: type, payload: payload, key: key, counter: counter) }
-        catch { failSend(counter, SecureChannelError.closed(peer: peer)); throw error }
-        // Wait for our turn so records reach the transport in counter order.
+        let sealed: Result<[UInt8], Error> = Result { try Self.sealRecord(type: type, payload: payload, key: key, counter: counter) }
+        if case .failure = sealed { failSend(counter, SecureChannelError.closed(peer: peer)) }
+        // Wait for our turn so records reach the transport in counter order;
+        // a ticket that fails still takes its turn so later tickets wake up.
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = sendState.withLock { s -> Bool in
                 if s.turn == counter { return true }
@@ -280,9 +280,10 @@ public final class SecureChannel: FrameTransport {
             }
             if now { c.resume() }
         }
+        if case .failure(let e) = sealed { passTurn(counter); throw e }
         if let f = sendState.withLock({ $0.failure }) { passTurn(counter); throw f }
         do {
-            try await transport.send(sealed)
+            try await transport.send(try sealed.get())
         } catch {
             // A record that never reached the transport leaves a gap the peer
             // cannot skip: the channel is finished.

@@ -143,3 +143,41 @@ func securePair(options: SecureChannelOptions = .init()) async throws -> (Secure
         }
     }
 }
+
+@Suite struct SecureChannelOverTCPTests {
+    @Test func handshakeAndRPCOverLoopbackTCP() async throws {
+        let listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let k = TestKeys()
+        async let accepted = listener.accept()
+        let clientTransport = try await Transports.connect(to: listener.endpoint, timeout: .seconds(5))
+        let serverTransport = try await accepted
+        async let s = SecureChannel.server(over: serverTransport, credentials: k.seederCreds)
+        let client = try await SecureChannel.client(over: clientTransport, credentials: k.leecherCreds)
+        let server = try await s
+        let rpcServer = RPCServer(transport: server) { _, p, parts in
+            try await parts.send([UInt8](repeating: 1, count: 2 << 20))
+            return p
+        }
+        let serving = Task { try await rpcServer.run() }
+        let rpc = RPCClient(transport: client)
+        let r = try await rpc.call(0x100, [5, 6])
+        #expect(r.count == (2 << 20) + 2 && r.suffix(2) == [5, 6])
+        rpc.close()
+        try await serving.value
+    }
+
+    @Test func unknownKeyOverTCPIsReportedOnBothSides() async throws {
+        let listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let k = TestKeys()
+        async let accepted = listener.accept()
+        let clientTransport = try await Transports.connect(to: listener.endpoint, timeout: .seconds(5))
+        let serverTransport = try await accepted
+        let stranger = Credentials.keys(k.stranger, authorized: AuthorizedKeys([]), pinnedPeer: k.seeder.publicKey)
+        async let s = Result { try await SecureChannel.server(over: serverTransport, credentials: k.seederCreds) }
+        let c = await Result { try await SecureChannel.client(over: clientTransport, credentials: stranger) }
+        #expect(errorText(c).contains("the seeder rejected our key: not in its authorized list"), "\(errorText(c))")
+        #expect(errorText(await s).contains("is not in our authorized list"))
+    }
+}
