@@ -28,6 +28,14 @@ public enum Transports {
         StdioTransport.make(on: .shared)
     }
 
+    /// A transport over descriptors the caller already has: the two ends of
+    /// pipes, or one socket (`input == output`), e.g. from socketpair(2) to a
+    /// child process. The transport owns them from now on: closing it closes
+    /// them. `stdio()` is this over duplicates of 0 and 1.
+    public static func descriptors(input: Int32, output: Int32, peerDescription: String) -> FrameTransport {
+        StdioTransport.make(input: input, output: output, peer: peerDescription, on: .shared)
+    }
+
     static func connect(to endpoint: Endpoint, timeout: Duration, on loop: EventLoop) async throws -> StreamTransport {
         let clock = ContinuousClock()
         let deadline = clock.now.advanced(by: timeout)

@@ -28,6 +28,9 @@ public struct UVError: Error, Sendable, Hashable, CustomStringConvertible {
     public var message: String { String(cString: uv_strerror(code)) }
     public var description: String { "\(message) (\(name))" }
 
+    /// The libuv code for a POSIX errno (libuv uses negated errno values on Unix).
+    static func fromErrno(_ e: Int32) -> Int32 { -e }
+
     static let eof = Int32(UV_EOF.rawValue)
     static let canceled = Int32(UV_ECANCELED.rawValue)
     static let timedOut = Int32(UV_ETIMEDOUT.rawValue)
@@ -234,6 +237,17 @@ final class UVStream: @unchecked Sendable {
         callback?()
     }
 
+    /// The descriptor, if it is a socket that another thread may write to
+    /// directly (see StreamTransport's direct writes); nil for pipes and
+    /// terminals, whose writes could raise SIGPIPE or block.
+    var directWriteSocket: Int32? {
+        guard kind != .tty, let fd = descriptor else { return nil }
+        var type: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) == 0, type == Int32(SOCK_STREAM.rawValue) else { return nil }
+        return fd
+    }
+
     /// The descriptor libuv uses, while the handle is open.
     var descriptor: Int32? {
         guard initialised, !isClosing else { return nil }
@@ -321,22 +335,29 @@ final class UVStream: @unchecked Sendable {
     /// buffers per frame, no copy). `completion` runs with the libuv status
     /// once the kernel has taken every byte or the write failed. Returns the
     /// immediate error, if any (then `completion` never runs).
-    func writeFrames(_ frames: [[UInt8]], completion: @escaping (Int32) -> Void) -> Int32 {
+    /// `skipFirst` bytes of the first frame (prefix included) were already
+    /// written by someone else and are left out.
+    func writeFrames(_ frames: [[UInt8]], skipFirst: Int = 0, completion: @escaping (Int32) -> Void) -> Int32 {
         let request = UVWriteRequest(frames: frames, completion: completion)
         let bufferCount = frames.count * 2
         let rc = withUnsafeTemporaryAllocation(of: uv_buf_t.self, capacity: bufferCount) { bufs -> Int32 in
             var n = 0
             for (i, frame) in frames.enumerated() {
-                // SAFETY: the prefix storage lives in the request until its callback.
-                bufs[n] = uv_buf_init(request.prefixes.advanced(by: 4 * i).assumingMemoryBound(to: CChar.self), 4)
-                n += 1
-                if !frame.isEmpty {
+                let skip = i == 0 ? skipFirst : 0
+                if skip < 4 {
+                    // SAFETY: the prefix storage lives in the request until its callback.
+                    let prefix = request.prefixes.advanced(by: 4 * i + skip)
+                    bufs[n] = uv_buf_init(prefix.assumingMemoryBound(to: CChar.self), UInt32(4 - skip))
+                    n += 1
+                }
+                let payloadSkip = max(0, skip - 4)
+                if frame.count > payloadSkip {
                     // SAFETY: `request.frames` keeps every array alive and
                     // unmutated until the write callback, so its heap storage
                     // (a non-empty native array always has one) neither moves
                     // nor is freed while libuv holds this pointer.
                     let base = frame.withUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
-                    bufs[n] = uv_buf_init(base.assumingMemoryBound(to: CChar.self), UInt32(frame.count))
+                    bufs[n] = uv_buf_init((base + payloadSkip).assumingMemoryBound(to: CChar.self), UInt32(frame.count - payloadSkip))
                     n += 1
                 }
             }
