@@ -40,7 +40,9 @@ func mutate(_ seed: [UInt8], _ rng: inout SeededRandom) -> [UInt8] {
     return b
 }
 
-@Suite struct FuzzReplayTests {
+/// Serialized: CPU-bound loops would otherwise occupy every cooperative thread
+/// and starve the timer-based tests running beside them.
+@Suite(.serialized) struct FuzzReplayTests {
     @Test func seedsAreAccepted() {
         for t in WireFuzz.Target.allCases where t != .credentialText {
             #expect(WireFuzz.run(t, WireFuzz.fixture.seeds[t]!), "seed for \(t) must pass its parser")

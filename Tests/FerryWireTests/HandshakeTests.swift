@@ -138,7 +138,7 @@ struct TestKeys {
         // Send nothing: a stalled peer.
         let r = await s
         #expect(errorText(r).contains("did not complete the handshake within"), "\(errorText(r))")
-        #expect(clock.now - start < .seconds(2))
+        #expect(clock.now - start < .seconds(8))   // the test timeout, not the 10 s default (loose: shared CI cores)
         _ = a
     }
 

@@ -141,10 +141,15 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
     }
 
     @Test func keepaliveHoldsAnIdleConnection() async throws {
-        var o = RPCOptions();         // Generous timeout: the test suite runs in parallel on 2 shared cores.
-        o.keepaliveInterval = .milliseconds(30); o.idleTimeout = .milliseconds(1500)
-        let (c, _, done) = try await rpcPair(options: o, handler: echo)
-        try await Task.sleep(for: .milliseconds(1800))
+        // Pings must flow while the client is idle, and the connection must stay up.
+        var o = RPCOptions(); o.keepaliveInterval = .milliseconds(20); o.idleTimeout = .seconds(30)
+        let (a, b) = InMemoryTransport.pair(names: ("client", "server"))
+        let counted = CountingTransport(b)
+        let server = RPCServer(transport: counted, options: o, handler: echo)
+        let done = Task { () -> Error? in do { try await server.run(); return nil } catch { return error } }
+        let c = RPCClient(transport: a, options: o)
+        for _ in 0..<1000 where counted.received.withLock({ $0 }) < 3 { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(counted.received.withLock { $0 } >= 3, "the idle client sent no pings")
         #expect(try await c.call(0x100, [1]) == [1, 0])
         c.close()
         #expect(await done.value == nil)
@@ -199,4 +204,20 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
         }
         #expect(results.filter { $0 == .overloaded }.count == 2)
     }
+}
+
+/// Counts frames received through it.
+final class CountingTransport: FrameTransport {
+    let inner: FrameTransport
+    let received = Locked(0)
+    init(_ inner: FrameTransport) { self.inner = inner }
+    func send(_ frame: [UInt8]) async throws { try await inner.send(frame) }
+    func receive() async throws -> [UInt8]? {
+        let f = try await inner.receive()
+        if f != nil { received.withLock { $0 += 1 } }
+        return f
+    }
+    func setMaxIncomingFrameSize(_ bytes: Int) { inner.setMaxIncomingFrameSize(bytes) }
+    func close() { inner.close() }
+    var peerDescription: String { inner.peerDescription }
 }
