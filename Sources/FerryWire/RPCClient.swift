@@ -112,9 +112,14 @@ final class RPCClientCore: Sendable {
     /// Removes a pending entry and passes its slot on; call under the lock.
     private func finishLocked(_ s: inout State, _ id: UInt32) -> (Pending?, CheckedContinuation<Void, Error>?) {
         guard let p = s.pending.removeValue(forKey: id) else { return (nil, nil) }
-        if !s.slotWaiters.isEmpty { return (p, s.slotWaiters.removeFirst()) }   // slot handed over
+        return (p, releaseSlotLocked(&s))
+    }
+
+    /// Frees one in-flight slot, or hands it to a waiting caller (resume it outside the lock).
+    private func releaseSlotLocked(_ s: inout State) -> CheckedContinuation<Void, Error>? {
+        if !s.slotWaiters.isEmpty { return s.slotWaiters.removeFirst() }
         s.reserved -= 1
-        return (p, nil)
+        return nil
     }
 
     private func allocateIDLocked(_ s: inout State) -> UInt32 {
@@ -132,12 +137,13 @@ final class RPCClientCore: Sendable {
         let id = state.withLock { allocateIDLocked(&$0) }
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (c: CheckedContinuation<[UInt8], Error>) in
-                let err: Error? = state.withLock { s in
-                    if let f = s.failure { s.reserved -= 1; return f }
-                    if Task.isCancelled { s.reserved -= 1; return CancellationError() }
+                let (err, slot): (Error?, CheckedContinuation<Void, Error>?) = state.withLock { s in
+                    if let f = s.failure { return (f, nil) }
+                    if Task.isCancelled { return (CancellationError(), releaseSlotLocked(&s)) }
                     s.pending[id] = .unary(c, parts: [])
-                    return nil
+                    return (nil, nil)
                 }
+                slot?.resume()
                 if let err { c.resume(throwing: err); return }
                 do { try outbox.enqueue(RPCMessage.frame(.request, id: id, code: method, payload: payload)) }
                 catch { complete(id, with: .failure(error)) }

@@ -190,6 +190,22 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
         await #expect { try await RPCServer(transport: y, handler: echo).run() } throws: { "\($0)".contains("encoding version 9") }
     }
 
+    @Test func clientWaitsForAnInFlightSlot() async throws {
+        var o = RPCOptions(); o.maxInFlight = 4
+        let peak = Locked(0)
+        let (c, server, _) = try await rpcPair(options: o) { _, p, _ in
+            try await Task.sleep(for: .milliseconds(5))
+            return p
+        }
+        try await withThrowingTaskGroup(of: Void.self) { g in
+            for i in 0..<40 { g.addTask { let r = try await c.call(0x100, [UInt8(i)]); #expect(r == [UInt8(i)]) } }
+            g.addTask { for _ in 0..<50 { let n = server.inFlight; peak.withLock { $0 = max($0, n) }; try await Task.sleep(for: .milliseconds(1)) } }
+            try await g.waitForAll()
+        }
+        #expect(peak.withLock { $0 } <= 4)
+        #expect(c.inFlight == 0)
+    }
+
     @Test func overloadedBeyondServerLimit() async throws {
         var so = RPCOptions(); so.maxInFlight = 4
         let (a, b) = InMemoryTransport.pair()
