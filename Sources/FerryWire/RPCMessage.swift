@@ -247,17 +247,31 @@ final class Outbox: Sendable {
     /// The writer loop: batches small frames, sends large ones alone. Returns
     /// when the outbox fails or closes, or the transport fails.
     func runWriter(transport: FrameTransport, batchBytes: Int = WireLimits.batchBytes) async {
+        let channel = transport as? SecureChannel
         while let items = await takeAll() {
+            var frames: [[UInt8]] = []
             var i = 0
+            while i < items.count {
+                var j = i + 1
+                var size = items[i].count
+                if size < batchBytes {
+                    while j < items.count, size + items[j].count - 1 <= batchBytes { size += items[j].count - 1; j += 1 }
+                }
+                frames.append(j == i + 1 ? items[i] : RPCMessage.batch(items[i..<j]))
+                i = j
+            }
             do {
-                while i < items.count {
-                    var j = i + 1
-                    var size = items[i].count
-                    if size < batchBytes {
-                        while j < items.count, size + items[j].count - 1 <= batchBytes { size += items[j].count - 1; j += 1 }
+                if let channel, frames.count > 1, frames.contains(where: { $0.count >= batchBytes }) {
+                    // Several frames, some large: fix their order now, then seal
+                    // them concurrently (one child task each, as many cores as
+                    // the pool has); the channel sends them in order.
+                    let reserved = try frames.map { try channel.reserve(payload: $0) }
+                    try await withThrowingTaskGroup(of: Void.self) { group in
+                        for r in reserved { group.addTask { try await channel.sendReserved(r) } }
+                        try await group.waitForAll()
                     }
-                    try await transport.send(j == i + 1 ? items[i] : RPCMessage.batch(items[i..<j]))
-                    i = j
+                } else {
+                    for f in frames { try await transport.send(f) }
                 }
             } catch {
                 fail(RPCError(.connectionClosed, "sending to \(transport.peerDescription) failed: \(error)"))

@@ -258,7 +258,19 @@ public final class SecureChannel: FrameTransport {
         try await sendRecord(type: WireMessageType.data.rawValue, payload: frame)
     }
 
-    private func sendRecord(type: UInt8, payload: [UInt8]) async throws {
+    /// A record whose counter and key are fixed but which is not yet sealed
+    /// or sent. Every reserved record MUST be passed to `sendReserved`: the
+    /// records after it wait for its turn.
+    struct ReservedRecord: Sendable {
+        let type: UInt8
+        let payload: [UInt8]
+        let counter: UInt64
+        let key: AEADKey
+    }
+
+    /// Fixes the next record's counter and key (synchronously, so a caller that
+    /// reserves several records in a row fixes their order).
+    func reserve(type: UInt8 = WireMessageType.data.rawValue, payload: [UInt8]) throws -> ReservedRecord {
         let peer = peerDescription
         let (counter, key): (UInt64, AEADKey) = try sendState.withLock { s in
             if let f = s.failure { throw f }
@@ -267,14 +279,21 @@ public final class SecureChannel: FrameTransport {
             if type == WireMessageType.close.rawValue { s.closing = true }
             return try Self.advance(&s.dir, bytes: payload.count, options: options)
         }
-        // Seal outside the lock: concurrent senders use several cores.
-        let sealed: Result<[UInt8], Error> = Result { try Self.sealRecord(type: type, payload: payload, key: key, counter: counter) }
-        if case .failure = sealed { failSend(counter, SecureChannelError.closed(peer: peer)) }
-        // Wait for our turn so records reach the transport in counter order;
-        // a ticket that fails still takes its turn so later tickets wake up.
+        return ReservedRecord(type: type, payload: payload, counter: counter, key: key)
+    }
+
+    /// Seals a reserved record on the calling thread (so several callers seal
+    /// on several cores), then hands it to the transport in counter order.
+    func sendReserved(_ r: ReservedRecord) async throws {
+        let peer = peerDescription
+        let counter = r.counter
+        let sealed: Result<[UInt8], Error> = Result { try Self.sealRecord(type: r.type, payload: r.payload, key: r.key, counter: counter) }
+        if case .failure = sealed { failSend(SecureChannelError.closed(peer: peer)) }
+        // Wait for our turn so records reach the transport in counter order.
+        // A failed ticket still takes its turn; a failure wakes every waiter.
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = sendState.withLock { s -> Bool in
-                if s.turn == counter { return true }
+                if s.turn == counter || s.failure != nil { return true }
                 s.waiters[counter] = c
                 return false
             }
@@ -287,7 +306,7 @@ public final class SecureChannel: FrameTransport {
         } catch {
             // A record that never reached the transport leaves a gap the peer
             // cannot skip: the channel is finished.
-            failSend(counter, SecureChannelError.closed(peer: peer))
+            failSend(SecureChannelError.closed(peer: peer))
             passTurn(counter)
             transport.close()
             throw error
@@ -295,8 +314,17 @@ public final class SecureChannel: FrameTransport {
         passTurn(counter)
     }
 
-    private func failSend(_ counter: UInt64, _ e: SecureChannelError) {
-        sendState.withLock { s in if s.failure == nil { s.failure = e } }
+    private func sendRecord(type: UInt8, payload: [UInt8]) async throws {
+        try await sendReserved(try reserve(type: type, payload: payload))
+    }
+
+    private func failSend(_ e: SecureChannelError) {
+        let waiters = sendState.withLock { s -> [CheckedContinuation<Void, Never>] in
+            if s.failure == nil { s.failure = e }
+            let w = Array(s.waiters.values); s.waiters = [:]
+            return w
+        }
+        for w in waiters { w.resume() }
     }
 
     private func passTurn(_ counter: UInt64) {
@@ -356,7 +384,7 @@ public final class SecureChannel: FrameTransport {
 
     private func fail(_ e: SecureChannelError) -> SecureChannelError {
         receiveState.withLock { if $0.failure == nil { $0.failure = e } }
-        sendState.withLock { if $0.failure == nil { $0.failure = e } }
+        failSend(e)
         transport.close()
         return e
     }
