@@ -466,6 +466,36 @@ import Testing
         #expect(status == 0, "cat exits cleanly once its input ends")
     }
 
+    @Test func stdioFactoryTakesOverZeroAndOne() async {
+        // In a child process (an exit test): make fds 0 and 1 one end of a
+        // socketpair, as sshd does, and talk to Transports.stdio() from the other.
+        await #expect(processExitsWith: .success) {
+            var fds: [Int32] = [-1, -1]
+            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { exit(10) }
+            dup2(fds[0], 0)
+            dup2(fds[0], 1)
+            Glibc.close(fds[0])
+            let peer = fds[1]
+            let t = Transports.stdio()
+            // fd 1 now points at /dev/null: stray output must not reach the peer.
+            _ = Glibc.write(1, "stray output\n", 13)
+            TransportTests.writeAll(peer, FrameDecoder.encode([1, 2, 3]))
+            guard (try? await t.receive()) == [1, 2, 3] else { exit(11) }
+            guard (try? await t.send([4, 5])) != nil else { exit(12) }
+            var reply = [UInt8](repeating: 0, count: 6)
+            guard Glibc.read(peer, &reply, 6) == 6, reply == [0, 0, 0, 2, 4, 5] else { exit(13) }
+            t.close()
+            // Closing the transport ends the stream for the peer.
+            var more = [UInt8](repeating: 0, count: 1)
+            for _ in 0 ..< 100 {
+                let n = Glibc.read(peer, &more, 1)
+                if n == 0 { exit(0) }
+                if n > 0 { exit(14) }
+            }
+            exit(15)
+        }
+    }
+
     @Test func stdioRefusesRegularFile() async throws {
         let path = "/tmp/ferry-file-\(getpid())"
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
