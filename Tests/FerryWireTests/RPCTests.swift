@@ -96,6 +96,24 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
         #expect(all.count == 2 * partSize + 1)
     }
 
+    @Test func clientVanishingMidStreamEndsTheServer() async throws {
+        // Bulk parts over a secure channel take the parallel-sealing path; a
+        // client that disappears must end the server, not hang it.
+        let started = Locked(false)
+        let (c, _, done) = try await rpcPair(secure: true) { _, _, parts in
+            started.withLock { $0 = true }
+            for _ in 0..<10_000 { try await parts.send([UInt8](repeating: 9, count: 1 << 20)) }
+            return []
+        }
+        let stream = c.callStreaming(0x100, [])
+        var n = 0
+        for try await _ in stream { n += 1; if n == 3 { break } }
+        c.close()
+        let outcome = await done.value   // returns or throws; must not hang
+        _ = outcome
+        #expect(started.withLock { $0 })
+    }
+
     @Test func errorRepliesCarryCodes() async throws {
         let (c, _, _) = try await rpcPair { m, _, _ in
             if m == 0x101 { throw RPCError(RPCErrorCode(0x0123), "no such region 0x7f00") }
