@@ -116,6 +116,12 @@ public enum Transports {
     }
 
     /// Wraps a connected stream in a transport and starts reading; on the loop thread.
+    ///
+    /// Socket buffer sizes are deliberately left to Linux's autotuning
+    /// (tcp_wmem/tcp_rmem, here up to 4 MiB / 32 MiB): setting SO_SNDBUF or
+    /// SO_RCVBUF switches autotuning off for the socket and is capped by
+    /// net.core.wmem_max/rmem_max, which is smaller than what autotuning
+    /// reaches on a fast path. Our own queues (8 MiB each way) sit on top.
     static func makeTransport(_ stream: UVStream, peer: String, on loop: EventLoop) async -> StreamTransport {
         let transport = StreamTransport(loop: loop, peer: peer)
         loop.execute {
