@@ -359,6 +359,10 @@ struct ServerHandshake {
 
     init(credentials: Credentials, peer: String, roles: HandshakeRoles = .init(), allowAES: Bool = CipherSuite.aesAvailable,
          ephemeral: (SecretBytes, [UInt8])? = nil) throws {
+        if case .keys(_, let authorized, _) = credentials, authorized.isEmpty {
+            throw HandshakeError(failure: .internalError, rejectedByPeer: false, peer: peer,
+                                 detail: "the authorized list is empty, so every \(roles.client.replacingPrefix("the ", with: "")) would be rejected; add their public keys to the --authorized file")
+        }
         ctx = try HandshakeContext(credentials: credentials, peer: peer, roles: roles, ephemeral: ephemeral)
         self.allowAES = allowAES
     }
@@ -451,5 +455,11 @@ struct ServerHandshake {
         let ms = try KeySchedule.kdf(hs, "ferry master", hash)
         return (reply, SessionKeys(suite: suite, sendKey: try KeySchedule.kdf(ms, "ferry data s2c"), receiveKey: try KeySchedule.kdf(ms, "ferry data c2s"),
                                    peerPublicKey: peerKey, transcriptHash: hash))
+    }
+}
+
+extension String {
+    func replacingPrefix(_ prefix: String, with other: String) -> String {
+        hasPrefix(prefix) ? other + dropFirst(prefix.count) : self
     }
 }

@@ -131,8 +131,12 @@ public final class SecureChannel: FrameTransport {
     public static func client(over transport: FrameTransport, credentials: Credentials, options: SecureChannelOptions = .init()) async throws -> SecureChannel {
         transport.setMaxIncomingFrameSize(WireLimits.handshakeMaxFrame)
         let peer = transport.peerDescription
-        var hs = try ClientHandshake(credentials: credentials, peer: peer, roles: options.roles, offerAES: options.allowAES)
-        let hello = try hs.hello()
+        var hs: ClientHandshake
+        let hello: [UInt8]
+        do {
+            hs = try ClientHandshake(credentials: credentials, peer: peer, roles: options.roles, offerAES: options.allowAES)
+            hello = try hs.hello()
+        } catch { transport.close(); throw error }   // a configuration error: the peer must not wait for us
         let h = hs
         let keys = try await runHandshake(transport, options: options, peerRole: options.roles.server) { io in
             var hs = h
@@ -148,7 +152,9 @@ public final class SecureChannel: FrameTransport {
     public static func server(over transport: FrameTransport, credentials: Credentials, options: SecureChannelOptions = .init()) async throws -> SecureChannel {
         transport.setMaxIncomingFrameSize(WireLimits.handshakeMaxFrame)
         let peer = transport.peerDescription
-        let h = try ServerHandshake(credentials: credentials, peer: peer, roles: options.roles, allowAES: options.allowAES)
+        let h: ServerHandshake
+        do { h = try ServerHandshake(credentials: credentials, peer: peer, roles: options.roles, allowAES: options.allowAES) }
+        catch { transport.close(); throw error }   // a configuration error: the peer must not wait for us
         let keys = try await runHandshake(transport, options: options, peerRole: options.roles.client) { io in
             var hs = h
             let m2 = try hs.handleClientHello(try await io.receive("ClientHello"))

@@ -99,6 +99,13 @@ struct TestKeys {
         #expect(errorText(s).contains("expects a pre-shared secret"), "\(errorText(s))")
     }
 
+    @Test func emptyAuthorizedListIsAConfigurationError() async throws {
+        let k = TestKeys()
+        let (c, s) = await handshake(client: k.leecherCreds, server: .keys(k.seeder, authorized: AuthorizedKeys([]), pinnedPeer: nil))
+        #expect(errorText(c).contains("closed the connection"), "\(errorText(c))")   // at once, not after the timeout
+        #expect(errorText(s).contains("the authorized list is empty, so every leecher would be rejected"), "\(errorText(s))")
+    }
+
     @Test func unknownVersionIsRejectedClearly() async throws {
         let psk = try PreSharedSecret.generate()
         var hs = try ClientHandshake(credentials: .preSharedSecret(psk), peer: "test")
