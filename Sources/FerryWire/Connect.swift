@@ -136,6 +136,8 @@ public enum Transports {
     static func resolve(host: String, port: UInt16, passive: Bool, on loop: EventLoop) async throws -> [SocketAddress] {
         // An IP literal needs no resolver (and no thread-pool round trip).
         var literal = SocketAddress()
+        // SAFETY: sockaddr_storage is large and aligned enough for either
+        // sockaddr_in or sockaddr_in6; libuv fills in at most one of them.
         let ok = withUnsafeMutableBytes(of: &literal.storage) { raw -> Bool in
             if uv_ip4_addr(host, Int32(port), raw.baseAddress!.assumingMemoryBound(to: sockaddr_in.self)) == 0 { return true }
             if uv_ip6_addr(host, Int32(port), raw.baseAddress!.assumingMemoryBound(to: sockaddr_in6.self)) == 0 { return true }
@@ -169,6 +171,7 @@ private final class UVResolveRequest {
 
     init(completion: @escaping (Int32, [SocketAddress]) -> Void) {
         req = .allocate(capacity: 1)
+        // `data` is set (and the retain taken) in start(), just before libuv sees it.
         self.completion = completion
     }
 

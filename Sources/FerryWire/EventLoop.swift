@@ -48,6 +48,8 @@ final class EventLoop: @unchecked Sendable {
         // is a programming-environment error, not a runtime condition to handle.
         precondition(uv_loop_init(loop) == 0, "uv_loop_init failed: out of file descriptors or memory")
         precondition(uv_async_init(loop, wakeup, eventLoopWakeup) == 0, "uv_async_init failed")
+        // Unretained: the loop thread's own retain (below) keeps `self` alive
+        // for as long as the wakeup handle can fire.
         wakeup.pointee.data = Unmanaged.passUnretained(self).toOpaque()
 
         // The thread keeps the loop object alive until it exits.

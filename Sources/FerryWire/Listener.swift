@@ -98,6 +98,8 @@ public final class Listener: Sendable {
         defer { Glibc.close(fd) }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
+        // SAFETY: at most sizeof(sun_path) - 1 bytes are copied, so the path
+        // stays NUL-terminated; the sockaddr_un outlives the connect call.
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
             let bytes = Array(path.utf8.prefix(raw.count - 1))
             raw.copyBytes(from: bytes)
