@@ -75,8 +75,14 @@ public enum Transports {
         on loop: EventLoop, endpoint: Endpoint, timeout: Duration,
         start: @escaping @Sendable (UVStream, @escaping (Int32) -> Void) -> Int32
     ) async throws -> UVStream {
-        try await withCheckedThrowingContinuation { (c: CheckedContinuation<UVStream, any Error>) in
+        let attempt = ConnectAttempt()
+        return try await withTaskCancellationHandler {
+          try await withCheckedThrowingContinuation { (c: CheckedContinuation<UVStream, any Error>) in
             let accepted = loop.execute {
+                if attempt.cancelled {
+                    c.resume(throwing: CancellationError())
+                    return
+                }
                 let stream: UVStream
                 do throws(UVError) {
                     if case .unix = endpoint { stream = try UVStream.pipe(on: loop) } else { stream = try UVStream.tcp(on: loop) }
@@ -110,8 +116,16 @@ public enum Transports {
                 timer.start(milliseconds: ms) {
                     finish(.failure(SocketError.connectTimedOut(endpoint: endpoint.description, timeout)))
                 }
+                attempt.cancel = { finish(.failure(CancellationError())) }
             }
             if !accepted { c.resume(throwing: EventLoopError.shutDown(name: loop.name)) }
+          }
+        } onCancel: {
+            loop.execute {
+                attempt.cancelled = true
+                attempt.cancel?()
+                attempt.cancel = nil
+            }
         }
     }
 
@@ -160,6 +174,14 @@ public enum Transports {
             if !accepted { c.resume(throwing: EventLoopError.shutDown(name: loop.name)) }
         }
     }
+}
+
+/// Lets a cancelled task stop its connect attempt.
+private final class ConnectAttempt: @unchecked Sendable {
+    // Invariant for @unchecked Sendable: both members are used only on the
+    // loop thread (the attempt and the cancellation both run there as jobs).
+    var cancelled = false
+    var cancel: (() -> Void)?
 }
 
 /// Owns one `uv_getaddrinfo_t`.

@@ -143,7 +143,8 @@ private final class ListenerCore: @unchecked Sendable {
     let unixPath: String?
     private var pending = 0
     private var closed = false
-    private var waiters: [CheckedContinuation<(UVStream, String), any Error>] = []
+    private var waiters: [(id: UInt64, continuation: CheckedContinuation<(UVStream, String), any Error>)] = []
+    private var nextID: UInt64 = 0
 
     init(stream: UVStream, endpoint: Endpoint, unixPath: String?) {
         self.stream = stream
@@ -153,16 +154,31 @@ private final class ListenerCore: @unchecked Sendable {
     }
 
     func accept(loop: EventLoop) async throws -> (UVStream, String) {
-        try await withCheckedThrowingContinuation { c in
-            let accepted = loop.execute {
-                if self.closed {
-                    c.resume(throwing: SocketError.listenerClosed(endpoint: self.endpoint.description))
-                    return
+        let id = IDBox()
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { c in
+                let accepted = loop.execute {
+                    if self.closed {
+                        c.resume(throwing: SocketError.listenerClosed(endpoint: self.endpoint.description))
+                        return
+                    }
+                    if id.cancelled {
+                        c.resume(throwing: CancellationError())
+                        return
+                    }
+                    self.nextID += 1
+                    id.value = self.nextID
+                    self.waiters.append((self.nextID, c))
+                    self.serve()
                 }
-                self.waiters.append(c)
-                self.serve()
+                if !accepted { c.resume(throwing: EventLoopError.shutDown(name: loop.name)) }
             }
-            if !accepted { c.resume(throwing: EventLoopError.shutDown(name: loop.name)) }
+        } onCancel: {
+            loop.execute {
+                id.cancelled = true
+                guard let i = self.waiters.firstIndex(where: { $0.id == id.value }) else { return }
+                self.waiters.remove(at: i).continuation.resume(throwing: CancellationError())
+            }
         }
     }
 
@@ -171,7 +187,7 @@ private final class ListenerCore: @unchecked Sendable {
             // A failed accept (EMFILE, ...) goes to one waiter, if any;
             // libuv keeps listening.
             if !waiters.isEmpty {
-                waiters.removeFirst().resume(throwing: SocketError.acceptFailed(endpoint: endpoint.description, UVError(status)))
+                waiters.removeFirst().continuation.resume(throwing: SocketError.acceptFailed(endpoint: endpoint.description, UVError(status)))
             }
             return
         }
@@ -182,7 +198,7 @@ private final class ListenerCore: @unchecked Sendable {
     private func serve() {
         while pending > 0 && !waiters.isEmpty {
             pending -= 1
-            let waiter = waiters.removeFirst()
+            let waiter = waiters.removeFirst().continuation
             do {
                 let client = try stream.accept()
                 let peer: String
@@ -205,6 +221,13 @@ private final class ListenerCore: @unchecked Sendable {
         if let unixPath { unlink(unixPath) }
         let w = waiters
         waiters = []
-        for c in w { c.resume(throwing: SocketError.listenerClosed(endpoint: endpoint.description)) }
+        for c in w { c.continuation.resume(throwing: SocketError.listenerClosed(endpoint: endpoint.description)) }
     }
+}
+
+/// Identifies one pending accept for its cancellation handler.
+private final class IDBox: @unchecked Sendable {
+    // Invariant for @unchecked Sendable: used only on the loop thread.
+    var value: UInt64 = 0
+    var cancelled = false
 }

@@ -382,6 +382,27 @@ import Testing
         await #expect(throws: SocketError.self) { _ = try await listener.accept() }
     }
 
+    @Test func acceptAndConnectAreCancellable() async throws {
+        let listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let pending = Task { try await listener.accept() }
+        try await Task.sleep(for: .milliseconds(30))
+        pending.cancel()
+        await #expect(throws: CancellationError.self) { _ = try await pending.value }
+        // The listener still works after a cancelled accept.
+        async let server = listener.accept()
+        let a = try await Transports.connect(to: listener.endpoint)
+        let b = try await server
+        a.close(); b.close()
+        // A connect that would wait for its timeout ends when cancelled.
+        let start = ContinuousClock.now
+        let connecting = Task { try await Transports.connect(to: .tcp(host: "192.0.2.1", port: 9), timeout: .seconds(30)) }
+        try await Task.sleep(for: .milliseconds(30))
+        connecting.cancel()
+        await #expect(throws: (any Error).self) { _ = try await connecting.value }
+        #expect(ContinuousClock.now - start < .seconds(5))
+    }
+
     // MARK: Close
 
     @Test func closeIsIdempotent() async throws {
