@@ -37,12 +37,20 @@ final class EventLoop: @unchecked Sendable {
         var exitWaiters: [CheckedContinuation<Void, Never>] = []
     }
     private let jobs = Mutex(Jobs())
+
+    /// Size of the read buffer shared by this loop's streams.
+    static let readBufferSize = 256 << 10
+    // SAFETY: allocated in init, freed by the loop thread after uv_run
+    // returns (no stream is left to read into it). Used only on the loop
+    // thread, between one alloc callback and its read callback.
+    let readBuffer: UnsafeMutableRawPointer
     private let threadID = Atomic<UInt>(0)
 
     init(name: String) {
         self.name = name
         loop = .allocate(capacity: 1)
         wakeup = .allocate(capacity: 1)
+        readBuffer = .allocate(byteCount: Self.readBufferSize, alignment: 64)
         // A freshly allocated loop can only fail to initialise when the process
         // is out of file descriptors or memory; nothing can work then, so this
         // is a programming-environment error, not a runtime condition to handle.
@@ -83,6 +91,7 @@ final class EventLoop: @unchecked Sendable {
         uv_loop_close(loop)
         loop.deallocate()
         wakeup.deallocate()
+        readBuffer.deallocate()
         let waiters = jobs.withLock { j -> [CheckedContinuation<Void, Never>] in
             j.stopped = true
             defer { j.exitWaiters = [] }

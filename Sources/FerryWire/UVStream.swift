@@ -100,7 +100,7 @@ final class UVStream: @unchecked Sendable {
 
     /// Bytes per read: large enough that a 1 MiB frame takes few reads, small
     /// enough to stay in the L2 cache while it is copied into the frame.
-    static let readBufferSize = 256 << 10
+    static var readBufferSize: Int { EventLoop.readBufferSize }
 
     let loop: EventLoop
     let kind: UVStreamKind
@@ -110,9 +110,6 @@ final class UVStream: @unchecked Sendable {
     private let raw: UnsafeMutableRawPointer
     private var initialised = false
     private(set) var isClosing = false
-    // SAFETY: allocated on the first read, freed in deinit; libuv only
-    // writes into it between the alloc and read callbacks of one read.
-    private var readBuffer: UnsafeMutableRawPointer? = nil
 
     /// Called for every read while reading is on.
     var onRead: ((UVReadEvent) -> Void)?
@@ -146,7 +143,6 @@ final class UVStream: @unchecked Sendable {
 
     deinit {
         raw.deallocate()
-        readBuffer?.deallocate()
     }
 
     /// Marks the handle initialised: from now on it must be closed with `close()`.
@@ -287,10 +283,7 @@ final class UVStream: @unchecked Sendable {
     // MARK: Reading
 
     func startReading() -> Int32 {
-        if readBuffer == nil {
-            readBuffer = .allocate(byteCount: Self.readBufferSize, alignment: 64)
-        }
-        return uv_read_start(stream, uvStreamAlloc, uvStreamRead)
+        uv_read_start(stream, uvStreamAlloc, uvStreamRead)
     }
 
     func stopReading() {
@@ -307,10 +300,10 @@ final class UVStream: @unchecked Sendable {
             return
         }
         lastReadWasDirect = false
-        guard let readBuffer else {
-            buf.pointee = uv_buf_init(nil, 0)   // libuv reports UV_ENOBUFS
-            return
-        }
+        // One buffer per loop, not per connection (a hub holds many): every
+        // read is consumed (decoded or copied) inside its read callback, and
+        // the loop thread runs one callback at a time.
+        let readBuffer = loop.readBuffer
         buf.pointee = uv_buf_init(readBuffer.assumingMemoryBound(to: CChar.self), UInt32(Self.readBufferSize))
     }
 
