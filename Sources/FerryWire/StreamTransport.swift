@@ -5,7 +5,15 @@
 // thread in `State`, a Mutex holding the frames received but not yet taken,
 // the frames queued but not yet handed to libuv, and the waiting
 // continuations. A frame that is already buffered is returned without any
-// thread hop; sends are batched into one `uv_write` per loop turn.
+// thread hop. A send finding nothing queued is written directly from the
+// sending thread (`writeDirectly`); otherwise sends are batched into one
+// `uv_write` per loop turn.
+//
+// Frame size limit: a header over the limit stops decoding (and reading)
+// right there, before any allocation; the verdict is given when `receive`
+// reaches that frame, against the limit as it is then. So the secure channel
+// can raise the limit after the handshake even if the peer's first large
+// frame was already read behind the last handshake message.
 //
 // Memory is bounded both ways:
 // - send: `send` suspends while more than `sendHighWater` bytes are queued or
@@ -44,7 +52,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     static let closeLingerMilliseconds: UInt64 = 5_000
     /// The limit before `setMaxIncomingFrameSize` is called: the protocol's
     /// largest frame. The secure channel lowers it until the peer is authenticated.
-    static let defaultMaxIncomingFrameSize = 16 << 20
+    static let defaultMaxIncomingFrameSize = WireLimits.maxFrame
 
     let loop: EventLoop
     public let peerDescription: String
