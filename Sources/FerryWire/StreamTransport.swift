@@ -192,7 +192,8 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
             return s.queuedBytes > Self.sendHighWater
         }
         if direct >= 0 {
-            writeDirectly(frame, to: direct)
+            // A failed direct write fails the transport and this send.
+            if let error = writeDirectly(frame, to: direct) { throw error }
             return
         }
         if schedule { loop.execute { self.flush() } }
@@ -207,7 +208,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     /// sendmsg with MSG_NOSIGNAL cannot raise SIGPIPE on this thread.
     static let directWrites = true
 
-    private func writeDirectly(_ frame: [UInt8], to fd: Int32) {
+    private func writeDirectly(_ frame: [UInt8], to fd: Int32) -> (any Error)? {
         let h = FrameDecoder.header(forLength: frame.count)
         var prefix = (h.0, h.1, h.2, h.3)
         let total = frame.count + FrameDecoder.headerSize
@@ -255,8 +256,11 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
             return (d, s.senders.map(\.continuation))
         }
         for w in woken { w.resume() }
+        var failure: (any Error)? = nil
         if error != 0 {
-            fail(writeError(UVError.fromErrno(error)))
+            let e = writeError(UVError.fromErrno(error))
+            fail(e)
+            failure = e
         }
         if scheduleFlush { loop.execute { self.flush() } }
         switch deferred {
@@ -264,6 +268,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         case .now: loop.execute { self.closeHandlesNow() }
         case nil: break
         }
+        return failure
     }
 
     /// Backpressure: suspends until the send queue is below the low-water mark.

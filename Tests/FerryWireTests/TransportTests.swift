@@ -311,6 +311,23 @@ import Testing
         #expect(try await b.receive() == nil)
     }
 
+    @Test func sendToVanishedPeerFails() async throws {
+        let (x, y) = Self.socketPair()
+        let t = StdioTransport.make(input: x, output: x, peer: "gone-peer", on: .shared)
+        defer { t.close() }
+        Glibc.close(y)
+        // The first sends may still succeed (the kernel noticed nothing yet);
+        // soon one fails with an error naming the peer, and so does every later one.
+        var failure: (any Error)? = nil
+        for _ in 0 ..< 100 {
+            do { try await t.send([1, 2, 3]) } catch { failure = error; break }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        let text = failure.map { "\($0)" } ?? "no error"
+        #expect(text.contains("gone-peer"), "\(text)")
+        await #expect(throws: (any Error).self) { try await t.send([4]) }
+    }
+
     // MARK: Connect and listener errors
 
     @Test func connectRefusedSaysSo() async throws {
