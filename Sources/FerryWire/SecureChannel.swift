@@ -13,6 +13,9 @@
 // counter order.
 
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Tuning and test hooks for a secure channel.
 public struct SecureChannelOptions: Sendable {
@@ -24,6 +27,11 @@ public struct SecureChannelOptions: Sendable {
     public var allowAES: Bool = CipherSuite.aesAvailable
     /// Names for messages ("the seeder", "the leecher").
     public var roles = HandshakeRoles()
+    /// Records (of 64 KiB or more) opened in parallel ahead of `receive()`;
+    /// 0 opens every record inline on the receiving task. The default leaves
+    /// two cores for the sender side and the event loop.
+    public var openAhead: Int = max(0, SecureChannelOptions.processorCount - 2)
+    static var processorCount: Int { Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
     /// Rekey limits; both peers must use the same values (tests lower them).
     var rekeyRecords: UInt64 = WireLimits.rekeyRecords
     var rekeyBytes: UInt64 = WireLimits.rekeyBytes
@@ -342,34 +350,70 @@ public final class SecureChannel: FrameTransport {
     }
 
     public func receive() async throws -> [UInt8]? {
-        let peer = peerDescription
         try receiveState.withLock { s in
             if let f = s.failure { throw f }
             if s.busy { throw WireUsageError("two concurrent receive() calls on one secure channel") }
             s.busy = true
         }
         defer { receiveState.withLock { $0.busy = false } }
+        if options.openAhead > 0 { return try await receiveAhead() }
         if receiveState.withLock({ $0.ended }) { return nil }
+        switch await nextRecord(deferLargeOpens: false) {
+        case .ready(let r, _): return try r.get()
+        case .opening(let t, let counter): return try await awaitOpen(t, counter)   // not reached inline
+        }
+    }
+
+    /// One received record: opened (or failed), or being opened by a task.
+    private enum Slot {
+        case ready(Result<[UInt8]?, Error>, last: Bool)
+        case opening(Task<[UInt8]?, Never>, counter: UInt64)
+    }
+
+    /// Receives and checks the next record, assigning its counter and key in
+    /// order. Large records are opened by a task when `deferLargeOpens` is set.
+    private func nextRecord(deferLargeOpens: Bool) async -> Slot {
+        let peer = peerDescription
         let frame: [UInt8]?
         do { frame = try await transport.receive() }
-        catch { receiveState.withLock { $0.ended = true }; throw error }
+        catch { receiveState.withLock { $0.ended = true }; return .ready(.failure(error), last: true) }
         guard let frame else {
             let closedLocally = sendState.withLock { $0.closing }
             receiveState.withLock { $0.ended = true }
-            if closedLocally { return nil }
-            throw fail(.truncatedStream(peer: peer))
+            if closedLocally { return .ready(.success(nil), last: true) }
+            return .ready(.failure(fail(.truncatedStream(peer: peer))), last: true)
         }
         let recordCount = receiveState.withLock { $0.dir.counter }
         guard frame.count >= 1 + overhead else {
-            throw fail(.truncatedRecord(peer: peer, record: recordCount, bytes: frame.count))
+            return .ready(.failure(fail(.truncatedRecord(peer: peer, record: recordCount, bytes: frame.count))), last: true)
         }
         let type = frame[0]
         guard type == WireMessageType.data.rawValue || type == WireMessageType.close.rawValue else {
             // The type is authenticated, so this is tampering or a foreign peer.
-            throw fail(.authenticationFailed(peer: peer, record: recordCount))
+            return .ready(.failure(fail(.authenticationFailed(peer: peer, record: recordCount))), last: true)
         }
         let plainCount = frame.count - 1 - overhead
-        let (counter, key) = try receiveState.withLock { s in try Self.advance(&s.dir, bytes: plainCount, options: options) }
+        let advanced = Result { try receiveState.withLock { s in try Self.advance(&s.dir, bytes: plainCount, options: options) } }
+        guard case .success(let (counter, key)) = advanced else {
+            return .ready(.failure(fail(.closed(peer: peer))), last: true)
+        }
+        if deferLargeOpens, type == WireMessageType.data.rawValue, plainCount >= Self.parallelOpenMinimum {
+            return .opening(Task { Self.openRecord(frame, key: key, counter: counter) }, counter: counter)
+        }
+        guard let plain = Self.openRecord(frame, key: key, counter: counter) else {
+            return .ready(.failure(fail(.authenticationFailed(peer: peer, record: counter))), last: true)
+        }
+        if type == WireMessageType.close.rawValue {
+            receiveState.withLock { $0.ended = true }
+            return .ready(.success(nil), last: true)
+        }
+        return .ready(.success(plain), last: false)
+    }
+
+    /// Opens a record (type byte || ciphertext || tag); nil when it fails authentication.
+    static func openRecord(_ frame: [UInt8], key: AEADKey, counter: UInt64) -> [UInt8]? {
+        let plainCount = frame.count - 1 - key.suite.overhead
+        guard plainCount >= 0 else { return nil }
         var ok = false
         // SAFETY: `buf` holds plainCount bytes, exactly what the AEAD writes on success.
         let plain = [UInt8](unsafeUninitializedCapacity: plainCount) { buf, count in
@@ -380,19 +424,111 @@ public final class SecureChannel: FrameTransport {
             }
             count = ok ? plainCount : 0
         }
-        guard ok else { throw fail(.authenticationFailed(peer: peer, record: counter)) }
-        if type == WireMessageType.close.rawValue {
-            receiveState.withLock { $0.ended = true }
+        return ok ? plain : nil
+    }
+
+    private func awaitOpen(_ t: Task<[UInt8]?, Never>, _ counter: UInt64) async throws -> [UInt8]? {
+        guard let plain = await t.value else { throw fail(.authenticationFailed(peer: peerDescription, record: counter)) }
+        return plain
+    }
+
+    // MARK: Open-ahead pipeline (options.openAhead > 0)
+    //
+    // A producer task receives records in order and starts one task per large
+    // record to open it, up to `openAhead` records ahead of the consumer;
+    // `receive()` takes them in order. Opening then uses as many cores as
+    // there are records in flight, while counters stay strictly sequential.
+
+    /// Records smaller than this are opened inline by the producer.
+    static let parallelOpenMinimum = 64 << 10
+
+    private struct AheadState {
+        var slots: [Slot] = []
+        var started = false
+        var stopped = false
+        var consumer: CheckedContinuation<Void, Never>? = nil
+        var producer: CheckedContinuation<Void, Never>? = nil
+    }
+    private let ahead = Mutex(AheadState())
+
+    private func receiveAhead() async throws -> [UInt8]? {
+        let start = ahead.withLock { s -> Bool in
+            if s.started { return false }
+            s.started = true
+            return true
+        }
+        if start { Task { await self.produceAhead() } }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = ahead.withLock { s -> Bool in
+                if !s.slots.isEmpty || s.stopped { return true }
+                s.consumer = c
+                return false
+            }
+            if now { c.resume() }
+        }
+        let (slot, producer): (Slot?, CheckedContinuation<Void, Never>?) = ahead.withLock { s in
+            guard !s.slots.isEmpty else { return (nil, nil) }
+            let first = s.slots.removeFirst()
+            let p = s.producer; s.producer = nil
+            return (first, p)
+        }
+        producer?.resume()
+        guard let slot else {
+            // The producer stopped and everything was delivered: repeat the outcome.
+            if let f = receiveState.withLock({ $0.failure }) { throw f }
             return nil
         }
-        return plain
+        switch slot {
+        case .ready(let r, _): return try r.get()
+        case .opening(let t, let counter): return try await awaitOpen(t, counter)
+        }
+    }
+
+    private func produceAhead() async {
+        let depth = max(1, options.openAhead)
+        while true {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let now = ahead.withLock { s -> Bool in
+                    if s.slots.count < depth { return true }
+                    s.producer = c
+                    return false
+                }
+                if now { c.resume() }
+            }
+            if ahead.withLock({ $0.stopped }) { return }
+            let slot = await nextRecord(deferLargeOpens: true)
+            var last = false
+            if case .ready(_, let l) = slot { last = l }
+            let consumer = ahead.withLock { s -> CheckedContinuation<Void, Never>? in
+                if s.stopped && !last { return nil }   // closed locally meanwhile: drop it
+                s.slots.append(slot)
+                if last { s.stopped = true }
+                let c = s.consumer; s.consumer = nil
+                return c
+            }
+            consumer?.resume()
+            if last { return }
+        }
     }
 
     private func fail(_ e: SecureChannelError) -> SecureChannelError {
         receiveState.withLock { if $0.failure == nil { $0.failure = e } }
         failSend(e)
         transport.close()
+        stopAhead()
         return e
+    }
+
+    /// Stops the open-ahead producer (it may be parked waiting for space) and
+    /// wakes a waiting consumer; buffered records can still be taken.
+    private func stopAhead() {
+        let (p, c) = ahead.withLock { s -> (CheckedContinuation<Void, Never>?, CheckedContinuation<Void, Never>?) in
+            s.stopped = true
+            let p = s.producer, c = s.consumer
+            s.producer = nil; s.consumer = nil
+            return (p, c)
+        }
+        p?.resume(); c?.resume()
     }
 
     public func setMaxIncomingFrameSize(_ bytes: Int) {
@@ -408,6 +544,7 @@ public final class SecureChannel: FrameTransport {
             return true
         }
         guard first else { return }
+        stopAhead()
         Task { await self.closeGracefully() }
         // A peer that stopped reading must not hold the connection open.
         Task { [transport] in
@@ -422,6 +559,7 @@ public final class SecureChannel: FrameTransport {
     /// Sends the close record (so the peer can tell a clean end from truncation),
     /// then closes the transport.
     public func closeGracefully() async {
+        stopAhead()
         let alreadyFailed = sendState.withLock { $0.failure != nil }
         if !alreadyFailed {
             try? await sendRecord(type: WireMessageType.close.rawValue, payload: [])

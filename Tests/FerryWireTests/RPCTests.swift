@@ -3,14 +3,15 @@ import Synchronization
 @testable import FerryWire
 
 /// A client and a running server over an in-memory pair (optionally secured).
-func rpcPair(secure: Bool = false, options: RPCOptions = .init(), handler: @escaping RPCServer.Handler) async throws
+func rpcPair(secure: Bool = false, openAhead: Int = 0, options: RPCOptions = .init(), handler: @escaping RPCServer.Handler) async throws
     -> (client: RPCClient, server: RPCServer, done: Task<Error?, Never>) {
     let (a, b) = InMemoryTransport.pair(names: ("leecher-end", "seeder-end"))
     var ct: FrameTransport = a, st: FrameTransport = b
     if secure {
         let psk = try PreSharedSecret.generate()
-        async let s = SecureChannel.server(over: b, credentials: .preSharedSecret(psk))
-        async let c = SecureChannel.client(over: a, credentials: .preSharedSecret(psk))
+        var co = SecureChannelOptions(); co.openAhead = openAhead
+        async let s = SecureChannel.server(over: b, credentials: .preSharedSecret(psk), options: co)
+        async let c = SecureChannel.client(over: a, credentials: .preSharedSecret(psk), options: co)
         (ct, st) = (try await c, try await s)
     }
     let server = RPCServer(transport: st, options: options, handler: handler)
@@ -80,9 +81,9 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
         #expect(order.withLock { $0 } == [5, 1, 3])
     }
 
-    @Test(arguments: [false, true]) func streamsSeveralMiB(secure: Bool) async throws {
+    @Test(arguments: [(false, 0), (true, 0), (true, 2)]) func streamsSeveralMiB(secure: Bool, openAhead: Int) async throws {
         let partSize = 3 << 20
-        let (c, _, _) = try await rpcPair(secure: secure) { _, p, parts in
+        let (c, _, _) = try await rpcPair(secure: secure, openAhead: openAhead) { _, p, parts in
             for i in 0..<Int(p[0]) { try await parts.send([UInt8](repeating: UInt8(i), count: partSize)) }
             return [0xEE]
         }

@@ -181,3 +181,72 @@ func securePair(options: SecureChannelOptions = .init()) async throws -> (Secure
         #expect(errorText(await s).contains("is not in our authorized list"))
     }
 }
+
+/// The open-ahead pipeline (records of 64 KiB or more opened by parallel tasks).
+@Suite struct OpenAheadTests {
+    func options(_ ahead: Int) -> SecureChannelOptions {
+        var o = SecureChannelOptions(); o.openAhead = ahead; return o
+    }
+    func frame(_ i: Int) -> [UInt8] {
+        let n = i % 3 == 0 ? 100 + i : (64 << 10) + i * 1000
+        return [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: n)
+    }
+
+    @Test(arguments: [1, 3]) func deliversInOrderAndEndsCleanly(ahead: Int) async throws {
+        let (c, s, _) = try await securePair(options: options(ahead))
+        async let sending: Void = { for i in 0..<40 { try await c.send(frame(i)) }; await c.closeGracefully() }()
+        for i in 0..<40 { #expect(try await s.receive() == frame(i), "frame \(i)") }
+        #expect(try await s.receive() == nil)
+        #expect(try await s.receive() == nil)
+        try await sending
+    }
+
+    @Test(arguments: [1, 3]) func alteredLargeRecordEndsConnection(ahead: Int) async throws {
+        let (c, s, t) = try await securePair(options: options(ahead))
+        let n = Locked(0)
+        t.rewrite = { fs in fs.map { f in
+            let k = n.withLock { $0 += 1; return $0 }
+            var f = f; if k == 5 { f[f.count / 2] ^= 0x40 }; return f
+        } }
+        for i in 1..<9 { try await c.send(frame(i)) }
+        for i in 1..<5 { #expect(try await s.receive() == frame(i)) }
+        await #expect { try await s.receive() } throws: { "\($0)".contains("frame failed authentication: altered, replayed or reordered (record 4") }
+        await #expect(throws: SecureChannelError.self) { try await s.receive() }
+    }
+
+    @Test func replayedLargeRecordEndsConnection() async throws {
+        let (c, s, t) = try await securePair(options: options(2))
+        t.rewrite = { fs in [fs[0], fs[0]] }
+        try await c.send(frame(1))
+        #expect(try await s.receive() == frame(1))
+        await #expect { try await s.receive() } throws: { "\($0)".contains("altered, replayed or reordered") }
+    }
+
+    @Test func truncatedStreamIsReported() async throws {
+        let (c, s, _) = try await securePair(options: options(2))
+        try await c.send(frame(1))
+        c.transport.close()
+        #expect(try await s.receive() == frame(1))
+        await #expect { try await s.receive() } throws: { "\($0)".contains("without an authenticated close record") }
+    }
+
+    @Test func rekeysInOrder() async throws {
+        var o = options(3); o.rekeyRecords = 3; o.rekeyBytes = 200_000
+        let (c, s, _) = try await securePair(options: o)
+        async let sending: Void = { for i in 0..<30 { try await c.send(frame(i)) } }()
+        for i in 0..<30 { #expect(try await s.receive() == frame(i)) }
+        try await sending
+        #expect(c.sendEpoch == s.receiveEpoch && c.sendEpoch >= 9)
+    }
+
+    @Test func localCloseStopsTheProducer() async throws {
+        let (c, s, _) = try await securePair(options: options(2))
+        for i in 1..<6 { try await c.send(frame(i)) }   // more than the pipeline holds
+        #expect(try await s.receive() == frame(1))
+        s.close()
+        // Buffered records may still come out; then the end. Never a hang.
+        var ended = false
+        for _ in 0..<6 { if (try? await s.receive()) == nil { ended = true; break } }
+        #expect(ended)
+    }
+}
