@@ -284,10 +284,13 @@ struct ClientHandshake {
         suite = chosen
         let headerEnd = r.offset
         let h2 = try KeySchedule.mixHash(hash, Array(frame[0..<headerEnd]))
-        let ee: [UInt8]
+        var ee: [UInt8]
         do { ee = try X25519.sharedSecret(ctx.ephemeralSecret, eServer) }
         catch { throw ctx.reject(.malformed, "\(server) sent an invalid ephemeral key: \(error)", tell: "invalid ephemeral key") }
-        hs = try KeySchedule.handshakeSecret(psk: ctx.psk, ee: ee, h2: h2)
+        var psk = ctx.psk
+        hs = try KeySchedule.handshakeSecret(psk: psk, ee: ee, h2: h2)
+        Sodium.wipe(&ee)
+        if psk != nil { Sodium.wipe(&psk!) }
         let sealed = Array(frame[headerEnd...])
         let kS = try AEADKey(suite: HandshakeConstants.handshakeSuite, key: try KeySchedule.kdf(hs, "ferry hs s2c"))
         guard let proof = kS.open(counter: 0, ad: h2, ciphertext: sealed) else {
@@ -341,7 +344,8 @@ struct ClientHandshake {
             throw ctx.reject(.authenticationFailed, "\(server)'s ServerAccept failed authentication (altered in transit?)", tell: "ServerAccept failed authentication")
         }
         state = .done
-        let ms = try KeySchedule.kdf(hs, "ferry master", hash)
+        var ms = try KeySchedule.kdf(hs, "ferry master", hash)
+        defer { Sodium.wipe(&ms); Sodium.wipe(&hs) }
         return SessionKeys(suite: suite, sendKey: try KeySchedule.kdf(ms, "ferry data c2s"), receiveKey: try KeySchedule.kdf(ms, "ferry data s2c"),
                            peerPublicKey: peerKey, transcriptHash: hash)
     }
@@ -406,10 +410,13 @@ struct ServerHandshake {
         var w = WireWriter()
         w.u8(WireMessageType.serverHello.rawValue); w.u16(HandshakeConstants.version); w.u8(suite.rawValue); w.raw(ctx.ephemeralPublic)
         let h2 = try KeySchedule.mixHash(h1, w.bytes)
-        let ee: [UInt8]
+        var ee: [UInt8]
         do { ee = try X25519.sharedSecret(ctx.ephemeralSecret, eClient) }
         catch { throw ctx.reject(.malformed, "\(client) sent an invalid ephemeral key: \(error)", tell: "invalid ephemeral key") }
-        hs = try KeySchedule.handshakeSecret(psk: ctx.psk, ee: ee, h2: h2)
+        var psk = ctx.psk
+        hs = try KeySchedule.handshakeSecret(psk: psk, ee: ee, h2: h2)
+        Sodium.wipe(&ee)
+        if psk != nil { Sodium.wipe(&psk!) }
         let kS = try AEADKey(suite: HandshakeConstants.handshakeSuite, key: try KeySchedule.kdf(hs, "ferry hs s2c"))
         let proof = try ctx.identityProof(label: HandshakeConstants.serverSignatureLabel, hash: h2)
         let sealed = try kS.seal(counter: 0, ad: h2, plaintext: proof)
@@ -452,7 +459,8 @@ struct ServerHandshake {
         let kS = try AEADKey(suite: HandshakeConstants.handshakeSuite, key: try KeySchedule.kdf(hs, "ferry hs s2c"))
         let reply = [WireMessageType.serverAccept.rawValue] + (try kS.seal(counter: 1, ad: hash, plaintext: []))
         state = .done
-        let ms = try KeySchedule.kdf(hs, "ferry master", hash)
+        var ms = try KeySchedule.kdf(hs, "ferry master", hash)
+        defer { Sodium.wipe(&ms); Sodium.wipe(&hs) }
         return (reply, SessionKeys(suite: suite, sendKey: try KeySchedule.kdf(ms, "ferry data s2c"), receiveKey: try KeySchedule.kdf(ms, "ferry data c2s"),
                                    peerPublicKey: peerKey, transcriptHash: hash))
     }
