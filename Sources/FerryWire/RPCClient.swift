@@ -66,7 +66,8 @@ final class RPCClientCore: Sendable {
         var nextID: UInt32 = 1
         var pending: [UInt32: Pending] = [:]
         var failure: RPCError? = nil
-        var slotWaiters: [CheckedContinuation<Void, Error>] = []
+        var slotWaiters: [(id: UInt64, cont: CheckedContinuation<Void, Error>)] = []
+        var nextWaiter: UInt64 = 0
         var reserved = 0
         var tasks: [Task<Void, Never>] = []
     }
@@ -98,14 +99,24 @@ final class RPCClientCore: Sendable {
     // MARK: Calls
 
     private func acquireSlot() async throws {
-        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
-            let now: Result<Void, Error>? = state.withLock { s in
-                if let f = s.failure { return .failure(f) }
-                if s.reserved < options.maxInFlight { s.reserved += 1; return .success(()) }
-                s.slotWaiters.append(c)
-                return nil
+        let waiter = state.withLock { s -> UInt64 in s.nextWaiter += 1; return s.nextWaiter }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
+                let now: Result<Void, Error>? = state.withLock { s in
+                    if let f = s.failure { return .failure(f) }
+                    if Task.isCancelled { return .failure(CancellationError()) }
+                    if s.reserved < options.maxInFlight { s.reserved += 1; return .success(()) }
+                    s.slotWaiters.append((waiter, c))
+                    return nil
+                }
+                if let now { c.resume(with: now) }
             }
-            if let now { c.resume(with: now) }
+        } onCancel: {
+            let c: CheckedContinuation<Void, Error>? = state.withLock { s in
+                guard let i = s.slotWaiters.firstIndex(where: { $0.id == waiter }) else { return nil }
+                return s.slotWaiters.remove(at: i).cont
+            }
+            c?.resume(throwing: CancellationError())
         }
     }
 
@@ -117,7 +128,7 @@ final class RPCClientCore: Sendable {
 
     /// Frees one in-flight slot, or hands it to a waiting caller (resume it outside the lock).
     private func releaseSlotLocked(_ s: inout State) -> CheckedContinuation<Void, Error>? {
-        if !s.slotWaiters.isEmpty { return s.slotWaiters.removeFirst() }
+        if !s.slotWaiters.isEmpty { return s.slotWaiters.removeFirst().cont }
         s.reserved -= 1
         return nil
     }
@@ -287,7 +298,7 @@ final class RPCClientCore: Sendable {
         let (pending, waiters, tasks) = state.withLock { s -> ([UInt32: Pending], [CheckedContinuation<Void, Error>], [Task<Void, Never>]) in
             if s.failure == nil { s.failure = error }
             let p = s.pending; s.pending = [:]
-            let w = s.slotWaiters; s.slotWaiters = []
+            let w = s.slotWaiters.map(\.cont); s.slotWaiters = []
             let t = s.tasks; s.tasks = []
             s.reserved = 0
             return (p, w, t)

@@ -225,6 +225,20 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
         #expect(c.inFlight == 0)
     }
 
+    @Test func waitingForASlotIsCancellable() async throws {
+        var o = RPCOptions(); o.maxInFlight = 1
+        let (c, server, _) = try await rpcPair(options: o) { _, _, _ in try await Task.sleep(for: .seconds(30)); return [] }
+        let first = Task { try await c.call(0x100, []) }
+        for _ in 0..<400 where server.inFlight == 0 { try await Task.sleep(for: .milliseconds(5)) }
+        let second = Task { try await c.call(0x100, []) }
+        try await Task.sleep(for: .milliseconds(20))
+        second.cancel()
+        await #expect(throws: CancellationError.self) { try await second.value }
+        first.cancel()
+        await #expect(throws: CancellationError.self) { try await first.value }
+        #expect(c.inFlight == 0)
+    }
+
     @Test func overloadedBeyondServerLimit() async throws {
         var so = RPCOptions(); so.maxInFlight = 4
         let (a, b) = InMemoryTransport.pair()
