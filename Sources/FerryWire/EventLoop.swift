@@ -194,3 +194,16 @@ enum EventLoopError: Error, CustomStringConvertible {
         }
     }
 }
+
+#if FERRY_TSAN_LOCK
+// Debug aid, as in StreamTransport.swift: a Mutex ThreadSanitizer can see.
+fileprivate final class Mutex<Value>: @unchecked Sendable {
+    private var m = pthread_mutex_t()
+    private var value: Value
+    init(_ v: Value) { value = v; pthread_mutex_init(&m, nil) }
+    func withLock<R, E: Error>(_ body: (inout Value) throws(E) -> R) throws(E) -> R {
+        pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
+        return try body(&value)
+    }
+}
+#endif
