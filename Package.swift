@@ -44,6 +44,8 @@ let package = Package(
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
         // A TCP relay that drops its connections on command (reconnect tests).
         .executableTarget(name: "relay", path: "Tools/relay"),
+        // Wire benchmark: transports, secure channel and RPC against baselines (Tools/bench-wire.sh).
+        .executableTarget(name: "ferry-bench-wire", dependencies: ["FerryWire"], path: "Tools/bench-wire"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

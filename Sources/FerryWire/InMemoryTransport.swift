@@ -14,8 +14,10 @@ public enum InMemoryTransport {
         capacityBytes: Int = 16 << 20,
         names: (String, String) = ("memory-a", "memory-b")
     ) -> (InMemoryEndpoint, InMemoryEndpoint) {
-        let ab = InMemoryPipe(capacityFrames: capacityFrames, capacityBytes: capacityBytes)
-        let ba = InMemoryPipe(capacityFrames: capacityFrames, capacityBytes: capacityBytes)
+        // A pipe's errors name the side that is not the one seeing them: the
+        // writer hears about the reader, the reader about the writer.
+        let ab = InMemoryPipe(capacityFrames: capacityFrames, capacityBytes: capacityBytes, writer: names.0, reader: names.1)
+        let ba = InMemoryPipe(capacityFrames: capacityFrames, capacityBytes: capacityBytes, writer: names.1, reader: names.0)
         let a = InMemoryEndpoint(outgoing: ab, incoming: ba, peer: names.1)
         let b = InMemoryEndpoint(outgoing: ba, incoming: ab, peer: names.0)
         return (a, b)
@@ -75,9 +77,14 @@ final class InMemoryPipe: Sendable {
     private let capacityFrames: Int
     private let capacityBytes: Int
 
-    init(capacityFrames: Int, capacityBytes: Int) {
+    private let writerName: String
+    private let readerName: String
+
+    init(capacityFrames: Int, capacityBytes: Int, writer: String, reader: String) {
         self.capacityFrames = max(1, capacityFrames)
         self.capacityBytes = max(1, capacityBytes)
+        self.writerName = writer
+        self.readerName = reader
     }
 
     var bufferedFrames: Int { state.withLock { $0.count } }
@@ -199,7 +206,7 @@ final class InMemoryPipe: Sendable {
     private func failLocked(_ s: inout State) {
         s.readerClosed = true
         s.frames = []; s.head = 0; s.bytes = 0
-        for w in s.writers { w.cont.resume(throwing: TransportError.peerClosed(peer: "peer")) }
+        for w in s.writers { w.cont.resume(throwing: TransportError.peerClosed(peer: readerName)) }
         s.writers = []
     }
 
@@ -213,7 +220,7 @@ final class InMemoryPipe: Sendable {
         state.withLock { s in
             s.writerClosed = true
             if s.count == 0, let r = s.reader { s.reader = nil; r.resume(returning: nil) }
-            for w in s.writers { w.cont.resume(throwing: TransportError.closed(peer: "peer")) }
+            for w in s.writers { w.cont.resume(throwing: TransportError.closed(peer: readerName)) }
             s.writers = []
         }
     }
@@ -223,7 +230,7 @@ final class InMemoryPipe: Sendable {
             s.readerClosed = true
             s.frames = []; s.head = 0; s.bytes = 0
             if let r = s.reader { s.reader = nil; r.resume(returning: nil) }
-            for w in s.writers { w.cont.resume(throwing: TransportError.peerClosed(peer: "peer")) }
+            for w in s.writers { w.cont.resume(throwing: TransportError.peerClosed(peer: readerName)) }
             s.writers = []
         }
     }
