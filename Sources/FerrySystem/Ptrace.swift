@@ -29,7 +29,9 @@ final class PtraceThread: @unchecked Sendable {
     /// invariant: the submitter blocks on `done` until the worker signals it,
     /// so `body` and `error` are used by one thread at a time.
     private final class Job: @unchecked Sendable {
-        let body: () throws -> Void
+        /// Cleared by the worker before it signals `done`: the closure must not
+        /// outlive `run`'s `withoutActuallyEscaping`.
+        var body: (() throws -> Void)?
         var error: Error?
         let done = DispatchSemaphore(value: 0)
         init(_ body: @escaping () throws -> Void) { self.body = body }
@@ -82,7 +84,8 @@ final class PtraceThread: @unchecked Sendable {
             while true {
                 let next: Job? = lock.withLock { queue.isEmpty ? nil : queue.removeFirst() }
                 guard let job = next else { break }
-                do { try job.body() } catch { job.error = error }
+                do { try job.body?() } catch { job.error = error }
+                job.body = nil
                 job.done.signal()
             }
             if lock.withLock({ stopping && queue.isEmpty }) { return }

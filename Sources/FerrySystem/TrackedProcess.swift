@@ -142,7 +142,14 @@ public final class TrackedProcess: @unchecked Sendable {
             if rest.first == "Z" { throw AttachError.processExited(pid: pid) }
         }
         if let tracer = fields["TracerPid"].flatMap({ Int32($0) }), tracer != 0 {
-            throw AttachError.alreadyTraced(pid: pid, tracer: tracer)
+            // TracerPid names the tracing thread; people know its process.
+            var process = tracer
+            if let text = readProcFile("/proc/\(tracer)/status"),
+               let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Tgid:") }),
+               let tgid = Int32(line.dropFirst(5).trimmingPrefix(while: { $0 == " " || $0 == "\t" })) {
+                process = tgid
+            }
+            throw AttachError.alreadyTraced(pid: pid, tracer: process)
         }
     }
 

@@ -1,0 +1,101 @@
+// Freezing and thawing: every thread stops, thaw resumes them, and a process
+// that was stopped before stays stopped.
+import Testing
+import Glibc
+@testable import FerrySystem
+
+@Suite(.serialized)
+struct FreezerTests {
+    /// Reads the spinner counters of `child` from outside.
+    private func counters(_ child: TestChild, threads: Int) throws -> [UInt64] {
+        let reader = try PageReader(pid: child.pid)
+        var buffer = [UInt8](repeating: 0, count: Int(pageSize) * 2)
+        let start = child.counters & ~(pageSize - 1)
+        try buffer.withUnsafeMutableBytes { _ = try reader.read([AddressRange(start: start, end: start + 2 * pageSize)], into: $0) }
+        let offset = Int(child.counters - start)
+        return (0..<threads).map { index in
+            buffer.withUnsafeBytes { $0.load(fromByteOffset: offset + index * 8, as: UInt64.self) }
+        }
+    }
+
+    private func sleep(milliseconds: Int) { usleep(useconds_t(milliseconds * 1000)) }
+
+    @Test func freezeStopsEveryThreadAndThawResumes() throws {
+        let child = try TestChild(pages: 16)
+        let process = try TrackedProcess.attach(pid: child.pid)
+        defer { try? process.detach() }
+        try child.process.call("spin 4")
+        sleep(milliseconds: 20)
+
+        let latency = try process.freeze()
+        #expect(process.isFrozen)
+        #expect(latency > .zero)
+        #expect(process.lastFreezeLatency == latency)
+        let frozen = try counters(child, threads: 4)
+        sleep(milliseconds: 50)
+        #expect(try counters(child, threads: 4) == frozen, "no thread moves while frozen")
+
+        try process.thaw()
+        #expect(!process.isFrozen)
+        sleep(milliseconds: 50)
+        let after = try counters(child, threads: 4)
+        for index in 0..<4 { #expect(after[index] > frozen[index], "thread \(index) runs again") }
+        try child.process.call("unspin")
+    }
+
+    @Test func aStoppedProcessStaysStoppedAfterThaw() throws {
+        let child = try TestChild(pages: 16)
+        let process = try TrackedProcess.attach(pid: child.pid)
+        defer { try? process.detach() }
+        try child.process.call("spin 2")
+        kill(child.pid, SIGSTOP)
+        for _ in 0..<200 where child.process.state != "T" { sleep(milliseconds: 1) }
+        #expect(child.process.state == "T")
+
+        try process.freeze()
+        try process.thaw()
+        // Detach puts the threads back into the group stop.
+        for _ in 0..<200 where child.process.state != "T" { sleep(milliseconds: 1) }
+        #expect(child.process.state == "T", "stopped before the freeze, stopped after the thaw")
+        let stopped = try counters(child, threads: 2)
+        sleep(milliseconds: 30)
+        #expect(try counters(child, threads: 2) == stopped)
+
+        kill(child.pid, SIGCONT)
+        sleep(milliseconds: 30)
+        let resumed = try counters(child, threads: 2)
+        #expect(resumed[0] > stopped[0] && resumed[1] > stopped[1], "SIGCONT still resumes it")
+        try child.process.call("unspin")
+    }
+
+    @Test func aSignalSentDuringTheFreezeIsDeliveredAfterThaw() throws {
+        let child = try TestChild(pages: 16)
+        let process = try TrackedProcess.attach(pid: child.pid)
+        defer { try? process.detach() }
+        try process.freeze()
+        kill(child.pid, SIGSTOP)
+        sleep(milliseconds: 20)
+        #expect(child.process.state == "t", "still in our trace stop, the signal waits")
+        try process.thaw()
+        for _ in 0..<200 where child.process.state != "T" { sleep(milliseconds: 1) }
+        #expect(child.process.state == "T", "the SIGSTOP was not lost")
+        kill(child.pid, SIGCONT)
+        #expect(try child.process.call("get 0") == ["1"])
+    }
+
+    @Test func repeatedFreezesAreCheapAndLeaveItRunning() throws {
+        let child = try TestChild(pages: 16)
+        let process = try TrackedProcess.attach(pid: child.pid)
+        defer { try? process.detach() }
+        try child.process.call("spin 4")
+        var latencies: [Duration] = []
+        for _ in 0..<20 {
+            latencies.append(try process.freeze())
+            try process.thaw()
+        }
+        latencies.sort()
+        print("freeze latency, 5-thread process, 4 spinning: median \(latencies[10]), max \(latencies[19])")
+        try child.process.call("unspin")
+        #expect(try child.process.call("get 0") == ["1"])
+    }
+}

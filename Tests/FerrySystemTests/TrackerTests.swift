@@ -1,0 +1,169 @@
+// Write tracking on a live child: every written page is reported, pages never
+// written are not, reads re-arm, races lose nothing, layout changes count dirty.
+import Testing
+import Glibc
+@testable import FerrySystem
+
+/// Page indices of `child`'s region inside `ranges`.
+private func pages(of child: TestChild, in ranges: [AddressRange]) -> Set<Int> {
+    var result = Set<Int>()
+    for range in Ranges.intersect(Ranges.merge(ranges), [child.region]) {
+        var address = range.start
+        while address < range.end {
+            result.insert(Int((address - child.base) / pageSize))
+            address += pageSize
+        }
+    }
+    return result
+}
+
+private let uffdTrackers: [TrackerKind] = [.async, .sync]
+
+@Suite(.serialized)
+struct TrackerTests {
+    @Test(arguments: uffdTrackers)
+    func everyWrittenPageIsReportedAndNoOther(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 1024)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        #expect(process.trackerKind == kind)
+        try process.startTracking()
+        #expect(pages(of: child, in: try process.scanDirty()).isEmpty, "nothing written yet")
+        // Property over many seeds: random pages, 4 writer threads at once.
+        for seed in UInt64(1)...24 {
+            let written = try child.writeRandom(seed: seed, count: 64, threads: 4)
+            let reported = pages(of: child, in: try process.scanDirty())
+            #expect(written.isSubset(of: reported), "seed \(seed): missed \(written.subtracting(reported).sorted())")
+            #expect(reported.isSubset(of: written), "seed \(seed): never written \(reported.subtracting(written).sorted())")
+        }
+        #expect(pages(of: child, in: try process.scanDirty()).isEmpty, "a scan re-protects what it reports")
+    }
+
+    @Test(arguments: uffdTrackers)
+    func readingAPageRearmsIt(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 64)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        try child.set(3, 33)
+        try child.set(40, 44) // in the never-touched half
+        var buffer = [UInt8](repeating: 0, count: Int(pageSize))
+        let read = try buffer.withUnsafeMutableBytes { try process.read([child.page(3)], into: $0) }
+        #expect(read == Int(pageSize))
+        #expect(buffer.withUnsafeBytes { $0.load(as: UInt64.self) } == 33)
+        #expect(pages(of: child, in: try process.scanDirty()) == [40], "page 3 was sent after its write")
+        try child.set(3, 34)
+        #expect(pages(of: child, in: try process.scanDirty()) == [3], "a write after the read is seen")
+        // Reading never-written pages does not make them dirty.
+        var big = [UInt8](repeating: 0, count: 64 * Int(pageSize))
+        _ = try big.withUnsafeMutableBytes { try process.read([child.region], into: $0) }
+        #expect(pages(of: child, in: try process.scanDirty()).isEmpty)
+    }
+
+    @Test(arguments: uffdTrackers)
+    func aWriteRacingAReadIsNeverLost(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 16)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        // The "leecher": keeps a copy of page 5, refreshed when a scan says so
+        // and, at random, regardless (reads re-arm before copying).
+        var copy: UInt64 = 0
+        var buffer = [UInt8](repeating: 0, count: Int(pageSize))
+        func refresh() throws {
+            _ = try buffer.withUnsafeMutableBytes { try process.read([child.page(5)], into: $0) }
+            copy = buffer.withUnsafeBytes { $0.load(as: UInt64.self) }
+        }
+        let total: UInt64 = kind == .async ? 200_000 : 20_000
+        child.process.send("race 5 \(total)")
+        var rounds = 0
+        var generator = SystemRandomNumberGenerator()
+        while true {
+            rounds += 1
+            if pages(of: child, in: try process.scanDirty()).contains(5) || Bool.random(using: &generator) {
+                try refresh()
+            }
+            if rounds % 16 == 0, let line = try? child.process.readLine(timeout: 0.001) {
+                #expect(line == "ok \(total)")
+                break
+            }
+        }
+        if pages(of: child, in: try process.scanDirty()).contains(5) { try refresh() }
+        #expect(copy == total, "the copy holds the last write after \(rounds) rounds")
+    }
+
+    @Test(arguments: uffdTrackers)
+    func layoutChangesCountDirtyAndAreTrackedAfterwards(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 64)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        _ = try process.scanDirty()
+
+        // A new private and a new shared anonymous region, and heap growth.
+        let fresh = UInt64(try child.process.call("mmap 8 0")[0], radix: 16)!
+        let shared = UInt64(try child.process.call("mmap 8 1")[0], radix: 16)!
+        let heap = UInt64(try child.process.call("grow 4")[0], radix: 16)!
+        let change = try process.refreshLayout()
+        #expect(change.newlyDirty.contains { $0.contains(fresh) && $0.contains(fresh + 8 * pageSize - 1) })
+        #expect(change.newlyDirty.contains { $0.contains(shared) })
+        #expect(change.newlyDirty.contains { $0.contains(heap) })
+        let first = try process.scanDirty()
+        #expect(first.contains { $0.contains(fresh) && $0.contains(fresh + 7 * pageSize) }, "new parts are dirty in full")
+        #expect(first.contains { $0.contains(shared) })
+        #expect(process.unprotectable.allSatisfy { !$0.range.contains(fresh) })
+
+        // Registered from now on: one write each is seen, nothing else.
+        #expect(!(try process.scanDirty()).contains { $0.contains(fresh) || $0.contains(shared) })
+        try child.process.call("wat \(fresh + 3 * pageSize) 1")
+        try child.process.call("wat \(shared + 2 * pageSize) 1")
+        let second = try process.scanDirty()
+        #expect(second.contains { $0.contains(fresh + 3 * pageSize) })
+        #expect(!second.contains { $0.contains(fresh + 4 * pageSize) })
+        #expect(second.contains { $0.contains(shared + 2 * pageSize) })
+
+        // MADV_DONTNEED followed by writes.
+        try child.process.call("zap 0 16")
+        try child.set(2, 22)
+        try child.set(20, 20) // never written before, in the untouched half
+        #expect(pages(of: child, in: try process.scanDirty()).isSuperset(of: [2]))
+
+        // Unmapped and mapped again (often at the same address): still tracked.
+        try child.process.call("munmap \(fresh) 8")
+        let again = UInt64(try child.process.call("mmap 8 0")[0], radix: 16)!
+        _ = try process.refreshLayout()
+        _ = try process.scanDirty()
+        try child.process.call("wat \(again + pageSize) 5")
+        #expect(try process.scanDirty().contains { $0.contains(again + pageSize) })
+    }
+
+    @Test(.enabled(if: SoftDirtyTracker.kernelSupportsSoftDirty(),
+                   "this kernel is built without CONFIG_MEM_SOFT_DIRTY: the soft-dirty tracker cannot run here"))
+    func softDirtyReportsWrittenPages() throws {
+        let child = try TestChild(pages: 256)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: .softDirty)
+        defer { try? process.detach() }
+        try process.startTracking()
+        _ = try process.scanDirty()
+        let written = try child.writeRandom(seed: 7, count: 32, threads: 2)
+        #expect(written.isSubset(of: pages(of: child, in: try process.scanDirty())))
+    }
+
+    @Test func scanOfManyScatteredRangesIsComplete() throws {
+        // More dirty ranges than one PAGEMAP_SCAN vector holds (every other page).
+        let count = AsyncWPTracker.regionsPerCall * 2 + 100
+        let child = try TestChild(pages: count * 2)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: .async)
+        defer { try? process.detach() }
+        try process.startTracking()
+        _ = try process.scanDirty()
+        for index in stride(from: 0, to: count * 2, by: 2) { child.process.send("set \(index) 1") }
+        for _ in 0..<count { _ = try child.process.readLine() }
+        let clock = ContinuousClock()
+        let started = clock.now
+        let reported = pages(of: child, in: try process.scanDirty())
+        let elapsed = clock.now - started
+        print("async scan of \(count * 2) pages with \(count) scattered dirty pages: \(elapsed)")
+        #expect(reported == Set(stride(from: 0, to: count * 2, by: 2)))
+    }
+}
