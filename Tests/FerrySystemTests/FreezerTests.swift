@@ -9,12 +9,11 @@ struct FreezerTests {
     /// Reads the spinner counters of `child` from outside.
     private func counters(_ child: TestChild, threads: Int) throws -> [UInt64] {
         let reader = try PageReader(pid: child.pid)
-        var buffer = [UInt8](repeating: 0, count: Int(pageSize) * 2)
-        let start = child.counters & ~(pageSize - 1)
-        try buffer.withUnsafeMutableBytes { _ = try reader.read([AddressRange(start: start, end: start + 2 * pageSize)], into: $0) }
-        let offset = Int(child.counters - start)
+        var buffer = [UInt8](repeating: 0, count: threads * 8)
+        let range = AddressRange(start: child.counters, end: child.counters + UInt64(threads) * 8)
+        try buffer.withUnsafeMutableBytes { _ = try reader.read([range], into: $0) }
         return (0..<threads).map { index in
-            buffer.withUnsafeBytes { $0.load(fromByteOffset: offset + index * 8, as: UInt64.self) }
+            buffer.withUnsafeBytes { $0.load(fromByteOffset: index * 8, as: UInt64.self) }
         }
     }
 
