@@ -30,6 +30,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -81,7 +82,7 @@ static void usage(FILE *to) {
         "  --rate W          writes per second per thread, 0 = as fast as possible (default 0)\n"
         "  --stop-after N    each thread stops after N writes; prints 'done <writes>'\n"
         "  --churn           a thread maps, writes and unmaps 1 MiB regions every 5 ms\n"
-        "  --heap-grow       a thread grows the heap by 32 KiB every 5 ms and writes it\n"
+        "  --heap-grow       a thread grows the heap by 32 KiB every 5 ms (up to 64 MiB, then frees it)\n"
         "  --zap             1 write in 16 first drops its page (madvise MADV_DONTNEED)\n"
         "  --pattern         fill every region with a checkable pattern before 'ready'\n"
         "  --seed S          random seed and pattern key (default 1)\n"
@@ -217,12 +218,19 @@ static void *churner(void *arg) {
     return NULL;
 }
 
+#define HEAP_CHUNKS 2048 /* 2048 x 32 KiB = 64 MiB, then the heap is freed and grows again */
 static void *heap_grower(void *arg) {
     (void)arg;
+    static uint8_t *chunks[HEAP_CHUNKS];
     // 32 KiB stays below malloc's mmap threshold, so the main arena's heap grows (brk).
-    for (unsigned i = 0; i < 100000; i++) {
-        uint8_t *p = malloc(32 << 10);
-        if (p) memset(p, (int)(i | 1), 32 << 10);
+    for (unsigned i = 0;; i++) {
+        unsigned slot = i % HEAP_CHUNKS;
+        if (slot == 0 && chunks[0]) {
+            for (unsigned k = 0; k < HEAP_CHUNKS; k++) { free(chunks[k]); chunks[k] = NULL; }
+            malloc_trim(0);
+        }
+        chunks[slot] = malloc(32 << 10);
+        if (chunks[slot]) memset(chunks[slot], (int)(i | 1), 32 << 10);
         usleep(5000);
     }
     return NULL;
@@ -282,6 +290,12 @@ int main(int argc, char **argv) {
     if (opt_mib == 0) { fprintf(stderr, "memwriter: --mib must be at least 1\n"); return 2; }
     if (opt_threads == 0 || opt_threads > 256) { fprintf(stderr, "memwriter: --threads must be 1..256\n"); return 2; }
 
+    // A parent may have spawned us with signals blocked: unblock the ones we handle.
+    sigset_t handled;
+    sigemptyset(&handled);
+    sigaddset(&handled, SIGTERM);
+    sigaddset(&handled, SIGINT);
+    sigprocmask(SIG_UNBLOCK, &handled, NULL);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_term;
