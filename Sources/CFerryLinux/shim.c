@@ -53,6 +53,8 @@ uint8_t ferry_uffd_event_remap(void) { return UFFD_EVENT_REMAP; }
 uint64_t ferry_uffd_pagefault_flag_wp(void) { return UFFD_PAGEFAULT_FLAG_WP; }
 uint64_t ferry_uffd_pagefault_flag_write(void) { return UFFD_PAGEFAULT_FLAG_WRITE; }
 uint64_t ferry_page_is_written(void) { return PAGE_IS_WRITTEN; }
+uint64_t ferry_page_is_present(void) { return PAGE_IS_PRESENT; }
+uint64_t ferry_page_is_swapped(void) { return PAGE_IS_SWAPPED; }
 uint64_t ferry_pm_scan_wp_matching(void) { return PM_SCAN_WP_MATCHING; }
 uint64_t ferry_pm_scan_check_wpasync(void) { return PM_SCAN_CHECK_WPASYNC; }
 

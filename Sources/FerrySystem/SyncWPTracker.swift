@@ -87,7 +87,11 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
                 }
             }
         }
-        for range in ranges { try uffd.writeProtect(range, protect: true) }
+        for range in ranges {
+            do { try uffd.writeProtect(range, protect: true) } catch let error as SystemError where error.errno == ENOENT {
+                continue // unmapped meanwhile: the reader reports it vanished
+            }
+        }
     }
 
     func untrack(_ range: AddressRange) throws {

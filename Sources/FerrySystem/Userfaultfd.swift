@@ -162,16 +162,20 @@ final class Userfaultfd: @unchecked Sendable {
         }
     }
 
+    /// A descriptor for our own process's memory (probes and tests); user-mode
+    /// only when we lack the right to a full one.
+    static func forOwnProcess() throws -> Userfaultfd {
+        var fd = ferry_userfaultfd(O_CLOEXEC | O_NONBLOCK)
+        if fd < 0 && errno == EPERM { fd = ferry_userfaultfd(O_CLOEXEC | O_NONBLOCK | ferry_uffd_user_mode_only()) }
+        if fd < 0 { throw SystemError(operation: "userfaultfd", target: "our own process", errno: errno) }
+        return Userfaultfd(adopting: fd, target: "our own process")
+    }
+
     /// What the running kernel offers, probed with a descriptor of our own
     /// process (created and closed here). nil when the kernel has no userfaultfd.
     static func probeKernelFeatures() throws -> UserfaultfdFeatures? {
-        var fd = ferry_userfaultfd(O_CLOEXEC | O_NONBLOCK)
-        if fd < 0 && errno == EPERM { fd = ferry_userfaultfd(O_CLOEXEC | O_NONBLOCK | ferry_uffd_user_mode_only()) }
-        if fd < 0 {
-            if errno == ENOSYS { return nil }
-            throw SystemError(operation: "userfaultfd", target: "our own process", errno: errno)
-        }
-        let probe = Userfaultfd(adopting: fd, target: "our own process")
+        let probe: Userfaultfd
+        do { probe = try forOwnProcess() } catch let error as SystemError where error.errno == ENOSYS { return nil }
         return try probe.enable([])
     }
 }

@@ -189,6 +189,7 @@ private let childSource = #"""
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096UL
@@ -292,6 +293,16 @@ int main(int argc, char **argv) {
             if (sbrk(a * PAGE) == (void *)-1) { printf("err sbrk\n"); continue; }
             for (unsigned long p = 0; p < a; p++) old[p * PAGE] = 9;
             printf("ok %lx\n", (unsigned long)old);
+        } else if (!strcmp(cmd, "fill")) {
+            for (unsigned long p = 0; p < pages; p++) *(volatile uint64_t *)(base + p * PAGE) = p + 1;
+            printf("ok\n");
+        } else if (!strcmp(cmd, "time")) {
+            /* time N: write the first word of pages 0..N-1 once; answer the nanoseconds taken */
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            for (unsigned long p = 0; p < a && p < pages; p++) *(volatile uint64_t *)(base + p * PAGE) += 1;
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            printf("ok %ld\n", (long)((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec)));
         } else if (!strcmp(cmd, "exit")) {
             printf("ok\n");
             return 0;

@@ -167,3 +167,56 @@ struct TrackerTests {
         #expect(reported == Set(stride(from: 0, to: count * 2, by: 2)))
     }
 }
+
+@Suite(.serialized)
+struct ZapTests {
+    @Test(arguments: uffdTrackers)
+    func aZappedPageIsReportedOnceEvenWithoutAWrite(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 64)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        try child.set(10, 99)
+        try child.set(11, 98)
+        #expect(pages(of: child, in: try process.scanDirty()) == [10, 11])
+        // MADV_DONTNEED: the pages now read as zeros, a change the leecher must see.
+        try child.process.call("zap 10 2")
+        #expect(pages(of: child, in: try process.scanDirty()) == [10, 11])
+        #expect(pages(of: child, in: try process.scanDirty()).isEmpty, "reported once")
+        try child.set(11, 5)
+        #expect(pages(of: child, in: try process.scanDirty()) == [11], "and tracked again afterwards")
+    }
+}
+
+extension ZapTests {
+    @Test func theSecondWalkFindsZappedPagesOnAnyKernel() throws {
+        // The async tracker on memory of our own, forced to walk for zapped
+        // pages even where the probe found the first walk enough.
+        print("this kernel needs the second (zapped pages) walk: \(AsyncWPTracker.zappedPagesNeedSecondScan)")
+        let uffd = try Userfaultfd.forOwnProcess()
+        _ = try uffd.enable([.wpAsync, .wpUnpopulated])
+        let length = 16 * Int(pageSize)
+        let memory = try #require(mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        defer { munmap(memory, length) }
+        let base = UInt64(UInt(bitPattern: memory))
+        let range = AddressRange(start: base, end: base + UInt64(length))
+        let tracker = try AsyncWPTracker(uffd: uffd, pid: getpid(), zapScan: true)
+        defer { tracker.close() }
+        memory.storeBytes(of: 1, toByteOffset: 3 * Int(pageSize), as: UInt8.self)
+        try tracker.track(range)
+        #expect(try tracker.scan([range]).dirty.isEmpty)
+        madvise(memory + 3 * Int(pageSize), Int(pageSize), MADV_DONTNEED)
+        // The zapped-page query on its own finds exactly the emptied slot.
+        let probeRange = try tracker.zappedOnly(range)
+        let page3 = AddressRange(start: base + 3 * pageSize, end: base + 4 * pageSize)
+        #expect(probeRange == [page3])
+        #expect(try tracker.scan([range]).dirty == [page3])
+        #expect(try tracker.scan([range]).dirty.isEmpty, "reported once")
+        // A vector of 2 entries for 8 scattered pages: the scan loops to the end.
+        for index in stride(from: 0, to: 16, by: 2) { memory.storeBytes(of: 9, toByteOffset: index * Int(pageSize), as: UInt8.self) }
+        #expect(try tracker.scan([range], capacity: 2).dirty.count == 8)
+        memory.storeBytes(of: 2, toByteOffset: 3 * Int(pageSize), as: UInt8.self)
+        #expect(try tracker.scan([range]).dirty == [page3], "and protected again")
+    }
+}
+

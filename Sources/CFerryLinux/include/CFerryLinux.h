@@ -91,6 +91,8 @@ uint8_t ferry_uffd_event_remap(void);
 uint64_t ferry_uffd_pagefault_flag_wp(void);
 uint64_t ferry_uffd_pagefault_flag_write(void);
 uint64_t ferry_page_is_written(void);
+uint64_t ferry_page_is_present(void);
+uint64_t ferry_page_is_swapped(void);
 uint64_t ferry_pm_scan_wp_matching(void);
 uint64_t ferry_pm_scan_check_wpasync(void);
 
