@@ -101,6 +101,12 @@ long ferry_ptrace_cont(pid_t tid, int sig) { return ptrace(PTRACE_CONT, tid, 0, 
 long ferry_ptrace_singlestep(pid_t tid, int sig) { return ptrace(PTRACE_SINGLESTEP, tid, 0, (void *)(long)sig); }
 long ferry_ptrace_getsiginfo(pid_t tid, siginfo_t *info) { return ptrace(PTRACE_GETSIGINFO, tid, 0, info); }
 long ferry_ptrace_setsiginfo(pid_t tid, const siginfo_t *info) { return ptrace(PTRACE_SETSIGINFO, tid, 0, info); }
+#ifndef PTRACE_GETSIGMASK
+#define PTRACE_GETSIGMASK 0x420a
+#define PTRACE_SETSIGMASK 0x420b
+#endif
+long ferry_ptrace_getsigmask(pid_t tid, uint64_t *mask) { return ptrace(PTRACE_GETSIGMASK, tid, (void *)sizeof *mask, mask); }
+long ferry_ptrace_setsigmask(pid_t tid, const uint64_t *mask) { return ptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof *mask, mask); }
 
 int ferry_wifexited(int status) { return WIFEXITED(status); }
 int ferry_wifsignaled(int status) { return WIFSIGNALED(status); }

@@ -26,6 +26,14 @@ struct FrozenProcess {
     var threads: [Int32: TraceeStop]
     /// From the first PTRACE_SEIZE to the last thread reporting its stop.
     var latency: Duration
+
+    /// Threads caught about to take a signal (handed back to them on thaw).
+    var signalStops: Int {
+        threads.values.reduce(0) { count, stop in
+            if case .signal = stop { return count + 1 }
+            return count
+        }
+    }
 }
 
 enum FreezeError: Error, CustomStringConvertible, Sendable {

@@ -68,14 +68,22 @@ struct RemoteSyscall {
         ferry_regs_prepare_syscall(&regs, instruction, number, args[0], args[1], args[2], args[3], args[4], args[5])
         try check("PTRACE_SETREGS") { ferry_regs_set(tid, &regs) }
         defer { _ = ferry_regs_set(tid, &saved) }
+        // Block every signal for the step, so that no pending signal is taken
+        // in its place (they stay queued and arrive after the thaw); the
+        // step's own SIGTRAP is forced through regardless.
+        var savedMask: UInt64 = 0
+        try check("PTRACE_GETSIGMASK") { ferry_ptrace_getsigmask(tid, &savedMask) }
+        var blockAll = ~UInt64(0)
+        try check("PTRACE_SETSIGMASK") { ferry_ptrace_setsigmask(tid, &blockAll) }
+        defer { _ = ferry_ptrace_setsigmask(tid, &savedMask) }
 
         var bytes: (UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0)
         let length = withUnsafeMutableBytes(of: &bytes) {
             ferry_syscall_instruction($0.baseAddress!.assumingMemoryBound(to: UInt8.self))
         }
-        // A step normally ends in a SIGTRAP stop. Another signal may be reported
-        // first (it was pending): a process-directed one is sent again after
-        // the step so it is not lost; the step is retried.
+        // A step normally ends in a SIGTRAP stop. Should another signal be
+        // reported first all the same (SIGKILL, SIGSTOP cannot be blocked), it
+        // is sent again after the step so it is not lost; the step is retried.
         var deferred: [Int32] = []
         defer { for signal in deferred { _ = ferry_tgkill(pid, tid, signal) } }
         for _ in 0..<8 {

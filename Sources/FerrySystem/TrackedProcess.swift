@@ -42,6 +42,8 @@ public final class TrackedProcess: @unchecked Sendable {
     private var frozen: FrozenProcess?
     private var detached = false
     private var _lastFreezeLatency: Duration?
+    /// Signal-delivery stops seen by all freezes so far (tests look at it).
+    private(set) var signalStopsSeen = 0
 
     // MARK: - Attach
 
@@ -367,6 +369,7 @@ public final class TrackedProcess: @unchecked Sendable {
             lock.withLock {
                 frozen = state
                 _lastFreezeLatency = state.latency
+                signalStopsSeen += state.signalStops
             }
             return state.latency
         } catch let error as FreezeError {

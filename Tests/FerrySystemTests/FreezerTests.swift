@@ -98,3 +98,101 @@ struct FreezerTests {
         #expect(try child.process.call("get 0") == ["1"])
     }
 }
+
+@Suite(.serialized)
+struct FreezerEdgeTests {
+    private func counter(_ child: TestChild, _ index: Int) throws -> UInt64 {
+        let reader = try PageReader(pid: child.pid)
+        var value: UInt64 = 0
+        let address = child.counters + UInt64(index) * 8
+        try withUnsafeMutableBytes(of: &value) { _ = try reader.read([AddressRange(start: address, end: address + 8)], into: $0) }
+        return value
+    }
+
+    @Test func noSignalIsLostOrInventedAcrossFreezes() throws {
+        let child = try TestChild(pages: 16)
+        try child.process.call("sig")
+        try child.process.call("spin 2")
+        let process = try TrackedProcess.attach(pid: child.pid)
+        // Real-time signals queue (they are not merged), so every one sent must
+        // be handled exactly once: sent just before, during and after freezes.
+        // A thread of ours sends signals without pause, so that some freezes
+        // catch a thread about to take one (signal-delivery-stop).
+        let sent = Counter()
+        let blasting = Counter()
+        let pid = child.pid
+        let blaster = Thread {
+            while blasting.value == 0 {
+                if kill(pid, __libc_current_sigrtmin()) == 0 { sent.add() }
+            }
+        }
+        for _ in 0..<60 {
+            try process.freeze()
+            try process.thaw()
+        }
+        let caught = process.signalStopsSeen
+        try process.detach()
+        // Attaching runs a remote system call in a thread that may be taking signals.
+        for _ in 0..<10 {
+            let other = try TrackedProcess.attach(pid: child.pid, tracker: .async)
+            try other.detach()
+        }
+        blasting.add()
+        blaster.join()
+        let total = UInt64(sent.value)
+        try child.process.call("unspin")
+        var handled: UInt64 = 0
+        for _ in 0..<100 {
+            handled = UInt64(try child.process.call("sigcount")[0])!
+            if handled >= total { break }
+            usleep(2000)
+        }
+        #expect(handled == total)
+        print("signals: \(total) sent, \(handled) handled, \(caught) caught in signal-delivery-stop and handed back")
+    }
+
+    @Test func threadsCreatedWhileFreezingAreCaught() throws {
+        let child = try TestChild(pages: 16)
+        try child.process.call("churn")
+        usleep(20_000)
+        let process = try TrackedProcess.attach(pid: child.pid)
+        defer { try? process.detach() }
+        for _ in 0..<10 {
+            try process.freeze()
+            let before = try counter(child, 63)
+            usleep(20_000)
+            #expect(try counter(child, 63) == before, "no thread, old or new, runs while frozen")
+            try process.thaw()
+        }
+        usleep(20_000)
+        let later = try counter(child, 63)
+        usleep(20_000)
+        #expect(try counter(child, 63) > later, "threads are created again after thaw")
+        try child.process.call("unchurn")
+    }
+
+    @Test func attachingToAStoppedProcessLeavesItStopped() throws {
+        let child = try TestChild(pages: 16)
+        kill(child.pid, SIGSTOP)
+        for _ in 0..<200 where child.process.state != "T" { usleep(1000) }
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: .async)
+        defer { try? process.detach() }
+        for _ in 0..<200 where child.process.state != "T" { usleep(1000) }
+        #expect(child.process.state == "T", "the remote system call did not resume it")
+        try process.startTracking()
+        kill(child.pid, SIGCONT)
+        try child.set(1, 11)
+        #expect(try process.scanDirty().contains { $0.contains(child.base + pageSize) })
+    }
+
+    @Test func attachingWhileEveryThreadSpinsWorks() throws {
+        let child = try TestChild(pages: 16)
+        try child.process.call("spin 4")
+        let process = try TrackedProcess.attach(pid: child.pid)
+        defer { try? process.detach() }
+        try process.startTracking()
+        try child.set(2, 5)
+        #expect(try process.scanDirty().contains { $0.contains(child.base + 2 * pageSize) })
+        try child.process.call("unspin")
+    }
+}

@@ -36,8 +36,23 @@ final class TestProcess {
         posix_spawn_file_actions_adddup2(&actions, fromChild[1], 1)
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
+        // The child starts with no signal blocked and default dispositions:
+        // the test runner's worker threads block signals, and a child would
+        // inherit that mask through posix_spawn.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t()
+        sigemptyset(&none)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        var all = sigset_t()
+        sigfillset(&all)
+        sigdelset(&all, SIGKILL)
+        sigdelset(&all, SIGSTOP)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
+        let rc = posix_spawn(&child, executable, &actions, &attributes, argv, environ)
         close(toChild[0])
         close(fromChild[1])
         guard rc == 0 else {
@@ -181,6 +196,7 @@ final class TestChild {
 
 private let childSource = #"""
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -212,6 +228,21 @@ static void *writer(void *arg) {
         unsigned long offset = (next(&s) % (PAGE / 8)) * 8;
         *(volatile uint64_t *)(base + p * PAGE + offset) = s;
         j->out[i] = p;
+    }
+    return NULL;
+}
+
+static atomic_ulong signals;
+static void on_signal(int sig) { (void)sig; atomic_fetch_add(&signals, 1); }
+
+static atomic_int churning;
+static pthread_t churner;
+static void *churn_one(void *arg) { (void)arg; atomic_fetch_add(&counters[63], 1); return NULL; }
+static void *churn(void *arg) {
+    (void)arg;
+    while (atomic_load(&churning)) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, churn_one, NULL) == 0) pthread_detach(t);
     }
     return NULL;
 }
@@ -303,6 +334,28 @@ int main(int argc, char **argv) {
             for (unsigned long p = 0; p < a && p < pages; p++) *(volatile uint64_t *)(base + p * PAGE) += 1;
             clock_gettime(CLOCK_MONOTONIC, &t1);
             printf("ok %ld\n", (long)((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec)));
+        } else if (!strcmp(cmd, "sig")) {
+            struct sigaction action = {0};
+            action.sa_handler = on_signal;
+            action.sa_flags = SA_RESTART;
+            sigaction(SIGRTMIN, &action, NULL);
+            printf("ok\n");
+        } else if (!strcmp(cmd, "sigcount")) {
+            printf("ok %lu\n", (unsigned long)atomic_load(&signals));
+        } else if (!strcmp(cmd, "churn")) {
+            atomic_store(&churning, 1);
+            pthread_create(&churner, NULL, churn, NULL);
+            printf("ok\n");
+        } else if (!strcmp(cmd, "unchurn")) {
+            atomic_store(&churning, 0);
+            pthread_join(churner, NULL);
+            printf("ok\n");
+        } else if (!strcmp(cmd, "kread")) {
+            /* kread PAGE: the kernel writes into PAGE (read(2) from /dev/urandom) */
+            int fd = open("/dev/urandom", O_RDONLY);
+            ssize_t n = read(fd, base + a * PAGE, 64);
+            close(fd);
+            printf(n == 64 ? "ok\n" : "err read\n");
         } else if (!strcmp(cmd, "exit")) {
             printf("ok\n");
             return 0;

