@@ -71,3 +71,24 @@ public enum AttachError: Error, CustomStringConvertible, Sendable {
         }
     }
 }
+
+/// Why an operation on an attached `TrackedProcess` failed.
+public enum TrackedProcessError: Error, CustomStringConvertible, Sendable {
+    /// The process exited (or is a zombie): its memory is gone.
+    case processExited(pid: Int32, operation: String)
+    /// `detach()` was called before.
+    case detached(pid: Int32, operation: String)
+    /// Any other failure, with the underlying error's message.
+    case failed(pid: Int32, operation: String, underlying: String)
+
+    public var description: String {
+        switch self {
+        case .processExited(let pid, let operation):
+            return "cannot \(operation) pid \(pid): the process has exited (its memory is gone; start again with a running process)"
+        case .detached(let pid, let operation):
+            return "cannot \(operation) pid \(pid): it was detached (attach to it again)"
+        case .failed(let pid, let operation, let underlying):
+            return "cannot \(operation) pid \(pid): \(underlying)"
+        }
+    }
+}

@@ -223,10 +223,30 @@ public final class TrackedProcess: @unchecked Sendable {
     /// How long the last `freeze()` took.
     public var lastFreezeLatency: Duration? { lock.withLock { _lastFreezeLatency } }
 
-    private func checkAttached() throws {
-        if lock.withLock({ detached }) {
-            throw AttachError.system(pid: pid, step: "using the tracked process", underlying: "it was detached")
+    /// Runs one public operation: refuses it after `detach()`, and turns
+    /// failures into a `TrackedProcessError` that names the operation, unless
+    /// they already speak for themselves (page reader, attach errors).
+    private func perform<T>(_ operation: String, _ body: () throws -> T) throws -> T {
+        if lock.withLock({ detached }) { throw TrackedProcessError.detached(pid: pid, operation: operation) }
+        do {
+            return try body()
+        } catch let error as TrackedProcessError {
+            throw error
+        } catch let error as PageReaderError {
+            if case .noSuchProcess = error { throw TrackedProcessError.processExited(pid: pid, operation: operation) }
+            throw error
+        } catch {
+            if processIsGone { throw TrackedProcessError.processExited(pid: pid, operation: operation) }
+            if let error = error as? AttachError { throw error }
+            throw TrackedProcessError.failed(pid: pid, operation: operation, underlying: "\(error)")
         }
+    }
+
+    /// True when the process no longer exists or is a zombie.
+    private var processIsGone: Bool {
+        guard let stat = Self.readProcFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return true }
+        let state = stat[stat.index(after: close)...].split(separator: " ").first
+        return state == "Z" || state == "X"
     }
 
     // MARK: - Tracking
@@ -234,7 +254,10 @@ public final class TrackedProcess: @unchecked Sendable {
     /// Write-protects every migrate region. Regions the kernel refuses are
     /// listed in `unprotectable` and reported dirty by every scan.
     public func startTracking() throws {
-        try checkAttached()
+        try perform("start tracking") { try startTrackingLocked() }
+    }
+
+    private func startTrackingLocked() throws {
         try scanLock.withLock {
             if lock.withLock({ tracking }) { return }
             let current = try ProcessMaps.read(pid: pid)
@@ -262,11 +285,17 @@ public final class TrackedProcess: @unchecked Sendable {
     /// new or grown parts found by `refreshLayout`, plus every unprotectable
     /// region; re-protects what it reports. Merged, ascending.
     public func scanDirty() throws -> [AddressRange] {
-        try checkAttached()
-        return try scanLock.withLock {
+        try perform("scan the dirty pages of") { try scanDirtyLocked() }
+    }
+
+    private func scanDirtyLocked() throws -> [AddressRange] {
+        try scanLock.withLock {
             let (ranges, isTracking) = lock.withLock { (tracked, tracking) }
             guard isTracking else { return [] }
             let scan = try tracker.scan(ranges)
+            // A dead process's page tables are gone and a scan of them finds
+            // nothing: that must not read as "clean".
+            if processIsGone { throw TrackedProcessError.processExited(pid: pid, operation: "scan the dirty pages of") }
             var extra: [AddressRange] = []
             if !scan.lost.isEmpty {
                 // The mapping under these addresses was replaced: register what is there now.
@@ -301,7 +330,10 @@ public final class TrackedProcess: @unchecked Sendable {
     /// order into `buffer`; returns the bytes read. A write that races the
     /// read is reported by a later scan. Safe to call from several threads.
     public func read(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        try checkAttached()
+        try perform("read the memory of") { try readUnlocked(ranges, into: buffer) }
+    }
+
+    private func readUnlocked(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let (trackedNow, isTracking) = lock.withLock { (tracked, tracking) }
         if isTracking {
             let rearm = Ranges.intersect(Ranges.merge(ranges), trackedNow)
@@ -313,8 +345,11 @@ public final class TrackedProcess: @unchecked Sendable {
     /// Re-reads the maps. New and grown migrate parts are registered and
     /// reported dirty in full by the next scan; vanished parts are forgotten.
     public func refreshLayout() throws -> LayoutChange {
-        try checkAttached()
-        return try scanLock.withLock {
+        try perform("re-read the layout of") { try refreshLayoutLocked() }
+    }
+
+    private func refreshLayoutLocked() throws -> LayoutChange {
+        try scanLock.withLock {
             let current = try ProcessMaps.read(pid: pid)
             let (old, isTracking) = lock.withLock { (_regions, tracking) }
             let change = LayoutChange.diff(old: old, new: current)
@@ -362,23 +397,24 @@ public final class TrackedProcess: @unchecked Sendable {
     /// a frozen process does nothing and returns zero.
     @discardableResult
     public func freeze() throws -> Duration {
-        try checkAttached()
-        if isFrozen { return .zero }
-        do {
-            let state = try ptrace.run { try Freezer.freeze(pid: pid) }
-            lock.withLock {
-                frozen = state
-                _lastFreezeLatency = state.latency
-                signalStopsSeen += state.signalStops
-            }
-            return state.latency
-        } catch let error as FreezeError {
-            switch error {
-            case .processGone: throw AttachError.processExited(pid: pid)
-            case .system(let system) where system.errno == EPERM:
-                throw AttachError.permissionDenied(pid: pid, operation: system.operation)
-            case .system(let system):
-                throw AttachError.system(pid: pid, step: "freezing", underlying: "\(system)")
+        try perform("freeze") {
+            if isFrozen { return .zero }
+            do {
+                let state = try ptrace.run { try Freezer.freeze(pid: pid) }
+                lock.withLock {
+                    frozen = state
+                    _lastFreezeLatency = state.latency
+                    signalStopsSeen += state.signalStops
+                }
+                return state.latency
+            } catch let error as FreezeError {
+                switch error {
+                case .processGone: throw TrackedProcessError.processExited(pid: pid, operation: "freeze")
+                case .system(let system) where system.errno == EPERM:
+                    throw AttachError.permissionDenied(pid: pid, operation: system.operation)
+                case .system(let system):
+                    throw TrackedProcessError.failed(pid: pid, operation: "freeze", underlying: "\(system)")
+                }
             }
         }
     }

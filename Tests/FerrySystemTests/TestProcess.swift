@@ -140,8 +140,9 @@ final class TestChild {
     /// Address of the spinner counters (one UInt64 per thread, 64 max).
     let counters: UInt64
 
-    init(pages: Int = 1024) throws {
-        process = try TestProcess(executable: try TestChild.executable(), arguments: [String(pages)])
+    /// `huge`: the region asks for transparent huge pages (MADV_HUGEPAGE) and is 2 MiB aligned.
+    init(pages: Int = 1024, huge: Bool = false) throws {
+        process = try TestProcess(executable: try TestChild.executable(), arguments: [String(pages)] + (huge ? ["huge"] : []))
         let fields = try process.readLine().split(separator: " ")
         guard fields.count == 5, fields[0] == "ready", Int32(fields[1]) == process.pid,
               let base = UInt64(fields[2], radix: 16), let counters = UInt64(fields[4], radix: 16) else {
@@ -255,9 +256,12 @@ static void *spinner(void *arg) {
 
 int main(int argc, char **argv) {
     pages = argc > 1 ? strtoul(argv[1], NULL, 10) : 1024;
-    base = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int huge = argc > 2 && !strcmp(argv[2], "huge");
+    size_t slack = huge ? (2UL << 20) : 0;
+    base = mmap(NULL, pages * PAGE + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return 1;
-    madvise(base, pages * PAGE, MADV_NOHUGEPAGE);
+    if (huge) base = (uint8_t *)(((uintptr_t)base + slack - 1) & ~(slack - 1));
+    madvise(base, pages * PAGE, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     for (unsigned long p = 0; p < pages / 2; p++) base[p * PAGE] = 1;
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("ready %d %lx %lu %lx\n", getpid(), (unsigned long)base, pages, (unsigned long)counters);
