@@ -10,9 +10,10 @@
 //   region <name> 0x<start> 0x<end>     one per region, end exclusive
 //   pid <PID> ready                     last line of the start-up block
 //   sweep <pages> <nanoseconds>         answer to the stdin command "sweep"
+//   touch <pages> <nanoseconds>         answer to "touch K" (every K-th page)
 //   count <writes>                      answer to "count"
 //   done <writes>                       all writer threads reached --stop-after
-// Commands on stdin, one per line: go, sweep, count, quit. EOF on stdin is
+// Commands on stdin, one per line: go, sweep, touch K, count, quit. EOF on stdin is
 // ignored (the process keeps running until killed), so it can run in the
 // background of a shell.
 //
@@ -54,7 +55,7 @@ static size_t total_pages;
 
 static unsigned long opt_mib = 64, opt_shared = 0, opt_memfd = 0, opt_threads = 1;
 static unsigned long opt_rate = 0, opt_seed = 1, opt_stop_after = 0;
-static int opt_churn = 0, opt_heap_grow = 0, opt_zap = 0, opt_pattern = 0, opt_wait = 0, opt_no_write = 0;
+static int opt_huge = 0, opt_churn = 0, opt_heap_grow = 0, opt_zap = 0, opt_pattern = 0, opt_wait = 0, opt_no_write = 0;
 
 static atomic_ulong total_writes;
 static atomic_int writers_done;
@@ -81,6 +82,7 @@ static void usage(FILE *to) {
         "  --threads T       writer threads (default 1)\n"
         "  --rate W          writes per second per thread, 0 = as fast as possible (default 0)\n"
         "  --stop-after N    each thread stops after N writes; prints 'done <writes>'\n"
+        "  --huge            ask for transparent huge pages on 'main' (MADV_HUGEPAGE)\n"
         "  --churn           a thread maps, writes and unmaps 1 MiB regions every 5 ms\n"
         "  --heap-grow       a thread grows the heap by 32 KiB every 5 ms (up to 64 MiB, then frees it)\n"
         "  --zap             1 write in 16 first drops its page (madvise MADV_DONTNEED)\n"
@@ -91,7 +93,8 @@ static void usage(FILE *to) {
         "  --help            this text\n"
         "stdout: 'region <name> 0x<start> 0x<end>' lines, then 'pid <PID> ready'.\n"
         "stdin commands: go | sweep (write one word per page of 'main', prints\n"
-        "'sweep <pages> <ns>') | count (prints 'count <writes>') | quit.\n"
+        "'sweep <pages> <ns>') | touch K (the same on every K-th page, prints\n"
+        "'touch <pages> <ns>') | count (prints 'count <writes>') | quit.\n"
         "A write to global page P stores word0 = (thread << 48) | n, word1 = P | 1<<63.\n"
         "--pattern word at region offset O = O ^ (0x9E3779B97F4A7C15 * (seed + 1)).\n",
         to);
@@ -254,13 +257,16 @@ static void start_writers(void) {
     if (opt_heap_grow) start_thread(heap_grower, NULL);
 }
 
-static void sweep(void) {
-    // One write per page of the main region, timed: the benchmark's per-first-write cost.
+static void touch(const char *command, size_t step) {
+    // One write to every step-th page of the main region, timed: the
+    // benchmark's per-first-write cost (step 1) and its dirty fractions.
     struct region *r = &regions[0];
+    if (step == 0) step = 1;
+    size_t pages = 0;
     uint64_t start = now_ns();
-    for (size_t i = 0; i < r->pages; i++) ((volatile uint64_t *)(r->base + i * PAGE))[2] += 1;
+    for (size_t i = 0; i < r->pages; i += step, pages++) ((volatile uint64_t *)(r->base + i * PAGE))[2] += 1;
     uint64_t elapsed = now_ns() - start;
-    say("sweep %zu %" PRIu64 "\n", r->pages, elapsed);
+    say("%s %zu %" PRIu64 "\n", command, pages, elapsed);
 }
 
 int main(int argc, char **argv) {
@@ -276,6 +282,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--stop-after")) { opt_stop_after = parse_number(a, v); i++; }
         else if (!strcmp(a, "--seed")) { opt_seed = parse_number(a, v); i++; }
         else if (!strcmp(a, "--churn")) opt_churn = 1;
+        else if (!strcmp(a, "--huge")) opt_huge = 1;
         else if (!strcmp(a, "--heap-grow")) opt_heap_grow = 1;
         else if (!strcmp(a, "--zap")) opt_zap = 1;
         else if (!strcmp(a, "--pattern")) opt_pattern = 1;
@@ -303,7 +310,9 @@ int main(int argc, char **argv) {
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    map_region("main", opt_mib, MAP_PRIVATE | MAP_ANONYMOUS, -1);
+    void *main_base = map_region("main", opt_mib, MAP_PRIVATE | MAP_ANONYMOUS, -1);
+    // THP is "madvise" on our machines: 4 KiB pages unless asked for.
+    madvise(main_base, opt_mib << 20, opt_huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     if (opt_shared) map_region("shared", opt_shared, MAP_SHARED | MAP_ANONYMOUS, -1);
     if (opt_memfd) {
         int fd = memfd_create("memwriter", MFD_CLOEXEC);
@@ -328,7 +337,8 @@ int main(int argc, char **argv) {
     char line[64];
     while (fgets(line, sizeof line, stdin)) {
         if (!strncmp(line, "go", 2)) start_writers();
-        else if (!strncmp(line, "sweep", 5)) sweep();
+        else if (!strncmp(line, "sweep", 5)) touch("sweep", 1);
+        else if (!strncmp(line, "touch ", 6)) touch("touch", (size_t)strtoul(line + 6, NULL, 10));
         else if (!strncmp(line, "count", 5)) say("count %lu\n", atomic_load(&total_writes));
         else if (!strncmp(line, "quit", 4)) _exit(0);
     }
