@@ -83,6 +83,7 @@ int ferry_uffdio_register(int fd, struct uffdio_register *reg) { return ioctl(fd
 int ferry_uffdio_unregister(int fd, struct uffdio_range *range) { return ioctl(fd, UFFDIO_UNREGISTER, range); }
 int ferry_uffdio_writeprotect(int fd, struct uffdio_writeprotect *wp) { return ioctl(fd, UFFDIO_WRITEPROTECT, wp); }
 int ferry_uffdio_wake(int fd, struct uffdio_range *range) { return ioctl(fd, UFFDIO_WAKE, range); }
+int ferry_uffdio_zeropage(int fd, struct uffdio_zeropage *zero) { return ioctl(fd, UFFDIO_ZEROPAGE, zero); }
 long ferry_pagemap_scan(int fd, struct pm_scan_arg *arg) { return ioctl(fd, PAGEMAP_SCAN, arg); }
 
 uint8_t ferry_uffd_msg_event(const struct uffd_msg *msg) { return msg->event; }

@@ -1,8 +1,8 @@
 // The fallback tracker for kernels without WP_ASYNC: synchronous userfaultfd
 // write-protection with a handler thread.
 //
-// Why: on 5.7+ (6.4+ for untouched anonymous pages, via WP_UNPOPULATED) a
-// write to a protected page blocks the writer and queues a fault message.
+// Why: on 5.7+ a write to a protected page blocks the writer and queues a
+// fault message.
 // Our handler thread records the page, then unprotects it
 // (UFFDIO_WRITEPROTECT mode 0), which wakes the writer. Recording happens
 // before unprotecting, and `rearm`/`scan` remove pages from the set before
@@ -11,7 +11,14 @@
 // The cost is a round trip through our thread per first write (about 6 µs
 // on the same core, 100 µs across cores).
 //
-// MADV_DONTNEED / MADV_REMOVE (EVENT_REMOVE) marks the dropped pages dirty:
+// Empty anonymous pages (never touched, or emptied by MADV_DONTNEED, which
+// drops the protection *after* we read its EVENT_REMOVE) cannot carry
+// protection without WP_UNPOPULATED's pte markers, and markers cannot be
+// combined with missing mode (a touch of a marker is a missing fault that
+// UFFDIO_ZEROPAGE refuses: a livelock). So anonymous ranges are registered
+// in missing mode as well, without markers: the first touch of an empty
+// page faults, is recorded (a read counts too: conservative), and is
+// resolved with the zero page. EVENT_REMOVE marks zapped pages dirty, since
 // they now read as zeros. munmap (EVENT_UNMAP) marks the range lost, so a
 // mapping placed at the same address is registered again by the owner.
 // Kernel: 5.7+. Capability: as Userfaultfd.swift.
@@ -72,25 +79,62 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     }
 
     func track(_ range: AddressRange) throws {
-        try uffd.register(range)
+        do {
+            try uffd.register(range, missing: true)
+        } catch let error as SystemError where error.errno == EINVAL {
+            // Missing mode is for anonymous memory (shmem needs a feature we
+            // do not ask for); shared pages keep their contents when zapped.
+            try uffd.register(range)
+        }
         try uffd.writeProtect(range, protect: true)
     }
 
     func rearm(_ ranges: [AddressRange]) throws {
-        // Forget first, protect second: see the file comment.
-        lock.withLock {
-            for range in ranges {
-                var page = range.start / pageSize
-                while page < range.end / pageSize {
-                    dirtyPages.remove(page)
-                    page += 1
+        let merged = Ranges.merge(ranges)
+        try protect(merged) {
+            // Forget first, protect second, both under `lock`: see the file comment.
+            let pageCount = merged.reduce(0) { $0 + $1.pageCount }
+            if pageCount > UInt64(dirtyPages.count) {
+                dirtyPages = dirtyPages.filter { page in !merged.contains { $0.contains(page * pageSize) } }
+            } else {
+                for range in merged {
+                    for page in (range.start / pageSize)..<(range.end / pageSize) { dirtyPages.remove(page) }
                 }
             }
         }
-        for range in ranges {
-            do { try uffd.writeProtect(range, protect: true) } catch let error as SystemError where error.errno == ENOENT {
-                continue // unmapped meanwhile: the reader reports it vanished
+    }
+
+    /// Runs `prepare` and then write-protects `ranges`, all while holding
+    /// `lock`, so no handler can record-and-unprotect in between. When the
+    /// kernel says the map is busy (EAGAIN: an event our handler has not read
+    /// yet), the lock is let go so the handler can read it, and the remaining
+    /// ranges are protected after a short pause.
+    private func protect(_ ranges: [AddressRange], prepare: () -> Void) throws {
+        var remaining = ranges[...]
+        var prepared = false
+        var attempts = 0
+        while true {
+            let busy: Bool = try lock.withLock {
+                if !prepared { prepare(); prepared = true }
+                while let range = remaining.first {
+                    do {
+                        try uffd.writeProtect(range, protect: true, waitWhileBusy: false)
+                    } catch let error as SystemError where error.errno == EAGAIN {
+                        return true
+                    } catch let error as SystemError where error.errno == ENOENT {
+                        // Unmapped meanwhile: the layout refresh reports it.
+                    }
+                    remaining.removeFirst()
+                }
+                return false
             }
+            if !busy { return }
+            attempts += 1
+            if attempts > Userfaultfd.busyRetries {
+                throw SystemError(operation: "UFFDIO_WRITEPROTECT", target: "pid \(pid)", errno: EAGAIN,
+                                  hint: "the process's memory map kept changing")
+            }
+            usleep(attempts < 10 ? 0 : 100)
         }
     }
 
@@ -99,18 +143,24 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     }
 
     func scan(_ ranges: [AddressRange]) throws -> DirtyScan {
-        let (pages, lost, error) = lock.withLock {
-            defer { dirtyPages.removeAll(keepingCapacity: true); lostRanges.removeAll() }
-            return (dirtyPages, lostRanges, handlerError)
+        var pages = Set<UInt64>()
+        var lost: [AddressRange] = []
+        var failure: Error?
+        let taken = lock.withLock {
+            pages = dirtyPages
+            lost = lostRanges
+            failure = handlerError
+            dirtyPages.removeAll(keepingCapacity: true)
+            lostRanges.removeAll()
+            return Ranges.intersect(Ranges.fromPages(pages), ranges)
         }
-        if let error { throw error }
-        let dirty = Ranges.intersect(Ranges.fromPages(pages), ranges)
-        for range in dirty {
-            do { try uffd.writeProtect(range, protect: true) } catch let error as SystemError where error.errno == ENOENT {
-                continue // unmapped meanwhile; the layout refresh reports it
-            }
-        }
-        return DirtyScan(dirty: dirty, lost: Ranges.intersect(Ranges.merge(lost), ranges))
+        if let failure { throw failure }
+        // The set was emptied under the lock and the pages are protected
+        // again before any handler can record-and-unprotect in between; if
+        // the map is busy the protection finishes after the handler caught up
+        // (faults meanwhile are recorded in the new set).
+        try protect(taken) {}
+        return DirtyScan(dirty: taken, lost: Ranges.intersect(Ranges.merge(lost), ranges))
     }
 
     /// The handler thread: poll, record, unprotect (which wakes the writer).
@@ -148,16 +198,27 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         try uffd.readEvents(into: &events)
     }
 
-    /// Records `events`, unprotects their pages and those of `retry`; returns the pages to retry.
+    /// Records `events`, unprotects their pages and those of `retry`; returns
+    /// the pages to retry (missing-page ones tagged with bit 0).
     private func handle(_ events: [UserfaultfdEvent], retry: [UInt64]) throws -> [UInt64] {
-        var unprotect = retry
+        var unprotect: [UInt64] = []
+        var missing: [UInt64] = []
         var again: [UInt64] = []
-        lock.withLock {
+        // Recording and unprotecting happen under one hold of `lock`, so a
+        // scan or rearm (which empties the set and protects under the same
+        // lock) never has its protection undone by an unprotect whose page
+        // it did not see recorded. Retried pages are recorded again for that
+        // reason: a scan may have taken them since.
+        try lock.withLock {
+            for address in retry {
+                dirtyPages.insert((address & ~1) / pageSize)
+                if address & 1 == 0 { unprotect.append(address) } else { missing.append(address & ~1) }
+            }
             for event in events {
                 switch event {
                 case .pageFault(let address, let writeProtect):
                     dirtyPages.insert(address / pageSize)
-                    if writeProtect { unprotect.append(address) }
+                    if writeProtect { unprotect.append(address) } else { missing.append(address) }
                 case .remove(let range):
                     let aligned = Ranges.pageAligned(range)
                     for page in (aligned.start / pageSize)..<(aligned.end / pageSize) { dirtyPages.insert(page) }
@@ -169,15 +230,29 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
                     break
                 }
             }
-        }
-        // Unprotect after recording: the writer wakes and writes only now.
-        for address in unprotect {
-            do {
-                try uffd.writeProtect(AddressRange(start: address, end: address + pageSize), protect: false)
-            } catch let error as SystemError where error.errno == EAGAIN {
-                again.append(address)
-            } catch let error as SystemError where error.errno == ENOENT {
-                continue // unmapped meanwhile: the writer is woken by the unmap
+            // Unprotect after recording: the writer wakes and writes only now.
+            for address in unprotect {
+                do {
+                    try uffd.writeProtect(AddressRange(start: address, end: address + pageSize), protect: false, waitWhileBusy: false)
+                } catch let error as SystemError where error.errno == EAGAIN {
+                    again.append(address)
+                } catch let error as SystemError where error.errno == ENOENT {
+                    continue // unmapped meanwhile: the writer is woken by the unmap
+                }
+            }
+            // Missing pages: the zero page, or a plain wake when another
+            // thread populated the page meanwhile.
+            for address in missing {
+                let page = AddressRange(start: address, end: address + pageSize)
+                do {
+                    try uffd.zeroPage(page)
+                } catch let error as SystemError where error.errno == EEXIST {
+                    try? uffd.wake(page)
+                } catch let error as SystemError where error.errno == EAGAIN {
+                    again.append(address | 1)
+                } catch let error as SystemError where error.errno == ENOENT {
+                    continue
+                }
             }
         }
         return again

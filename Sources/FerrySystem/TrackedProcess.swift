@@ -76,12 +76,13 @@ public final class TrackedProcess: @unchecked Sendable {
             case .async, .sync:
                 let fd = try createUserfaultfd(pid: pid, on: ptrace, allowUserModeOnly: kind == .async)
                 let uffd = Userfaultfd(adopting: fd, target: "pid \(pid)")
-                var wanted: UserfaultfdFeatures = [.wpUnpopulated, .wpHugetlbfsShmem]
-                if kind == .async {
-                    wanted.insert(.wpAsync)
-                } else {
-                    wanted.formUnion([.eventRemove, .eventUnmap, .eventRemap])
-                }
+                // Sync mode leaves out WP_UNPOPULATED on purpose: its pte
+                // markers turn every touch of an empty anonymous page into a
+                // missing fault that UFFDIO_ZEROPAGE refuses (EEXIST), a
+                // livelock; missing mode covers empty pages instead (SyncWPTracker.swift).
+                let wanted: UserfaultfdFeatures = kind == .async
+                    ? [.wpAsync, .wpUnpopulated, .wpHugetlbfsShmem]
+                    : [.wpHugetlbfsShmem, .eventRemove, .eventUnmap, .eventRemap]
                 do {
                     _ = try uffd.enable(wanted.intersection(available))
                 } catch {

@@ -118,12 +118,46 @@ final class Userfaultfd: @unchecked Sendable {
 
     /// UFFDIO_WRITEPROTECT: sets (`protect`) or clears protection. Clearing
     /// wakes threads blocked on the range unless `wake` is false.
-    func writeProtect(_ range: AddressRange, protect: Bool, wake: Bool = true) throws {
+    ///
+    /// The kernel refuses with EAGAIN while the target's memory map is
+    /// changing and the change's event (unmap, remove, remap) is not read yet.
+    /// With `waitWhileBusy` the call is retried (the event reader, another
+    /// thread, catches up within microseconds) for at most `busyLimit`; the
+    /// event reader itself must pass false and retry after reading.
+    func writeProtect(_ range: AddressRange, protect: Bool, wake: Bool = true, waitWhileBusy: Bool = true) throws {
         var mode: UInt64 = protect ? ferry_uffdio_writeprotect_mode_wp() : 0
         if !wake { mode |= ferry_uffdio_writeprotect_mode_dontwake() }
         var request = uffdio_writeprotect(range: uffdio_range(start: range.start, len: range.length), mode: mode)
+        var attempts = 0
+        while true {
+            do {
+                try withDescriptor { fd in
+                    try checkedCall("UFFDIO_WRITEPROTECT", on: "\(target) at \(range)") { ferry_uffdio_writeprotect(fd, &request) }
+                }
+                return
+            } catch let error as SystemError where error.errno == EAGAIN && waitWhileBusy && attempts < Self.busyRetries {
+                attempts += 1
+                usleep(attempts < 10 ? 0 : 100)
+            }
+        }
+    }
+
+    /// EAGAIN retries of `writeProtect`: 10 yields, then 100 µs sleeps, about 1 s in all (the reader is our own thread).
+    static let busyRetries = 10_000
+
+    /// UFFDIO_ZEROPAGE: resolves a missing-page fault with the zero page and wakes the faulting thread.
+    func zeroPage(_ range: AddressRange) throws {
+        var request = uffdio_zeropage(range: uffdio_range(start: range.start, len: range.length), mode: 0, zeropage: 0)
         try withDescriptor { fd in
-            try checkedCall("UFFDIO_WRITEPROTECT", on: "\(target) at \(range)") { ferry_uffdio_writeprotect(fd, &request) }
+            try checkedCall("UFFDIO_ZEROPAGE", on: "\(target) at \(range)") { ferry_uffdio_zeropage(fd, &request) }
+        }
+    }
+
+    /// UFFDIO_WAKE: wakes threads waiting on faults in `range`.
+    func wake(_ range: AddressRange) throws {
+        var request = uffdio_range(start: range.start, len: range.length)
+        try withDescriptor { fd in
+            try checkedCall("UFFDIO_WAKE", on: "\(target) at \(range)") { ferry_uffdio_wake(fd, &request) }
         }
     }
 

@@ -54,8 +54,17 @@ struct TrackerTests {
         #expect(pages(of: child, in: try process.scanDirty()) == [40], "page 3 was sent after its write")
         try child.set(3, 34)
         #expect(pages(of: child, in: try process.scanDirty()) == [3], "a write after the read is seen")
-        // Reading never-written pages does not make them dirty.
+        // Reading never-written pages does not make them dirty (async), or
+        // once only (sync: our read of an empty page is a missing fault, which
+        // it must count, see SyncWPTracker.swift).
         var big = [UInt8](repeating: 0, count: 64 * Int(pageSize))
+        _ = try big.withUnsafeMutableBytes { try process.read([child.region], into: $0) }
+        let afterRead = pages(of: child, in: try process.scanDirty())
+        if kind == .async {
+            #expect(afterRead.isEmpty)
+        } else {
+            #expect(afterRead.allSatisfy { $0 >= 32 && $0 != 40 }, "only never-touched pages")
+        }
         _ = try big.withUnsafeMutableBytes { try process.read([child.region], into: $0) }
         #expect(pages(of: child, in: try process.scanDirty()).isEmpty)
     }
@@ -357,4 +366,109 @@ private func anonHugePages(_ pid: Int32) -> String {
         if text.hasPrefix("AnonHugePages") { return text.split(separator: " ").dropFirst().joined(separator: " ").filter { $0 != "\n" } }
     }
     return "?"
+}
+
+/// The memwriter binary beside the test binary, when it was built.
+private let memwriterPath: String? = {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard n > 0 else { return nil }
+    var directory = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    for _ in 0..<4 {
+        if let slash = directory.lastIndex(of: "/") { directory = String(directory[..<slash]) }
+        if access(directory + "/memwriter", X_OK) == 0 { return directory + "/memwriter" }
+    }
+    return nil
+}()
+
+@Suite(.serialized, .enabled(if: memwriterPath != nil, "memwriter is not built: run `swift build --product memwriter` first"))
+struct MemwriterTrackingTests {
+    /// A leecher in miniature against memwriter under full load (writers,
+    /// mapping churn, heap growth, zaps, shared and memfd regions): copy
+    /// everything once, then only what scans report, freeze, copy the last
+    /// dirty set, and compare the copy with the frozen memory byte for byte.
+    @Test(arguments: [TrackerKind.async, .sync])
+    func theCopyMatchesTheFrozenMemory(kind: TrackerKind) throws {
+        var arguments = ["--mib", "16", "--shared", "2", "--memfd", "2", "--threads", "3",
+                         "--churn", "--heap-grow", "--zap", "--rate", kind == .async ? "0" : "20000"]
+        if let extra = getenv("FERRY_MEMWRITER_ARGS") { arguments = String(cString: extra).split(separator: " ").map(String.init) }
+        let writer = try TestProcess(executable: memwriterPath!, arguments: arguments)
+        var regions: [AddressRange] = []
+        while true {
+            let fields = try writer.readLine().split(separator: " ")
+            if fields.first == "pid" { break }
+            if fields.count == 4, fields[0] == "region",
+               let start = UInt64(fields[2].dropFirst(2), radix: 16), let end = UInt64(fields[3].dropFirst(2), radix: 16) {
+                regions.append(AddressRange(start: start, end: end))
+            }
+        }
+        regions = Ranges.merge(regions)
+        let size = Int(regions.reduce(0) { $0 + $1.length })
+        let process = try TrackedProcess.attach(pid: writer.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+
+        // The copy: the regions back to back, as read() lays them out.
+        var copy = [UInt8](repeating: 0, count: size)
+        _ = try copy.withUnsafeMutableBytes { try process.read(regions, into: $0) }
+        func offset(of address: UInt64) -> Int {
+            var base = 0
+            for region in regions {
+                if region.contains(address) { return base + Int(address - region.start) }
+                base += Int(region.length)
+            }
+            fatalError("address outside the regions")
+        }
+        var scratch = [UInt8](repeating: 0, count: size)
+        func pull(_ dirty: [AddressRange]) throws {
+            let wanted = Ranges.intersect(dirty, regions)
+            guard !wanted.isEmpty else { return }
+            _ = try scratch.withUnsafeMutableBytes { try process.read(wanted, into: $0) }
+            var cursor = 0
+            copy.withUnsafeMutableBytes { destination in
+                scratch.withUnsafeBytes { source in
+                    for range in wanted {
+                        memcpy(destination.baseAddress! + offset(of: range.start), source.baseAddress! + cursor, Int(range.length))
+                        cursor += Int(range.length)
+                    }
+                }
+            }
+        }
+        var rounds = 0
+        var pulledPages: UInt64 = 0
+        for _ in 0..<15 {
+            usleep(10_000)
+            _ = try process.refreshLayout()
+            let dirty = try process.scanDirty()
+            pulledPages += Ranges.intersect(dirty, regions).reduce(0) { $0 + $1.pageCount }
+            try pull(dirty)
+            rounds += 1
+        }
+        try process.freeze()
+        _ = try process.refreshLayout()
+        try pull(try process.scanDirty())
+        var frozen = [UInt8](repeating: 0, count: size)
+        _ = try frozen.withUnsafeMutableBytes { try process.read(regions, into: $0) }
+        try process.thaw()
+        var mismatched = 0
+        for page in 0..<(size / Int(pageSize)) {
+            let range = (page * Int(pageSize))..<((page + 1) * Int(pageSize))
+            let differs = copy.withUnsafeBytes { a in frozen.withUnsafeBytes { b in
+                memcmp(a.baseAddress! + range.lowerBound, b.baseAddress! + range.lowerBound, Int(pageSize)) != 0
+            } }
+            if differs {
+                mismatched += 1
+                if mismatched <= 5 {
+                    let w = { (a: [UInt8], o: Int) in a.withUnsafeBytes { $0.load(fromByteOffset: o, as: UInt64.self) } }
+                    let diffAt = range.first { copy[$0] != frozen[$0] }!
+                    print("  page \(page): copy \(String(w(copy, range.lowerBound), radix: 16)) \(String(w(copy, range.lowerBound + 8), radix: 16)) frozen \(String(w(frozen, range.lowerBound), radix: 16)) \(String(w(frozen, range.lowerBound + 8), radix: 16)) first diff at +\(diffAt - range.lowerBound)")
+                }
+            }
+        }
+        print("[\(kind.rawValue)] memwriter: \(rounds) rounds, \(pulledPages) pages re-pulled, \(mismatched) of \(size / Int(pageSize)) pages differ at the freeze")
+        #expect(mismatched == 0)
+        try process.detach()
+        writer.send("count")
+        #expect(try writer.readLine().hasPrefix("count "), "memwriter runs on after detach")
+    }
 }

@@ -113,6 +113,7 @@ int ferry_uffdio_register(int fd, struct uffdio_register *reg);
 int ferry_uffdio_unregister(int fd, struct uffdio_range *range);
 int ferry_uffdio_writeprotect(int fd, struct uffdio_writeprotect *wp);
 int ferry_uffdio_wake(int fd, struct uffdio_range *range);
+int ferry_uffdio_zeropage(int fd, struct uffdio_zeropage *zero);
 long ferry_pagemap_scan(int fd, struct pm_scan_arg *arg);
 
 // Fields of uffd_msg that Swift cannot reach through the anonymous unions.
