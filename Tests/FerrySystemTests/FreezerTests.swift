@@ -188,6 +188,23 @@ struct FreezerEdgeTests {
         #expect(try process.scanDirty().contains { $0.contains(child.base + pageSize) })
     }
 
+    @Test(arguments: [TrackerKind.async, .sync])
+    func detachingAFrozenTrackedProcessLetsItRun(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 16)
+        try child.process.call("spin 2")
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        try process.startTracking()
+        try process.freeze()
+        let frozen = try counter(child, 0)
+        try process.detach()
+        #expect(!process.isFrozen)
+        usleep(30_000)
+        #expect(try counter(child, 0) > frozen)
+        try child.set(3, 7)
+        #expect(try child.get(3) == 7)
+        try child.process.call("unspin")
+    }
+
     @Test func attachingWhileEveryThreadSpinsWorks() throws {
         let child = try TestChild(pages: 16)
         try child.process.call("spin 4")
