@@ -91,6 +91,8 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
     /// `scan` with a chosen vector size (tests use small ones).
     func scan(_ ranges: [AddressRange], capacity: Int) throws -> DirtyScan {
         var result = DirtyScan()
+        // SAFETY: owned by this call, deallocated on return; the kernel writes
+        // at most `capacity` entries into it (vec_len).
         let vec = UnsafeMutablePointer<page_region>.allocate(capacity: capacity)
         defer { vec.deallocate() }
         try closeLock.withLock {
@@ -170,6 +172,7 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
 
     /// Runs only the zapped-page walk over `range` (for tests of the query itself).
     func zappedOnly(_ range: AddressRange) throws -> [AddressRange] {
+        // SAFETY: as in `scan(_:capacity:)`, with 16 entries.
         let vec = UnsafeMutablePointer<page_region>.allocate(capacity: 16)
         defer { vec.deallocate() }
         var found: [AddressRange] = []

@@ -78,6 +78,7 @@ struct RemoteSyscall {
         defer { _ = ferry_ptrace_setsigmask(tid, &savedMask) }
 
         var bytes: (UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0)
+        // SAFETY: the shim writes at most 4 bytes, the size of `bytes`.
         let length = withUnsafeMutableBytes(of: &bytes) {
             ferry_syscall_instruction($0.baseAddress!.assumingMemoryBound(to: UInt8.self))
         }
@@ -119,6 +120,7 @@ struct RemoteSyscall {
     /// the vDSO first (small, always there), then the others.
     static func findInstruction(pid: Int32) throws -> UInt64 {
         var pattern: (UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0)
+        // SAFETY: the shim writes at most 4 bytes, the size of `pattern`.
         let length = withUnsafeMutableBytes(of: &pattern) {
             Int(ferry_syscall_instruction($0.baseAddress!.assumingMemoryBound(to: UInt8.self)))
         }
@@ -138,6 +140,7 @@ struct RemoteSyscall {
             var address = region.start
             while address < region.end {
                 let want = Int(min(UInt64(chunk), region.end - address))
+                // SAFETY: `want` <= chunk, the buffer's size.
                 let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(Int64(bitPattern: address))) }
                 if got <= 0 { break }
                 var index = 0

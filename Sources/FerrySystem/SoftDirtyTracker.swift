@@ -13,7 +13,8 @@
 import Glibc
 #endif
 
-/// `@unchecked Sendable` invariant: `pid` is immutable; file access happens
+/// `@unchecked Sendable` invariant: `pid` is immutable; `cleared` is only
+/// touched under `lock`, which also serializes scans; file access happens
 /// through descriptors opened and closed within each call.
 final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
     let kind = TrackerKind.softDirty
@@ -43,6 +44,7 @@ final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
         defer { Glibc.close(fd) }
         var entry: UInt64 = 0
         let offset = off_t(UInt64(UInt(bitPattern: page)) / pageSize * 8)
+        // SAFETY: reads exactly the 8 bytes of `entry`.
         guard pread(fd, &entry, 8, offset) == 8 else { return false }
         return entry & softDirtyBit != 0
     }
@@ -76,6 +78,7 @@ final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
                 let last = range.end / pageSize
                 while page < last {
                     let count = Int(min(UInt64(batch), last - page))
+                    // SAFETY: count <= batch entries of 8 bytes each.
                     let got = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count * 8, off_t(page * 8)) }
                     if got <= 0 { break }
                     for index in 0..<(got / 8) where entries[index] & Self.softDirtyBit != 0 {

@@ -163,6 +163,7 @@ public final class TrackedProcess: @unchecked Sendable {
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
+            // SAFETY: reads at most the chunk's size into it.
             let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
             if n <= 0 { break }
             bytes += chunk[0..<n]

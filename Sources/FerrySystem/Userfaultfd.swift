@@ -15,17 +15,17 @@ import Glibc
 internal import CFerryLinux
 
 /// Feature bits of UFFDIO_API that Ferry asks for.
-public struct UserfaultfdFeatures: OptionSet, Sendable, Hashable {
-    public let rawValue: UInt64
-    public init(rawValue: UInt64) { self.rawValue = rawValue }
+struct UserfaultfdFeatures: OptionSet, Sendable, Hashable {
+    let rawValue: UInt64
+    init(rawValue: UInt64) { self.rawValue = rawValue }
 
-    public static let writeProtect = UserfaultfdFeatures(rawValue: ferry_uffd_feature_wp())
-    public static let wpHugetlbfsShmem = UserfaultfdFeatures(rawValue: ferry_uffd_feature_wp_hugetlbfs_shmem())
-    public static let wpUnpopulated = UserfaultfdFeatures(rawValue: ferry_uffd_feature_wp_unpopulated())
-    public static let wpAsync = UserfaultfdFeatures(rawValue: ferry_uffd_feature_wp_async())
-    public static let eventRemove = UserfaultfdFeatures(rawValue: ferry_uffd_feature_event_remove())
-    public static let eventUnmap = UserfaultfdFeatures(rawValue: ferry_uffd_feature_event_unmap())
-    public static let eventRemap = UserfaultfdFeatures(rawValue: ferry_uffd_feature_event_remap())
+    static let writeProtect = UserfaultfdFeatures(rawValue: ferry_uffd_feature_wp())
+    static let wpHugetlbfsShmem = UserfaultfdFeatures(rawValue: ferry_uffd_feature_wp_hugetlbfs_shmem())
+    static let wpUnpopulated = UserfaultfdFeatures(rawValue: ferry_uffd_feature_wp_unpopulated())
+    static let wpAsync = UserfaultfdFeatures(rawValue: ferry_uffd_feature_wp_async())
+    static let eventRemove = UserfaultfdFeatures(rawValue: ferry_uffd_feature_event_remove())
+    static let eventUnmap = UserfaultfdFeatures(rawValue: ferry_uffd_feature_event_unmap())
+    static let eventRemap = UserfaultfdFeatures(rawValue: ferry_uffd_feature_event_remap())
 }
 
 /// One message read from a userfaultfd.
