@@ -46,6 +46,8 @@ let package = Package(
         ),
         // Workload generator used by tests and benchmarks (C, no runtime to disturb timings).
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
+        // System benchmark: tracker cost, scan time, read throughput, with same-run baselines.
+        .executableTarget(name: "ferry-bench-system", dependencies: ["FerrySystem"], path: "Tools/bench-system"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem"]),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration"]),

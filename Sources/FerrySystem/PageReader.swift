@@ -65,6 +65,9 @@ public final class PageReader: Sendable {
 
     /// Remote iovecs per process_vm_readv call: the kernel's UIO_MAXIOV.
     public static let maxIovecs = 1024
+    /// Bytes per process_vm_readv call: the kernel silently truncates a
+    /// transfer at MAX_RW_COUNT (just under 2 GiB); stay well below it.
+    static let maxBatchBytes = 1 << 30
 
     /// Opens the reader. Fails when the process does not exist; a refused
     /// /proc/PID/mem only disables the fallback.
@@ -114,18 +117,30 @@ public final class PageReader: Sendable {
                 var count = 0
                 var batchBytes = 0
                 var scan = cursor
-                while count < Self.maxIovecs && scan.rangeIndex < ranges.count {
+                while count < Self.maxIovecs && scan.rangeIndex < ranges.count && batchBytes < Self.maxBatchBytes {
                     let range = ranges[scan.rangeIndex]
-                    let length = range.length - scan.offset
+                    let length = min(range.length - scan.offset, UInt64(Self.maxBatchBytes - batchBytes))
                     if length > 0 {
-                        // SAFETY: `remote` has maxIovecs slots and count < maxIovecs.
-                        remote[count] = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: UInt(range.start + scan.offset)),
-                                              iov_len: Int(length))
-                        count += 1
+                        let address = range.start + scan.offset
+                        if count > 0, UInt64(UInt(bitPattern: remote[count - 1].iov_base)) + UInt64(remote[count - 1].iov_len) == address {
+                            // Adjacent to the previous piece: one iovec, because the
+                            // kernel takes the target's mmap lock and pins pages once
+                            // per iovec (4 KiB iovecs cost about a third more).
+                            remote[count - 1].iov_len += Int(length)
+                        } else {
+                            // SAFETY: `remote` has maxIovecs slots and count < maxIovecs.
+                            remote[count] = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: UInt(address)),
+                                                  iov_len: Int(length))
+                            count += 1
+                        }
                         batchBytes += Int(length)
                     }
-                    scan.rangeIndex += 1
-                    scan.offset = 0
+                    if scan.offset + length < range.length {
+                        scan.offset += length // the batch is full mid-range
+                    } else {
+                        scan.rangeIndex += 1
+                        scan.offset = 0
+                    }
                 }
                 if count == 0 { break }
                 let destination = base + cursor.bufferOffset

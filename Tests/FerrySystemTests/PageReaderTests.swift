@@ -71,6 +71,12 @@ private final class Buffer {
         for page in [0, 1, 2, 5, 6, 7] { #expect(buffer.word(page * 4096) == UInt64(0x1000 + page)) }
         #expect(buffer.word(3 * 4096) == 0 && buffer.word(5 * 4096 - 8) == 0)
 
+        // The same as eight adjacent one-page ranges (merged into one iovec by the reader).
+        let perPage = (0..<8).map { AddressRange(start: base + UInt64($0) * 4096, end: base + UInt64($0 + 1) * 4096) }
+        let again = Buffer(8 * 4096)
+        #expect(try reader.readReporting(perPage, into: again.bytes) == result)
+        #expect(memcmp(again.bytes.baseAddress!, buffer.bytes.baseAddress!, 8 * 4096) == 0)
+
         #expect {
             try reader.read([all], into: buffer.bytes)
         } throws: { error in
