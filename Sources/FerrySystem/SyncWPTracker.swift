@@ -140,6 +140,10 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
 
     func untrack(_ range: AddressRange) throws {
         try uffd.unregister(range)
+        // Faults recorded in the range belong to the tracking that ended.
+        lock.withLock {
+            dirtyPages = dirtyPages.filter { !range.contains($0 * pageSize) }
+        }
     }
 
     func scan(_ ranges: [AddressRange]) throws -> DirtyScan {

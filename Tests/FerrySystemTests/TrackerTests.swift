@@ -472,3 +472,31 @@ struct MemwriterTrackingTests {
         #expect(try writer.readLine().hasPrefix("count "), "memwriter runs on after detach")
     }
 }
+
+extension TrackerEdgeTests {
+    @Test(arguments: uffdTrackers)
+    func trackingStopsAndStartsAgain(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 32)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        try child.set(1, 1)
+        try process.stopTracking()
+        #expect(!process.isTracking)
+        #expect(try process.scanDirty().isEmpty, "not tracking: nothing to report")
+        try child.set(2, 2) // unprotected: no fault, no block
+        try process.startTracking()
+        #expect(pages(of: child, in: try process.scanDirty()).isEmpty)
+        try child.set(3, 3)
+        #expect(pages(of: child, in: try process.scanDirty()) == [3])
+        // The sync tracker cannot register private file mappings (.data, .bss):
+        // they are listed and reported dirty by every scan.
+        if kind == .sync {
+            #expect(!process.unprotectable.isEmpty)
+            let always = try process.scanDirty()
+            #expect(process.unprotectable.allSatisfy { region in always.contains { $0.start <= region.start && region.end <= $0.end } })
+        } else {
+            #expect(process.unprotectable.isEmpty)
+        }
+    }
+}
