@@ -163,10 +163,22 @@ struct TestFailure: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
+/// An executable built beside memwriter (seeder, leecher, hub).
+func builtExecutable(_ name: String) -> String {
+    let memwriter = Memwriter.executable
+    guard let slash = memwriter.lastIndex(of: "/") else { return name }
+    return String(memwriter[..<slash]) + "/" + name
+}
+
 /// Runs memwriter to completion with `arguments`, returning (status, stdout, stderr).
 func runMemwriter(_ arguments: [String]) throws -> (Int32, String, String) {
-    let out = "/tmp/ferry-mw-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-    let command = ([Memwriter.executable] + arguments).map { "'\($0)'" }.joined(separator: " ")
+    try runTool(Memwriter.executable, arguments)
+}
+
+/// Runs `path` to completion with `arguments`, returning (exit status, stdout, stderr).
+func runTool(_ path: String, _ arguments: [String]) throws -> (Int32, String, String) {
+    let out = "/tmp/ferry-tool-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    let command = ([path] + arguments).map { "'\($0)'" }.joined(separator: " ")
     let status = system("\(command) >\(out).1 2>\(out).2 </dev/null")
     defer { unlink(out + ".1"); unlink(out + ".2") }
     func slurp(_ path: String) -> String {

@@ -11,6 +11,7 @@
 //   swift build -c release --product ferry-bench-system && swift build -c release --product memwriter
 //   sudo .build/release/ferry-bench-system [write] [scan] [read] [zero]
 // The redis figure comes from Tools/bench-redis.sh.
+import Dispatch
 import FerrySystem
 #if canImport(Glibc)
 import Glibc
@@ -273,6 +274,33 @@ func benchRead(mib: Int) throws {
         let rate = Double(size) / time / 1e9
         say("[PageReader] \(label): \(fixed(rate, 2)) GB/s, \(ratios(rate))")
     }
+    // Two reader threads, each reading half in 1 MiB ranges: the seeder
+    // serves many requests in flight, so readers run concurrently.
+    let halves = [AddressRange(start: main.start, end: main.start + main.length / 2),
+                  AddressRange(start: main.start + main.length / 2, end: main.end)]
+    let bufferBits = UInt(bitPattern: buffer.baseAddress!)
+    let parallel = best {
+        DispatchQueue.concurrentPerform(iterations: 2) { half in
+            let range = halves[half]
+            let ranges = stride(from: range.start, to: range.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }
+            // SAFETY: each thread writes its own half of `buffer`, which
+            // outlives concurrentPerform; the address travels as an integer
+            // because raw buffer pointers are not Sendable.
+            let part = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: bufferBits)! + half * size / 2, count: size / 2)
+            _ = try? reader.read(ranges, into: part)
+        }
+    }
+    let parallelRate = Double(size) / parallel / 1e9
+    say("[PageReader] 2 threads, 1 MiB ranges: \(fixed(parallelRate, 2)) GB/s, \(ratios(parallelRate))")
+    // A target on transparent huge pages: fewer page-table steps per byte.
+    do {
+        let huge = try Writer(["--mib", "\(mib)", "--huge", "--pattern", "--no-write"])
+        let hugeReader = try PageReader(pid: huge.pid)
+        let ranges = stride(from: huge.main.start, to: huge.main.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }
+        let time = try best { _ = try hugeReader.read(ranges, into: buffer) }
+        let rate = Double(size) / time / 1e9
+        say("[PageReader] target on THP (--huge), 1 MiB ranges: \(fixed(rate, 2)) GB/s, \(ratios(rate))\(verify(buffer, size))")
+    }
     // Through the facade: re-arm (write-protect) before copying, as the seeder serves pages.
     let process = try TrackedProcess.attach(pid: writer.pid)
     defer { try? process.detach() }
@@ -293,13 +321,19 @@ func benchRead(mib: Int) throws {
         let rate = Double(size) / time / 1e9
         say("[TrackedProcess.read, \(process.trackerKind.rawValue)] \(label): \(fixed(rate, 2)) GB/s, \(ratios(rate))")
     }
-    // Check the bytes once, so a fast but wrong reader cannot pass.
+    say("[read] last read checked against memwriter's pattern:\(verify(buffer, size))")
+}
+
+/// Checks sampled words of a read of a whole `--pattern` region (seed 1), so a
+/// fast but wrong reader cannot pass.
+func verify(_ buffer: UnsafeMutableRawBufferPointer, _ size: Int) -> String {
     let key: UInt64 = 0x9E37_79B9_7F4A_7C15 &* 2
-    var wrong = 0
-    for offset in stride(from: 0, to: size, by: 4096 * 7 + 8) where buffer.load(fromByteOffset: offset, as: UInt64.self) != UInt64(offset) ^ key {
-        wrong += 1
+    var wrong = 0, checked = 0
+    for offset in stride(from: 0, to: size, by: 4096 * 7 + 8) {
+        checked += 1
+        if buffer.load(fromByteOffset: offset, as: UInt64.self) != UInt64(offset) ^ key { wrong += 1 }
     }
-    if wrong > 0 { say("[read] ERROR: \(wrong) sampled words differ from memwriter's pattern") }
+    return wrong == 0 ? " (\(checked) sampled words correct)" : " ERROR: \(wrong) of \(checked) sampled words differ"
 }
 
 func benchZero() {
