@@ -335,13 +335,27 @@ public final class TrackedProcess: @unchecked Sendable {
         try perform("read the memory of") { try readUnlocked(ranges, into: buffer) }
     }
 
-    private func readUnlocked(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        let (trackedNow, isTracking) = lock.withLock { (tracked, tracking) }
-        if isTracking {
-            let rearm = Ranges.intersect(Ranges.merge(ranges), trackedNow)
-            if !rearm.isEmpty { try tracker.rearm(rearm) }
+    /// Like `read`, but ranges that no longer exist (unmapped since the last
+    /// layout) are reported in the result, zero-filled in the buffer, instead
+    /// of failing the call with `PageReaderError.vanished`.
+    public func readReporting(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> PageReadResult {
+        try perform("read the memory of") {
+            try rearm(ranges)
+            return try reader.readReporting(ranges, into: buffer)
         }
+    }
+
+    private func readUnlocked(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try rearm(ranges)
         return try reader.read(ranges, into: buffer)
+    }
+
+    /// Re-protects the tracked parts of `ranges` before they are copied.
+    private func rearm(_ ranges: [AddressRange]) throws {
+        let (trackedNow, isTracking) = lock.withLock { (tracked, tracking) }
+        guard isTracking else { return }
+        let rearm = Ranges.intersect(Ranges.merge(ranges), trackedNow)
+        if !rearm.isEmpty { try tracker.rearm(rearm) }
     }
 
     /// Re-reads the maps. New and grown migrate parts are registered and

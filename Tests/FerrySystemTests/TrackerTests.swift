@@ -52,6 +52,12 @@ struct TrackerTests {
         #expect(read == Int(pageSize))
         #expect(buffer.withUnsafeBytes { $0.load(as: UInt64.self) } == 33)
         #expect(pages(of: child, in: try process.scanDirty()) == [40], "page 3 was sent after its write")
+        // readReporting re-arms too, and says which ranges are gone instead of failing.
+        try child.set(5, 55)
+        let reported = try buffer.withUnsafeMutableBytes { try process.readReporting([child.page(5)], into: $0) }
+        #expect(reported.bytes == Int(pageSize) && reported.vanished.isEmpty)
+        #expect(buffer.withUnsafeBytes { $0.load(as: UInt64.self) } == 55)
+        #expect(pages(of: child, in: try process.scanDirty()).isEmpty)
         try child.set(3, 34)
         #expect(pages(of: child, in: try process.scanDirty()) == [3], "a write after the read is seen")
         // Reading never-written pages does not make them dirty (async), or
