@@ -60,7 +60,13 @@ enum Ranges {
     /// Sorts and merges touching or overlapping ranges.
     static func merge(_ ranges: [AddressRange]) -> [AddressRange] {
         guard !ranges.isEmpty else { return [] }
-        let sorted = ranges.sorted { $0.start < $1.start }
+        // Scan results arrive sorted: check in one pass before paying for a sort.
+        var inOrder = true
+        for index in ranges.indices.dropFirst() where ranges[index].start < ranges[index - 1].start {
+            inOrder = false
+            break
+        }
+        let sorted = inOrder ? ranges : ranges.sorted { $0.start < $1.start }
         var result: [AddressRange] = []
         result.reserveCapacity(sorted.count)
         result.append(sorted[0])

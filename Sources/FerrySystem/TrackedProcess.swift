@@ -304,7 +304,8 @@ public final class TrackedProcess: @unchecked Sendable {
                 extra += try retrack(scan.lost)
             }
             return lock.withLock {
-                let result = Ranges.merge(scan.dirty + extra + pendingDirty + _unprotectable.map(\.range))
+                let others = extra + pendingDirty + _unprotectable.map(\.range)
+                let result = others.isEmpty ? scan.dirty : Ranges.merge(scan.dirty + others)
                 pendingDirty = []
                 return result
             }
