@@ -352,10 +352,17 @@ public final class TrackedProcess: @unchecked Sendable {
     }
 
     /// Re-protects the tracked parts of `ranges` before they are copied.
+    /// Only whole pages count as sent: a partly read page keeps its dirty
+    /// state, since re-protecting it would hide writes to the part not copied.
     private func rearm(_ ranges: [AddressRange]) throws {
         let (trackedNow, isTracking) = lock.withLock { (tracked, tracking) }
         guard isTracking else { return }
-        let rearm = Ranges.intersect(Ranges.merge(ranges), trackedNow)
+        let whole = ranges.compactMap { range -> AddressRange? in
+            let start = (range.start + pageSize - 1) & ~(pageSize - 1)
+            let end = range.end & ~(pageSize - 1)
+            return start < end ? AddressRange(start: start, end: end) : nil
+        }
+        let rearm = Ranges.intersect(Ranges.merge(whole), trackedNow)
         if !rearm.isEmpty { try tracker.rearm(rearm) }
     }
 

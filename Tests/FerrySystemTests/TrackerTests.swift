@@ -52,6 +52,12 @@ struct TrackerTests {
         #expect(read == Int(pageSize))
         #expect(buffer.withUnsafeBytes { $0.load(as: UInt64.self) } == 33)
         #expect(pages(of: child, in: try process.scanDirty()) == [40], "page 3 was sent after its write")
+        // A partial read sends nothing: the page stays dirty.
+        try child.set(6, 66)
+        var word: UInt64 = 0
+        _ = try withUnsafeMutableBytes(of: &word) { try process.read([AddressRange(start: child.page(6).start, end: child.page(6).start + 8)], into: $0) }
+        #expect(word == 66)
+        #expect(pages(of: child, in: try process.scanDirty()) == [6])
         // readReporting re-arms too, and says which ranges are gone instead of failing.
         try child.set(5, 55)
         let reported = try buffer.withUnsafeMutableBytes { try process.readReporting([child.page(5)], into: $0) }
