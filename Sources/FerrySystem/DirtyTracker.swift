@@ -126,6 +126,16 @@ enum Ranges {
         return result
     }
 
+    /// Whether `address` lies in one of `sorted` (merged, ascending): binary search.
+    static func contains(_ sorted: [AddressRange], _ address: UInt64) -> Bool {
+        var low = 0, high = sorted.count
+        while low < high {
+            let mid = (low + high) / 2
+            if sorted[mid].end <= address { low = mid + 1 } else { high = mid }
+        }
+        return low < sorted.count && sorted[low].contains(address)
+    }
+
     /// Rounds outwards to page boundaries.
     static func pageAligned(_ range: AddressRange) -> AddressRange {
         let start = range.start & ~(pageSize - 1)

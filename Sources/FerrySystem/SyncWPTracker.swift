@@ -95,7 +95,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
             // Forget first, protect second, both under `lock`: see the file comment.
             let pageCount = merged.reduce(0) { $0 + $1.pageCount }
             if pageCount > UInt64(dirtyPages.count) {
-                dirtyPages = dirtyPages.filter { page in !merged.contains { $0.contains(page * pageSize) } }
+                dirtyPages = dirtyPages.filter { page in !Ranges.contains(merged, page * pageSize) }
             } else {
                 for range in merged {
                     for page in (range.start / pageSize)..<(range.end / pageSize) { dirtyPages.remove(page) }
