@@ -512,3 +512,35 @@ extension TrackerEdgeTests {
         }
     }
 }
+
+struct RangesTests {
+    private func r(_ start: UInt64, _ end: UInt64) -> AddressRange { AddressRange(start: start, end: end) }
+
+    @Test func mergeIntersectSubtract() {
+        #expect(Ranges.merge([r(30, 40), r(0, 10), r(10, 20), r(35, 50)]) == [r(0, 20), r(30, 50)])
+        #expect(Ranges.merge([r(0, 10), r(5, 5)]) == [r(0, 10)])
+        #expect(Ranges.intersect([r(0, 20), r(30, 50)], [r(10, 35), r(45, 60)]) == [r(10, 20), r(30, 35), r(45, 50)])
+        #expect(Ranges.subtract([r(0, 20), r(30, 50)], [r(10, 35), r(45, 60)]) == [r(0, 10), r(35, 45)])
+        #expect(Ranges.contains([r(0, 10), r(20, 30)], 25) && !Ranges.contains([r(0, 10), r(20, 30)], 10))
+        #expect(Ranges.fromPages([3, 1, 2, 7]) == [r(pageSize, 4 * pageSize), r(7 * pageSize, 8 * pageSize)])
+    }
+
+    @Test func randomizedAgainstPageSets() {
+        var generator = SystemRandomNumberGenerator()
+        func randomRanges() -> [AddressRange] {
+            (0..<Int.random(in: 0...6, using: &generator)).map { _ in
+                let start = UInt64.random(in: 0..<60, using: &generator)
+                return r(start, start + UInt64.random(in: 0...10, using: &generator))
+            }
+        }
+        func units(_ ranges: [AddressRange]) -> Set<UInt64> {
+            Set(ranges.flatMap { Array($0.start..<$0.end) })
+        }
+        for _ in 0..<500 {
+            let a = Ranges.merge(randomRanges()), b = Ranges.merge(randomRanges())
+            #expect(units(Ranges.intersect(a, b)) == units(a).intersection(units(b)))
+            #expect(units(Ranges.subtract(a, b)) == units(a).subtracting(units(b)))
+            #expect(zip(a, a.dropFirst()).allSatisfy { $0.end < $1.start }, "merged ranges neither touch nor overlap")
+        }
+    }
+}
