@@ -113,7 +113,10 @@ public enum ProcessMaps {
             return .skip
         }
         if path.isEmpty {
-            return anonymous(readable: readable || writable || executable, shared: shared)
+            // No name and no inode: anonymous. (A nameless mapping with an
+            // inode would be a file we cannot name; treat it as a file.)
+            return inode == 0 ? anonymous(readable: readable || writable || executable, shared: shared)
+                              : fileBacked(writable: writable, readable: readable)
         }
         if path.hasPrefix("anon_inode:") { return .skip }
         if path.hasPrefix("/dev/") {
@@ -134,7 +137,6 @@ public enum ProcessMaps {
             // Writes go to the file itself: the file, not our copy, is the truth.
             return .recordOnly
         }
-        _ = inode
         return fileBacked(writable: writable, readable: readable)
     }
 
@@ -160,31 +162,39 @@ public enum ProcessMaps {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         if fd < 0 { throw mapError(pid: pid, errno: errno) }
         defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: initialReadSize)
-        var used = 0
+        var capacity = initialReadSize
         while true {
-            if used == bytes.count {
-                bytes.append(contentsOf: repeatElement(0, count: bytes.count))
+            var failure: Int32 = 0
+            let bytes = [UInt8](unsafeUninitializedCapacity: capacity) { buffer, count in
+                var used = 0
+                while used < buffer.count {
+                    // SAFETY: the destination is the uninitialized tail of
+                    // `buffer`, `buffer.count - used` bytes; only the bytes
+                    // read(2) wrote are counted as initialized.
+                    let n = Glibc.read(fd, buffer.baseAddress! + used, buffer.count - used)
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        failure = errno
+                        break
+                    }
+                    if n == 0 { break }
+                    used += n
+                }
+                count = used
             }
-            let n = bytes.withUnsafeMutableBytes { raw -> Int in
-                // SAFETY: the destination is the unused tail of `bytes`,
-                // `raw.count - used` bytes long, owned by this closure.
-                Glibc.read(fd, raw.baseAddress! + used, raw.count - used)
+            if failure != 0 { throw mapError(pid: pid, errno: failure) }
+            if bytes.count < capacity {
+                // A process that exited between open and read yields an empty file.
+                if bytes.isEmpty && kill(pid, 0) != 0 && errno == ESRCH {
+                    throw ProcessMapsError.noSuchProcess(pid: pid)
+                }
+                return bytes
             }
-            if n < 0 {
-                let error = errno
-                if error == EINTR { continue }
-                throw mapError(pid: pid, errno: error)
-            }
-            if n == 0 { break }
-            used += n
+            // Larger than the buffer: read it again from the start in one go,
+            // so the result is one walk of the kernel's list, not two halves.
+            capacity *= 4
+            if lseek(fd, 0, SEEK_SET) != 0 { throw mapError(pid: pid, errno: errno) }
         }
-        // A process that exited between open and read yields an empty file.
-        if used == 0 && kill(pid, 0) != 0 && errno == ESRCH {
-            throw ProcessMapsError.noSuchProcess(pid: pid)
-        }
-        bytes.removeSubrange(used...)
-        return bytes
     }
 
     private static func mapError(pid: Int32, errno error: Int32) -> ProcessMapsError {

@@ -104,6 +104,20 @@ import Glibc
         for (a, b) in zip(regions, regions.dropFirst()) { #expect(a.end <= b.start) }
     }
 
+    @Test func readsMapsLargerThanTheFirstBuffer() throws {
+        // 6000 one-page mappings (alternate protections keep them from
+        // merging): well over the 256 KiB read on the first try.
+        let pages = 6000
+        let raw = mmap(nil, pages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        defer { munmap(raw, pages * 4096) }
+        for page in stride(from: 0, to: pages, by: 2) { mprotect(raw + page * 4096, 4096, PROT_READ) }
+        let base = UInt64(UInt(bitPattern: raw))
+        let regions = try ProcessMaps.read(pid: getpid())
+        let ours = regions.filter { $0.start >= base && $0.end <= base + UInt64(pages * 4096) }
+        #expect(ours.count == pages)
+        #expect(ours.allSatisfy { $0.kind == .migrate && $0.range.length == 4096 })
+    }
+
     @Test func readingIsFast() throws {
         // A few hundred mappings, read many times: well under a millisecond each.
         let pid = getpid()
