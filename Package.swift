@@ -46,6 +46,8 @@ let package = Package(
         .executableTarget(name: "relay", path: "Tools/relay"),
         // Wire benchmark: transports, secure channel and RPC against baselines (Tools/bench-wire.sh).
         .executableTarget(name: "ferry-bench-wire", dependencies: ["FerryWire"], path: "Tools/bench-wire"),
+        // System benchmark: tracker cost, scan time, read throughput, with same-run baselines.
+        .executableTarget(name: "ferry-bench-system", dependencies: ["FerrySystem"], path: "Tools/bench-system"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

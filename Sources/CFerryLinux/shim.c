@@ -1,4 +1,168 @@
+// Implementation of the CFerryLinux shim. See include/CFerryLinux.h.
+#define _GNU_SOURCE
 #include "CFerryLinux.h"
+#include <errno.h>
+#include <stddef.h>
+#include <string.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#if defined(__aarch64__)
+#include <elf.h>
+#include <asm/ptrace.h>
+#endif
+
+// The kernel ABI these copies must match (include/uapi/linux/fs.h, userfaultfd.h).
+_Static_assert(sizeof(struct pm_scan_arg) == 96, "struct pm_scan_arg is 12 u64");
+_Static_assert(sizeof(struct page_region) == 24, "struct page_region is 3 u64");
+_Static_assert(offsetof(struct pm_scan_arg, walk_end) == 32, "pm_scan_arg.walk_end");
+_Static_assert(offsetof(struct pm_scan_arg, return_mask) == 88, "pm_scan_arg.return_mask");
+_Static_assert(sizeof(struct uffd_msg) == 32, "struct uffd_msg is 32 bytes");
+_Static_assert(sizeof(struct uffdio_api) == 24, "struct uffdio_api");
+_Static_assert(sizeof(struct uffdio_register) == 32, "struct uffdio_register");
+_Static_assert(sizeof(struct uffdio_writeprotect) == 24, "struct uffdio_writeprotect");
+#if defined(__x86_64__)
+_Static_assert(sizeof(struct user_regs_struct) <= sizeof(ferry_regs), "ferry_regs holds user_regs_struct");
+#elif defined(__aarch64__)
+_Static_assert(sizeof(struct user_pt_regs) <= sizeof(ferry_regs), "ferry_regs holds user_pt_regs");
+#endif
 
 int ferry_page_size(void) { return (int)sysconf(_SC_PAGESIZE); }
+
+uint64_t ferry_uffd_api(void) { return UFFD_API; }
+uint64_t ferry_uffd_feature_wp(void) { return UFFD_FEATURE_PAGEFAULT_FLAG_WP; }
+uint64_t ferry_uffd_feature_wp_async(void) { return UFFD_FEATURE_WP_ASYNC; }
+uint64_t ferry_uffd_feature_wp_unpopulated(void) { return UFFD_FEATURE_WP_UNPOPULATED; }
+uint64_t ferry_uffd_feature_wp_hugetlbfs_shmem(void) { return UFFD_FEATURE_WP_HUGETLBFS_SHMEM; }
+uint64_t ferry_uffd_feature_event_remove(void) { return UFFD_FEATURE_EVENT_REMOVE; }
+uint64_t ferry_uffd_feature_event_unmap(void) { return UFFD_FEATURE_EVENT_UNMAP; }
+uint64_t ferry_uffd_feature_event_remap(void) { return UFFD_FEATURE_EVENT_REMAP; }
+int ferry_uffd_user_mode_only(void) { return UFFD_USER_MODE_ONLY; }
+uint64_t ferry_uffdio_register_mode_missing(void) { return UFFDIO_REGISTER_MODE_MISSING; }
+uint64_t ferry_uffdio_register_mode_wp(void) { return UFFDIO_REGISTER_MODE_WP; }
+uint64_t ferry_uffdio_writeprotect_mode_wp(void) { return UFFDIO_WRITEPROTECT_MODE_WP; }
+uint64_t ferry_uffdio_writeprotect_mode_dontwake(void) { return UFFDIO_WRITEPROTECT_MODE_DONTWAKE; }
+uint8_t ferry_uffd_event_pagefault(void) { return UFFD_EVENT_PAGEFAULT; }
+uint8_t ferry_uffd_event_remove(void) { return UFFD_EVENT_REMOVE; }
+uint8_t ferry_uffd_event_unmap(void) { return UFFD_EVENT_UNMAP; }
+uint8_t ferry_uffd_event_remap(void) { return UFFD_EVENT_REMAP; }
+uint64_t ferry_uffd_pagefault_flag_wp(void) { return UFFD_PAGEFAULT_FLAG_WP; }
+uint64_t ferry_uffd_pagefault_flag_write(void) { return UFFD_PAGEFAULT_FLAG_WRITE; }
+uint64_t ferry_page_is_written(void) { return PAGE_IS_WRITTEN; }
+uint64_t ferry_page_is_present(void) { return PAGE_IS_PRESENT; }
+uint64_t ferry_page_is_swapped(void) { return PAGE_IS_SWAPPED; }
+uint64_t ferry_pm_scan_wp_matching(void) { return PM_SCAN_WP_MATCHING; }
+uint64_t ferry_pm_scan_check_wpasync(void) { return PM_SCAN_CHECK_WPASYNC; }
+
+int ferry_userfaultfd(int flags) { return (int)syscall(__NR_userfaultfd, flags); }
+long ferry_syscall_number_userfaultfd(void) { return __NR_userfaultfd; }
+long ferry_syscall_number_close(void) { return __NR_close; }
+
+#ifndef __NR_pidfd_open
+#define __NR_pidfd_open 434
+#endif
+#ifndef __NR_pidfd_getfd
+#define __NR_pidfd_getfd 438
+#endif
+int ferry_pidfd_open(pid_t pid, unsigned int flags) { return (int)syscall(__NR_pidfd_open, pid, flags); }
+int ferry_pidfd_getfd(int pidfd, int targetfd, unsigned int flags) {
+    return (int)syscall(__NR_pidfd_getfd, pidfd, targetfd, flags);
+}
+ssize_t ferry_process_vm_readv(pid_t pid, const struct iovec *local, unsigned long liovcnt,
+                               const struct iovec *remote, unsigned long riovcnt) {
+    return process_vm_readv(pid, local, liovcnt, remote, riovcnt, 0);
+}
+int ferry_tgkill(pid_t tgid, pid_t tid, int sig) { return (int)syscall(__NR_tgkill, tgid, tid, sig); }
+
+int ferry_uffdio_api(int fd, struct uffdio_api *api) { return ioctl(fd, UFFDIO_API, api); }
+int ferry_uffdio_register(int fd, struct uffdio_register *reg) { return ioctl(fd, UFFDIO_REGISTER, reg); }
+int ferry_uffdio_unregister(int fd, struct uffdio_range *range) { return ioctl(fd, UFFDIO_UNREGISTER, range); }
+int ferry_uffdio_writeprotect(int fd, struct uffdio_writeprotect *wp) { return ioctl(fd, UFFDIO_WRITEPROTECT, wp); }
+int ferry_uffdio_wake(int fd, struct uffdio_range *range) { return ioctl(fd, UFFDIO_WAKE, range); }
+int ferry_uffdio_zeropage(int fd, struct uffdio_zeropage *zero) { return ioctl(fd, UFFDIO_ZEROPAGE, zero); }
+long ferry_pagemap_scan(int fd, struct pm_scan_arg *arg) { return ioctl(fd, PAGEMAP_SCAN, arg); }
+
+uint8_t ferry_uffd_msg_event(const struct uffd_msg *msg) { return msg->event; }
+uint64_t ferry_uffd_msg_pagefault_address(const struct uffd_msg *msg) { return msg->arg.pagefault.address; }
+uint64_t ferry_uffd_msg_pagefault_flags(const struct uffd_msg *msg) { return msg->arg.pagefault.flags; }
+uint64_t ferry_uffd_msg_remove_start(const struct uffd_msg *msg) { return msg->arg.remove.start; }
+uint64_t ferry_uffd_msg_remove_end(const struct uffd_msg *msg) { return msg->arg.remove.end; }
+uint64_t ferry_uffd_msg_remap_from(const struct uffd_msg *msg) { return msg->arg.remap.from; }
+uint64_t ferry_uffd_msg_remap_to(const struct uffd_msg *msg) { return msg->arg.remap.to; }
+uint64_t ferry_uffd_msg_remap_len(const struct uffd_msg *msg) { return msg->arg.remap.len; }
+
+long ferry_ptrace_seize(pid_t tid, unsigned long options) { return ptrace(PTRACE_SEIZE, tid, 0, (void *)options); }
+long ferry_ptrace_interrupt(pid_t tid) { return ptrace(PTRACE_INTERRUPT, tid, 0, 0); }
+long ferry_ptrace_detach(pid_t tid, int sig) { return ptrace(PTRACE_DETACH, tid, 0, (void *)(long)sig); }
+long ferry_ptrace_cont(pid_t tid, int sig) { return ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig); }
+long ferry_ptrace_singlestep(pid_t tid, int sig) { return ptrace(PTRACE_SINGLESTEP, tid, 0, (void *)(long)sig); }
+long ferry_ptrace_getsiginfo(pid_t tid, siginfo_t *info) { return ptrace(PTRACE_GETSIGINFO, tid, 0, info); }
+long ferry_ptrace_setsiginfo(pid_t tid, const siginfo_t *info) { return ptrace(PTRACE_SETSIGINFO, tid, 0, info); }
+#ifndef PTRACE_GETSIGMASK
+#define PTRACE_GETSIGMASK 0x420a
+#define PTRACE_SETSIGMASK 0x420b
+#endif
+long ferry_ptrace_getsigmask(pid_t tid, uint64_t *mask) { return ptrace(PTRACE_GETSIGMASK, tid, (void *)sizeof *mask, mask); }
+long ferry_ptrace_setsigmask(pid_t tid, const uint64_t *mask) { return ptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof *mask, mask); }
+
+int ferry_wifexited(int status) { return WIFEXITED(status); }
+int ferry_wifsignaled(int status) { return WIFSIGNALED(status); }
+int ferry_wifstopped(int status) { return WIFSTOPPED(status); }
+int ferry_wstopsig(int status) { return WSTOPSIG(status); }
+int ferry_wexitstatus(int status) { return WEXITSTATUS(status); }
+int ferry_wtermsig(int status) { return WTERMSIG(status); }
+int ferry_wptrace_event(int status) { return (status >> 16) & 0xff; }
+int ferry_ptrace_event_stop(void) { return PTRACE_EVENT_STOP; }
+int ferry_wall(void) { return __WALL; }
+
+#if defined(__x86_64__)
+long ferry_regs_get(pid_t tid, ferry_regs *regs) {
+    memset(regs, 0, sizeof *regs);
+    return ptrace(PTRACE_GETREGS, tid, 0, (struct user_regs_struct *)regs);
+}
+long ferry_regs_set(pid_t tid, const ferry_regs *regs) {
+    return ptrace(PTRACE_SETREGS, tid, 0, (const struct user_regs_struct *)regs);
+}
+uint64_t ferry_regs_ip(const ferry_regs *regs) { return ((const struct user_regs_struct *)regs)->rip; }
+void ferry_regs_prepare_syscall(ferry_regs *regs, uint64_t ip, long nr,
+                                uint64_t a0, uint64_t a1, uint64_t a2,
+                                uint64_t a3, uint64_t a4, uint64_t a5) {
+    struct user_regs_struct *r = (struct user_regs_struct *)regs;
+    r->rip = ip;
+    r->rax = (uint64_t)nr;
+    // orig_rax = -1: the kernel must not treat the resume as the end of an
+    // interrupted system call and "restart" it over our registers.
+    r->orig_rax = (uint64_t)-1;
+    r->rdi = a0; r->rsi = a1; r->rdx = a2; r->r10 = a3; r->r8 = a4; r->r9 = a5;
+    // Clear the trap and direction flags so the step starts in a known state.
+    r->eflags &= ~((1UL << 8) | (1UL << 10));
+}
+long ferry_regs_syscall_result(const ferry_regs *regs) { return (long)((const struct user_regs_struct *)regs)->rax; }
+int ferry_syscall_instruction(uint8_t out[4]) { out[0] = 0x0f; out[1] = 0x05; return 2; }
+#elif defined(__aarch64__)
+static long regset(pid_t tid, int request, ferry_regs *regs) {
+    struct iovec iov = { .iov_base = regs, .iov_len = sizeof(struct user_pt_regs) };
+    return ptrace(request, tid, (void *)NT_PRSTATUS, &iov);
+}
+long ferry_regs_get(pid_t tid, ferry_regs *regs) { memset(regs, 0, sizeof *regs); return regset(tid, PTRACE_GETREGSET, regs); }
+long ferry_regs_set(pid_t tid, const ferry_regs *regs) { return regset(tid, PTRACE_SETREGSET, (ferry_regs *)regs); }
+uint64_t ferry_regs_ip(const ferry_regs *regs) { return ((const struct user_pt_regs *)regs)->pc; }
+void ferry_regs_prepare_syscall(ferry_regs *regs, uint64_t ip, long nr,
+                                uint64_t a0, uint64_t a1, uint64_t a2,
+                                uint64_t a3, uint64_t a4, uint64_t a5) {
+    // Untested on arm64: the syscall-restart suppression that x86 gets from
+    // orig_rax needs NT_ARM_SYSTEM_CALL there.
+    struct user_pt_regs *r = (struct user_pt_regs *)regs;
+    r->pc = ip;
+    r->regs[8] = (uint64_t)nr;
+    r->regs[0] = a0; r->regs[1] = a1; r->regs[2] = a2; r->regs[3] = a3; r->regs[4] = a4; r->regs[5] = a5;
+}
+long ferry_regs_syscall_result(const ferry_regs *regs) { return (long)((const struct user_pt_regs *)regs)->regs[0]; }
+int ferry_syscall_instruction(uint8_t out[4]) { out[0] = 0x01; out[1] = 0x00; out[2] = 0x00; out[3] = 0xd4; return 4; }
+#else
+#error "CFerryLinux supports x86_64 and aarch64"
+#endif

@@ -8,6 +8,6 @@ struct SeederCommand: AsyncParsableCommand {
         commandName: "seeder",
         abstract: "Ferry's source side: track a running process and serve its memory for live migration.",
         version: ferryVersion,
-        subcommands: [ServeCommand.self, KeygenCommand.self, SecretCommand.self]
+        subcommands: [ServeCommand.self, TrackCommand.self, KeygenCommand.self, SecretCommand.self]
     )
 }

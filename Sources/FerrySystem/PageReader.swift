@@ -1,0 +1,303 @@
+// Reads pages of another process into caller-provided memory.
+//
+// Why: the seeder serves pages of a live process. process_vm_readv copies
+// straight from the target's page tables into our buffer, many scattered
+// ranges per call (up to IOV_MAX remote iovecs against one local iovec), so a
+// batch of 1024 pages costs one system call and no allocation per page.
+// Kernel: 3.2+. Capability: PTRACE_MODE_ATTACH over the target (same user
+// without Yama restrictions, or root / CAP_SYS_PTRACE).
+//
+// Fallback: /proc/PID/mem with pread, used when process_vm_readv is refused
+// (EPERM, for example under a seccomp filter) and to re-try the single page
+// at which process_vm_readv stopped. /proc/PID/mem uses FOLL_FORCE, so it can
+// also read pages the target has made PROT_NONE. A page that neither path can
+// read no longer exists (unmapped, or the VMA shrank): it is zero-filled in
+// the buffer and *reported* in `PageReadResult.vanished`, never passed off as
+// a page of zeros, so the caller can treat the range as unmapped.
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The outcome of a read: how many bytes were laid out and which ranges could not be read.
+public struct PageReadResult: Sendable, Equatable {
+    /// Bytes written to the buffer: always the sum of the requested lengths.
+    public var bytes: Int
+    /// Ranges (page granular, merged, in request order) that no longer exist
+    /// in the target. Their bytes in the buffer are zero and must not be used.
+    public var vanished: [AddressRange]
+}
+
+/// Errors of `PageReader`. Each message names the pid and what to do.
+public enum PageReaderError: Error, CustomStringConvertible, Sendable, Equatable {
+    case noSuchProcess(pid: Int32)
+    case permissionDenied(pid: Int32)
+    /// The buffer cannot hold the requested ranges.
+    case bufferTooSmall(needed: Int, available: Int)
+    /// Some requested ranges no longer exist; the others were read (see `PageReadResult`).
+    case vanished(pid: Int32, ranges: [AddressRange])
+    /// Any other failure of the underlying system call.
+    case system(SystemError)
+
+    public var description: String {
+        switch self {
+        case .noSuchProcess(let pid):
+            return "cannot read the memory of pid \(pid): no such process (it may have exited)"
+        case .permissionDenied(let pid):
+            return "cannot read the memory of pid \(pid): permission denied (run as root or grant CAP_SYS_PTRACE)"
+        case .bufferTooSmall(let needed, let available):
+            return "cannot read pages: the buffer holds \(available) bytes but the ranges need \(needed) (pass a larger buffer or fewer ranges)"
+        case .vanished(let pid, let ranges):
+            let list = ranges.prefix(4).map(\.description).joined(separator: ", ")
+            return "cannot read \(ranges.count) range(s) of pid \(pid): no longer mapped (\(list)\(ranges.count > 4 ? ", …" : "")); re-read the layout"
+        case .system(let error):
+            return error.description
+        }
+    }
+}
+
+/// Reads pages of one process. Immutable after init, so one reader may be
+/// used from several threads at once (each call keeps its iovecs on its own stack).
+public final class PageReader: Sendable {
+    public let pid: Int32
+    /// /proc/PID/mem opened read-only, or -1 when it could not be opened.
+    /// Owned by this reader: closed exactly once, in deinit.
+    private let memFD: Int32
+
+    /// Remote iovecs per process_vm_readv call: the kernel's UIO_MAXIOV.
+    public static let maxIovecs = 1024
+    /// Bytes per process_vm_readv call: the kernel silently truncates a
+    /// transfer at MAX_RW_COUNT (just under 2 GiB); stay well below it.
+    static let maxBatchBytes = 1 << 30
+
+    /// Opens the reader. Fails when the process does not exist; a refused
+    /// /proc/PID/mem only disables the fallback.
+    public init(pid: Int32) throws {
+        self.pid = pid
+        let fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+        if fd < 0 {
+            let error = errno
+            if error == ENOENT || error == ESRCH { throw PageReaderError.noSuchProcess(pid: pid) }
+            if kill(pid, 0) != 0 && errno == ESRCH { throw PageReaderError.noSuchProcess(pid: pid) }
+            // EACCES/EPERM: process_vm_readv may still be allowed; it will say.
+        }
+        self.memFD = fd
+    }
+
+    deinit {
+        if memFD >= 0 { close(memFD) }
+    }
+
+    /// Reads `ranges` back to back into `buffer`. Throws
+    /// `PageReaderError.vanished` when some range no longer exists (the
+    /// others are in the buffer, the vanished ones zero); use
+    /// `readReporting` to get both without an error.
+    @discardableResult
+    public func read(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let result = try readReporting(ranges, into: buffer)
+        if !result.vanished.isEmpty { throw PageReaderError.vanished(pid: pid, ranges: result.vanished) }
+        return result.bytes
+    }
+
+    /// Reads `ranges` back to back into `buffer` and reports the ranges that
+    /// no longer exist instead of failing.
+    public func readReporting(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> PageReadResult {
+        var needed: UInt64 = 0
+        for range in ranges { needed += range.length }
+        guard needed <= UInt64(buffer.count) else {
+            throw PageReaderError.bufferTooSmall(needed: Int(clamping: needed), available: buffer.count)
+        }
+        guard needed > 0, let base = buffer.baseAddress else { return PageReadResult(bytes: 0, vanished: []) }
+
+        var vanished: [AddressRange] = []
+        var cursor = Cursor()
+        var useVMReadv = Self.processVMReadv != nil
+        try withUnsafeTemporaryAllocation(of: iovec.self, capacity: Self.maxIovecs) { remote in
+            while cursor.rangeIndex < ranges.count {
+                // Gather up to maxIovecs remote pieces starting at the cursor.
+                var count = 0
+                var batchBytes = 0
+                var scan = cursor
+                while count < Self.maxIovecs && scan.rangeIndex < ranges.count && batchBytes < Self.maxBatchBytes {
+                    let range = ranges[scan.rangeIndex]
+                    let length = min(range.length - scan.offset, UInt64(Self.maxBatchBytes - batchBytes))
+                    if length > 0 {
+                        let address = range.start + scan.offset
+                        if count > 0, UInt64(UInt(bitPattern: remote[count - 1].iov_base)) + UInt64(remote[count - 1].iov_len) == address {
+                            // Adjacent to the previous piece: one iovec, because the
+                            // kernel takes the target's mmap lock and pins pages once
+                            // per iovec (4 KiB iovecs cost about a third more).
+                            remote[count - 1].iov_len += Int(length)
+                        } else {
+                            // SAFETY: `remote` has maxIovecs slots and count < maxIovecs.
+                            remote[count] = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: UInt(address)),
+                                                  iov_len: Int(length))
+                            count += 1
+                        }
+                        batchBytes += Int(length)
+                    }
+                    if scan.offset + length < range.length {
+                        scan.offset += length // the batch is full mid-range
+                    } else {
+                        scan.rangeIndex += 1
+                        scan.offset = 0
+                    }
+                }
+                if count == 0 { break }
+                let destination = base + cursor.bufferOffset
+                var done = 0
+                if useVMReadv {
+                    switch try vmReadv(destination, batchBytes, remote, count) {
+                    case .read(let n): done = n
+                    case .refused: useVMReadv = false
+                    }
+                }
+                if !useVMReadv {
+                    done = try memRead(destination, remote, count)
+                }
+                cursor.advance(by: done, in: ranges)
+                if done == batchBytes { continue }
+
+                // Stopped short: settle the page at the cursor on its own.
+                let range = ranges[cursor.rangeIndex]
+                let address = range.start + cursor.offset
+                let pageEnd = (address / pageSize + 1) * pageSize
+                let unitLength = Int(min(pageEnd, range.end) - address)
+                let unitDestination = base + cursor.bufferOffset
+                let got = memReadOne(unitDestination, address: address, length: unitLength)
+                if got < unitLength {
+                    // SAFETY: the unit lies within the caller's buffer (checked `needed` above).
+                    (unitDestination + got).initializeMemory(as: UInt8.self, repeating: 0, count: unitLength - got)
+                    let lost = AddressRange(start: address + UInt64(got), end: address + UInt64(unitLength))
+                    if let last = vanished.last, last.end == lost.start {
+                        vanished[vanished.count - 1].end = lost.end
+                    } else {
+                        vanished.append(lost)
+                    }
+                    if kill(pid, 0) != 0 && errno == ESRCH { throw PageReaderError.noSuchProcess(pid: pid) }
+                }
+                cursor.advance(by: unitLength, in: ranges)
+            }
+        }
+        return PageReadResult(bytes: Int(needed), vanished: vanished)
+    }
+
+    // MARK: - Paths
+
+    /// Position in the request: which range, how far into it, and where in the buffer.
+    private struct Cursor {
+        var rangeIndex = 0
+        var offset: UInt64 = 0
+        var bufferOffset = 0
+
+        mutating func advance(by bytes: Int, in ranges: [AddressRange]) {
+            var left = UInt64(bytes)
+            bufferOffset += bytes
+            while left > 0 || (rangeIndex < ranges.count && offset == ranges[rangeIndex].length) {
+                let remaining = ranges[rangeIndex].length - offset
+                if left >= remaining {
+                    left -= remaining
+                    rangeIndex += 1
+                    offset = 0
+                } else {
+                    offset += left
+                    left = 0
+                }
+            }
+        }
+    }
+
+    private enum VMReadvOutcome { case read(Int), refused }
+
+    private func vmReadv(_ destination: UnsafeMutableRawPointer, _ length: Int,
+                         _ remote: UnsafeMutableBufferPointer<iovec>, _ count: Int) throws -> VMReadvOutcome {
+        var local = iovec(iov_base: destination, iov_len: length)
+        while true {
+            // SAFETY: `local` covers `length` bytes of the caller's buffer;
+            // `remote` holds `count` initialized iovecs; the function pointer
+            // has process_vm_readv's C signature.
+            let n = Self.processVMReadv!(pid, &local, 1, remote.baseAddress, UInt(count), 0)
+            if n >= 0 { return .read(n) }
+            let error = errno
+            switch error {
+            case EINTR: continue
+            case EFAULT: return .read(0) // the first byte is not readable: settled below
+            case ESRCH: throw PageReaderError.noSuchProcess(pid: pid)
+            case EPERM, EACCES, ENOSYS:
+                // Refused (ptrace policy, seccomp, old kernel): try /proc/PID/mem.
+                if memFD < 0 { throw PageReaderError.permissionDenied(pid: pid) }
+                return .refused
+            default:
+                throw PageReaderError.system(SystemError(operation: "process_vm_readv", target: "pid \(pid)", errno: error))
+            }
+        }
+    }
+
+    /// Reads the iovecs in order through /proc/PID/mem; returns the bytes
+    /// read before the first short read.
+    private func memRead(_ destination: UnsafeMutableRawPointer, _ remote: UnsafeMutableBufferPointer<iovec>, _ count: Int) throws -> Int {
+        if memFD < 0 { throw PageReaderError.permissionDenied(pid: pid) }
+        var done = 0
+        for i in 0..<count {
+            let address = UInt64(UInt(bitPattern: remote[i].iov_base))
+            let length = remote[i].iov_len
+            let got = memReadOne(destination + done, address: address, length: length)
+            done += got
+            if got < length { break }
+        }
+        return done
+    }
+
+    /// pread from /proc/PID/mem until `length` bytes or the first failure.
+    private func memReadOne(_ destination: UnsafeMutableRawPointer, address: UInt64, length: Int) -> Int {
+        guard memFD >= 0 else { return 0 }
+        var done = 0
+        while done < length {
+            // SAFETY: destination has `length` bytes of room in the caller's buffer.
+            let n = pread(memFD, destination + done, length - done, off_t(Int64(bitPattern: address + UInt64(done))))
+            if n > 0 { done += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            break // EIO/EFAULT: not mapped
+        }
+        return done
+    }
+
+    // glibc exports process_vm_readv but Swift's Glibc module does not import
+    // its declaration (it sits behind _GNU_SOURCE), so resolve it once by name.
+    private typealias ProcessVMReadv = @convention(c) (pid_t, UnsafePointer<iovec>?, UInt, UnsafePointer<iovec>?, UInt, UInt) -> Int
+    private static let processVMReadv: ProcessVMReadv? = {
+        // SAFETY: RTLD_DEFAULT (null handle) searches the global symbols; the
+        // symbol, when present, is glibc's process_vm_readv with this signature.
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "process_vm_readv") else { return nil }
+        return unsafeBitCast(symbol, to: ProcessVMReadv.self)
+    }()
+
+    // MARK: - Zero pages
+
+    /// True when every byte is zero. Compares 64 bytes per step (eight
+    /// 8-byte words OR-ed, which the compiler vectorizes) and stops at the
+    /// first block with a set bit, so non-zero pages are rejected early.
+    public static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard let base = bytes.baseAddress else { return true }
+        let count = bytes.count
+        var i = 0
+        // SAFETY: every load below lies within `bytes` (i + 64 <= count, then i + 8 <= count).
+        while i + 64 <= count {
+            let p = base + i
+            let a = p.loadUnaligned(as: UInt64.self) | p.loadUnaligned(fromByteOffset: 8, as: UInt64.self)
+            let b = p.loadUnaligned(fromByteOffset: 16, as: UInt64.self) | p.loadUnaligned(fromByteOffset: 24, as: UInt64.self)
+            let c = p.loadUnaligned(fromByteOffset: 32, as: UInt64.self) | p.loadUnaligned(fromByteOffset: 40, as: UInt64.self)
+            let d = p.loadUnaligned(fromByteOffset: 48, as: UInt64.self) | p.loadUnaligned(fromByteOffset: 56, as: UInt64.self)
+            if (a | b | c | d) != 0 { return false }
+            i += 64
+        }
+        while i + 8 <= count {
+            if base.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+            i += 8
+        }
+        while i < count {
+            if base.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
+            i += 1
+        }
+        return true
+    }
+}

@@ -1,0 +1,199 @@
+// ptrace: the one kernel facility that can stop every thread of a foreign
+// process and run code in it.
+//
+// Why a dedicated thread: the kernel binds a tracee to the *thread* that
+// attached it (not the process), every later ptrace request must come from
+// that same thread, and when that thread exits the kernel detaches its
+// tracees. Swift code may hop between threads, so all ptrace requests of one
+// TrackedProcess run on one `PtraceThread` that lives as long as it does.
+// Kernel: PTRACE_SEIZE / PTRACE_INTERRUPT need 3.4+. Capability: PTRACE_MODE_ATTACH
+// over the target (same user without Yama restrictions, or root / CAP_SYS_PTRACE).
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
+internal import CFerryLinux
+
+/// A dedicated OS thread that runs submitted closures one at a time, in order.
+///
+/// `@unchecked Sendable` invariant: `queue` and `stopping` are only touched
+/// while holding `lock`; the pthread handle is written once before `init` returns.
+final class PtraceThread: @unchecked Sendable {
+    private let lock = Lock()
+    private var queue: [Job] = []
+    private var stopping = false
+    private let wakeup = DispatchSemaphore(value: 0)
+    private var thread = pthread_t()
+
+    /// One submitted closure and its completion. `@unchecked Sendable`
+    /// invariant: the submitter blocks on `done` until the worker signals it,
+    /// so `body` and `error` are used by one thread at a time.
+    private final class Job: @unchecked Sendable {
+        /// Cleared by the worker before it signals `done`: the closure must not
+        /// outlive `run`'s `withoutActuallyEscaping`.
+        var body: (() throws -> Void)?
+        var error: Error?
+        let done = DispatchSemaphore(value: 0)
+        init(_ body: @escaping () throws -> Void) { self.body = body }
+    }
+
+    init() throws {
+        let context = Unmanaged.passRetained(self).toOpaque()
+        let result = pthread_create(&thread, nil, { argument in
+            // SAFETY: `argument` is the retained `PtraceThread` passed below;
+            // the worker owns that reference until its loop ends.
+            let worker = Unmanaged<PtraceThread>.fromOpaque(argument!).takeRetainedValue()
+            worker.loop()
+            return nil
+        }, context)
+        if result != 0 {
+            Unmanaged<PtraceThread>.fromOpaque(context).release()
+            throw SystemError(operation: "pthread_create", target: "the ptrace thread", errno: result)
+        }
+        pthread_detach(thread)
+    }
+
+    private var isCurrent: Bool { pthread_equal(pthread_self(), thread) != 0 }
+
+    /// Runs `body` on the ptrace thread and returns its result; blocks the caller.
+    func run<T>(_ body: () throws -> T) throws -> T {
+        if isCurrent { return try body() }
+        return try withoutActuallyEscaping(body) { body in
+            var result: T?
+            let job = Job { result = try body() }
+            lock.withLock {
+                queue.append(job)
+            }
+            wakeup.signal()
+            job.done.wait()
+            if let error = job.error { throw error }
+            return result!
+        }
+    }
+
+    /// Ends the thread after the jobs already queued. Tracees still attached
+    /// are detached by the kernel when the thread exits.
+    func stop() {
+        lock.withLock { stopping = true }
+        wakeup.signal()
+    }
+
+    private func loop() {
+        while true {
+            wakeup.wait()
+            while true {
+                let next: Job? = lock.withLock { queue.isEmpty ? nil : queue.removeFirst() }
+                guard let job = next else { break }
+                do { try job.body?() } catch { job.error = error }
+                job.body = nil
+                job.done.signal()
+            }
+            if lock.withLock({ stopping && queue.isEmpty }) { return }
+        }
+    }
+}
+
+/// A small mutex for state shared between our own threads.
+///
+/// `@unchecked Sendable` invariant: the pthread mutex lives in memory this
+/// object allocates, never moves, and is destroyed only in deinit.
+final class Lock: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    init() {
+        mutex = .allocate(capacity: 1)
+        // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}
+
+/// How a traced thread is stopped, which decides how it is released.
+enum TraceeStop {
+    /// An interrupt or group stop (PTRACE_EVENT_STOP). `signal` is SIGTRAP for
+    /// our interrupt, or the stop signal when the process was stopped (group stop);
+    /// the kernel restores a group stop by itself on detach.
+    case event(signal: Int32)
+    /// The thread was about to take a signal when it stopped
+    /// (signal-delivery-stop): it must be handed back on detach, with its siginfo.
+    case signal(Int32, siginfo_t)
+}
+
+/// What waiting for a traced thread produced.
+enum TraceeWait {
+    case stopped(TraceeStop)
+    /// The thread exited or was killed; it is no longer traced.
+    case gone
+}
+
+/// Thin, error-naming wrappers over ptrace(2) and waitpid(2). Call only on the `PtraceThread`.
+enum Ptrace {
+    static func seize(_ tid: Int32, pid: Int32) throws {
+        try checkedCall("PTRACE_SEIZE", on: "thread \(tid) of pid \(pid)", hint: { errno in
+            errno == EPERM ? "run as root or grant CAP_SYS_PTRACE; the process may already be traced" : nil
+        }) { ferry_ptrace_seize(tid, 0) }
+    }
+
+    static func interrupt(_ tid: Int32, pid: Int32) throws {
+        try checkedCall("PTRACE_INTERRUPT", on: "thread \(tid) of pid \(pid)") { ferry_ptrace_interrupt(tid) }
+    }
+
+    /// Releases `tid`, handing back a signal it was about to take.
+    static func detach(_ tid: Int32, pid: Int32, stop: TraceeStop) throws {
+        var signal: Int32 = 0
+        if case .signal(let number, var info) = stop {
+            // Restore the original siginfo: after a remote syscall the thread
+            // sits in a SIGTRAP stop whose siginfo is the step's.
+            _ = ferry_ptrace_setsiginfo(tid, &info)
+            signal = number
+        }
+        let result = ferry_ptrace_detach(tid, signal)
+        if result < 0 && errno != ESRCH {
+            throw SystemError(operation: "PTRACE_DETACH", target: "thread \(tid) of pid \(pid)", errno: errno)
+        }
+    }
+
+    /// Waits until `tid` reports a stop or ends.
+    static func waitStop(_ tid: Int32, pid: Int32) throws -> TraceeWait {
+        var status: Int32 = 0
+        let waited = try checkedCall("waitpid", on: "thread \(tid) of pid \(pid)") {
+            waitpid(tid, &status, ferry_wall())
+        }
+        _ = waited
+        if ferry_wifexited(status) != 0 || ferry_wifsignaled(status) != 0 { return .gone }
+        guard ferry_wifstopped(status) != 0 else { return .gone }
+        let signal = ferry_wstopsig(status)
+        if ferry_wptrace_event(status) != 0 { return .stopped(.event(signal: signal)) }
+        var info = siginfo_t()
+        if ferry_ptrace_getsiginfo(tid, &info) < 0 {
+            // A stop without siginfo is a group stop of an attached tracee.
+            return .stopped(.event(signal: signal))
+        }
+        return .stopped(.signal(signal, info))
+    }
+
+    /// Thread ids in /proc/PID/task, or nil when the process is gone.
+    static func threads(of pid: Int32) -> [Int32]? {
+        guard let dir = opendir("/proc/\(pid)/task") else { return nil }
+        defer { closedir(dir) }
+        var tids: [Int32] = []
+        while let entry = readdir(dir) {
+            // SAFETY: d_name is a NUL-terminated array inside the dirent readdir returned.
+            let name = withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if let tid = Int32(name) { tids.append(tid) }
+        }
+        return tids
+    }
+}

@@ -1,0 +1,264 @@
+// The fallback tracker for kernels without WP_ASYNC: synchronous userfaultfd
+// write-protection with a handler thread.
+//
+// Why: on 5.7+ a write to a protected page blocks the writer and queues a
+// fault message.
+// Our handler thread records the page, then unprotects it
+// (UFFDIO_WRITEPROTECT mode 0), which wakes the writer. Recording happens
+// before unprotecting, and `rearm`/`scan` remove pages from the set before
+// protecting them again, so a write is either in the set or happened before
+// the re-protection (and is in the copy made after it): never lost.
+// The cost is a round trip through our thread per first write (about 6 µs
+// on the same core, 100 µs across cores).
+//
+// Empty anonymous pages (never touched, or emptied by MADV_DONTNEED, which
+// drops the protection *after* we read its EVENT_REMOVE) cannot carry
+// protection without WP_UNPOPULATED's pte markers, and markers cannot be
+// combined with missing mode (a touch of a marker is a missing fault that
+// UFFDIO_ZEROPAGE refuses: a livelock). So anonymous ranges are registered
+// in missing mode as well, without markers: the first touch of an empty
+// page faults, is recorded (a read counts too: conservative), and is
+// resolved with the zero page. EVENT_REMOVE marks zapped pages dirty, since
+// they now read as zeros. munmap (EVENT_UNMAP) marks the range lost, so a
+// mapping placed at the same address is registered again by the owner.
+// Kernel: 5.7+. Capability: as Userfaultfd.swift.
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `@unchecked Sendable` invariant: `dirtyPages`, `lostRanges` and
+/// `handlerError` are only touched under `lock`; the other properties are
+/// immutable after init; the handler thread is joined before `uffd` closes.
+final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
+    let kind = TrackerKind.sync
+    private let uffd: Userfaultfd
+    private let pid: Int32
+    private let lock = Lock()
+    private var dirtyPages = Set<UInt64>()
+    private var lostRanges: [AddressRange] = []
+    private var handlerError: Error?
+    private var handler: pthread_t?
+    /// Written once by `close` to end the handler's poll.
+    private let stopPipe: (read: Int32, write: Int32)
+
+    init(uffd: Userfaultfd, pid: Int32) throws {
+        self.uffd = uffd
+        self.pid = pid
+        var fds: [Int32] = [0, 0]
+        try checkedCall("pipe", on: "the sync tracker of pid \(pid)") { pipe(&fds) }
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        stopPipe = (fds[0], fds[1])
+        var thread = pthread_t()
+        let context = Unmanaged.passRetained(self).toOpaque()
+        let result = pthread_create(&thread, nil, { argument in
+            // SAFETY: `argument` is the tracker retained below; released when the loop ends.
+            let tracker = Unmanaged<SyncWPTracker>.fromOpaque(argument!).takeRetainedValue()
+            tracker.handleFaults()
+            return nil
+        }, context)
+        if result != 0 {
+            Unmanaged<SyncWPTracker>.fromOpaque(context).release()
+            Glibc.close(fds[0]); Glibc.close(fds[1])
+            throw SystemError(operation: "pthread_create", target: "the sync tracker of pid \(pid)", errno: result)
+        }
+        handler = thread
+    }
+
+    func close() {
+        let thread: pthread_t? = lock.withLock {
+            defer { handler = nil }
+            return handler
+        }
+        guard let thread else { return }
+        var byte: UInt8 = 1
+        _ = Glibc.write(stopPipe.write, &byte, 1)
+        pthread_join(thread, nil)
+        Glibc.close(stopPipe.read)
+        Glibc.close(stopPipe.write)
+        uffd.close()
+    }
+
+    func track(_ range: AddressRange) throws {
+        do {
+            try uffd.register(range, missing: true)
+        } catch let error as SystemError where error.errno == EINVAL {
+            // Missing mode is for anonymous memory (shmem needs a feature we
+            // do not ask for); shared pages keep their contents when zapped.
+            try uffd.register(range)
+        }
+        try uffd.writeProtect(range, protect: true)
+    }
+
+    func rearm(_ ranges: [AddressRange]) throws {
+        let merged = Ranges.merge(ranges)
+        try protect(merged) {
+            // Forget first, protect second, both under `lock`: see the file comment.
+            let pageCount = merged.reduce(0) { $0 + $1.pageCount }
+            if pageCount > UInt64(dirtyPages.count) {
+                dirtyPages = dirtyPages.filter { page in !Ranges.contains(merged, page * pageSize) }
+            } else {
+                for range in merged {
+                    for page in (range.start / pageSize)..<(range.end / pageSize) { dirtyPages.remove(page) }
+                }
+            }
+        }
+    }
+
+    /// Runs `prepare` and then write-protects `ranges`, all while holding
+    /// `lock`, so no handler can record-and-unprotect in between. When the
+    /// kernel says the map is busy (EAGAIN: an event our handler has not read
+    /// yet), the lock is let go so the handler can read it, and the remaining
+    /// ranges are protected after a short pause.
+    private func protect(_ ranges: [AddressRange], prepare: () -> Void) throws {
+        var remaining = ranges[...]
+        var prepared = false
+        var attempts = 0
+        while true {
+            let busy: Bool = try lock.withLock {
+                if !prepared { prepare(); prepared = true }
+                while let range = remaining.first {
+                    do {
+                        try uffd.writeProtect(range, protect: true, waitWhileBusy: false)
+                    } catch let error as SystemError where error.errno == EAGAIN {
+                        return true
+                    } catch let error as SystemError where error.errno == ENOENT {
+                        // Unmapped meanwhile: the layout refresh reports it.
+                    }
+                    remaining.removeFirst()
+                }
+                return false
+            }
+            if !busy { return }
+            attempts += 1
+            if attempts > Userfaultfd.busyRetries {
+                throw SystemError(operation: "UFFDIO_WRITEPROTECT", target: "pid \(pid)", errno: EAGAIN,
+                                  hint: "the process's memory map kept changing")
+            }
+            usleep(attempts < 10 ? 0 : 100)
+        }
+    }
+
+    func untrack(_ range: AddressRange) throws {
+        try uffd.unregister(range)
+        // Faults recorded in the range belong to the tracking that ended.
+        lock.withLock {
+            dirtyPages = dirtyPages.filter { !range.contains($0 * pageSize) }
+        }
+    }
+
+    func scan(_ ranges: [AddressRange]) throws -> DirtyScan {
+        var pages = Set<UInt64>()
+        var lost: [AddressRange] = []
+        var failure: Error?
+        let taken = lock.withLock {
+            pages = dirtyPages
+            lost = lostRanges
+            failure = handlerError
+            dirtyPages.removeAll(keepingCapacity: true)
+            lostRanges.removeAll()
+            return Ranges.intersect(Ranges.fromPages(pages), ranges)
+        }
+        if let failure { throw failure }
+        // The set was emptied under the lock and the pages are protected
+        // again before any handler can record-and-unprotect in between; if
+        // the map is busy the protection finishes after the handler caught up
+        // (faults meanwhile are recorded in the new set).
+        try protect(taken) {}
+        return DirtyScan(dirty: taken, lost: Ranges.intersect(Ranges.merge(lost), ranges))
+    }
+
+    /// The handler thread: poll, record, unprotect (which wakes the writer).
+    private func handleFaults() {
+        var events: [UserfaultfdEvent] = []
+        events.reserveCapacity(64)
+        var retry: [UInt64] = []
+        do {
+            try uffd.withDescriptor { fd in
+                var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
+                           pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)]
+                while true {
+                    // Unprotects refused with EAGAIN (the target's memory map is
+                    // changing until we read its event) are retried soon.
+                    let ready = poll(&fds, 2, retry.isEmpty ? -1 : 1)
+                    if ready < 0 {
+                        if errno == EINTR { continue }
+                        throw SystemError(operation: "poll userfaultfd", target: "pid \(pid)", errno: errno)
+                    }
+                    if fds[1].revents != 0 { return }
+                    if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 { return }
+                    events.removeAll(keepingCapacity: true)
+                    try readEvents(fd: fd, into: &events)
+                    retry = try handle(events, retry: retry)
+                }
+            }
+        } catch {
+            lock.withLock { handlerError = error }
+        }
+    }
+
+    private func readEvents(fd: Int32, into events: inout [UserfaultfdEvent]) throws {
+        // Userfaultfd.readEvents takes the read lock again; glibc's default
+        // rwlock prefers readers, so a second read lock by this thread cannot deadlock.
+        try uffd.readEvents(into: &events)
+    }
+
+    /// Records `events`, unprotects their pages and those of `retry`; returns
+    /// the pages to retry (missing-page ones tagged with bit 0).
+    private func handle(_ events: [UserfaultfdEvent], retry: [UInt64]) throws -> [UInt64] {
+        var unprotect: [UInt64] = []
+        var missing: [UInt64] = []
+        var again: [UInt64] = []
+        // Recording and unprotecting happen under one hold of `lock`, so a
+        // scan or rearm (which empties the set and protects under the same
+        // lock) never has its protection undone by an unprotect whose page
+        // it did not see recorded. Retried pages are recorded again for that
+        // reason: a scan may have taken them since.
+        try lock.withLock {
+            for address in retry {
+                dirtyPages.insert((address & ~1) / pageSize)
+                if address & 1 == 0 { unprotect.append(address) } else { missing.append(address & ~1) }
+            }
+            for event in events {
+                switch event {
+                case .pageFault(let address, let writeProtect):
+                    dirtyPages.insert(address / pageSize)
+                    if writeProtect { unprotect.append(address) } else { missing.append(address) }
+                case .remove(let range):
+                    let aligned = Ranges.pageAligned(range)
+                    for page in (aligned.start / pageSize)..<(aligned.end / pageSize) { dirtyPages.insert(page) }
+                case .unmap(let range):
+                    lostRanges.append(Ranges.pageAligned(range))
+                case .remap(_, let to, let length):
+                    lostRanges.append(Ranges.pageAligned(AddressRange(start: to, end: to + length)))
+                case .other:
+                    break
+                }
+            }
+            // Unprotect after recording: the writer wakes and writes only now.
+            for address in unprotect {
+                do {
+                    try uffd.writeProtect(AddressRange(start: address, end: address + pageSize), protect: false, waitWhileBusy: false)
+                } catch let error as SystemError where error.errno == EAGAIN {
+                    again.append(address)
+                } catch let error as SystemError where error.errno == ENOENT {
+                    continue // unmapped meanwhile: the writer is woken by the unmap
+                }
+            }
+            // Missing pages: the zero page, or a plain wake when another
+            // thread populated the page meanwhile.
+            for address in missing {
+                let page = AddressRange(start: address, end: address + pageSize)
+                do {
+                    try uffd.zeroPage(page)
+                } catch let error as SystemError where error.errno == EEXIST {
+                    try? uffd.wake(page)
+                } catch let error as SystemError where error.errno == EAGAIN {
+                    again.append(address | 1)
+                } catch let error as SystemError where error.errno == ENOENT {
+                    continue
+                }
+            }
+        }
+        return again
+    }
+}

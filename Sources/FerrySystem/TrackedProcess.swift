@@ -1,0 +1,468 @@
+// The facade the rest of Ferry uses: one running process, attached by pid,
+// whose writes are tracked while it runs, whose pages can be read, and which
+// can be frozen, thawed and let go without a trace.
+//
+// How attaching works: freeze every thread (Freezer), make one thread create a
+// userfaultfd by remote system call (RemoteSyscall), copy the descriptor to
+// us with pidfd_getfd, make the target close its copy, thaw. From then on the
+// target runs untraced; only `freeze()` traces it again, from the same
+// dedicated ptrace thread (see Ptrace.swift).
+// Kernel: 5.7+ (sync tracker), 6.7+ (async tracker). Capability: root or
+// CAP_SYS_PTRACE over the target.
+#if canImport(Glibc)
+import Glibc
+#endif
+internal import CFerryLinux
+
+/// A process whose writes are tracked.
+///
+/// `@unchecked Sendable` invariant: every mutable stored property is read and
+/// written only while holding `lock`; `scanLock` serializes the
+/// scan/refresh/track operations that change registrations, so that a
+/// registration and the bookkeeping that records it cannot interleave with
+/// another; ptrace state (`frozen`) is only acted on inside `ptrace.run`.
+public final class TrackedProcess: @unchecked Sendable {
+    public let pid: Int32
+    public let trackerKind: TrackerKind
+
+    private let tracker: any DirtyTracker
+    private let reader: PageReader
+    private let ptrace: PtraceThread
+    private let lock = Lock()
+    private let scanLock = Lock()
+
+    private var _regions: [Region]
+    private var _unprotectable: [Region] = []
+    /// Ranges registered with the tracker, merged.
+    private var tracked: [AddressRange] = []
+    /// New or grown parts found by `refreshLayout`, or lost registrations:
+    /// reported dirty in full by the next scan.
+    private var pendingDirty: [AddressRange] = []
+    private var tracking = false
+    private var frozen: FrozenProcess?
+    private var detached = false
+    private var _lastFreezeLatency: Duration?
+    /// Signal-delivery stops seen by all freezes so far (tests look at it).
+    private(set) var signalStopsSeen = 0
+
+    // MARK: - Attach
+
+    /// Attaches to `pid` with `tracker`, or the best tracker this kernel offers when nil.
+    /// The process keeps running; call `startTracking()` to begin.
+    public static func attach(pid: Int32, tracker requested: TrackerKind? = nil) throws -> TrackedProcess {
+        try checkTarget(pid: pid)
+        let kind: TrackerKind
+        var available: UserfaultfdFeatures = []
+        if requested == .softDirty {
+            kind = .softDirty
+        } else {
+            guard let features = try? Userfaultfd.probeKernelFeatures() else { throw AttachError.noUserfaultfd }
+            guard features.contains(.writeProtect) else { throw AttachError.noWriteProtect }
+            available = features
+            if requested == .async && !features.contains(.wpAsync) {
+                throw AttachError.trackerUnavailable(.async, reason: "this kernel lacks UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN (kernel 6.7 or newer)")
+            }
+            kind = requested ?? (features.contains(.wpAsync) ? .async : .sync)
+        }
+
+        let reader: PageReader
+        do { reader = try PageReader(pid: pid) } catch { throw AttachError.noSuchProcess(pid: pid) }
+        let ptrace = try PtraceThread()
+        do {
+            let tracker: any DirtyTracker
+            switch kind {
+            case .softDirty:
+                tracker = try SoftDirtyTracker(pid: pid)
+            case .async, .sync:
+                let fd = try createUserfaultfd(pid: pid, on: ptrace, allowUserModeOnly: kind == .async)
+                let uffd = Userfaultfd(adopting: fd, target: "pid \(pid)")
+                // Sync mode leaves out WP_UNPOPULATED on purpose: its pte
+                // markers turn every touch of an empty anonymous page into a
+                // missing fault that UFFDIO_ZEROPAGE refuses (EEXIST), a
+                // livelock; missing mode covers empty pages instead (SyncWPTracker.swift).
+                let wanted: UserfaultfdFeatures = kind == .async
+                    ? [.wpAsync, .wpUnpopulated, .wpHugetlbfsShmem]
+                    : [.wpHugetlbfsShmem, .eventRemove, .eventUnmap, .eventRemap]
+                do {
+                    _ = try uffd.enable(wanted.intersection(available))
+                } catch {
+                    throw AttachError.system(pid: pid, step: "enabling userfaultfd features", underlying: "\(error)")
+                }
+                if kind == .async {
+                    tracker = try AsyncWPTracker(uffd: uffd, pid: pid)
+                } else {
+                    tracker = try SyncWPTracker(uffd: uffd, pid: pid)
+                }
+            }
+            let regions: [Region]
+            do { regions = try ProcessMaps.read(pid: pid) } catch { tracker.close(); throw AttachError.processExited(pid: pid) }
+            return TrackedProcess(pid: pid, kind: kind, tracker: tracker, reader: reader, ptrace: ptrace, regions: regions)
+        } catch {
+            ptrace.stop()
+            throw error
+        }
+    }
+
+    private init(pid: Int32, kind: TrackerKind, tracker: any DirtyTracker, reader: PageReader,
+                 ptrace: PtraceThread, regions: [Region]) {
+        self.pid = pid
+        self.trackerKind = kind
+        self.tracker = tracker
+        self.reader = reader
+        self.ptrace = ptrace
+        self._regions = regions
+    }
+
+    deinit {
+        try? detach()
+    }
+
+    /// Refuses targets we cannot or must not trace, with the reason.
+    private static func checkTarget(pid: Int32) throws {
+        guard pid > 0 else { throw AttachError.invalidPid(pid: pid) }
+        guard pid != getpid() else { throw AttachError.ownProcess(pid: pid) }
+        guard let status = readProcFile("/proc/\(pid)/status") else {
+            if errno == EACCES || errno == EPERM { throw AttachError.permissionDenied(pid: pid, operation: "reading /proc/\(pid)/status") }
+            throw AttachError.noSuchProcess(pid: pid)
+        }
+        var fields: [Substring: Substring] = [:]
+        for line in status.split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            fields[line[..<colon]] = line[line.index(after: colon)...].drop { $0 == " " || $0 == "\t" }
+        }
+        let name = String(fields["Name"] ?? "?")
+        if let tgid = fields["Tgid"].flatMap({ Int32($0) }), tgid != pid {
+            throw AttachError.notThreadGroupLeader(pid: pid, process: tgid)
+        }
+        if fields["Kthread"] == "1" { throw AttachError.kernelThread(pid: pid, name: name) }
+        if let stat = readProcFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") {
+            let rest = stat[stat.index(after: close)...].split(separator: " ")
+            // Fields after the command: state(3) ppid pgrp session tty tpgid flags(9).
+            let pfKthread: UInt64 = 0x0020_0000
+            if rest.count > 6, let flags = UInt64(rest[6]), flags & pfKthread != 0 {
+                throw AttachError.kernelThread(pid: pid, name: name)
+            }
+            if rest.first == "Z" { throw AttachError.processExited(pid: pid) }
+        }
+        if let tracer = fields["TracerPid"].flatMap({ Int32($0) }), tracer != 0 {
+            // TracerPid names the tracing thread; people know its process.
+            var process = tracer
+            if let text = readProcFile("/proc/\(tracer)/status"),
+               let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Tgid:") }),
+               let tgid = Int32(line.dropFirst(5).trimmingPrefix(while: { $0 == " " || $0 == "\t" })) {
+                process = tgid
+            }
+            throw AttachError.alreadyTraced(pid: pid, tracer: process)
+        }
+    }
+
+    private static func readProcFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            // SAFETY: reads at most the chunk's size into it.
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            bytes += chunk[0..<n]
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Creates a userfaultfd inside `pid` and returns our copy of it.
+    private static func createUserfaultfd(pid: Int32, on ptrace: PtraceThread, allowUserModeOnly: Bool) throws -> Int32 {
+        do {
+            return try ptrace.run {
+                let frozen = try Freezer.freeze(pid: pid)
+                defer { try? Freezer.thaw(frozen) }
+                let remote = try RemoteSyscall(frozen: frozen)
+                let number = Int(ferry_syscall_number_userfaultfd())
+                let flags = UInt64(O_CLOEXEC | O_NONBLOCK)
+                var result = try remote.call(number, flags)
+                if result == -Int(EPERM) && allowUserModeOnly {
+                    // Without CAP_SYS_PTRACE in the target, user-mode-only
+                    // descriptors are still allowed; async WP needs no more.
+                    result = try remote.call(number, flags | UInt64(ferry_uffd_user_mode_only()))
+                }
+                if result == -Int(ENOSYS) { throw AttachError.noUserfaultfd }
+                if result < 0 { throw AttachError.userfaultfdRefused(pid: pid, errno: Int32(-result)) }
+                let remoteFD = Int32(result)
+                defer { _ = try? remote.call(Int(ferry_syscall_number_close()), UInt64(remoteFD)) }
+                let pidfd = ferry_pidfd_open(pid, 0)
+                if pidfd < 0 {
+                    throw AttachError.system(pid: pid, step: "pidfd_open", underlying: String(cString: strerror(errno)))
+                }
+                defer { close(pidfd) }
+                let local = ferry_pidfd_getfd(pidfd, remoteFD, 0)
+                if local < 0 {
+                    if errno == EPERM { throw AttachError.permissionDenied(pid: pid, operation: "pidfd_getfd") }
+                    throw AttachError.system(pid: pid, step: "pidfd_getfd", underlying: String(cString: strerror(errno)))
+                }
+                return local
+            }
+        } catch let error as FreezeError {
+            switch error {
+            case .processGone: throw AttachError.processExited(pid: pid)
+            case .system(let system) where system.errno == EPERM:
+                throw AttachError.permissionDenied(pid: pid, operation: system.operation)
+            case .system(let system):
+                throw AttachError.system(pid: pid, step: "freezing for the remote system call", underlying: "\(system)")
+            }
+        } catch let error as RemoteSyscallError {
+            if case .processGone = error { throw AttachError.processExited(pid: pid) }
+            throw AttachError.system(pid: pid, step: "remote system call", underlying: "\(error)")
+        }
+    }
+
+    // MARK: - State
+
+    public var regions: [Region] { lock.withLock { _regions } }
+    public var unprotectable: [Region] { lock.withLock { _unprotectable } }
+    public var isFrozen: Bool { lock.withLock { frozen != nil } }
+    public var isTracking: Bool { lock.withLock { tracking } }
+    /// How long the last `freeze()` took.
+    public var lastFreezeLatency: Duration? { lock.withLock { _lastFreezeLatency } }
+
+    /// Runs one public operation: refuses it after `detach()`, and turns
+    /// failures into a `TrackedProcessError` that names the operation, unless
+    /// they already speak for themselves (page reader, attach errors).
+    private func perform<T>(_ operation: String, _ body: () throws -> T) throws -> T {
+        if lock.withLock({ detached }) { throw TrackedProcessError.detached(pid: pid, operation: operation) }
+        do {
+            return try body()
+        } catch let error as TrackedProcessError {
+            throw error
+        } catch let error as PageReaderError {
+            if case .noSuchProcess = error { throw TrackedProcessError.processExited(pid: pid, operation: operation) }
+            throw error
+        } catch {
+            if processIsGone { throw TrackedProcessError.processExited(pid: pid, operation: operation) }
+            if let error = error as? AttachError { throw error }
+            throw TrackedProcessError.failed(pid: pid, operation: operation, underlying: "\(error)")
+        }
+    }
+
+    /// True when the process no longer exists or is a zombie.
+    private var processIsGone: Bool {
+        guard let stat = Self.readProcFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return true }
+        let state = stat[stat.index(after: close)...].split(separator: " ").first
+        return state == "Z" || state == "X"
+    }
+
+    // MARK: - Tracking
+
+    /// Write-protects every migrate region. Regions the kernel refuses are
+    /// listed in `unprotectable` and reported dirty by every scan.
+    public func startTracking() throws {
+        try perform("start tracking") { try startTrackingLocked() }
+    }
+
+    private func startTrackingLocked() throws {
+        try scanLock.withLock {
+            if lock.withLock({ tracking }) { return }
+            let current = try ProcessMaps.read(pid: pid)
+            var registered: [AddressRange] = []
+            var refused: [Region] = []
+            for region in current where region.kind == .migrate && region.range.length > 0 {
+                do {
+                    try tracker.track(region.range)
+                    registered.append(region.range)
+                } catch {
+                    refused.append(region)
+                }
+            }
+            lock.withLock {
+                _regions = current
+                _unprotectable = refused
+                tracked = Ranges.merge(registered)
+                pendingDirty = []
+                tracking = true
+            }
+        }
+    }
+
+    /// Pages written since the last scan or since they were last read, plus
+    /// new or grown parts found by `refreshLayout`, plus every unprotectable
+    /// region; re-protects what it reports. Merged, ascending.
+    public func scanDirty() throws -> [AddressRange] {
+        try perform("scan the dirty pages of") { try scanDirtyLocked() }
+    }
+
+    private func scanDirtyLocked() throws -> [AddressRange] {
+        try scanLock.withLock {
+            let (ranges, isTracking) = lock.withLock { (tracked, tracking) }
+            guard isTracking else { return [] }
+            let scan = try tracker.scan(ranges)
+            // A dead process's page tables are gone and a scan of them finds
+            // nothing: that must not read as "clean".
+            if processIsGone { throw TrackedProcessError.processExited(pid: pid, operation: "scan the dirty pages of") }
+            var extra: [AddressRange] = []
+            if !scan.lost.isEmpty {
+                // The mapping under these addresses was replaced: register what is there now.
+                extra += try retrack(scan.lost)
+            }
+            return lock.withLock {
+                let others = extra + pendingDirty + _unprotectable.map(\.range)
+                let result = others.isEmpty ? scan.dirty : Ranges.merge(scan.dirty + others)
+                pendingDirty = []
+                return result
+            }
+        }
+    }
+
+    /// Registers the migrate parts of `ranges` again; returns them (dirty in full).
+    private func retrack(_ ranges: [AddressRange]) throws -> [AddressRange] {
+        let current = try ProcessMaps.read(pid: pid)
+        var newlyTracked: [AddressRange] = []
+        var refused: [Region] = []
+        for region in current where region.kind == .migrate {
+            for piece in Ranges.intersect([region.range], Ranges.merge(ranges)) {
+                do { try tracker.track(piece); newlyTracked.append(piece) } catch { refused.append(region) }
+            }
+        }
+        lock.withLock {
+            tracked = Ranges.merge(Ranges.subtract(tracked, Ranges.merge(ranges)) + newlyTracked)
+            _unprotectable += refused
+        }
+        return Ranges.merge(ranges)
+    }
+
+    /// Re-arms protection on `ranges` before copying them, then reads them in
+    /// order into `buffer`; returns the bytes read. A write that races the
+    /// read is reported by a later scan. Safe to call from several threads.
+    public func read(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try perform("read the memory of") { try readUnlocked(ranges, into: buffer) }
+    }
+
+    /// Like `read`, but ranges that no longer exist (unmapped since the last
+    /// layout) are reported in the result, zero-filled in the buffer, instead
+    /// of failing the call with `PageReaderError.vanished`.
+    public func readReporting(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> PageReadResult {
+        try perform("read the memory of") {
+            try rearm(ranges)
+            return try reader.readReporting(ranges, into: buffer)
+        }
+    }
+
+    private func readUnlocked(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try rearm(ranges)
+        return try reader.read(ranges, into: buffer)
+    }
+
+    /// Re-protects the tracked parts of `ranges` before they are copied.
+    /// Only whole pages count as sent: a partly read page keeps its dirty
+    /// state, since re-protecting it would hide writes to the part not copied.
+    private func rearm(_ ranges: [AddressRange]) throws {
+        let (trackedNow, isTracking) = lock.withLock { (tracked, tracking) }
+        guard isTracking else { return }
+        let whole = ranges.compactMap { range -> AddressRange? in
+            let start = (range.start + pageSize - 1) & ~(pageSize - 1)
+            let end = range.end & ~(pageSize - 1)
+            return start < end ? AddressRange(start: start, end: end) : nil
+        }
+        let rearm = Ranges.intersect(Ranges.merge(whole), trackedNow)
+        if !rearm.isEmpty { try tracker.rearm(rearm) }
+    }
+
+    /// Re-reads the maps. New and grown migrate parts are registered and
+    /// reported dirty in full by the next scan; vanished parts are forgotten.
+    public func refreshLayout() throws -> LayoutChange {
+        try perform("re-read the layout of") { try refreshLayoutLocked() }
+    }
+
+    private func refreshLayoutLocked() throws -> LayoutChange {
+        try scanLock.withLock {
+            let current = try ProcessMaps.read(pid: pid)
+            let (old, isTracking) = lock.withLock { (_regions, tracking) }
+            let change = LayoutChange.diff(old: old, new: current)
+            var newlyTracked: [AddressRange] = []
+            var refused: [Region] = []
+            if isTracking && !change.newlyDirty.isEmpty {
+                for region in current where region.kind == .migrate {
+                    for piece in Ranges.intersect([region.range], change.newlyDirty) {
+                        do { try tracker.track(piece); newlyTracked.append(piece) } catch { refused.append(region) }
+                    }
+                }
+            }
+            lock.withLock {
+                _regions = current
+                if isTracking {
+                    let gone = change.unmapped
+                    tracked = Ranges.merge(Ranges.subtract(tracked, gone) + newlyTracked)
+                    // Keep refusals that still exist, plus the new ones.
+                    let stillMapped = current.filter { $0.kind == .migrate }.map(\.range)
+                    _unprotectable = _unprotectable.compactMap { region in
+                        Ranges.intersect([region.range], Ranges.merge(stillMapped)).isEmpty ? nil : region
+                    } + refused
+                    pendingDirty = Ranges.merge(pendingDirty + change.newlyDirty)
+                }
+            }
+            return change
+        }
+    }
+
+    /// Stops write-protection; the process stays attached (uffd open) and may
+    /// be tracked again with `startTracking()`.
+    public func stopTracking() throws {
+        scanLock.withLock {
+            let ranges: [AddressRange] = lock.withLock {
+                defer { tracked = []; tracking = false; pendingDirty = [] }
+                return tracking ? tracked : []
+            }
+            for range in ranges { try? tracker.untrack(range) }
+        }
+    }
+
+    // MARK: - Freeze
+
+    /// Stops every thread of the process; returns how long it took. Freezing
+    /// a frozen process does nothing and returns zero.
+    @discardableResult
+    public func freeze() throws -> Duration {
+        try perform("freeze") {
+            if isFrozen { return .zero }
+            do {
+                let state = try ptrace.run { try Freezer.freeze(pid: pid) }
+                lock.withLock {
+                    frozen = state
+                    _lastFreezeLatency = state.latency
+                    signalStopsSeen += state.signalStops
+                }
+                return state.latency
+            } catch let error as FreezeError {
+                switch error {
+                case .processGone: throw TrackedProcessError.processExited(pid: pid, operation: "freeze")
+                case .system(let system) where system.errno == EPERM:
+                    throw AttachError.permissionDenied(pid: pid, operation: system.operation)
+                case .system(let system):
+                    throw TrackedProcessError.failed(pid: pid, operation: "freeze", underlying: "\(system)")
+                }
+            }
+        }
+    }
+
+    /// Lets every thread run again exactly as it was (a process stopped before
+    /// the freeze stays stopped; signals caught by the freeze are delivered).
+    public func thaw() throws {
+        guard let state = lock.withLock({ frozen }) else { return }
+        try ptrace.run { try Freezer.thaw(state) }
+        lock.withLock { frozen = nil }
+    }
+
+    // MARK: - Detach
+
+    /// Stops tracking, closes the userfaultfd and thaws the process if frozen;
+    /// the process runs on unaffected. Calling it again does nothing.
+    public func detach() throws {
+        if lock.withLock({ detached }) { return }
+        var firstError: Error?
+        do { try stopTracking() } catch { firstError = error }
+        tracker.close()
+        do { try thaw() } catch { if firstError == nil { firstError = error } }
+        ptrace.stop()
+        lock.withLock { detached = true }
+        if let firstError { throw firstError }
+    }
+}

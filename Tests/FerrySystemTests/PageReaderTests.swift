@@ -1,0 +1,155 @@
+import Testing
+import Glibc
+@testable import FerrySystem
+
+/// A page-aligned buffer owned by one test.
+private final class Buffer {
+    let bytes: UnsafeMutableRawBufferPointer
+    init(_ count: Int) {
+        bytes = .allocate(byteCount: count, alignment: 4096)
+        bytes.initializeMemory(as: UInt8.self, repeating: 0xAA)
+    }
+    deinit { bytes.deallocate() }
+    func word(_ offset: Int) -> UInt64 { bytes.load(fromByteOffset: offset, as: UInt64.self) }
+}
+
+@Suite struct PageReaderTests {
+    @Test func readsExactlyWhatTheChildWrote() throws {
+        let seed: UInt64 = 3
+        let writer = try Memwriter(["--mib", "4", "--shared", "1", "--memfd", "1", "--pattern", "--seed", "\(seed)", "--no-write"])
+        defer { writer.stop() }
+        let reader = try PageReader(pid: writer.pid)
+        let key = Memwriter.patternKey(seed: seed)
+        for name in ["main", "shared", "memfd"] {
+            let range = try #require(writer.regions[name])
+            let buffer = Buffer(Int(range.length))
+            #expect(try reader.read([range], into: buffer.bytes) == Int(range.length))
+            var mismatches = 0
+            for offset in stride(from: 0, to: Int(range.length), by: 8) where buffer.word(offset) != UInt64(offset) ^ key {
+                mismatches += 1
+            }
+            #expect(mismatches == 0, "\(name): \(mismatches) words differ from the pattern")
+        }
+    }
+
+    @Test func scatteredPagesInManyBatches() throws {
+        // 3000 single pages in shuffled order: three process_vm_readv calls of 1024 iovecs.
+        let seed: UInt64 = 11
+        let writer = try Memwriter(["--mib", "16", "--pattern", "--seed", "\(seed)", "--no-write"])
+        defer { writer.stop() }
+        let main = try #require(writer.regions["main"])
+        var pages = Array(0..<Int(main.pageCount)).shuffled().prefix(3000)
+        pages.shuffle()
+        let ranges = pages.map { AddressRange(start: main.start + UInt64($0) * 4096, end: main.start + UInt64($0 + 1) * 4096) }
+        let buffer = Buffer(ranges.count * 4096)
+        let result = try PageReader(pid: writer.pid).readReporting(ranges, into: buffer.bytes)
+        #expect(result == PageReadResult(bytes: 3000 * 4096, vanished: []))
+        let key = Memwriter.patternKey(seed: seed)
+        for (slot, page) in pages.enumerated() {
+            for word in [0, 1, 255, 511] {
+                let expected = UInt64(page * 4096 + word * 8) ^ key
+                if buffer.word(slot * 4096 + word * 8) != expected {
+                    Issue.record("slot \(slot) (page \(page)) word \(word) differs")
+                    return
+                }
+            }
+        }
+    }
+
+    @Test func vanishedPagesAreReportedNotZeroed() throws {
+        // Our own process is a real target too: map 8 pages, unmap two in the middle.
+        let raw = mmap(nil, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        defer { munmap(raw, 8 * 4096) }
+        for page in 0..<8 { raw.storeBytes(of: UInt64(0x1000 + page), toByteOffset: page * 4096, as: UInt64.self) }
+        munmap(raw + 3 * 4096, 2 * 4096)
+        let base = UInt64(UInt(bitPattern: raw))
+        let reader = try PageReader(pid: getpid())
+        let buffer = Buffer(8 * 4096)
+        let all = AddressRange(start: base, end: base + 8 * 4096)
+        let result = try reader.readReporting([all], into: buffer.bytes)
+        #expect(result.vanished == [AddressRange(start: base + 3 * 4096, end: base + 5 * 4096)])
+        for page in [0, 1, 2, 5, 6, 7] { #expect(buffer.word(page * 4096) == UInt64(0x1000 + page)) }
+        #expect(buffer.word(3 * 4096) == 0 && buffer.word(5 * 4096 - 8) == 0)
+
+        // The same as eight adjacent one-page ranges (merged into one iovec by the reader).
+        let perPage = (0..<8).map { AddressRange(start: base + UInt64($0) * 4096, end: base + UInt64($0 + 1) * 4096) }
+        let again = Buffer(8 * 4096)
+        #expect(try reader.readReporting(perPage, into: again.bytes) == result)
+        #expect(memcmp(again.bytes.baseAddress!, buffer.bytes.baseAddress!, 8 * 4096) == 0)
+
+        #expect {
+            try reader.read([all], into: buffer.bytes)
+        } throws: { error in
+            "\(error)".hasPrefix("cannot read 1 range(s) of pid \(getpid()): no longer mapped (0x")
+        }
+    }
+
+    @Test func protNonePagesAreReadThroughProcMem() throws {
+        let raw = mmap(nil, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        defer { munmap(raw, 4 * 4096) }
+        for page in 0..<4 { raw.storeBytes(of: UInt64(0xBEEF00 + page), toByteOffset: page * 4096 + 16, as: UInt64.self) }
+        mprotect(raw + 4096, 4096, PROT_NONE)
+        let base = UInt64(UInt(bitPattern: raw))
+        let buffer = Buffer(4 * 4096)
+        let result = try PageReader(pid: getpid()).readReporting([AddressRange(start: base, end: base + 4 * 4096)], into: buffer.bytes)
+        #expect(result.vanished.isEmpty)
+        for page in 0..<4 { #expect(buffer.word(page * 4096 + 16) == UInt64(0xBEEF00 + page)) }
+    }
+
+    @Test func errorsNameThePid() throws {
+        #expect {
+            _ = try PageReader(pid: Int32.max)
+        } throws: { error in
+            "\(error)" == "cannot read the memory of pid 2147483647: no such process (it may have exited)"
+        }
+        let reader = try PageReader(pid: getpid())
+        let small = Buffer(4096)
+        #expect {
+            try reader.read([AddressRange(start: 0x10000, end: 0x12000)], into: small.bytes)
+        } throws: { error in
+            "\(error)" == "cannot read pages: the buffer holds 4096 bytes but the ranges need 8192 (pass a larger buffer or fewer ranges)"
+        }
+    }
+
+    @Test func readerOfAnExitedProcessSaysSo() throws {
+        let writer = try Memwriter(["--mib", "1", "--no-write"])
+        let main = try #require(writer.regions["main"])
+        let reader = try PageReader(pid: writer.pid)
+        writer.stop()
+        let buffer = Buffer(4096)
+        #expect {
+            try reader.read([AddressRange(start: main.start, end: main.start + 4096)], into: buffer.bytes)
+        } throws: { error in
+            "\(error)".contains("pid \(writer.pid)")
+        }
+    }
+
+    @Test func emptyAndZeroLengthRequests() throws {
+        let reader = try PageReader(pid: getpid())
+        let buffer = Buffer(4096)
+        #expect(try reader.read([], into: buffer.bytes) == 0)
+        let value = UnsafeMutablePointer<UInt64>.allocate(capacity: 512)
+        defer { value.deallocate() }
+        value.initialize(repeating: 0x55, count: 512)
+        let address = UInt64(UInt(bitPattern: value))
+        let ranges = [AddressRange(start: address, end: address), AddressRange(start: address, end: address + 8),
+                      AddressRange(start: address + 8, end: address + 8)]
+        #expect(try reader.read(ranges, into: buffer.bytes) == 8)
+        #expect(buffer.word(0) == 0x55)
+    }
+
+    @Test func isZeroChecksEveryByte() {
+        let buffer = Buffer(4096 + 13)
+        buffer.bytes.initializeMemory(as: UInt8.self, repeating: 0)
+        #expect(PageReader.isZero(UnsafeRawBufferPointer(buffer.bytes)))
+        #expect(PageReader.isZero(UnsafeRawBufferPointer(rebasing: buffer.bytes[0..<0])))
+        for position in [0, 7, 8, 63, 64, 1000, 4095, 4096, 4100, 4108] {
+            buffer.bytes[position] = 1
+            #expect(!PageReader.isZero(UnsafeRawBufferPointer(buffer.bytes)), "byte \(position)")
+            // Unaligned views too.
+            #expect(!PageReader.isZero(UnsafeRawBufferPointer(rebasing: buffer.bytes[(position > 0 ? 1 : 0)...])))
+            buffer.bytes[position] = 0
+        }
+        #expect(PageReader.isZero(UnsafeRawBufferPointer(rebasing: buffer.bytes[3..<4099])))
+    }
+}

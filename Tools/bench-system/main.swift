@@ -1,0 +1,376 @@
+// ferry-bench-system: figures for the memory engine, each with its baseline
+// measured in the same run (the machine is shared, so absolute numbers drift;
+// ratios to a same-run baseline do not).
+//
+//   write  per-first-write cost of each tracker vs the same writer untracked
+//   scan   dirty scan time over 1 GiB with 0 %, 1 %, 10 %, 100 % of pages written
+//   read   page read throughput (PageReader and TrackedProcess.read) vs memcpy
+//   zero   PageReader.isZero throughput
+//
+// Build and run in release mode:
+//   swift build -c release --product ferry-bench-system && swift build -c release --product memwriter
+//   sudo .build/release/ferry-bench-system [write] [scan] [read] [zero]
+// The redis figure comes from Tools/bench-redis.sh.
+import Dispatch
+import FerrySystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// MARK: - Output
+
+func say(_ text: String) {
+    var line = text
+    line.append("\n")
+    line.withUTF8 { bytes in _ = write(1, bytes.baseAddress, bytes.count) }
+}
+
+func fixed(_ value: Double, _ digits: Int) -> String {
+    guard value.isFinite else { return "n/a" }
+    var scale = 1.0
+    for _ in 0..<digits { scale *= 10 }
+    let negative = value < 0
+    let scaled = (abs(value) * scale).rounded()
+    let whole = UInt64(scaled / scale)
+    let fraction = UInt64(scaled - Double(whole) * scale)
+    var text = (negative ? "-" : "") + String(whole)
+    if digits > 0 {
+        let f = String(fraction)
+        text += "." + String(repeating: "0", count: max(0, digits - f.count)) + f
+    }
+    return text
+}
+
+func now() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+func median(_ values: [Double]) -> Double {
+    let sorted = values.sorted()
+    return sorted.isEmpty ? .nan : sorted[sorted.count / 2]
+}
+
+struct BenchError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+// MARK: - The memwriter child
+
+/// memwriter with pipes; killed and reaped on deinit.
+final class Writer {
+    let pid: Int32
+    var main = AddressRange(start: 0, end: 0)
+    private let input: Int32
+    private let output: Int32
+    private var pending: [UInt8] = []
+
+    static var executable: String {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        let path = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "./x"
+        return String(path[..<path.lastIndex(of: "/")!]) + "/memwriter"
+    }
+
+    init(_ arguments: [String]) throws {
+        var toChild: [Int32] = [0, 0]
+        var fromChild: [Int32] = [0, 0]
+        guard pipe(&toChild) == 0, pipe(&fromChild) == 0 else { throw BenchError("pipe failed") }
+        for fd in toChild + fromChild { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, toChild[0], 0)
+        posix_spawn_file_actions_adddup2(&actions, fromChild[1], 1)
+        let path = Writer.executable
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var child: pid_t = 0
+        let rc = posix_spawn(&child, path, &actions, nil, argv, environ)
+        close(toChild[0]); close(fromChild[1])
+        guard rc == 0 else { throw BenchError("cannot start \(path): \(String(cString: strerror(rc))) (build the memwriter product in the same configuration)") }
+        pid = child
+        input = toChild[1]
+        output = fromChild[0]
+        while true {
+            let fields = try readLine().split(separator: " ")
+            if fields.count == 4, fields[0] == "region", fields[1] == "main",
+               let s = UInt64(fields[2].dropFirst(2), radix: 16), let e = UInt64(fields[3].dropFirst(2), radix: 16) {
+                main = AddressRange(start: s, end: e)
+            }
+            if fields.count == 3, fields[2] == "ready" { break }
+        }
+    }
+
+    deinit {
+        kill(pid, SIGKILL)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        close(input); close(output)
+    }
+
+    func readLine() throws -> String {
+        while true {
+            if let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: pending[..<newline], as: UTF8.self)
+                pending.removeSubrange(...newline)
+                return line
+            }
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let n = read(output, &chunk, chunk.count)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { throw BenchError("memwriter \(pid) closed its output") }
+            pending.append(contentsOf: chunk[0..<n])
+        }
+    }
+
+    /// Sends `touch K` (every K-th page of main) and returns (pages, seconds).
+    func touch(every step: Int) throws -> (Int, Double) {
+        let command = step == 1 ? "sweep" : "touch \(step)"
+        _ = (command + "\n").withCString { write(input, $0, strlen($0)) }
+        let fields = try readLine().split(separator: " ")
+        guard fields.count == 3, let pages = Int(fields[1]), let ns = Double(fields[2]) else {
+            throw BenchError("unexpected memwriter answer \(fields)")
+        }
+        return (pages, ns / 1e9)
+    }
+}
+
+func pages(_ ranges: [AddressRange], within region: AddressRange) -> UInt64 {
+    ranges.reduce(0) { total, r in
+        let s = max(r.start, region.start), e = min(r.end, region.end)
+        return s < e ? total + (e - s) / pageSize : total
+    }
+}
+
+// MARK: - Benchmarks
+
+/// Per-first-write cost: the writer touches N pages once each; untracked vs
+/// every page write-protected (after startTracking or a scan that re-protected them).
+func benchWrite() throws {
+    say("== write: per-first-write cost, memwriter touching pages once each (4 KiB pages)")
+    let rounds = 5
+    for kind in TrackerKind.allCases {
+        // Sync faults cost up to ~110 µs across cores: fewer pages keep the run short.
+        let mib = kind == .sync ? 64 : 256
+        let writer = try Writer(["--mib", "\(mib)", "--no-write"])
+        var untracked: [Double] = []
+        var count = 0
+        for _ in 0..<rounds {
+            let (n, t) = try writer.touch(every: 1)
+            count = n
+            untracked.append(t / Double(n))
+        }
+        let process: TrackedProcess
+        do {
+            process = try TrackedProcess.attach(pid: writer.pid, tracker: kind)
+        } catch {
+            say("[\(kind.rawValue)] unavailable: \(error)")
+            continue
+        }
+        defer { try? process.detach() }
+        try process.startTracking()
+        var tracked: [Double] = []
+        for _ in 0..<rounds {
+            let (n, t) = try writer.touch(every: 1)
+            tracked.append(t / Double(n))
+            let dirty = try process.scanDirty() // re-protects every page for the next round
+            let reported = pages(dirty, within: writer.main)
+            if reported != UInt64(n) { say("[\(kind.rawValue)] warning: scan reported \(reported) of \(n) written pages") }
+        }
+        let base = median(untracked), with = median(tracked)
+        let target = kind == .async ? " (target <= 1.5 µs)" : ""
+        say("[\(kind.rawValue)] \(count) pages x \(rounds) rounds: untracked \(fixed(base * 1e9, 1)) ns/page, tracked \(fixed(with * 1e9, 1)) ns/page; extra per first write \(fixed((with - base) * 1e6, 3)) µs\(target); slowdown x\(fixed(with / base, 1))")
+    }
+}
+
+/// Scan time over 1 GiB of 4 KiB pages at several dirty fractions.
+func benchScan(mib: Int) throws {
+    say("== scan: TrackedProcess.scanDirty over \(mib) MiB (async), median of 5")
+    let writer = try Writer(["--mib", "\(mib)", "--no-write"])
+    let process = try TrackedProcess.attach(pid: writer.pid, tracker: .async)
+    defer { try? process.detach() }
+    var t = now()
+    try process.startTracking()
+    say("[async] startTracking (register + write-protect \(mib) MiB): \(fixed((now() - t) * 1e3, 2)) ms")
+    _ = try process.scanDirty()
+    let total = Int(writer.main.pageCount)
+    for (label, step) in [("0 %", 0), ("1 %", 100), ("10 %", 10), ("100 %", 1)] {
+        var times: [Double] = []
+        var reported: UInt64 = 0
+        for _ in 0..<5 {
+            if step > 0 { _ = try writer.touch(every: step) }
+            t = now()
+            let dirty = try process.scanDirty()
+            times.append(now() - t)
+            reported = pages(dirty, within: writer.main)
+        }
+        let expected = step == 0 ? 0 : (total + step - 1) / step
+        let target = label == "1 %" ? " (target <= 1 ms)" : ""
+        say("[async] scan \(label) dirty: \(fixed(median(times) * 1e3, 3)) ms\(target), \(reported) pages reported of \(expected) written")
+    }
+    // The raw maps read that refreshLayout adds to every finalize.
+    var mapsTimes: [Double] = []
+    for _ in 0..<20 {
+        t = now()
+        _ = try ProcessMaps.read(pid: writer.pid)
+        mapsTimes.append(now() - t)
+    }
+    say("[maps] ProcessMaps.read of memwriter: \(fixed(median(mapsTimes) * 1e6, 1)) µs")
+}
+
+/// Read throughput against memcpy of the same size, same run.
+func benchRead(mib: Int) throws {
+    say("== read: \(mib) MiB from memwriter vs memcpy in this process, best of 3")
+    let writer = try Writer(["--mib", "\(mib)", "--pattern", "--no-write"])
+    let size = mib << 20
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+    let source = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+    defer { buffer.deallocate(); source.deallocate() }
+    // Fault every page in first, so no run pays for page allocation.
+    memset(buffer.baseAddress!, 1, size)
+    memset(source.baseAddress!, 2, size)
+
+    func best(_ body: () throws -> Void) rethrows -> Double {
+        var times: [Double] = []
+        for _ in 0..<3 {
+            let t = now()
+            try body()
+            times.append(now() - t)
+        }
+        return times.min()!
+    }
+    let copy = best { memcpy(buffer.baseAddress!, source.baseAddress!, size) }
+    let copyRate = Double(size) / copy / 1e9
+    // The same into freshly mapped memory: what a copy costs when the
+    // destination pages are first touched (DESIGN.md's memcpy figure).
+    let cold = best {
+        let fresh = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        memcpy(fresh, source.baseAddress!, size)
+        munmap(fresh, size)
+    }
+    let coldRate = Double(size) / cold / 1e9
+    say("[memcpy] warm destination \(fixed(copyRate, 2)) GB/s; fresh destination (page faults) \(fixed(coldRate, 2)) GB/s")
+    func ratios(_ rate: Double) -> String {
+        "\(fixed(rate / copyRate * 100, 0)) % of warm memcpy, \(fixed(rate / coldRate * 100, 0)) % of fresh memcpy (target >= 70 %)"
+    }
+
+    let reader = try PageReader(pid: writer.pid)
+    let main = writer.main
+    // 4 KiB ranges in the order 0, 2, 4, ... then 1, 3, 5, ...: no two
+    // neighbours, so the reader cannot merge them into larger iovecs.
+    let pageRanges = stride(from: main.start, to: main.end, by: 4096).map { AddressRange(start: $0, end: $0 + 4096) }
+    let scattered = stride(from: 0, to: pageRanges.count, by: 2).map { pageRanges[$0] }
+        + stride(from: 1, to: pageRanges.count, by: 2).map { pageRanges[$0] }
+    let layouts: [(String, [AddressRange])] = [
+        ("1 MiB ranges", stride(from: main.start, to: main.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }),
+        ("4 KiB ranges, adjacent", pageRanges),
+        ("4 KiB ranges, none adjacent", scattered),
+    ]
+    for (label, ranges) in layouts {
+        let time = try best { _ = try reader.read(ranges, into: buffer) }
+        let rate = Double(size) / time / 1e9
+        say("[PageReader] \(label): \(fixed(rate, 2)) GB/s, \(ratios(rate))")
+    }
+    // Two reader threads, each reading half in 1 MiB ranges: the seeder
+    // serves many requests in flight, so readers run concurrently.
+    let halves = [AddressRange(start: main.start, end: main.start + main.length / 2),
+                  AddressRange(start: main.start + main.length / 2, end: main.end)]
+    let bufferBits = UInt(bitPattern: buffer.baseAddress!)
+    let parallel = best {
+        DispatchQueue.concurrentPerform(iterations: 2) { half in
+            let range = halves[half]
+            let ranges = stride(from: range.start, to: range.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }
+            // SAFETY: each thread writes its own half of `buffer`, which
+            // outlives concurrentPerform; the address travels as an integer
+            // because raw buffer pointers are not Sendable.
+            let part = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: bufferBits)! + half * size / 2, count: size / 2)
+            _ = try? reader.read(ranges, into: part)
+        }
+    }
+    let parallelRate = Double(size) / parallel / 1e9
+    say("[PageReader] 2 threads, 1 MiB ranges: \(fixed(parallelRate, 2)) GB/s, \(ratios(parallelRate))")
+    // A target on transparent huge pages: fewer page-table steps per byte.
+    do {
+        let huge = try Writer(["--mib", "\(mib)", "--huge", "--pattern", "--no-write"])
+        let hugeReader = try PageReader(pid: huge.pid)
+        let ranges = stride(from: huge.main.start, to: huge.main.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }
+        let time = try best { _ = try hugeReader.read(ranges, into: buffer) }
+        let rate = Double(size) / time / 1e9
+        say("[PageReader] target on THP (--huge), 1 MiB ranges: \(fixed(rate, 2)) GB/s, \(ratios(rate))\(verify(buffer, size))")
+    }
+    // Through the facade: re-arm (write-protect) before copying, as the seeder serves pages.
+    let process = try TrackedProcess.attach(pid: writer.pid)
+    defer { try? process.detach() }
+    try process.startTracking()
+    for (label, chunk) in [("1 MiB ranges", 1 << 20), ("4 KiB ranges, 1024 per call", 4096)] {
+        let all = stride(from: main.start, to: main.end, by: chunk).map { AddressRange(start: $0, end: $0 + UInt64(chunk)) }
+        let perCall = chunk == 4096 ? 1024 : all.count
+        let time = try best {
+            var offset = 0
+            var i = 0
+            while i < all.count {
+                let batch = Array(all[i..<min(i + perCall, all.count)])
+                let part = UnsafeMutableRawBufferPointer(rebasing: buffer[offset...])
+                offset += try process.read(batch, into: part)
+                i += perCall
+            }
+        }
+        let rate = Double(size) / time / 1e9
+        say("[TrackedProcess.read, \(process.trackerKind.rawValue)] \(label): \(fixed(rate, 2)) GB/s, \(ratios(rate))")
+    }
+    say("[read] last read checked against memwriter's pattern:\(verify(buffer, size))")
+}
+
+/// Checks sampled words of a read of a whole `--pattern` region (seed 1), so a
+/// fast but wrong reader cannot pass.
+func verify(_ buffer: UnsafeMutableRawBufferPointer, _ size: Int) -> String {
+    let key: UInt64 = 0x9E37_79B9_7F4A_7C15 &* 2
+    var wrong = 0, checked = 0
+    for offset in stride(from: 0, to: size, by: 4096 * 7 + 8) {
+        checked += 1
+        if buffer.load(fromByteOffset: offset, as: UInt64.self) != UInt64(offset) ^ key { wrong += 1 }
+    }
+    return wrong == 0 ? " (\(checked) sampled words correct)" : " ERROR: \(wrong) of \(checked) sampled words differ"
+}
+
+func benchZero() {
+    let size = 256 << 20
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+    defer { buffer.deallocate() }
+    memset(buffer.baseAddress!, 0, size)
+    var best = Double.infinity
+    var zeros = 0
+    for _ in 0..<3 {
+        let t = now()
+        zeros = 0
+        for page in stride(from: 0, to: size, by: 4096) where PageReader.isZero(UnsafeRawBufferPointer(rebasing: buffer[page..<page + 4096])) {
+            zeros += 1
+        }
+        best = min(best, now() - t)
+    }
+    say("== zero: PageReader.isZero over 256 MiB of zero pages: \(fixed(Double(size) / best / 1e9, 2)) GB/s (\(zeros) pages)")
+}
+
+// MARK: - Main
+
+var selected = Set(CommandLine.arguments.dropFirst())
+if selected.contains("--help") || selected.contains("-h") {
+    say("usage: ferry-bench-system [write] [scan] [read] [zero]   (all when none given; run as root, release build)")
+    exit(0)
+}
+if selected.isEmpty { selected = ["write", "scan", "read", "zero"] }
+let scanMiB = Int(String(cString: getenv("FERRY_BENCH_SCAN_MIB") ?? strdup("1024"))) ?? 1024
+let readMiB = Int(String(cString: getenv("FERRY_BENCH_READ_MIB") ?? strdup("512"))) ?? 512
+do {
+    if selected.contains("write") { try benchWrite() }
+    if selected.contains("scan") { try benchScan(mib: scanMiB) }
+    if selected.contains("read") { try benchRead(mib: readMiB) }
+    if selected.contains("zero") { benchZero() }
+} catch {
+    var text = "ferry-bench-system: \(error)\n"
+    text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+    exit(1)
+}
