@@ -41,12 +41,7 @@ extension TrackedProcess: MemorySource {
     public var trackerName: String { trackerKind.rawValue }
 
     public func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
-        do {
-            _ = try read(ranges, into: buffer)
-            return []
-        } catch PageReaderError.vanished(_, let vanished) {
-            return vanished
-        }
+        try readReporting(ranges, into: buffer).vanished
     }
 
     public func release(then: ThenAction) throws {
