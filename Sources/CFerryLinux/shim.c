@@ -25,6 +25,8 @@ _Static_assert(sizeof(struct uffd_msg) == 32, "struct uffd_msg is 32 bytes");
 _Static_assert(sizeof(struct uffdio_api) == 24, "struct uffdio_api");
 _Static_assert(sizeof(struct uffdio_register) == 32, "struct uffdio_register");
 _Static_assert(sizeof(struct uffdio_writeprotect) == 24, "struct uffdio_writeprotect");
+_Static_assert(sizeof(struct uffdio_copy) == 40, "struct uffdio_copy");
+_Static_assert(sizeof(struct uffdio_poison) == 32, "struct uffdio_poison");
 #if defined(__x86_64__)
 _Static_assert(sizeof(struct user_regs_struct) <= sizeof(ferry_regs), "ferry_regs holds user_regs_struct");
 #elif defined(__aarch64__)
@@ -84,6 +86,9 @@ int ferry_uffdio_unregister(int fd, struct uffdio_range *range) { return ioctl(f
 int ferry_uffdio_writeprotect(int fd, struct uffdio_writeprotect *wp) { return ioctl(fd, UFFDIO_WRITEPROTECT, wp); }
 int ferry_uffdio_wake(int fd, struct uffdio_range *range) { return ioctl(fd, UFFDIO_WAKE, range); }
 int ferry_uffdio_zeropage(int fd, struct uffdio_zeropage *zero) { return ioctl(fd, UFFDIO_ZEROPAGE, zero); }
+int ferry_uffdio_copy(int fd, struct uffdio_copy *copy) { return ioctl(fd, UFFDIO_COPY, copy); }
+int ferry_uffdio_poison(int fd, struct uffdio_poison *poison) { return ioctl(fd, UFFDIO_POISON, poison); }
+uint64_t ferry_uffd_feature_poison(void) { return UFFD_FEATURE_POISON; }
 long ferry_pagemap_scan(int fd, struct pm_scan_arg *arg) { return ioctl(fd, PAGEMAP_SCAN, arg); }
 
 uint8_t ferry_uffd_msg_event(const struct uffd_msg *msg) { return msg->event; }

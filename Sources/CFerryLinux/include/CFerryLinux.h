@@ -31,6 +31,21 @@ int ferry_page_size(void);
 #define UFFD_FEATURE_WP_ASYNC (1 << 15)
 #endif
 
+// UFFDIO_POISON (kernel 6.6): resolves a missing fault with a marker that
+// raises SIGBUS on access; how post-copy fails a page it cannot fetch.
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+    struct uffdio_range range;
+    uint64_t mode;
+    int64_t updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+
 // MARK: - PAGEMAP_SCAN uapi (kernel 6.7, include/uapi/linux/fs.h)
 
 #ifndef PAGEMAP_SCAN
@@ -114,6 +129,9 @@ int ferry_uffdio_unregister(int fd, struct uffdio_range *range);
 int ferry_uffdio_writeprotect(int fd, struct uffdio_writeprotect *wp);
 int ferry_uffdio_wake(int fd, struct uffdio_range *range);
 int ferry_uffdio_zeropage(int fd, struct uffdio_zeropage *zero);
+int ferry_uffdio_copy(int fd, struct uffdio_copy *copy);
+int ferry_uffdio_poison(int fd, struct uffdio_poison *poison);
+uint64_t ferry_uffd_feature_poison(void);
 long ferry_pagemap_scan(int fd, struct pm_scan_arg *arg);
 
 // Fields of uffd_msg that Swift cannot reach through the anonymous unions.

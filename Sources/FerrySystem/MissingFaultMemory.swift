@@ -1,0 +1,571 @@
+// Post-copy memory: regions mapped empty, registered with userfaultfd in
+// MISSING mode, and filled page by page while the program already runs on them.
+//
+// Why: after Finalize the destination must run before the last page arrives.
+// A touch of a page that is not there yet blocks the toucher in the kernel and
+// queues a fault message; our handler thread hands the page to a callback (the
+// leecher, which fetches it with priority) and the toucher is woken by the
+// kernel the moment UFFDIO_COPY installs the page (mode 0 wakes). Background
+// fill installs everything else in large batches: one UFFDIO_COPY per
+// contiguous run of missing pages, UFFDIO_ZEROPAGE for all-zero runs.
+//
+// Installing twice is impossible by construction: a bitmap of installed
+// pages is checked and set under `lock`, around the ioctl, so a page is
+// copied at most once however many faults, fetches and fills race for it;
+// concurrent faults on one page become one callback. The kernel's EEXIST
+// (a page present that we did not install) is counted, never overwritten.
+//
+// Failure: a page that cannot be fetched must never read as zeros (which is
+// what unregistering or closing the descriptor would give). Such pages are
+// resolved with UFFDIO_POISON (kernel 6.6+): a poison marker, so the blocked
+// toucher is woken and gets SIGBUS (si_code BUS_ADRERR), and so does any later
+// touch. This is the per-page form of UFFD_FEATURE_SIGBUS, which cannot be
+// used here because it applies to a whole descriptor and suppresses the
+// fault messages post-copy depends on. A fault waiting longer than
+// `faultTimeout` is poisoned alone; `fail(_:)` poisons every missing page.
+//
+// Kernel: MISSING mode on anonymous memory 4.3+, MAP_FIXED_NOREPLACE 4.17+,
+// UFFDIO_POISON 6.6+. Capability: none for our own process (user-mode-only
+// descriptors suffice); see Userfaultfd.swift for another process.
+#if canImport(Glibc)
+import Glibc
+#endif
+internal import CFerryLinux
+
+/// Why post-copy memory could not deliver a page.
+public enum MissingFaultMemoryError: Error, CustomStringConvertible, Sendable, Equatable {
+    /// A touched page did not arrive within the fault timeout.
+    case faultTimedOut(source: UInt64, local: UInt64, seconds: Double)
+    /// Post-copy was abandoned; every page not yet installed raises SIGBUS.
+    case abandoned(reason: String, pagesPoisoned: Int)
+    /// An address outside every mapped region.
+    case notMapped(UInt64)
+
+    public var description: String {
+        switch self {
+        case .faultTimedOut(let source, let local, let seconds):
+            return "page 0x\(String(source, radix: 16)) (local 0x\(String(local, radix: 16))) did not arrive within "
+                + "\(seconds) s of its first touch; the toucher got SIGBUS. Check that the seeder is reachable, "
+                + "or raise the fault timeout"
+        case .abandoned(let reason, let pages):
+            return "post-copy abandoned (\(reason)): \(pages) pages never arrived and raise SIGBUS when touched; "
+                + "the source process still holds them, so restart the migration"
+        case .notMapped(let address):
+            return "address 0x\(String(address, radix: 16)) is in no migrated region"
+        }
+    }
+}
+
+/// Regions of migrated memory filled by userfaultfd on first touch.
+///
+/// `@unchecked Sendable` invariant: `mappings`, `uffd`, `owner` and
+/// `faultTimeout` are immutable after init; everything mutable (`bitmaps`,
+/// `pending`, counters, `failure`, `onFault`, `handler`) is only touched
+/// under `lock`; the handler thread is joined before the descriptor closes.
+public final class MissingFaultMemory: @unchecked Sendable {
+    /// One region: where it was at the source and where it is here.
+    public struct Mapping: Sendable, Equatable {
+        public let source: AddressRange
+        public let local: UInt64
+        public var atSourceAddress: Bool { source.start == local }
+        func localAddress(of source: UInt64) -> UInt64 { local + (source - self.source.start) }
+    }
+
+    /// Counters for tests and benchmarks.
+    public struct Statistics: Sendable, Equatable {
+        /// Pages installed with UFFDIO_COPY / UFFDIO_ZEROPAGE.
+        public var pagesCopied = 0
+        public var pagesZeroed = 0
+        /// ioctls issued to install (one per contiguous run).
+        public var installCalls = 0
+        /// Pages offered again after they were installed: skipped, never re-installed.
+        public var pagesAlreadyInstalled = 0
+        /// Pages the kernel said were present although our bitmap did not (EEXIST).
+        public var kernelAlreadyPresent = 0
+        /// Fault messages read; those for a page already pending; those for a page already installed.
+        public var faults = 0
+        public var faultsCoalesced = 0
+        public var faultsAlreadyResolved = 0
+        /// Callbacks made: one per page however many threads touched it.
+        public var faultCallbacks = 0
+        public var pagesPoisoned = 0
+    }
+
+    /// The regions, in source address order.
+    public let mappings: [Mapping]
+    /// How long a touched page may take before the toucher gets SIGBUS.
+    public let faultTimeout: Duration
+    let uffd: Userfaultfd
+    /// Names the process holding the memory in errors: "our own process", "pid 4242".
+    let owner: String
+    /// Unmaps the regions (in whatever process holds them).
+    private let unmapper: @Sendable ([Mapping]) -> Void
+
+    private let lock = Lock()
+    /// Installed (or poisoned) pages, one bit a page, per mapping.
+    private var bitmaps: [[UInt64]]
+    private var installedCount = 0
+    /// Touched pages (source addresses) waiting for data, with the first touch's time.
+    private var pending: [UInt64: ContinuousClock.Instant] = [:]
+    private var stats = Statistics()
+    private var failure: MissingFaultMemoryError?
+    private var onFault: (@Sendable (UInt64) -> Void)?
+    private var handler: pthread_t?
+    private var unmapped = false
+    /// Written once by `stopHandler` to end the handler's poll.
+    private let stopPipe: (read: Int32, write: Int32)
+
+    public let totalPages: Int
+
+    init(uffd: Userfaultfd, mappings: [Mapping], owner: String, faultTimeout: Duration,
+         unmapper: @escaping @Sendable ([Mapping]) -> Void) throws {
+        self.uffd = uffd
+        self.mappings = mappings.sorted { $0.source.start < $1.source.start }
+        self.owner = owner
+        self.faultTimeout = faultTimeout
+        self.unmapper = unmapper
+        bitmaps = self.mappings.map { Array(repeating: 0, count: (Int($0.source.pageCount) + 63) / 64) }
+        totalPages = self.mappings.reduce(0) { $0 + Int($1.source.pageCount) }
+        var fds: [Int32] = [0, 0]
+        try checkedCall("pipe", on: "the post-copy memory of \(owner)") { pipe(&fds) }
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        stopPipe = (fds[0], fds[1])
+    }
+
+    /// Maps `regions` (page aligned, disjoint) as empty private anonymous
+    /// memory in this process, each at its source address when that is free
+    /// and elsewhere otherwise, and registers them for missing faults.
+    /// Faults block until `start(onFault:)` and an install resolve them.
+    public static func inOwnProcess(regions: [AddressRange], faultTimeout: Duration = .seconds(30)) throws -> MissingFaultMemory {
+        let uffd = try Userfaultfd.forOwnProcess()
+        _ = try uffd.enable([])
+        var mappings: [Mapping] = []
+        let unmapAll: @Sendable ([Mapping]) -> Void = { mappings in
+            // SAFETY: each range was mapped by us below and is unmapped once (guarded by `unmapped`).
+            for mapping in mappings { _ = munmap(UnsafeMutableRawPointer(bitPattern: UInt(mapping.local)), Int(mapping.source.length)) }
+        }
+        do {
+            for region in regions where region.length > 0 {
+                let local = try mapAnonymous(region)
+                mappings.append(Mapping(source: region, local: local))
+                try uffd.registerMissing(AddressRange(start: local, end: local + region.length))
+            }
+            return try MissingFaultMemory(uffd: uffd, mappings: mappings, owner: "our own process",
+                                          faultTimeout: faultTimeout, unmapper: unmapAll)
+        } catch {
+            unmapAll(mappings)
+            throw error
+        }
+    }
+
+    /// MAP_FIXED_NOREPLACE at the source address, anywhere when taken.
+    private static func mapAnonymous(_ region: AddressRange) throws -> UInt64 {
+        let length = Int(region.length)
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+        let wanted = UnsafeMutableRawPointer(bitPattern: UInt(region.start))
+        // SAFETY: NOREPLACE never touches an existing mapping; a result elsewhere
+        // (kernels before 4.17 treat the address as a hint) is unmapped again.
+        let fixed = mmap(wanted, length, PROT_READ | PROT_WRITE, flags | Self.mapFixedNoReplace, -1, 0)
+        if fixed != MAP_FAILED {
+            if fixed == wanted { return region.start }
+            munmap(fixed, length)
+        }
+        // SAFETY: a fresh mapping wherever the kernel chooses.
+        let anywhere = mmap(nil, length, PROT_READ | PROT_WRITE, flags, -1, 0)
+        guard anywhere != MAP_FAILED, let anywhere else {
+            throw SystemError(operation: "mmap \(length) bytes", target: "region \(region) in our own process", errno: errno,
+                              hint: "not enough address space or memory for the migrated regions")
+        }
+        return UInt64(UInt(bitPattern: anywhere))
+    }
+
+    /// MAP_FIXED_NOREPLACE (Linux 4.17), spelled out: older glibc headers lack it.
+    static let mapFixedNoReplace: Int32 = 0x100000
+
+    deinit {
+        stopHandler()
+        uffd.close()
+        Glibc.close(stopPipe.read)
+        Glibc.close(stopPipe.write)
+    }
+
+    // MARK: - Lookup
+
+    /// The mapping holding source address `source`.
+    public func mapping(containing source: UInt64) -> Mapping? {
+        var low = 0, high = mappings.count
+        while low < high {
+            let mid = (low + high) / 2
+            if mappings[mid].source.end <= source { low = mid + 1 } else { high = mid }
+        }
+        return low < mappings.count && mappings[low].source.contains(source) ? mappings[low] : nil
+    }
+
+    /// Where source address `source` lives here; nil outside every region.
+    public func localAddress(of source: UInt64) -> UInt64? {
+        mapping(containing: source)?.localAddress(of: source)
+    }
+
+    /// The source address of local address `local`; nil outside every region.
+    public func sourceAddress(of local: UInt64) -> UInt64? {
+        for mapping in mappings where local >= mapping.local && local < mapping.local + mapping.source.length {
+            return mapping.source.start + (local - mapping.local)
+        }
+        return nil
+    }
+
+    public var statistics: Statistics { lock.withLock { stats } }
+    public var installedPages: Int { lock.withLock { installedCount } }
+    public var isComplete: Bool { lock.withLock { installedCount == totalPages } }
+    /// Set once a page timed out or post-copy was abandoned.
+    public var failureReason: MissingFaultMemoryError? { lock.withLock { failure } }
+    /// Touched pages still waiting for data.
+    public var pendingFaults: [UInt64] { lock.withLock { Array(pending.keys) } }
+
+    public func isInstalled(_ source: UInt64) -> Bool {
+        lock.withLock {
+            guard let (m, i) = locate(source) else { return false }
+            return bit(m, i)
+        }
+    }
+
+    private func locate(_ source: UInt64) -> (Int, Int)? {
+        var low = 0, high = mappings.count
+        while low < high {
+            let mid = (low + high) / 2
+            if mappings[mid].source.end <= source { low = mid + 1 } else { high = mid }
+        }
+        guard low < mappings.count, mappings[low].source.contains(source) else { return nil }
+        return (low, Int((source - mappings[low].source.start) / pageSize))
+    }
+
+    private func bit(_ m: Int, _ i: Int) -> Bool { bitmaps[m][i >> 6] & (1 << UInt64(i & 63)) != 0 }
+    private func setBits(_ m: Int, _ from: Int, _ count: Int) {
+        for i in from..<from + count { bitmaps[m][i >> 6] |= 1 << UInt64(i & 63) }
+        installedCount += count
+    }
+
+    // MARK: - Installing
+
+    /// Installs whole pages at source range `range` (`data.count == range.length`).
+    /// Pages already installed are skipped, never copied again; a page that
+    /// was touched wakes its toucher. Pages outside every region are ignored.
+    /// Returns the number of pages newly installed.
+    @discardableResult
+    public func install(_ range: AddressRange, data: UnsafeRawBufferPointer) throws -> Int {
+        precondition(UInt64(data.count) == range.length, "page data does not match its range")
+        return try installRuns(range) { local, offset, length, done in
+            var copy = uffdio_copy(dst: local, src: UInt64(UInt(bitPattern: data.baseAddress!)) + offset,
+                                   len: length, mode: 0, copy: 0)
+            // SAFETY: `src` points into `data`, which holds `length` bytes from `offset`;
+            // `dst` is inside a mapping we registered.
+            let result = try uffd.withDescriptor { fd in ferry_uffdio_copy(fd, &copy) }
+            done = copy.copy > 0 ? UInt64(copy.copy) : 0
+            return result < 0 ? errno : 0
+        } count: { stats.pagesCopied += $0 }
+    }
+
+    /// Installs all-zero pages at source range `range` with the zero page.
+    @discardableResult
+    public func installZero(_ range: AddressRange) throws -> Int {
+        try installRuns(range) { local, _, length, done in
+            var zero = uffdio_zeropage(range: uffdio_range(start: local, len: length), mode: 0, zeropage: 0)
+            let result = try uffd.withDescriptor { fd in ferry_uffdio_zeropage(fd, &zero) }
+            done = zero.zeropage > 0 ? UInt64(zero.zeropage) : 0
+            return result < 0 ? errno : 0
+        } count: { stats.pagesZeroed += $0 }
+    }
+
+    /// Runs `ioctl(local, offsetInRange, length, &bytesDone) -> errno` for each
+    /// contiguous run of pages of `range` not installed yet, under `lock`.
+    /// EAGAIN (the map is changing) is retried from where it stopped; EEXIST
+    /// (present already) marks the page and moves past it.
+    private func installRuns(_ range: AddressRange,
+                             _ ioctl: (UInt64, UInt64, UInt64, inout UInt64) throws -> Int32,
+                             count: (Int) -> Void) throws -> Int {
+        try lock.withLock {
+            var installed = 0
+            var address = range.start
+            while address < range.end {
+                guard let (m, first) = locateOrNext(address, limit: range.end) else { break }
+                let mapping = mappings[m]
+                let stop = min(range.end, mapping.source.end)
+                let pages = Int((stop - max(address, mapping.source.start)) / pageSize)
+                var i = first
+                while i < first + pages {
+                    if bit(m, i) { stats.pagesAlreadyInstalled += 1; i += 1; continue }
+                    var j = i
+                    while j < first + pages && !bit(m, j) { j += 1 }
+                    // Pages i..<j are missing: one ioctl for the run.
+                    var runStart = i
+                    var attempts = 0
+                    while runStart < j {
+                        let source = mapping.source.start + UInt64(runStart) * pageSize
+                        let length = UInt64(j - runStart) * pageSize
+                        var done: UInt64 = 0
+                        stats.installCalls += 1
+                        let error = try ioctl(mapping.localAddress(of: source), source - range.start, length, &done)
+                        let donePages = Int(done / pageSize)
+                        if donePages > 0 {
+                            setBits(m, runStart, donePages)
+                            installed += donePages
+                            count(donePages)
+                            for page in 0..<donePages { pending[source + UInt64(page) * pageSize] = nil }
+                            runStart += donePages
+                        }
+                        switch error {
+                        case 0:
+                            runStart = j
+                        case EAGAIN:
+                            attempts += 1
+                            if attempts > Userfaultfd.busyRetries {
+                                throw SystemError(operation: "UFFDIO_COPY", target: "\(owner) at 0x\(String(source, radix: 16))",
+                                                  errno: EAGAIN, hint: "the memory map kept changing")
+                            }
+                            usleep(attempts < 10 ? 0 : 100)
+                        case EEXIST:
+                            // Present without us: keep it, never overwrite; wake anyone waiting on it.
+                            let page = mapping.source.start + UInt64(runStart) * pageSize
+                            stats.kernelAlreadyPresent += 1
+                            setBits(m, runStart, 1)
+                            pending[page] = nil
+                            let local = mapping.localAddress(of: page)
+                            try? uffd.wake(AddressRange(start: local, end: local + pageSize))
+                            runStart += 1
+                        default:
+                            throw SystemError(operation: "installing pages", target: "\(owner) at 0x\(String(source, radix: 16)) "
+                                              + "(local 0x\(String(mapping.localAddress(of: source), radix: 16)))", errno: error,
+                                              hint: error == ENOENT ? "the region was unmapped by its program" : nil)
+                        }
+                    }
+                    i = j
+                }
+                address = stop
+            }
+            return installed
+        }
+    }
+
+    private func locateOrNext(_ address: UInt64, limit: UInt64) -> (Int, Int)? {
+        var low = 0, high = mappings.count
+        while low < high {
+            let mid = (low + high) / 2
+            if mappings[mid].source.end <= address { low = mid + 1 } else { high = mid }
+        }
+        guard low < mappings.count, mappings[low].source.start < limit else { return nil }
+        let start = max(address, mappings[low].source.start)
+        return (low, Int((start - mappings[low].source.start) / pageSize))
+    }
+
+    /// Source ranges of pages not installed yet, coalesced, in address order.
+    public func missingRanges() -> [AddressRange] {
+        lock.withLock {
+            var out: [AddressRange] = []
+            for (m, mapping) in mappings.enumerated() {
+                var i = 0
+                let n = Int(mapping.source.pageCount)
+                while i < n {
+                    if bit(m, i) { i += 1; continue }
+                    var j = i
+                    while j < n && !bit(m, j) { j += 1 }
+                    out.append(AddressRange(start: mapping.source.start + UInt64(i) * pageSize,
+                                            end: mapping.source.start + UInt64(j) * pageSize))
+                    i = j
+                }
+            }
+            return out
+        }
+    }
+
+    // MARK: - Failing cleanly
+
+    /// Poisons the missing pages of `range` (source addresses): each then
+    /// raises SIGBUS when touched, and blocked touchers are woken to get it.
+    /// Caller holds `lock`.
+    private func poisonLocked(_ range: AddressRange) -> Int {
+        var poisoned = 0
+        var address = range.start
+        while address < range.end, let (m, first) = locateOrNext(address, limit: range.end) {
+            let mapping = mappings[m]
+            let stop = min(range.end, mapping.source.end)
+            let pages = Int((stop - max(address, mapping.source.start)) / pageSize)
+            for i in first..<first + pages where !bit(m, i) {
+                let source = mapping.source.start + UInt64(i) * pageSize
+                let local = mapping.localAddress(of: source)
+                var request = uffdio_poison(range: uffdio_range(start: local, len: pageSize), mode: 0, updated: 0)
+                var attempts = 0
+                while true {
+                    let result = (try? uffd.withDescriptor { fd in ferry_uffdio_poison(fd, &request) }) ?? -1
+                    if result == 0 || errno == EEXIST { break }
+                    attempts += 1
+                    if errno != EAGAIN || attempts > 1000 { break }
+                    usleep(100)
+                }
+                setBits(m, i, 1)
+                pending[source] = nil
+                poisoned += 1
+            }
+            address = stop
+        }
+        stats.pagesPoisoned += poisoned
+        return poisoned
+    }
+
+    /// Gives up on every page not installed yet: they raise SIGBUS when
+    /// touched (now and later) instead of blocking or reading zeros.
+    /// Returns the error recorded, which names how many pages were lost.
+    @discardableResult
+    public func fail(_ reason: String) -> MissingFaultMemoryError {
+        lock.withLock {
+            var poisoned = 0
+            for mapping in mappings { poisoned += poisonLocked(mapping.source) }
+            let error = MissingFaultMemoryError.abandoned(reason: reason, pagesPoisoned: poisoned)
+            if failure == nil || poisoned > 0 { failure = error }
+            return failure ?? error
+        }
+    }
+
+    // MARK: - Faults
+
+    /// Starts the handler thread: each touched missing page is reported once
+    /// to `onFault` (source address, page aligned), from the handler thread;
+    /// `onFault` should return quickly (queue a fetch, or install at once).
+    public func start(onFault: @escaping @Sendable (UInt64) -> Void) throws {
+        try lock.withLock {
+            guard handler == nil else { return }
+            self.onFault = onFault
+            var thread = pthread_t()
+            let context = Unmanaged.passRetained(self).toOpaque()
+            let result = pthread_create(&thread, nil, { argument in
+                // SAFETY: `argument` is the memory retained below; released when the loop ends.
+                let memory = Unmanaged<MissingFaultMemory>.fromOpaque(argument!).takeRetainedValue()
+                memory.handleFaults()
+                return nil
+            }, context)
+            if result != 0 {
+                Unmanaged<MissingFaultMemory>.fromOpaque(context).release()
+                throw SystemError(operation: "pthread_create", target: "the post-copy fault handler of \(owner)", errno: result)
+            }
+            handler = thread
+        }
+    }
+
+    /// Stops the handler thread. Pages still missing stay registered: a
+    /// touch then blocks until an install or `fail`. Call `finish()` instead
+    /// once every page is installed.
+    public func stopHandler() {
+        let thread: pthread_t? = lock.withLock {
+            defer { handler = nil }
+            return handler
+        }
+        guard let thread else { return }
+        var byte: UInt8 = 1
+        _ = Glibc.write(stopPipe.write, &byte, 1)
+        pthread_join(thread, nil)
+        var drain: UInt8 = 0
+        _ = Glibc.read(stopPipe.read, &drain, 1)
+    }
+
+    /// Ends post-copy: stops the handler and closes the descriptor, which
+    /// unregisters the regions; pages not installed by then are poisoned
+    /// first, so nothing reads zeros that the source did not hold. The
+    /// memory stays mapped and belongs to the program.
+    public func finish() {
+        if !isComplete { fail("post-copy ended before every page arrived") }
+        stopHandler()
+        uffd.close()
+    }
+
+    /// Unmaps the regions (once). Only for memory nobody touches any more.
+    public func unmap() {
+        let doIt: Bool = lock.withLock {
+            defer { unmapped = true }
+            return !unmapped
+        }
+        guard doIt else { return }
+        finish()
+        unmapper(mappings)
+    }
+
+    /// The handler thread: read fault messages, report each page once, and
+    /// poison pages that waited longer than `faultTimeout`.
+    private func handleFaults() {
+        var events: [UserfaultfdEvent] = []
+        events.reserveCapacity(64)
+        let timeoutMs = Int32(max(1, min(50, faultTimeout.components.seconds * 1000 / 4
+                                         + faultTimeout.components.attoseconds / 4_000_000_000_000_000)))
+        do {
+            try uffd.withDescriptor { fd in
+                var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
+                           pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)]
+                while true {
+                    let anyPending = lock.withLock { !pending.isEmpty }
+                    let ready = poll(&fds, 2, anyPending ? timeoutMs : -1)
+                    if ready < 0 {
+                        if errno == EINTR { continue }
+                        throw SystemError(operation: "poll userfaultfd", target: owner, errno: errno)
+                    }
+                    if fds[1].revents != 0 { return }
+                    if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 { return }
+                    events.removeAll(keepingCapacity: true)
+                    if fds[0].revents != 0 { try uffd.readEvents(into: &events) }
+                    handle(events)
+                    expireTimedOutFaults()
+                }
+            }
+        } catch {
+            // The descriptor is gone or broken: nothing more can be resolved.
+            _ = fail("the fault handler stopped: \(error)")
+        }
+    }
+
+    private func handle(_ events: [UserfaultfdEvent]) {
+        var report: [UInt64] = []
+        let callback: (@Sendable (UInt64) -> Void)? = lock.withLock {
+            let now = ContinuousClock.now
+            for event in events {
+                guard case .pageFault(let local, _) = event else { continue }
+                stats.faults += 1
+                guard let source = sourceAddress(of: local), let (m, i) = locate(source) else { continue }
+                if bit(m, i) {
+                    // Installed between the touch and our read: the install woke it.
+                    stats.faultsAlreadyResolved += 1
+                    try? uffd.wake(AddressRange(start: local, end: local + pageSize))
+                } else if pending[source] != nil {
+                    stats.faultsCoalesced += 1
+                } else {
+                    pending[source] = now
+                    stats.faultCallbacks += 1
+                    report.append(source)
+                }
+            }
+            return onFault
+        }
+        // Outside the lock: the callback may install at once.
+        for source in report { callback?(source) }
+    }
+
+    private func expireTimedOutFaults() {
+        lock.withLock {
+            let now = ContinuousClock.now
+            for (source, since) in pending where now - since >= faultTimeout {
+                guard poisonLocked(AddressRange(start: source, end: source + pageSize)) > 0 else { continue }
+                let seconds = Double(faultTimeout.components.seconds) + Double(faultTimeout.components.attoseconds) / 1e18
+                if failure == nil {
+                    failure = .faultTimedOut(source: source, local: localAddress(of: source) ?? 0, seconds: seconds)
+                }
+            }
+        }
+    }
+}
+
+extension Userfaultfd {
+    /// UFFDIO_REGISTER in missing mode only (post-copy: no write-protection).
+    func registerMissing(_ range: AddressRange) throws {
+        var request = uffdio_register(range: uffdio_range(start: range.start, len: range.length),
+                                      mode: ferry_uffdio_register_mode_missing(), ioctls: 0)
+        try withDescriptor { fd in
+            try checkedCall("UFFDIO_REGISTER (missing mode)", on: "\(target) at \(range)") { ferry_uffdio_register(fd, &request) }
+        }
+    }
+}
