@@ -59,7 +59,11 @@ public final class Leecher {
     public typealias Connector = SessionLink.Connector
 
     private let link: SessionLink
-    private let sink: ImageWriter
+    private let sink: any PageSink
+    /// The image path's writer; nil when pages go to live memory.
+    private let image: ImageWriter?
+    /// The post-copy path's live memory; nil when writing an image.
+    private let live: LiveMemorySink?
     private let options: LeecherOptions
     private let events: @Sendable (LeecherEvent) -> Void
 
@@ -85,6 +89,26 @@ public final class Leecher {
             }
         }
         self.sink = sink
+        self.image = sink
+        self.live = nil
+        self.options = options
+        self.events = events
+    }
+
+    /// A leecher whose pages end in live memory of this process: after
+    /// Finalize, `memory.migratedMemory()` returns it while post-copy fills
+    /// the rest, touched pages first (see LiveMemorySink and docs/postcopy.md).
+    public init(connect: @escaping Connector, memory: LiveMemorySink, options: LeecherOptions = .init(),
+                migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+        self.link = SessionLink(migration: migration, connect: connect) { event in
+            switch event {
+            case .reconnecting(let attempt, let reason): events(.reconnecting(attempt: attempt, reason: reason))
+            case .resumed(let phase): events(.resumed(phase: phase.description))
+            }
+        }
+        self.sink = memory
+        self.image = nil
+        self.live = memory
         self.options = options
         self.events = events
     }
@@ -103,9 +127,19 @@ public final class Leecher {
                               tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
             try await pull(precopy: true)
             try await finalize()
+            if let live {
+                _ = try live.activate(layout: layout, clean: store.ranges(in: [.clean]))
+            }
             try await pull(precopy: false)
-            let manifest = try sink.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
-                                            tracker: reply.tracker, downtimeMilliseconds: downtime)
+            var manifest = Manifest(sourcePid: reply.pid, sourceHost: reply.host, tracker: reply.tracker,
+                                    created: "", downtimeMilliseconds: downtime, regions: [])
+            if let image {
+                manifest = try image.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
+                                             tracker: reply.tracker, downtimeMilliseconds: downtime)
+            } else if let live {
+                try await live.waitForLocalFill()
+                manifest.regions = try live.manifestRegions(layout: layout)
+            }
             if options.verify { try await verify(manifest) }
             let said: String
             if options.abortAtEnd {
@@ -113,7 +147,8 @@ public final class Leecher {
             } else {
                 said = try await completeOnce()
             }
-            try sink.commit()
+            try image?.commit()
+            live?.finish()
             await link.close()
             let seconds = elapsed
             events(.complete(bytes: bytesReceived, seconds: seconds, seederSays: said))
@@ -122,6 +157,7 @@ public final class Leecher {
                                   dirtyPagesAtFinalize: finalizeReply?.dirty.reduce(0) { $0 + $1.pageCount } ?? 0,
                                   seederSays: said)
         } catch {
+            live?.fail("\(error)")
             if seeder != nil {
                 // Best effort: the source must run on. A seeder that cannot be
                 // reached thaws it itself after its grace period.
@@ -159,6 +195,8 @@ public final class Leecher {
         case sync([[UInt8]])
         case failed([AddressRange], any Error)
         case syncFailed(any Error)
+        /// Pages touched in live memory before they arrived.
+        case touched([UInt64])
     }
 
     private static let wanted: Set<PageState> = [.remote, .dirty]
@@ -174,9 +212,17 @@ public final class Leecher {
         var needResync = false
         var bestToPull = Int.max
         var stalledSyncs = 0
+        var listening = !precopy && live != nil
+        var listenerRunning = false
 
         try await withThrowingTaskGroup(of: JobResult.self) { group in
+            defer { group.cancelAll() }
             while true {
+                // Post-copy into live memory: always one task waiting for touched pages.
+                if listening && !listenerRunning, let priority = live?.priority {
+                    listenerRunning = true
+                    group.addTask { .touched(await priority.next()) }
+                }
                 if precopy && !stopIssuing, let reason = options.policy.reason(progressForPolicy(stalledSyncs >= 5)) {
                     events(.finalizing(reason: reason))
                     stopIssuing = true
@@ -228,6 +274,28 @@ public final class Leecher {
                 }
                 guard let result = try await group.next() else { continue }
                 switch result {
+                case .touched(let pages):
+                    listenerRunning = false
+                    // Jump the queue: one small ReadAt per touched page, even when a
+                    // background batch holds it already (that batch may be queued behind
+                    // others; the page is installed by whichever reply lands first).
+                    for page in pages where store.state(at: page) != nil && store.state(at: page) != .clean {
+                        let batch = [AddressRange(start: page, end: page + pageSize)]
+                        if store.state(at: page) != .inFlight && store.state(at: page) != .inFlightStale {
+                            store.markRequested(batch)
+                        }
+                        readsInFlight += 1
+                        let payload = ReadRequest(ranges: batch).encode()
+                        group.addTask { [link] in
+                            do {
+                                return .read(batch, try await link.callParts(.readAt, payload))
+                            } catch {
+                                return .failed(batch, error)
+                            }
+                        }
+                    }
+                    // Empty: the requests were closed (the migration is ending); stop listening.
+                    if pages.isEmpty { listening = false }
                 case .read(let batch, let parts):
                     readsInFlight -= 1
                     if try receive(batch, parts) { needResync = true }

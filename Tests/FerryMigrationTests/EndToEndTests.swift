@@ -15,7 +15,7 @@ final class LoopbackSeeder: Sendable {
     let secret: PreSharedSecret
     let acceptTask: Task<Void, Never>
 
-    init(process: TrackedProcess, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
+    init(process: any MemorySource, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
         service = SeederService(source: process, options: SeederOptions(then: then, grace: grace))
         listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
         secret = try PreSharedSecret.generate()

@@ -1,0 +1,331 @@
+// The leecher's other destination: live memory that a program uses the
+// moment Finalize returns, with the rest filled behind it by post-copy.
+//
+// Why two phases: pre-copy sends a page again each time it is written, but a
+// userfaultfd page can be installed only once. So until Finalize pages are
+// staged (an anonymous arena, one slot per page, reused when a page comes
+// again). At Finalize the layout is final: the migrated regions are mapped
+// empty and registered for missing faults (MissingFaultMemory), and the
+// memory is handed over at once. Behind it, a local fill thread installs the
+// pages staged clean in large UFFDIO_COPY batches, the leecher's post-copy
+// installs the remote pages as they arrive, and a touch of a page that is
+// not there yet is installed from the stage at once if it was held clean, or
+// becomes a priority request that jumps the leecher's background queue.
+import Foundation
+import FerrySystem
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Migrated memory handed to its consumer: the regions with their names,
+/// where each lives here, and the userfaultfd machinery filling it.
+public typealias MigratedMemory = MissingFaultMemory
+
+/// Pages touched before they arrived, waiting for the leecher's puller.
+///
+/// `@unchecked Sendable` invariant: `pages` and `waiter` are only touched under `lock`.
+final class PriorityRequests: @unchecked Sendable {
+    private let lock = NSLock()
+    private var pages: [UInt64] = []
+    private var waiter: CheckedContinuation<[UInt64], Never>?
+    private var closed = false
+
+    func push(_ page: UInt64) {
+        lock.lock()
+        if let waiter {
+            self.waiter = nil
+            lock.unlock()
+            waiter.resume(returning: [page])
+            return
+        }
+        pages.append(page)
+        lock.unlock()
+    }
+
+    /// Waits for the next touched pages; empty when cancelled or closed.
+    func next() async -> [UInt64] {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                lock.lock()
+                if !pages.isEmpty || closed || Task.isCancelled {
+                    let taken = pages
+                    pages.removeAll()
+                    lock.unlock()
+                    continuation.resume(returning: taken)
+                } else {
+                    waiter = continuation
+                    lock.unlock()
+                }
+            }
+        } onCancel: {
+            close()
+        }
+    }
+
+    /// Ends every wait, now and later.
+    func close() {
+        lock.lock()
+        closed = true
+        let waiter = self.waiter
+        self.waiter = nil
+        lock.unlock()
+        waiter?.resume(returning: [])
+    }
+}
+
+public struct LiveMemoryOptions: Sendable {
+    /// How long a touched page may wait (through reconnects) before the
+    /// toucher gets SIGBUS. Longer than the seeder's grace period by default,
+    /// so a reconnect within it never fails a touch.
+    public var faultTimeout: Duration = .seconds(30)
+    /// Pages per UFFDIO_COPY of the local fill: 1 MiB, past which larger
+    /// calls gain nothing (design brief: 4.5 GB/s at 64 KiB already).
+    public var fillBatchPages = 256
+    /// Virtual space reserved for staging pre-copy pages (never committed
+    /// until written): enough for any process we migrate on one host.
+    public var stagingReserve: UInt64 = 1 << 40
+    public init() {}
+}
+
+/// A `PageSink` that ends in live, userfaultfd-backed memory of this process.
+///
+/// `@unchecked Sendable` invariant: `slots`, `zeroPages`, `nextSlot` and
+/// `arena` contents are written only before `activate` (by the leecher's
+/// task) and only read after it (by the fault handler and fill threads,
+/// started by `activate`, which orders the writes before them); `memory`,
+/// `readyWaiters` and `fillError` live in `state`, under its lock.
+public final class LiveMemorySink: PageSink, @unchecked Sendable {
+    public let options: LiveMemoryOptions
+    private let arena: UnsafeMutableRawPointer
+    private var slots: [UInt64: UInt32] = [:]
+    private var nextSlot: UInt32 = 0
+    private static let zeroSlot = UInt32.max
+    /// Pages staged clean at Finalize, in runs, for the local fill.
+    private var cleanRuns: [AddressRange] = []
+    private var activeMemory: MissingFaultMemory?
+    let priority = PriorityRequests()
+
+    private struct State {
+        var memory: MissingFaultMemory?
+        var failure: String?
+        var readyWaiters: [CheckedContinuation<MissingFaultMemory, any Error>] = []
+        var fillDone = false
+        var fillWaiters: [CheckedContinuation<Void, Never>] = []
+        var fillError: String?
+    }
+    private let state = Mutex(State())
+
+    public init(options: LiveMemoryOptions = .init()) throws {
+        self.options = options
+        // SAFETY: a reservation only; pages are committed as slots are written.
+        let pointer = mmap(nil, Int(options.stagingReserve), PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard pointer != MAP_FAILED, let pointer else {
+            throw MigrationError.image("cannot reserve \(options.stagingReserve >> 30) GiB of address space to stage pages: "
+                                       + "\(String(cString: strerror(errno))); lower LiveMemoryOptions.stagingReserve")
+        }
+        arena = pointer
+    }
+
+    deinit {
+        munmap(arena, Int(options.stagingReserve))
+    }
+
+    // MARK: - PageSink
+
+    public func store(_ range: AddressRange, data: UnsafeRawBufferPointer) throws {
+        if let memory = activeMemory {
+            try memory.install(range, data: data)
+            return
+        }
+        var page = range.start
+        while page < range.end {
+            let slot: UInt32
+            if let existing = slots[page], existing != Self.zeroSlot {
+                slot = existing
+            } else {
+                slot = nextSlot
+                nextSlot += 1
+                guard UInt64(nextSlot) * pageSize <= options.stagingReserve else {
+                    throw MigrationError.image("more pages than the staging reserve holds; raise LiveMemoryOptions.stagingReserve")
+                }
+                slots[page] = slot
+            }
+            // SAFETY: the slot is inside the reservation (checked above); source is inside `data`.
+            memcpy(arena + Int(UInt64(slot) * pageSize), data.baseAddress! + Int(page - range.start), Int(pageSize))
+            page += pageSize
+        }
+    }
+
+    public func storeZero(_ range: AddressRange) throws {
+        if let memory = activeMemory {
+            try memory.installZero(range)
+            return
+        }
+        var page = range.start
+        while page < range.end {
+            slots[page] = Self.zeroSlot
+            page += pageSize
+        }
+    }
+
+    // MARK: - Hand-over
+
+    /// Called by the leecher right after Finalize: maps the final layout's
+    /// migrated regions, starts fault handling and the local fill of the
+    /// `clean` pages (held, and not written since), and hands the memory out.
+    func activate(layout: [Region], clean: [AddressRange]) throws -> MissingFaultMemory {
+        let regions = layout.filter { $0.kind == .migrate && $0.range.length > 0 }.map(\.range)
+        let memory = try MissingFaultMemory.inOwnProcess(regions: regions, faultTimeout: options.faultTimeout)
+        cleanRuns = clean
+        activeMemory = memory
+        let priority = self.priority
+        try memory.start { [weak self] page in
+            guard let self else { return }
+            // Held clean: install it now, no network. Otherwise the puller fetches it first.
+            if (try? self.installStaged(AddressRange(start: page, end: page + pageSize), into: memory)) ?? false { return }
+            priority.push(page)
+        }
+        let thread = Foundation.Thread { [self] in
+            var failure: String? = nil
+            for run in cleanRuns {
+                var start = run.start
+                while start < run.end {
+                    let end = min(run.end, start + UInt64(options.fillBatchPages) * pageSize)
+                    do {
+                        _ = try installStaged(AddressRange(start: start, end: end), into: memory)
+                    } catch {
+                        failure = "\(error)"
+                        break
+                    }
+                    start = end
+                }
+                if failure != nil { break }
+            }
+            let waiters = state.withLock { s in
+                s.fillDone = true
+                s.fillError = failure
+                defer { s.fillWaiters.removeAll() }
+                return s.fillWaiters
+            }
+            for waiter in waiters { waiter.resume() }
+        }
+        thread.name = "ferry-postcopy-fill"
+        thread.start()
+        let waiters = state.withLock { s in
+            s.memory = memory
+            defer { s.readyWaiters.removeAll() }
+            return s.readyWaiters
+        }
+        for waiter in waiters { waiter.resume(returning: memory) }
+        return memory
+    }
+
+    /// Installs the staged pages of `range` that were held clean; returns
+    /// false when a page of it was not (it must be fetched instead).
+    private func installStaged(_ range: AddressRange, into memory: MissingFaultMemory) throws -> Bool {
+        guard heldClean(range) else { return false }
+        // Runs of data slots that are consecutive in the arena are one install;
+        // zero pages one zero-page install.
+        var page = range.start
+        while page < range.end {
+            guard let slot = slots[page] else { return false }
+            var end = page + pageSize
+            if slot == Self.zeroSlot {
+                while end < range.end, slots[end] == Self.zeroSlot { end += pageSize }
+                try memory.installZero(AddressRange(start: page, end: end))
+            } else {
+                var next = slot + 1
+                while end < range.end, let s = slots[end], s == next { end += pageSize; next += 1 }
+                // SAFETY: slots slot..<next are inside the arena and written before activation.
+                let bytes = UnsafeRawBufferPointer(start: arena + Int(UInt64(slot) * pageSize), count: Int(end - page))
+                try memory.install(AddressRange(start: page, end: end), data: bytes)
+            }
+            page = end
+        }
+        return true
+    }
+
+    /// Whether one run of `cleanRuns` (sorted, disjoint) covers all of `range`.
+    private func heldClean(_ range: AddressRange) -> Bool {
+        var low = 0, high = cleanRuns.count
+        while low < high {
+            let mid = (low + high) / 2
+            if cleanRuns[mid].end <= range.start { low = mid + 1 } else { high = mid }
+        }
+        return low < cleanRuns.count && cleanRuns[low].start <= range.start && range.end <= cleanRuns[low].end
+    }
+
+    /// The migrated memory, as soon as Finalize has returned: the program
+    /// may use it at once; pages not there yet are fetched on first touch.
+    public func migratedMemory() async throws -> MissingFaultMemory {
+        try await withCheckedThrowingContinuation { continuation in
+            let ready: Result<MissingFaultMemory, any Error>? = state.withLock { s in
+                if let memory = s.memory { return .success(memory) }
+                if let failure = s.failure { return .failure(MigrationError.image(failure)) }
+                s.readyWaiters.append(continuation)
+                return nil
+            }
+            if let ready { continuation.resume(with: ready) }
+        }
+    }
+
+    /// Waits until the local fill has installed every staged clean page.
+    func waitForLocalFill() async throws {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let done = state.withLock { s in
+                if s.fillDone { return true }
+                s.fillWaiters.append(continuation)
+                return false
+            }
+            if done { continuation.resume() }
+        }
+        if let error = state.withLock({ $0.fillError }) {
+            throw MigrationError.image("installing the pages held locally failed: \(error)")
+        }
+    }
+
+    /// The final layout as manifest entries, with the BLAKE2b-256 of each
+    /// migrated region's installed bytes, to compare with the frozen source.
+    /// `file` names the local address (there is no file). Throws unless
+    /// every page is installed.
+    func manifestRegions(layout: [Region]) throws -> [ManifestRegion] {
+        guard let memory = activeMemory else { return [] }
+        guard memory.isComplete, memory.failureReason == nil else {
+            throw MigrationError.image(memory.failureReason.map { "\($0)" }
+                                       ?? "post-copy ended with \(memory.totalPages - memory.installedPages) pages missing")
+        }
+        return layout.map { region in
+            var entry = ManifestRegion(start: region.start, end: region.end, prot: region.permissions, offset: region.offset,
+                                       device: region.device, inode: region.inode, name: region.name,
+                                       kind: region.kind.rawValue, file: nil, blake2b: nil)
+            if region.kind == .migrate, region.end > region.start, let local = memory.localAddress(of: region.start) {
+                entry.file = "memory:0x" + String(local, radix: 16)
+                // SAFETY: the region is mapped here and every page of it installed (checked above).
+                entry.blake2b = imageChecksum(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(local)),
+                                                                     count: Int(region.end - region.start)))
+            }
+            return entry
+        }
+    }
+
+    /// The migration failed: waiting consumers get the error, touched and
+    /// future touches of missing pages get SIGBUS rather than wrong data.
+    func fail(_ reason: String) {
+        priority.close()
+        let waiters = state.withLock { s in
+            s.failure = reason
+            defer { s.readyWaiters.removeAll() }
+            return s.readyWaiters
+        }
+        for waiter in waiters { waiter.resume(throwing: MigrationError.image(reason)) }
+        activeMemory?.fail(reason)
+    }
+
+    /// Every page is installed and checked: stop fault handling.
+    func finish() {
+        priority.close()
+        activeMemory?.finish()
+    }
+}

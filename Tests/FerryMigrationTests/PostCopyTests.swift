@@ -1,0 +1,149 @@
+// Post-copy into live memory: the leecher hands the migrated memory over at
+// Finalize and a reader touching it at once, in random order, sees exactly
+// the frozen source's bytes; a slow seeder only delays touches; a seeder that
+// vanishes ends in a clear error and pages that read as "gone", never zeros.
+import Foundation
+import Testing
+import Synchronization
+import FerryTestSupport
+@testable import FerryMigration
+
+/// A memory source that answers reads slowly once the process is frozen.
+final class SlowSource: MemorySource, @unchecked Sendable {
+    // Invariant: `inner` is thread-safe itself; `delayMicroseconds` is immutable.
+    let inner: TrackedProcess
+    let delayMicroseconds: UInt32
+    init(_ inner: TrackedProcess, delayMicroseconds: UInt32) { self.inner = inner; self.delayMicroseconds = delayMicroseconds }
+    var pid: Int32 { inner.pid }
+    var trackerName: String { inner.trackerName }
+    var regions: [Region] { inner.regions }
+    var unprotectable: [Region] { inner.unprotectable }
+    func startTracking() throws { try inner.startTracking() }
+    func scanDirty() throws -> [AddressRange] { try inner.scanDirty() }
+    func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
+        usleep(delayMicroseconds)
+        return try inner.readPages(ranges, into: buffer)
+    }
+    func refreshLayout() throws -> LayoutChange { try inner.refreshLayout() }
+    func freeze() throws -> Duration { try inner.freeze() }
+    func thaw() throws { try inner.thaw() }
+    func release(then: ThenAction) throws { try inner.release(then: then) }
+}
+
+/// `length` bytes of `pid`'s memory at `address`, read through /proc.
+private func sourceBytes(pid: Int32, at address: UInt64, length: Int) -> [UInt8]? {
+    let fd = open("/proc/\(pid)/mem", O_RDONLY)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes = [UInt8](repeating: 0, count: length)
+    let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(address)) }
+    return n == length ? bytes : nil
+}
+
+/// The page at local address `local`, by plain loads (these fault).
+private func touch(_ local: UInt64) -> [UInt8] {
+    // SAFETY: `local` is a page of the migrated memory, mapped for the test's duration.
+    Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(local))!, count: 4096))
+}
+
+@Suite(.serialized) struct PostCopyTests {
+    /// Migrates a busy workload into live memory; a reader touches `touches`
+    /// random pages as soon as the memory is handed over. Returns what it read.
+    func migrateAndTouch(delayMicroseconds: UInt32, finalizeAt: Double, touches: Int) async throws {
+        let child = try Memwriter(["--mib", "24", "--threads", "2", "--rate", "20000", "--pattern"])
+        defer { child.stop() }
+        let process = try TrackedProcess.attach(pid: child.pid)
+        let seeder = try await LoopbackSeeder(process: SlowSource(process, delayMicroseconds: delayMicroseconds))
+        defer { seeder.close() }
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: finalizeAt, maxWaitSeconds: 10)
+        let sink = try LiveMemorySink()
+        let leecher = Leecher(connect: seeder.connector(), memory: sink, options: options)
+        let running = Task { try await leecher.run() }
+        let memory = try await sink.migratedMemory()
+        let remoteAtHandover = memory.totalPages - memory.installedPages
+        // Right after Finalize: random pages, on a plain thread (touches block it).
+        let seen: [(UInt64, [UInt8])] = await withCheckedContinuation { continuation in
+            Foundation.Thread.detachNewThread {
+                var generator = SystemRandomNumberGenerator()
+                var seen: [(UInt64, [UInt8])] = []
+                let mappings = memory.mappings
+                for _ in 0..<touches {
+                    let mapping = mappings[Int.random(in: 0..<mappings.count, using: &generator)]
+                    let page = mapping.source.start + UInt64.random(in: 0..<mapping.source.pageCount, using: &generator) * 4096
+                    seen.append((page, touch(memory.localAddress(of: page)!)))
+                }
+                continuation.resume(returning: seen)
+            }
+        }
+        let summary = try await running.value
+        #expect(summary.seederSays.contains("stopped"))
+        #expect(remoteAtHandover > 0, "some pages were still remote at the hand-over")
+        var mismatched: [String] = []
+        for (page, bytes) in seen where sourceBytes(pid: child.pid, at: page, length: 4096) != bytes {
+            mismatched.append("0x" + String(page, radix: 16))
+        }
+        #expect(mismatched.isEmpty, "pages differing from the frozen source: \(mismatched.prefix(8))")
+        let stats = memory.statistics
+        #expect(stats.pagesCopied + stats.pagesZeroed == memory.totalPages, "every page installed exactly once: \(stats)")
+        #expect(stats.kernelAlreadyPresent == 0 && stats.pagesPoisoned == 0)
+        #expect(stats.faultCallbacks <= stats.faults)
+        // The whole memory, after the fill, equals the stopped source (Leecher verified checksums too).
+        for mapping in memory.mappings.prefix(6) {
+            let length = Int(min(mapping.source.length, 1 << 20))
+            let local = Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(mapping.local))!, count: length))
+            #expect(sourceBytes(pid: child.pid, at: mapping.source.start, length: length) == local)
+        }
+        memory.unmap()
+    }
+
+    @Test func randomTouchesRightAfterFinalizeSeeTheFrozenSource() async throws {
+        try await migrateAndTouch(delayMicroseconds: 0, finalizeAt: 0, touches: 400)
+    }
+
+    @Test func touchesResolveWithASlowSeederAndAfterPartialPreCopy() async throws {
+        try await migrateAndTouch(delayMicroseconds: 3000, finalizeAt: 0.5, touches: 100)
+    }
+
+    @Test func aVanishedSeederEndsInAClearErrorAndPagesThatCannotBeRead() async throws {
+        let child = try Memwriter(["--mib", "24", "--pattern"])
+        defer { child.stop() }
+        let process = try TrackedProcess.attach(pid: child.pid)
+        let seeder = try await LoopbackSeeder(process: process, then: .resume, grace: .milliseconds(800))
+        defer { seeder.close() }
+        guard case .tcp(_, let seederPort) = seeder.listener.endpoint else { throw TestFailure("no port") }
+        let relay = try Relay(to: "127.0.0.1:\(seederPort)")
+        defer { relay.stop() }
+        let port = relay.port
+        let secret = seeder.secret
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
+        let sink = try LiveMemorySink()
+        // The seeder vanishes the moment Finalize returns: every remote page is lost.
+        let leecher = Leecher(connect: {
+            let transport = try await Transports.connect(to: .tcp(host: "127.0.0.1", port: port))
+            return try await SecureChannel.client(over: transport, credentials: .preSharedSecret(secret))
+        }, memory: sink, options: options) { event in
+            if case .finalized = event { relay.stop(); seeder.close() }
+        }
+        let began = ContinuousClock.now
+        await #expect {
+            _ = try await leecher.run()
+        } throws: { error in
+            "\(error)".contains("seeder")
+        }
+        #expect(ContinuousClock.now - began < .seconds(20), "failed, did not hang")
+        let memory = try await sink.migratedMemory()
+        defer { memory.unmap() }
+        guard case .abandoned(_, let poisoned) = memory.failureReason else {
+            Issue.record("expected post-copy abandoned, got \(String(describing: memory.failureReason))")
+            return
+        }
+        #expect(poisoned > 0)
+        // A missing page now raises SIGBUS; even the kernel cannot read it for us: never zeros.
+        let missing = memory.mappings.first { !memory.isInstalled($0.source.start) }
+        if let missing {
+            #expect(sourceBytes(pid: getpid(), at: missing.local, length: 4096) == nil)
+        }
+    }
+}
