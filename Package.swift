@@ -48,6 +48,9 @@ let package = Package(
         .executableTarget(name: "ferry-bench-wire", dependencies: ["FerryWire"], path: "Tools/bench-wire"),
         // System benchmark: tracker cost, scan time, read throughput, with same-run baselines.
         .executableTarget(name: "ferry-bench-system", dependencies: ["FerrySystem"], path: "Tools/bench-system"),
+        // Post-copy benchmark: first-touch latency and background fill against same-run baselines.
+        .executableTarget(name: "ferry-bench-postcopy", dependencies: ["FerryMigration", "FerryWire", "FerryTestSupport"],
+                          path: "Tools/bench-postcopy"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

@@ -214,6 +214,8 @@ public final class Leecher {
         var stalledSyncs = 0
         var listening = !precopy && live != nil
         var listenerRunning = false
+        var touchesInFlight = 0
+        var touchBatches = Set<UInt64>()
 
         try await withThrowingTaskGroup(of: JobResult.self) { group in
             defer { group.cancelAll() }
@@ -227,9 +229,14 @@ public final class Leecher {
                     events(.finalizing(reason: reason))
                     stopIssuing = true
                 }
-                // Issue reads while there is room.
-                while !stopIssuing, readsInFlight < options.requestsInFlight {
-                    guard let batch = nextBatch(&queue, &cursor) else { break }
+                // Issue reads while there is room (post-copy background fill may be paused: benchmarks).
+                let paused = !precopy && live?.backgroundFillPaused == true
+                // Post-copy into live memory keeps less in flight, and nothing new while a
+                // touched page is on its way: its reply queues behind every reply before it
+                // on the one connection, so the window bounds first-touch latency.
+                let window = listening ? min(options.requestsInFlight, live!.options.postCopyRequestsInFlight) : options.requestsInFlight
+                while !stopIssuing, !paused, touchesInFlight == 0, readsInFlight < window {
+                    guard let batch = nextBatch(&queue, &cursor, limit: listening ? live!.options.postCopyPagesPerRequest : nil) else { break }
                     store.markRequested(batch)
                     readsInFlight += 1
                     let payload = ReadRequest(ranges: batch).encode()
@@ -258,7 +265,7 @@ public final class Leecher {
                         }
                     }
                 }
-                if readsInFlight == 0 && !syncInFlight {
+                if readsInFlight == 0 && !syncInFlight && !(paused && listening) {
                     if stopIssuing { return }
                     if store.pagesToPull == 0 {
                         if !precopy { return }
@@ -285,6 +292,8 @@ public final class Leecher {
                             store.markRequested(batch)
                         }
                         readsInFlight += 1
+                        touchesInFlight += 1
+                        touchBatches.insert(page)
                         let payload = ReadRequest(ranges: batch).encode()
                         group.addTask { [link] in
                             do {
@@ -298,6 +307,7 @@ public final class Leecher {
                     if pages.isEmpty { listening = false }
                 case .read(let batch, let parts):
                     readsInFlight -= 1
+                    if batch.count == 1, batch[0].length == pageSize, touchBatches.remove(batch[0].start) != nil { touchesInFlight -= 1 }
                     if try receive(batch, parts) { needResync = true }
                 case .failed(let batch, let error):
                     readsInFlight -= 1
@@ -326,10 +336,10 @@ public final class Leecher {
     }
 
     /// The next ReadAt batch: pages of the queue that are still wanted, up to the request size.
-    private func nextBatch(_ queue: inout [AddressRange], _ cursor: inout Int) -> [AddressRange]? {
+    private func nextBatch(_ queue: inout [AddressRange], _ cursor: inout Int, limit pagesLimit: Int? = nil) -> [AddressRange]? {
         var batch: [AddressRange] = []
         var pages = 0
-        let limit = min(options.pagesPerRequest, MigrationLimits.maxPagesPerRead)
+        let limit = min(pagesLimit ?? options.pagesPerRequest, MigrationLimits.maxPagesPerRead)
         while cursor < queue.count && pages < limit {
             let range = queue[cursor]
             var page = range.start

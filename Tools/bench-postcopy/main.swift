@@ -1,0 +1,236 @@
+// ferry-bench-postcopy: post-copy into live memory on loopback, next to
+// baselines measured in the same run.
+//
+//   ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N]
+//
+// Figures ("name value unit" lines, then ratios against their targets):
+// - rpc_rtt: a 4 KiB ReadAt round trip, one in flight, over the encrypted
+//   link to a seeder (a second workload process, so the migration measured
+//   below is not disturbed): the small-RPC baseline.
+// - link: ReadAt throughput, 16 x 1 MiB in flight, same link, nothing
+//   installed: the encrypted link baseline for the background fill.
+// - uffdio_copy: plain UFFDIO_COPY of 1 MiB batches into missing-mode memory.
+// - touch_idle / touch_loaded: first touch of a remote page right after
+//   Finalize (fault to data: the load instruction's wall time) with the
+//   background fill paused, then running.
+// - fill: background fill throughput after the hand-over.
+// Targets (issue 5): median touch <= 3x rpc_rtt; fill >= 70 % of link.
+import Foundation
+import Glibc
+import FerryMigration
+import FerryWire
+import FerryTestSupport
+
+var mib = 256
+var touches = 300
+var inFlight = 16
+var pagesPerRequest = 256
+var arguments = CommandLine.arguments.dropFirst()
+while let flag = arguments.popFirst() {
+    switch flag {
+    case "--mib": mib = Int(arguments.popFirst() ?? "") ?? mib
+    case "--touches": touches = Int(arguments.popFirst() ?? "") ?? touches
+    case "--in-flight": inFlight = Int(arguments.popFirst() ?? "") ?? inFlight
+    case "--pages-per-request": pagesPerRequest = Int(arguments.popFirst() ?? "") ?? pagesPerRequest
+    default:
+        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N]")
+        exit(flag == "--help" ? 0 : 2)
+    }
+}
+
+func now() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+func median(_ values: [Double]) -> Double {
+    let sorted = values.sorted()
+    return sorted.isEmpty ? .nan : sorted[sorted.count / 2]
+}
+func percentile(_ values: [Double], _ p: Double) -> Double {
+    let sorted = values.sorted()
+    return sorted.isEmpty ? .nan : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+}
+
+func report(_ name: String, _ value: Double, _ unit: String) {
+    print(name, String(format: "%.3f", value), unit)
+}
+
+/// A seeder on an ephemeral loopback port with a pre-shared secret.
+struct Seeder {
+    let service: SeederService
+    let listener: Listener
+    let secret: PreSharedSecret
+    let accept: Task<Void, Never>
+
+    init(_ source: any MemorySource) async throws {
+        let service = SeederService(source: source, options: SeederOptions(then: .stop, grace: .seconds(3)))
+        let listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
+        let secret = try PreSharedSecret.generate()
+        accept = Task {
+            while let transport = try? await listener.accept() {
+                Task {
+                    guard let channel = try? await SecureChannel.server(over: transport, credentials: .preSharedSecret(secret)) else {
+                        transport.close()
+                        return
+                    }
+                    await service.serve(channel)
+                }
+            }
+        }
+        (self.service, self.listener, self.secret) = (service, listener, secret)
+    }
+
+    var connector: Leecher.Connector {
+        let (endpoint, secret) = (listener.endpoint, secret)
+        return {
+            let transport = try await Transports.connect(to: endpoint)
+            return try await SecureChannel.client(over: transport, credentials: .preSharedSecret(secret))
+        }
+    }
+}
+
+/// Runs `body` on a plain thread (touches block the thread that makes them).
+func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        Foundation.Thread.detachNewThread { continuation.resume(returning: body()) }
+    }
+}
+
+/// Touches `count` random pages not yet installed; the wall time of each load, in seconds.
+func touchRemotePages(_ memory: MigratedMemory, count: Int) -> [Double] {
+    var generator = SystemRandomNumberGenerator()
+    var latencies: [Double] = []
+    let mappings = memory.mappings.filter { $0.source.length >= 1 << 20 }
+    var attempts = 0
+    while latencies.count < count && attempts < count * 50 && !memory.isComplete {
+        attempts += 1
+        let mapping = mappings[Int.random(in: 0..<mappings.count, using: &generator)]
+        let page = mapping.source.start + UInt64.random(in: 0..<mapping.source.pageCount, using: &generator) * 4096
+        guard !memory.isInstalled(page), let local = memory.localAddress(of: page) else { continue }
+        let pointer = UnsafePointer<UInt64>(bitPattern: UInt(local))!
+        let began = now()
+        // SAFETY: a page of the migrated memory; the load is the fault being measured.
+        let value = pointer.pointee
+        latencies.append(now() - began)
+        if value == 0x0123_4567_89AB_CDEF { print("") } // keeps the load
+    }
+    return latencies
+}
+
+func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int) async throws {
+    // Baselines against a second workload process.
+    let baseChild = try Memwriter(["--mib", "\(mib)", "--pattern"])
+    defer { baseChild.stop() }
+    let baseSeeder = try await Seeder(try TrackedProcess.attach(pid: baseChild.pid))
+    let client = RPCClient(transport: try await baseSeeder.connector())
+    let track = try TrackReply.decode(try await client.call(MigrationMethod.track.rawValue, TrackRequest().encode()))
+    guard let big = track.layout.filter({ $0.kind == .migrate }).max(by: { $0.range.length < $1.range.length }) else {
+        throw MigrationError.protocolViolation("the workload has no migratable region")
+    }
+    var rtts: [Double] = []
+    for i in 0..<400 {
+        let page = big.start + UInt64(i % Int(big.range.pageCount)) * 4096
+        let payload = ReadRequest(ranges: [AddressRange(start: page, end: page + 4096)]).encode()
+        let began = now()
+        for try await _ in client.callStreaming(MigrationMethod.readAt.rawValue, payload) {}
+        rtts.append(now() - began)
+    }
+    let rtt = median(rtts)
+    report("rpc_rtt_median", rtt * 1e6, "us")
+    // Link throughput: 16 x 256 pages in flight over the big region, `mib` MiB in all.
+    let batches = max(16, mib * 4)
+    let linkBegan = now()
+    let received: Int = try await withThrowingTaskGroup(of: Int.self) { group in
+        var issued = 0, total = 0
+        func issue() {
+            let offset = UInt64(issued % max(1, Int(big.range.pageCount) / 256)) * 256 * 4096
+            let range = AddressRange(start: big.start + offset, end: min(big.end, big.start + offset + 256 * 4096))
+            let payload = ReadRequest(ranges: [range]).encode()
+            issued += 1
+            group.addTask {
+                var bytes = 0
+                for try await part in client.callStreaming(MigrationMethod.readAt.rawValue, payload) { bytes += part.count }
+                return bytes
+            }
+        }
+        for _ in 0..<16 { issue() }
+        while let bytes = try await group.next() {
+            total += bytes
+            if issued < batches { issue() }
+        }
+        return total
+    }
+    let link = Double(received) / (now() - linkBegan)
+    report("link_encrypted_readat", link / 1e9, "GB/s")
+    _ = try? await client.call(MigrationMethod.abort.rawValue, [])
+    client.close()
+    baseSeeder.listener.close()
+    baseSeeder.accept.cancel()
+
+    // Plain UFFDIO_COPY rate, 1 MiB batches.
+    let copyRegion = AddressRange(start: 0x5f00_0000_0000, end: 0x5f00_0000_0000 + UInt64(mib) << 20)
+    let copyMemory = try MigratedMemory.inOwnProcess(regions: [copyRegion])
+    let source = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    for i in 0..<source.count { source[i] = UInt8(truncatingIfNeeded: i &* 31) }
+    let copyBegan = now()
+    var start = copyRegion.start
+    while start < copyRegion.end {
+        try copyMemory.install(AddressRange(start: start, end: start + (1 << 20)), data: UnsafeRawBufferPointer(source))
+        start += 1 << 20
+    }
+    let copyRate = Double(copyRegion.length) / (now() - copyBegan)
+    report("uffdio_copy", copyRate / 1e9, "GB/s")
+    copyMemory.unmap()
+    source.deallocate()
+
+    // The migration: pure post-copy, background fill paused at the hand-over.
+    let child = try Memwriter(["--mib", "\(mib)", "--threads", "2", "--rate", "20000", "--pattern"])
+    defer { child.stop() }
+    let seeder = try await Seeder(try TrackedProcess.attach(pid: child.pid))
+    var options = LeecherOptions()
+    options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
+    options.requestsInFlight = inFlight
+    options.pagesPerRequest = pagesPerRequest
+    let sink = try LiveMemorySink()
+    sink.pauseBackgroundFill(true)
+    let leecher = Leecher(connect: seeder.connector, memory: sink, options: options)
+    let migration = Task { try await leecher.run() }
+    let memory = try await sink.migratedMemory()
+    let count = touches
+    let idle = await onThread { touchRemotePages(memory, count: count) }
+    report("touch_idle_median", median(idle) * 1e6, "us")
+    report("touch_idle_p99", percentile(idle, 0.99) * 1e6, "us")
+    let pagesBefore = memory.installedPages
+    let fillBegan = now()
+    sink.pauseBackgroundFill(false)
+    let loaded = await onThread { touchRemotePages(memory, count: count) }
+    while !memory.isComplete { usleep(200) }
+    let fillSeconds = now() - fillBegan
+    let fill = Double(memory.installedPages - pagesBefore) * 4096 / fillSeconds
+    let summary = try await migration.value
+    report("touch_loaded_median", median(loaded) * 1e6, "us")
+    report("touch_loaded_p99", percentile(loaded, 0.99) * 1e6, "us")
+    report("touch_loaded_samples", Double(loaded.count), "touches")
+    report("fill", fill / 1e9, "GB/s")
+    report("migration_total", summary.seconds, "s")
+    print("")
+    print(String(format: "ratio touch_idle_median / rpc_rtt   = %.2f (target <= 3)", median(idle) / rtt))
+    print(String(format: "ratio touch_loaded_median / rpc_rtt = %.2f (target <= 3)", median(loaded) / rtt))
+    print(String(format: "ratio fill / link_encrypted_readat  = %.2f (target >= 0.70)", fill / link))
+    print(String(format: "ratio fill / uffdio_copy            = %.2f", fill / copyRate))
+    let stats = memory.statistics
+    print("installs: \(stats.pagesCopied) copied, \(stats.pagesZeroed) zero, \(stats.installCalls) ioctls, "
+          + "\(stats.pagesAlreadyInstalled) offered twice and skipped, \(stats.faultCallbacks) touched pages fetched first")
+    memory.unmap()
+    seeder.listener.close()
+    seeder.accept.cancel()
+}
+
+do {
+    try await run(mib: mib, touches: touches, inFlight: inFlight, pagesPerRequest: pagesPerRequest)
+} catch {
+    FileHandle.standardError.write("ferry-bench-postcopy: \(error)\n".data(using: .utf8)!)
+    exit(1)
+}
