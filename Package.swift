@@ -51,6 +51,9 @@ let package = Package(
         // Post-copy benchmark: first-touch latency and background fill against same-run baselines.
         .executableTarget(name: "ferry-bench-postcopy", dependencies: ["FerryMigration", "FerryWire", "FerryTestSupport"],
                           path: "Tools/bench-postcopy"),
+        // Post-copy demonstration: a key-value server and the destination that queries it right after Finalize.
+        .executableTarget(name: "kvstore", path: "Tools/kvstore"),
+        .executableTarget(name: "kvstore-migrate", dependencies: ["FerryMigration", "FerryWire"], path: "Tools/kvstore-migrate"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),
