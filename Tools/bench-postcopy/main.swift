@@ -1,7 +1,7 @@
 // ferry-bench-postcopy: post-copy into live memory on loopback, next to
 // baselines measured in the same run.
 //
-//   ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N]
+//   ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N]
 //
 // Figures ("name value unit" lines, then ratios against their targets):
 // - rpc_rtt: a 4 KiB ReadAt round trip, one in flight, over the encrypted
@@ -24,16 +24,20 @@ import FerryTestSupport
 var mib = 256
 var touches = 300
 var inFlight = 16
+var window = LiveMemoryOptions().postCopyRequestsInFlight
+var windowPages = LiveMemoryOptions().postCopyPagesPerRequest
 var pagesPerRequest = 256
 var arguments = CommandLine.arguments.dropFirst()
 while let flag = arguments.popFirst() {
     switch flag {
     case "--mib": mib = Int(arguments.popFirst() ?? "") ?? mib
     case "--touches": touches = Int(arguments.popFirst() ?? "") ?? touches
+    case "--window": window = Int(arguments.popFirst() ?? "") ?? window
+    case "--window-pages": windowPages = Int(arguments.popFirst() ?? "") ?? windowPages
     case "--in-flight": inFlight = Int(arguments.popFirst() ?? "") ?? inFlight
     case "--pages-per-request": pagesPerRequest = Int(arguments.popFirst() ?? "") ?? pagesPerRequest
     default:
-        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N]")
+        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N]")
         exit(flag == "--help" ? 0 : 2)
     }
 }
@@ -119,7 +123,7 @@ func touchRemotePages(_ memory: MigratedMemory, count: Int) -> [Double] {
     return latencies
 }
 
-func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int) async throws {
+func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: Int, windowPages: Int) async throws {
     // Baselines against a second workload process.
     let baseChild = try Memwriter(["--mib", "\(mib)", "--pattern"])
     defer { baseChild.stop() }
@@ -193,8 +197,12 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int) async thro
     options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
     options.requestsInFlight = inFlight
     options.pagesPerRequest = pagesPerRequest
-    let sink = try LiveMemorySink()
+    var liveOptions = LiveMemoryOptions()
+    liveOptions.postCopyRequestsInFlight = window
+    liveOptions.postCopyPagesPerRequest = windowPages
+    let sink = try LiveMemorySink(options: liveOptions)
     sink.pauseBackgroundFill(true)
+    print("post-copy window: \(window) x \(windowPages) pages")
     let leecher = Leecher(connect: seeder.connector, memory: sink, options: options)
     let migration = Task { try await leecher.run() }
     let memory = try await sink.migratedMemory()
@@ -229,7 +237,7 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int) async thro
 }
 
 do {
-    try await run(mib: mib, touches: touches, inFlight: inFlight, pagesPerRequest: pagesPerRequest)
+    try await run(mib: mib, touches: touches, inFlight: inFlight, pagesPerRequest: pagesPerRequest, window: window, windowPages: windowPages)
 } catch {
     FileHandle.standardError.write("ferry-bench-postcopy: \(error)\n".data(using: .utf8)!)
     exit(1)
