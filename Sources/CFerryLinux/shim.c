@@ -63,6 +63,8 @@ uint64_t ferry_pm_scan_check_wpasync(void) { return PM_SCAN_CHECK_WPASYNC; }
 int ferry_userfaultfd(int flags) { return (int)syscall(__NR_userfaultfd, flags); }
 long ferry_syscall_number_userfaultfd(void) { return __NR_userfaultfd; }
 long ferry_syscall_number_close(void) { return __NR_close; }
+long ferry_syscall_number_mmap(void) { return __NR_mmap; }
+long ferry_syscall_number_munmap(void) { return __NR_munmap; }
 
 #ifndef __NR_pidfd_open
 #define __NR_pidfd_open 434

@@ -116,6 +116,8 @@ uint64_t ferry_pm_scan_check_wpasync(void);
 int ferry_userfaultfd(int flags);
 long ferry_syscall_number_userfaultfd(void);
 long ferry_syscall_number_close(void);
+long ferry_syscall_number_mmap(void);
+long ferry_syscall_number_munmap(void);
 int ferry_pidfd_open(pid_t pid, unsigned int flags);
 int ferry_pidfd_getfd(int pidfd, int targetfd, unsigned int flags);
 ssize_t ferry_process_vm_readv(pid_t pid, const struct iovec *local, unsigned long liovcnt,

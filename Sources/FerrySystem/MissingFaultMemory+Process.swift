@@ -1,0 +1,90 @@
+// Post-copy memory owned by another process on this host: the regions are
+// mapped inside it and filled from here, so a restored program owns its
+// memory while post-copy fills it.
+//
+// How: freeze the target (Freezer), make one of its threads execute
+// userfaultfd(O_CLOEXEC|O_NONBLOCK) and one mmap per region (RemoteSyscall,
+// the technique TrackedProcess.attach uses), copy the descriptor to us with
+// pidfd_getfd, make it close its copy, thaw. A userfaultfd acts on the mm of
+// the process that created it, so registering, UFFDIO_COPY (from a buffer
+// in *our* memory) and the fault messages all work from here while the
+// target runs; its threads block on missing pages exactly as ours would.
+// Kernel and capability: as TrackedProcess (ptrace rights over the target,
+// pidfd_getfd 5.6+), plus MissingFaultMemory's.
+#if canImport(Glibc)
+import Glibc
+#endif
+internal import CFerryLinux
+
+extension MissingFaultMemory {
+    /// Maps `regions` (page aligned, disjoint) as empty private anonymous
+    /// memory inside process `pid`, each at its source address when free
+    /// there and elsewhere otherwise, and registers them for missing faults
+    /// with a userfaultfd created inside it. The target runs on meanwhile
+    /// (frozen only for the remote calls); its touches of missing pages block
+    /// until installed from here. The mappings stay the target's: `unmap()`
+    /// only ends post-copy.
+    public static func inProcess(pid: Int32, regions: [AddressRange],
+                                 faultTimeout: Duration = .seconds(30)) throws -> MissingFaultMemory {
+        let ptrace = try PtraceThread()
+        defer { ptrace.stop() }
+        var mappings: [Mapping] = []
+        let fd: Int32
+        do {
+            fd = try ptrace.run { () throws -> Int32 in
+                let frozen = try Freezer.freeze(pid: pid)
+                defer { try? Freezer.thaw(frozen) }
+                let remote = try RemoteSyscall(frozen: frozen)
+                let mmapNumber = Int(ferry_syscall_number_mmap())
+                let protection = UInt64(PROT_READ | PROT_WRITE)
+                let flags = UInt64(MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+                for region in regions where region.length > 0 {
+                    var result = try remote.call(mmapNumber, region.start, region.length, protection,
+                                                 flags | UInt64(mapFixedNoReplace), UInt64(bitPattern: -1), 0)
+                    if result >= 0 && UInt64(result) != region.start {
+                        // A kernel that took the address as a hint: give it back, place anywhere.
+                        _ = try remote.call(Int(ferry_syscall_number_munmap()), UInt64(result), region.length)
+                        result = -Int(EEXIST)
+                    }
+                    if result < 0 {
+                        result = try remote.call(mmapNumber, 0, region.length, protection, flags, UInt64(bitPattern: -1), 0)
+                    }
+                    if result < 0 && result > -4096 {
+                        throw SystemError(operation: "mmap \(region.length) bytes by remote system call", target: "pid \(pid) for region \(region)",
+                                          errno: Int32(-result), hint: "the target lacks address space or memory for the migrated regions")
+                    }
+                    mappings.append(Mapping(source: region, local: UInt64(bitPattern: Int64(result))))
+                }
+                let created = try remote.call(Int(ferry_syscall_number_userfaultfd()), UInt64(O_CLOEXEC | O_NONBLOCK))
+                if created < 0 {
+                    throw SystemError(operation: "userfaultfd by remote system call", target: "pid \(pid)", errno: Int32(-created),
+                                      hint: "needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1")
+                }
+                let remoteFD = Int32(created)
+                defer { _ = try? remote.call(Int(ferry_syscall_number_close()), UInt64(remoteFD)) }
+                let pidfd = ferry_pidfd_open(pid, 0)
+                if pidfd < 0 { throw SystemError(operation: "pidfd_open", target: "pid \(pid)", errno: errno) }
+                defer { close(pidfd) }
+                let local = ferry_pidfd_getfd(pidfd, remoteFD, 0)
+                if local < 0 {
+                    throw SystemError(operation: "pidfd_getfd", target: "pid \(pid)", errno: errno,
+                                      hint: "needs ptrace rights over the target (root or CAP_SYS_PTRACE)")
+                }
+                return local
+            }
+        } catch let error as FreezeError {
+            throw SystemError(operation: "freezing for the remote system calls", target: "pid \(pid)",
+                              errno: { if case .system(let s) = error { return s.errno }; return ESRCH }(),
+                              hint: "\(error)")
+        } catch let error as RemoteSyscallError {
+            throw SystemError(operation: "remote system call", target: "pid \(pid)", errno: ESRCH, hint: "\(error)")
+        }
+        let uffd = Userfaultfd(adopting: fd, target: "pid \(pid)")
+        _ = try uffd.enable([])
+        for mapping in mappings {
+            try uffd.registerMissing(AddressRange(start: mapping.local, end: mapping.local + mapping.source.length))
+        }
+        return try MissingFaultMemory(uffd: uffd, mappings: mappings, owner: "pid \(pid)", faultTimeout: faultTimeout,
+                                      unmapper: { _ in })
+    }
+}
