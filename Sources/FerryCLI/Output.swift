@@ -134,3 +134,11 @@ public func parseSeconds(_ text: String, option: String) throws -> Duration {
     }
     return .milliseconds(Int64(value * 1000))
 }
+
+/// Keeps glibc from handing every freed 1 MiB frame buffer back to the kernel
+/// and faulting it in again for the next frame: that cost up to a third of
+/// the encrypted throughput under load (docs/benchmarks-wire.md).
+public func tuneAllocatorForBulkFrames() {
+    _ = mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    _ = mallopt(M_TRIM_THRESHOLD, 256 << 20)
+}

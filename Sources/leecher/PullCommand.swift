@@ -68,6 +68,7 @@ struct PullCommand: AsyncParsableCommand {
     func run() async throws {
         let reporter = Reporter(command: "leecher", json: output.json)
         try await runReporting(reporter) {
+            tuneAllocatorForBulkFrames()
             var options = LeecherOptions()
             options.policy = FinalizePolicy(cleanShare: try FinalizePolicy.parsePercent(finalizeAt),
                                             maxDowntimeMilliseconds: maxDowntime, maxWaitSeconds: maxWait)

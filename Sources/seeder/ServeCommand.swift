@@ -47,6 +47,7 @@ struct ServeCommand: AsyncParsableCommand {
     func run() async throws {
         let reporter = Reporter(command: "seeder", json: output.json)
         try await runReporting(reporter) {
+            tuneAllocatorForBulkFrames()
             guard let thenAction = ThenAction(rawValue: then) else {
                 throw ValidationError("--then takes stop, kill or resume; got '\(then)'")
             }
