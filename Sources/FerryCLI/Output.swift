@@ -139,6 +139,5 @@ public func parseSeconds(_ text: String, option: String) throws -> Duration {
 /// and faulting it in again for the next frame: that cost up to a third of
 /// the encrypted throughput under load (docs/benchmarks-wire.md).
 public func tuneAllocatorForBulkFrames() {
-    _ = mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    _ = mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    FerrySystem.tuneAllocatorForBulkBuffers()
 }
