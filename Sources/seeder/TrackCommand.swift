@@ -57,12 +57,14 @@ struct TrackCommand: ParsableCommand {
     }
 
     private func track() throws {
-        let process = try TrackedProcess.attach(pid: pid, tracker: tracker)
-        var detached = false
-        defer { if !detached { try? process.detach() } }
+        // Before attaching: Ctrl-C while the process is frozen for the
+        // remote syscall must not kill us half-way; the loop sees the flag.
         for signal in [SIGINT, SIGTERM] {
             _ = Glibc.signal(signal) { _ in interrupted.store(true, ordering: .relaxed) }
         }
+        let process = try TrackedProcess.attach(pid: pid, tracker: tracker)
+        var detached = false
+        defer { if !detached { try? process.detach() } }
 
         try process.startTracking()
         let output = Output(json: json)

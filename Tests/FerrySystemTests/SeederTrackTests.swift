@@ -50,6 +50,16 @@ import Glibc
         #expect(out.contains("detached from pid \(writer.pid) after"))
     }
 
+    @Test func processExitingDuringTrackingFails() throws {
+        let writer = try Memwriter(["--mib", "2", "--rate", "1000"])
+        defer { writer.stop() }
+        let script = "(sleep 0.6; kill -9 \(writer.pid)) & exec '\(seeder)' track \(writer.pid) --seconds 5 --interval 100"
+        let (status, _, err) = try runTool("/bin/sh", ["-c", script])
+        #expect(status == 1)
+        #expect(err.hasPrefix("seeder: "), "\(err)")
+        #expect(err.contains("pid \(writer.pid)") && err.contains("exited"), "\(err)")
+    }
+
     @Test func errorsArePrefixedAndFail() throws {
         let (status, out, err) = try runTool(seeder, ["track", "2147483647", "--seconds", "1"])
         #expect(status == 1)
