@@ -1,4 +1,5 @@
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 

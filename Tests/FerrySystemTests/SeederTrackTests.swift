@@ -2,6 +2,7 @@
 // a real memwriter child. Needs the seeder product built (swift build
 // --build-tests builds every product).
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 

@@ -6,6 +6,7 @@
 // source is below), whose commands write memory in ways the tests can
 // predict. `TestProcess(executable:arguments:)` starts anything else.
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 

@@ -1,6 +1,7 @@
 // Write tracking on a live child: every written page is reported, pages never
 // written are not, reads re-arm, races lose nothing, layout changes count dirty.
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 
