@@ -8,18 +8,17 @@ import Testing
 import FerryTestSupport
 @testable import FerryMigration
 
-/// A seeder service on an ephemeral loopback port, for one test.
-final class LoopbackSeeder: Sendable {
-    let service: SeederService
+/// An authenticated loopback server on an ephemeral port, for one test:
+/// every connection is taken through the secure channel, then to `serve`.
+final class LoopbackServer: Sendable {
     let listener: Listener
     let secret: PreSharedSecret
     let acceptTask: Task<Void, Never>
 
-    init(process: TrackedProcess, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
-        service = SeederService(source: process, options: SeederOptions(then: then, grace: grace))
+    init(secret: PreSharedSecret, serve: @escaping @Sendable (FrameTransport) async -> Void) async throws {
         listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
-        secret = try PreSharedSecret.generate()
-        let (listener, secret, service) = (listener, secret, service)
+        self.secret = secret
+        let listener = listener
         acceptTask = Task {
             while let transport = try? await listener.accept() {
                 Task {
@@ -28,7 +27,7 @@ final class LoopbackSeeder: Sendable {
                         transport.close()
                         return
                     }
-                    await service.serve(channel)
+                    await serve(channel)
                 }
             }
         }
@@ -46,6 +45,23 @@ final class LoopbackSeeder: Sendable {
         listener.close()
         acceptTask.cancel()
     }
+}
+
+/// A seeder service on an ephemeral loopback port, for one test.
+final class LoopbackSeeder: Sendable {
+    let service: SeederService
+    let server: LoopbackServer
+    var listener: Listener { server.listener }
+    var secret: PreSharedSecret { server.secret }
+
+    init(process: TrackedProcess, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
+        let service = SeederService(source: process, options: SeederOptions(then: then, grace: grace))
+        self.service = service
+        server = try await LoopbackServer(secret: try PreSharedSecret.generate()) { await service.serve($0) }
+    }
+
+    func connector() -> Leecher.Connector { server.connector() }
+    func close() { server.close() }
 }
 
 func scratchDirectory(_ name: String) -> String {
