@@ -20,7 +20,7 @@ public enum JSONField: Sendable {
     case double(Double)
     case bool(Bool)
 
-    var encoded: String {
+    public var encoded: String {
         switch self {
         case .string(let s): return Self.quote(s)
         case .int(let i): return String(i)
@@ -29,7 +29,7 @@ public enum JSONField: Sendable {
         }
     }
 
-    static func quote(_ s: String) -> String {
+    public static func quote(_ s: String) -> String {
         var out = "\""
         for scalar in s.unicodeScalars {
             switch scalar {
