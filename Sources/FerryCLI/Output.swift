@@ -17,6 +17,7 @@ public struct OutputOptions: ParsableArguments {
 public enum JSONField: Sendable {
     case string(String)
     case int(Int64)
+    case uint(UInt64)
     case double(Double)
     case bool(Bool)
 
@@ -24,6 +25,7 @@ public enum JSONField: Sendable {
         switch self {
         case .string(let s): return Self.quote(s)
         case .int(let i): return String(i)
+        case .uint(let u): return String(u)
         case .double(let d): return d.isFinite ? String(format: "%.3f", d) : "null"
         case .bool(let b): return b ? "true" : "false"
         }

@@ -164,13 +164,13 @@ private struct Output {
         if json {
             emit(["event": .string("attached"), "pid": .int(Int64(pid)), "tracker": .string(tracker.rawValue)])
             for region in regions {
-                emit(["event": .string("region"), "start": .int(Int64(region.start)), "end": .int(Int64(region.end)),
-                      "permissions": .string(region.permissions), "offset": .int(Int64(region.offset)),
+                emit(["event": .string("region"), "start": .uint(UInt64(region.start)), "end": .uint(UInt64(region.end)),
+                      "permissions": .string(region.permissions), "offset": .uint(UInt64(region.offset)),
                       "name": .string(region.name), "kind": .string(region.kind.rawValue),
                       "unprotectable": .bool(unprotectable.contains(region))])
             }
-            emit(["event": .string("tracking"), "migratePages": .int(Int64(pages(regions, .migrate))),
-                  "unprotectablePages": .int(Int64(unprotectable.reduce(0) { $0 + $1.range.pageCount }))])
+            emit(["event": .string("tracking"), "migratePages": .uint(UInt64(pages(regions, .migrate))),
+                  "unprotectablePages": .uint(UInt64(unprotectable.reduce(0) { $0 + $1.range.pageCount }))])
             return
         }
         writeLine("pid \(pid): tracker \(tracker.rawValue) (\(describe(tracker)))")
@@ -206,7 +206,7 @@ private struct Output {
     func detached(pid: Int32, elapsed: Duration, total: Bucket, interrupted: Bool) {
         if json {
             emit(["event": .string("detached"), "pid": .int(Int64(pid)), "elapsed": .double(secondsOf(elapsed)),
-                  "dirtyPages": .int(Int64(total.pages)), "scans": .int(Int64(total.scans)), "interrupted": .bool(interrupted)])
+                  "dirtyPages": .uint(UInt64(total.pages)), "scans": .uint(UInt64(total.scans)), "interrupted": .bool(interrupted)])
             return
         }
         writeLine("detached from pid \(pid) after \(fixed(secondsOf(elapsed), 1)) s\(interrupted ? " (interrupted)" : ""): \(total.pages) dirty pages in \(total.scans) scans")
