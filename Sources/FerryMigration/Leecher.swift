@@ -11,8 +11,9 @@ public struct LeecherOptions: Sendable {
     /// ReadAt requests in flight. 16 x 1 MiB keeps a loopback link and both
     /// cores busy without holding much memory.
     public var requestsInFlight = 16
-    /// Pages per ReadAt (at most `MigrationLimits.maxPagesPerRead`).
-    public var pagesPerRequest = 256
+    /// Pages per ReadAt (at most `MigrationLimits.maxPagesPerRead`); nil
+    /// adapts the size to the link (`BatchSizer`).
+    public var pagesPerRequest: Int? = nil
     /// How often pre-copy asks for the dirty set.
     public var syncInterval: Duration = .milliseconds(200)
     /// Compare every region with the frozen source's checksum before Complete.
@@ -74,6 +75,7 @@ public final class Leecher {
     private var downtime: Double = 0
     private var lastProgress = ContinuousClock.now
     private var rate = ByteRate()
+    private var sizer = BatchSizer()
 
     /// `migration` names the migration wanted from a hub; empty for a seeder.
     public init(connect: @escaping Connector, sink: ImageWriter, options: LeecherOptions = .init(),
@@ -155,7 +157,7 @@ public final class Leecher {
     // MARK: - Pulling
 
     private enum JobResult: Sendable {
-        case read([AddressRange], [[UInt8]])
+        case read([AddressRange], [[UInt8]], Duration)
         case sync([[UInt8]])
         case failed([AddressRange], any Error)
         case syncFailed(any Error)
@@ -189,7 +191,9 @@ public final class Leecher {
                     let payload = ReadRequest(ranges: batch).encode()
                     group.addTask { [link] in
                         do {
-                            return .read(batch, try await link.callParts(.readAt, payload))
+                            let began = ContinuousClock.now
+                            let parts = try await link.callParts(.readAt, payload)
+                            return .read(batch, parts, ContinuousClock.now - began)
                         } catch {
                             return .failed(batch, error)
                         }
@@ -228,8 +232,9 @@ public final class Leecher {
                 }
                 guard let result = try await group.next() else { continue }
                 switch result {
-                case .read(let batch, let parts):
+                case .read(let batch, let parts, let took):
                     readsInFlight -= 1
+                    sizer.observe(pages: batch.reduce(0) { $0 + Int($1.pageCount) }, took: took)
                     if try receive(batch, parts) { needResync = true }
                 case .failed(let batch, let error):
                     readsInFlight -= 1
@@ -261,7 +266,7 @@ public final class Leecher {
     private func nextBatch(_ queue: inout [AddressRange], _ cursor: inout Int) -> [AddressRange]? {
         var batch: [AddressRange] = []
         var pages = 0
-        let limit = min(options.pagesPerRequest, MigrationLimits.maxPagesPerRead)
+        let limit = min(options.pagesPerRequest ?? sizer.pages, MigrationLimits.maxPagesPerRead)
         while cursor < queue.count && pages < limit {
             let range = queue[cursor]
             var page = range.start
@@ -389,6 +394,27 @@ public final class Leecher {
 
 func seconds(_ duration: Duration) -> Double {
     Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+}
+
+/// Sizes ReadAt requests to the link: big enough that the per-request cost
+/// (a round trip's share, a system call, a frame) is small, small enough that
+/// many stay in flight and a lost one is cheap to ask again. Doubles while
+/// full requests come back fast, halves when they are slow.
+struct BatchSizer {
+    private(set) var pages = 64
+    /// A full request answered faster than this grows the next ones.
+    static let fast: Duration = .milliseconds(8)
+    /// One answered slower than this shrinks them.
+    static let slow: Duration = .milliseconds(60)
+    static let smallest = 16
+
+    mutating func observe(pages asked: Int, took: Duration) {
+        if took < Self.fast && asked >= pages {
+            pages = min(pages * 2, MigrationLimits.maxPagesPerRead)
+        } else if took > Self.slow {
+            pages = max(pages / 2, Self.smallest)
+        }
+    }
 }
 
 /// Bytes per second over the last two seconds.

@@ -46,8 +46,8 @@ struct PullCommand: AsyncParsableCommand {
     @Option(name: .long, help: "ReadAt requests in flight.")
     var inFlight = 16
 
-    @Option(name: .long, help: "Pages per ReadAt request (1 to 1024).")
-    var batchPages = 256
+    @Option(name: .long, help: "Pages per ReadAt request (1 to 1024); by default it adapts to the link.")
+    var batchPages: Int?
 
     @Flag(name: .long, help: "Skip comparing the image with the frozen source's checksums.")
     var noVerify = false
@@ -59,7 +59,7 @@ struct PullCommand: AsyncParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
-        guard (1...1024).contains(batchPages) else { throw ValidationError("--batch-pages takes 1 to 1024") }
+        if let batchPages, !(1...1024).contains(batchPages) { throw ValidationError("--batch-pages takes 1 to 1024") }
         guard (1...1024).contains(inFlight) else { throw ValidationError("--in-flight takes 1 to 1024") }
         if let maxDowntime, maxDowntime < 0 { throw ValidationError("--max-downtime cannot be negative") }
         if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }

@@ -85,7 +85,18 @@ func scratchDirectory(_ name: String) -> String {
         let out = scratchDirectory(name)
         defer { try? FileManager.default.removeItem(atPath: out) }
         var options = LeecherOptions()
-        options.heuristic = try HeuristicName.make(heuristic)
+        if heuristic == "profile" {
+            // A recorded access order: the main region's last pages first, backwards.
+            let main = try #require(child.regions["main"])
+            let lines = stride(from: main.end - pageSize, to: main.end - 256 * pageSize, by: -Int(pageSize))
+                .map { "0x" + String($0, radix: 16) }
+            let path = out + ".profile"
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            try (["# recorded by a test"] + lines).joined(separator: "\n").write(toFile: path, atomically: true, encoding: .utf8)
+            options.heuristic = try HeuristicName.make("profile:" + path)
+        } else {
+            options.heuristic = try HeuristicName.make(heuristic)
+        }
         options.policy = FinalizePolicy(cleanShare: finalizeAt, maxWaitSeconds: 10)
         let leecher = Leecher(connect: seeder.connector(), sink: try ImageWriter(directory: out), options: options)
         let summary = try await leecher.run()
@@ -101,7 +112,7 @@ func scratchDirectory(_ name: String) -> String {
         try await migrate(tracker: tracker, name: "load-\(tracker.rawValue)")
     }
 
-    @Test(arguments: ["stack-heap-first", "cold-first"])
+    @Test(arguments: ["stack-heap-first", "cold-first", "profile"])
     func everyHeuristicProducesTheSameImage(heuristic: String) async throws {
         try await migrate(tracker: nil, heuristic: heuristic, name: "heuristic-\(heuristic)")
     }

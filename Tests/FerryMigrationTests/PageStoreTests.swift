@@ -145,3 +145,19 @@ private func pages(_ start: UInt64, _ count: UInt64) -> AddressRange {
         #expect(deadline.reason(progress(0.5, elapsed: 6)) != nil)
     }
 }
+
+@Suite struct BatchSizerTests {
+    @Test func growsOnFastFullRepliesAndShrinksOnSlowOnes() {
+        var sizer = BatchSizer()
+        let start = sizer.pages
+        sizer.observe(pages: start, took: .milliseconds(1))
+        #expect(sizer.pages == start * 2)
+        // A short request (the end of a range) says nothing about the link.
+        sizer.observe(pages: 3, took: .milliseconds(1))
+        #expect(sizer.pages == start * 2)
+        for _ in 0..<20 { sizer.observe(pages: sizer.pages, took: .microseconds(500)) }
+        #expect(sizer.pages == MigrationLimits.maxPagesPerRead)
+        for _ in 0..<20 { sizer.observe(pages: sizer.pages, took: .milliseconds(500)) }
+        #expect(sizer.pages == BatchSizer.smallest)
+    }
+}
