@@ -396,24 +396,48 @@ func seconds(_ duration: Duration) -> Double {
     Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
 }
 
-/// Sizes ReadAt requests to the link: big enough that the per-request cost
-/// (a round trip's share, a system call, a frame) is small, small enough that
-/// many stay in flight and a lost one is cheap to ask again. Doubles while
-/// full requests come back fast, halves when they are slow.
+/// Sizes ReadAt requests to the link by climbing towards the best measured
+/// throughput: each window of replies is timed, and the size keeps moving
+/// (doubling or halving) while throughput improves, and turns back when it
+/// drops. Latency alone cannot guide it: with many requests in flight a
+/// reply's latency is mostly queueing behind the others.
 struct BatchSizer {
-    private(set) var pages = 64
-    /// A full request answered faster than this grows the next ones.
-    static let fast: Duration = .milliseconds(8)
-    /// One answered slower than this shrinks them.
-    static let slow: Duration = .milliseconds(60)
-    static let smallest = 16
+    private(set) var pages = 256
+    static let smallest = 32
+    /// Replies per measurement window.
+    static let window = 24
 
-    mutating func observe(pages asked: Int, took: Duration) {
-        if took < Self.fast && asked >= pages {
-            pages = min(pages * 2, MigrationLimits.maxPagesPerRead)
-        } else if took > Self.slow {
-            pages = max(pages / 2, Self.smallest)
+    private var growing = true
+    private var bytes = 0
+    private var replies = 0
+    private var windowStart: ContinuousClock.Instant? = nil
+    private var lastRate: Double = 0
+
+    mutating func observe(pages asked: Int, took: Duration, now: ContinuousClock.Instant = .now) {
+        if windowStart == nil { windowStart = now - took }
+        bytes += asked * Int(pageSize)
+        replies += 1
+        guard replies >= Self.window, let start = windowStart, now > start else { return }
+        let rate = Double(bytes) / seconds(now - start)
+        let worse = lastRate > 0 && rate < lastRate * 0.95
+        let better = rate > lastRate * 1.05
+        if worse { growing.toggle() }
+        if worse || better {
+            var next = growing ? pages * 2 : pages / 2
+            // At a bound, bounce back the other way.
+            if next > MigrationLimits.maxPagesPerRead {
+                next = pages / 2
+                growing = false
+            } else if next < Self.smallest {
+                next = pages * 2
+                growing = true
+            }
+            pages = next
         }
+        lastRate = rate
+        bytes = 0
+        replies = 0
+        windowStart = now
     }
 }
 

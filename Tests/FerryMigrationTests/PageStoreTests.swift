@@ -147,17 +147,26 @@ private func pages(_ start: UInt64, _ count: UInt64) -> AddressRange {
 }
 
 @Suite struct BatchSizerTests {
-    @Test func growsOnFastFullRepliesAndShrinksOnSlowOnes() {
+    /// A link whose throughput peaks at 512 pages a request.
+    static func simulatedSeconds(_ pages: Int) -> Double {
+        let bytes = Double(pages * 4096)
+        let rate = pages <= 512 ? 1e9 * Double(pages) / 512 : 1e9 * 512 / Double(pages)
+        return bytes / rate
+    }
+
+    @Test func climbsToTheBestSizeAndStaysNearIt() {
         var sizer = BatchSizer()
-        let start = sizer.pages
-        sizer.observe(pages: start, took: .milliseconds(1))
-        #expect(sizer.pages == start * 2)
-        // A short request (the end of a range) says nothing about the link.
-        sizer.observe(pages: 3, took: .milliseconds(1))
-        #expect(sizer.pages == start * 2)
-        for _ in 0..<20 { sizer.observe(pages: sizer.pages, took: .microseconds(500)) }
-        #expect(sizer.pages == MigrationLimits.maxPagesPerRead)
-        for _ in 0..<20 { sizer.observe(pages: sizer.pages, took: .milliseconds(500)) }
-        #expect(sizer.pages == BatchSizer.smallest)
+        var now = ContinuousClock.now
+        var seen: [Int] = []
+        for _ in 0..<(BatchSizer.window * 30) {
+            let took = Duration.microseconds(Int64(Self.simulatedSeconds(sizer.pages) * 1e6))
+            now += took
+            sizer.observe(pages: sizer.pages, took: took, now: now)
+            seen.append(sizer.pages)
+        }
+        // After settling it moves between the peak and its neighbours.
+        let late = seen.suffix(BatchSizer.window * 10)
+        #expect(late.allSatisfy { (256...1024).contains($0) }, "\(Set(late).sorted())")
+        #expect(late.contains(512))
     }
 }
