@@ -57,9 +57,13 @@ public final class Reporter: @unchecked Sendable {
     private let terminal = isatty(STDERR_FILENO) == 1
     private var progressShown = false
 
-    public init(command: String, json: Bool) {
+    /// Where events go: stdout, or stderr when stdout carries the protocol (`--stdio`).
+    private let events: FileHandle
+
+    public init(command: String, json: Bool, eventsToStandardError: Bool = false) {
         self.command = command
         self.json = json
+        events = eventsToStandardError ? .standardError : .standardOutput
     }
 
     /// One event: a JSON line, or `text` for people (nothing if nil).
@@ -71,9 +75,9 @@ public final class Reporter: @unchecked Sendable {
             var line = "{\"event\":\(JSONField.quote(name))"
             for (key, value) in fields { line += ",\(JSONField.quote(key)):\(value.encoded)" }
             line += "}\n"
-            FileHandle.standardOutput.write(Data(line.utf8))
+            events.write(Data(line.utf8))
         } else if let text {
-            FileHandle.standardOutput.write(Data((text + "\n").utf8))
+            events.write(Data((text + "\n").utf8))
         }
     }
 

@@ -22,7 +22,9 @@ struct PullCommand: AsyncParsableCommand {
             Exit status: 0 only when the image is complete and verified.
             """)
 
-    @Argument(help: ArgumentHelp("The seeder (or hub): HOST:PORT, [IPv6]:PORT or unix:PATH.", valueName: "ADDRESS"))
+    @Argument(help: ArgumentHelp(
+        "The seeder (or hub): HOST:PORT, [IPv6]:PORT, unix:PATH, or exec:COMMAND to speak to a command's stdin/stdout (exec:ssh src seeder serve --stdio PID).",
+        valueName: "ADDRESS"))
     var address: String
 
     @Option(name: .long, help: ArgumentHelp("Finalize when this share of pages is held clean (0% = pure post-copy).", valueName: "PCT"))
@@ -77,11 +79,17 @@ struct PullCommand: AsyncParsableCommand {
             options.pagesPerRequest = batchPages
             options.verify = !noVerify
             options.abortAtEnd = dryRun
-            let endpoint = try Endpoint(parsing: address)
+            let command = CommandTransport.command(in: address)
+            let endpoint = command == nil ? try Endpoint(parsing: address) : nil
             let credentials = try auth.credentials(createDefault: false)
             let sink = try ImageWriter(directory: out)
             let leecher = Leecher(connect: {
-                let transport = try await Transports.connect(to: endpoint)
+                let transport: FrameTransport
+                if let command {
+                    transport = try CommandTransport.spawn(command)
+                } else {
+                    transport = try await Transports.connect(to: endpoint!)
+                }
                 do {
                     return try await SecureChannel.client(over: transport, credentials: credentials)
                 } catch {
