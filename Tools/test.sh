@@ -2,6 +2,11 @@
 # Sets up and runs Ferry's test suite: real processes, real sockets, as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-Tools/setup.sh
+# Real programs the end-to-end tests migrate under load.
+Tools/setup.sh redis-server redis-tools python3
+# Redis is started by the tests on their own ports; the packaged service is not needed.
+if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
+    systemctl stop redis-server || true
+fi
 swift build --build-tests
 swift test --skip-build

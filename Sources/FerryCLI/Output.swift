@@ -17,19 +17,21 @@ public struct OutputOptions: ParsableArguments {
 public enum JSONField: Sendable {
     case string(String)
     case int(Int64)
+    case uint(UInt64)
     case double(Double)
     case bool(Bool)
 
-    var encoded: String {
+    public var encoded: String {
         switch self {
         case .string(let s): return Self.quote(s)
         case .int(let i): return String(i)
+        case .uint(let u): return String(u)
         case .double(let d): return d.isFinite ? String(format: "%.3f", d) : "null"
         case .bool(let b): return b ? "true" : "false"
         }
     }
 
-    static func quote(_ s: String) -> String {
+    public static func quote(_ s: String) -> String {
         var out = "\""
         for scalar in s.unicodeScalars {
             switch scalar {
@@ -55,9 +57,13 @@ public final class Reporter: @unchecked Sendable {
     private let terminal = isatty(STDERR_FILENO) == 1
     private var progressShown = false
 
-    public init(command: String, json: Bool) {
+    /// Where events go: stdout, or stderr when stdout carries the protocol (`--stdio`).
+    private let events: FileHandle
+
+    public init(command: String, json: Bool, eventsToStandardError: Bool = false) {
         self.command = command
         self.json = json
+        events = eventsToStandardError ? .standardError : .standardOutput
     }
 
     /// One event: a JSON line, or `text` for people (nothing if nil).
@@ -69,9 +75,9 @@ public final class Reporter: @unchecked Sendable {
             var line = "{\"event\":\(JSONField.quote(name))"
             for (key, value) in fields { line += ",\(JSONField.quote(key)):\(value.encoded)" }
             line += "}\n"
-            FileHandle.standardOutput.write(Data(line.utf8))
+            events.write(Data(line.utf8))
         } else if let text {
-            FileHandle.standardOutput.write(Data((text + "\n").utf8))
+            events.write(Data((text + "\n").utf8))
         }
     }
 
@@ -133,4 +139,11 @@ public func parseSeconds(_ text: String, option: String) throws -> Duration {
         throw ValidationError("\(option) takes a number of seconds, like 5 or 0.5; got '\(text)'")
     }
     return .milliseconds(Int64(value * 1000))
+}
+
+/// Keeps glibc from handing every freed 1 MiB frame buffer back to the kernel
+/// and faulting it in again for the next frame: that cost up to a third of
+/// the encrypted throughput under load (docs/benchmarks-wire.md).
+public func tuneAllocatorForBulkFrames() {
+    FerrySystem.tuneAllocatorForBulkBuffers()
 }

@@ -11,8 +11,9 @@ public struct LeecherOptions: Sendable {
     /// ReadAt requests in flight. 16 x 1 MiB keeps a loopback link and both
     /// cores busy without holding much memory.
     public var requestsInFlight = 16
-    /// Pages per ReadAt (at most `MigrationLimits.maxPagesPerRead`).
-    public var pagesPerRequest = 256
+    /// Pages per ReadAt (at most `MigrationLimits.maxPagesPerRead`); nil
+    /// adapts the size to the link (`BatchSizer`).
+    public var pagesPerRequest: Int? = nil
     /// How often pre-copy asks for the dirty set.
     public var syncInterval: Duration = .milliseconds(200)
     /// Compare every region with the frozen source's checksum before Complete.
@@ -78,6 +79,7 @@ public final class Leecher {
     private var downtime: Double = 0
     private var lastProgress = ContinuousClock.now
     private var rate = ByteRate()
+    private var sizer = BatchSizer()
 
     /// `migration` names the migration wanted from a hub; empty for a seeder.
     public init(connect: @escaping Connector, sink: ImageWriter, options: LeecherOptions = .init(),
@@ -191,7 +193,7 @@ public final class Leecher {
     // MARK: - Pulling
 
     private enum JobResult: Sendable {
-        case read([AddressRange], [[UInt8]])
+        case read([AddressRange], [[UInt8]], Duration)
         case sync([[UInt8]])
         case failed([AddressRange], any Error)
         case syncFailed(any Error)
@@ -242,7 +244,9 @@ public final class Leecher {
                     let payload = ReadRequest(ranges: batch).encode()
                     group.addTask { [link] in
                         do {
-                            return .read(batch, try await link.callParts(.readAt, payload))
+                            let began = ContinuousClock.now
+                            let parts = try await link.callParts(.readAt, payload)
+                            return .read(batch, parts, ContinuousClock.now - began)
                         } catch {
                             return .failed(batch, error)
                         }
@@ -297,7 +301,8 @@ public final class Leecher {
                         let payload = ReadRequest(ranges: batch).encode()
                         group.addTask { [link] in
                             do {
-                                return .read(batch, try await link.callParts(.readAt, payload))
+                                let began = ContinuousClock.now
+                                return .read(batch, try await link.callParts(.readAt, payload), ContinuousClock.now - began)
                             } catch {
                                 return .failed(batch, error)
                             }
@@ -305,9 +310,13 @@ public final class Leecher {
                     }
                     // Empty: the requests were closed (the migration is ending); stop listening.
                     if pages.isEmpty { listening = false }
-                case .read(let batch, let parts):
+                case .read(let batch, let parts, let took):
                     readsInFlight -= 1
-                    if batch.count == 1, batch[0].length == pageSize, touchBatches.remove(batch[0].start) != nil { touchesInFlight -= 1 }
+                    if batch.count == 1, batch[0].length == pageSize, touchBatches.remove(batch[0].start) != nil {
+                        touchesInFlight -= 1 // a touched page: not a sample for the batch sizer
+                    } else {
+                        sizer.observe(pages: batch.reduce(0) { $0 + Int($1.pageCount) }, took: took)
+                    }
                     if try receive(batch, parts) { needResync = true }
                 case .failed(let batch, let error):
                     readsInFlight -= 1
@@ -339,7 +348,7 @@ public final class Leecher {
     private func nextBatch(_ queue: inout [AddressRange], _ cursor: inout Int, limit pagesLimit: Int? = nil) -> [AddressRange]? {
         var batch: [AddressRange] = []
         var pages = 0
-        let limit = min(pagesLimit ?? options.pagesPerRequest, MigrationLimits.maxPagesPerRead)
+        let limit = min(pagesLimit ?? options.pagesPerRequest ?? sizer.pages, MigrationLimits.maxPagesPerRead)
         while cursor < queue.count && pages < limit {
             let range = queue[cursor]
             var page = range.start
@@ -467,6 +476,51 @@ public final class Leecher {
 
 func seconds(_ duration: Duration) -> Double {
     Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+}
+
+/// Sizes ReadAt requests to the link by climbing towards the best measured
+/// throughput: each window of replies is timed, and the size keeps moving
+/// (doubling or halving) while throughput improves, and turns back when it
+/// drops. Latency alone cannot guide it: with many requests in flight a
+/// reply's latency is mostly queueing behind the others.
+struct BatchSizer {
+    private(set) var pages = 256
+    static let smallest = 32
+    /// Replies per measurement window.
+    static let window = 24
+
+    private var growing = true
+    private var bytes = 0
+    private var replies = 0
+    private var windowStart: ContinuousClock.Instant? = nil
+    private var lastRate: Double = 0
+
+    mutating func observe(pages asked: Int, took: Duration, now: ContinuousClock.Instant = .now) {
+        if windowStart == nil { windowStart = now - took }
+        bytes += asked * Int(pageSize)
+        replies += 1
+        guard replies >= Self.window, let start = windowStart, now > start else { return }
+        let rate = Double(bytes) / seconds(now - start)
+        let worse = lastRate > 0 && rate < lastRate * 0.95
+        let better = rate > lastRate * 1.05
+        if worse { growing.toggle() }
+        if worse || better {
+            var next = growing ? pages * 2 : pages / 2
+            // At a bound, bounce back the other way.
+            if next > MigrationLimits.maxPagesPerRead {
+                next = pages / 2
+                growing = false
+            } else if next < Self.smallest {
+                next = pages * 2
+                growing = true
+            }
+            pages = next
+        }
+        lastRate = rate
+        bytes = 0
+        replies = 0
+        windowStart = now
+    }
 }
 
 /// Bytes per second over the last two seconds.

@@ -342,6 +342,9 @@ public final class SeederService: Sendable {
         // An address whose backing changed was covered before and is still
         // covered: it is dirty, whatever was sent from it.
         s.store.markDirty(change.newlyDirty)
+        // What the refresh registered anew is reported by the next scan;
+        // take it now, so a Finalize misses nothing.
+        s.store.markDirty(try source.scanDirty())
         return true
     }
 

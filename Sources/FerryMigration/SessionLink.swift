@@ -79,21 +79,37 @@ public actor SessionLink {
         return reply
     }
 
+    /// The reconnection in progress, which every caller that finds the link
+    /// down waits for (and whose failure, the final word, they all report).
+    private var reconnecting: Task<Void, any Error>?
+
     /// The current client and its generation, connecting if there is none.
     func current() async throws -> (RPCClient, Int) {
         if closed { throw MigrationError.connectionLost("the link to the seeder is closed") }
+        if let reconnecting { try await reconnecting.value }
         if let client { return (client, generation) }
         try await open()
         return (client!, generation)
     }
 
     /// Called after a link failure seen on connection `seen`: reconnects and
-    /// resumes unless another caller already did.
+    /// resumes unless another caller already did or is doing it.
     func failed(_ seen: Int, _ error: any Error) async throws {
+        if let reconnecting {
+            try await reconnecting.value
+            return
+        }
         guard seen == generation, !closed else { return }
         client?.close()
         client = nil
         guard session != nil else { throw error }
+        let task = Task { try await self.reconnect(after: error) }
+        reconnecting = task
+        defer { reconnecting = nil }
+        try await task.value
+    }
+
+    private func reconnect(after error: any Error) async throws {
         let grace = Double(first?.graceMilliseconds ?? 5000) / 1000
         let deadline = ContinuousClock.now + .milliseconds(Int(grace * 1000))
         var delay = 0.05

@@ -49,6 +49,21 @@ enum FreezeError: Error, CustomStringConvertible, Sendable {
 }
 
 enum Freezer {
+    /// True when thread `tid` is a zombie or already gone: PTRACE_SEIZE
+    /// refuses such threads with EPERM, which is then no permission problem.
+    static func isExiting(_ tid: Int32, pid: Int32) -> Bool {
+        let path = "/proc/\(pid)/task/\(tid)/stat"
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return true }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 512)
+        let count = read(fd, &buffer, buffer.count)
+        guard count > 0, let close = buffer[0..<count].lastIndex(of: UInt8(ascii: ")")),
+              close + 2 < count else { return true }
+        let state = buffer[close + 2]
+        return state == UInt8(ascii: "Z") || state == UInt8(ascii: "X") || state == UInt8(ascii: "x")
+    }
+
     /// Stops every thread of `pid`. Call on the process's `PtraceThread`.
     /// On failure every thread already stopped is released again.
     static func freeze(pid: Int32) throws -> FrozenProcess {
@@ -76,6 +91,8 @@ enum Freezer {
                         interrupted.append(tid)
                     } catch let error as SystemError where error.errno == ESRCH {
                         continue // the thread exited between listing and seizing
+                    } catch let error as SystemError where error.errno == EPERM && Self.isExiting(tid, pid: pid) {
+                        continue // an exiting thread cannot be traced, and will never run again
                     }
                 }
                 for tid in interrupted {

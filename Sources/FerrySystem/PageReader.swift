@@ -111,6 +111,8 @@ public final class PageReader: Sendable {
         var vanished: [AddressRange] = []
         var cursor = Cursor()
         var useVMReadv = Self.processVMReadv != nil
+        /// The maps, read at the first page that cannot be read, once per call.
+        var layout: [Region]?
         try withUnsafeTemporaryAllocation(of: iovec.self, capacity: Self.maxIovecs) { remote in
             while cursor.rangeIndex < ranges.count {
                 // Gather up to maxIovecs remote pieces starting at the cursor.
@@ -161,9 +163,19 @@ public final class PageReader: Sendable {
                 let range = ranges[cursor.rangeIndex]
                 let address = range.start + cursor.offset
                 let pageEnd = (address / pageSize + 1) * pageSize
-                let unitLength = Int(min(pageEnd, range.end) - address)
+                var unitLength = Int(min(pageEnd, range.end) - address)
                 let unitDestination = base + cursor.bufferOffset
                 let got = memReadOne(unitDestination, address: address, length: unitLength)
+                if got == 0 {
+                    // Nothing here. When no mapping covers the address at all,
+                    // the whole gap up to the next mapping is gone: settle it
+                    // at once instead of two failing calls per page (a 1 GiB
+                    // region unmapped since the last layout would take seconds).
+                    if layout == nil { layout = (try? ProcessMaps.read(pid: pid)) ?? [] }
+                    if let gapEnd = Self.unmappedEnd(at: address, in: layout!) {
+                        unitLength = Int(min(gapEnd, range.end) - address)
+                    }
+                }
                 if got < unitLength {
                     // SAFETY: the unit lies within the caller's buffer (checked `needed` above).
                     (unitDestination + got).initializeMemory(as: UInt8.self, repeating: 0, count: unitLength - got)
@@ -179,6 +191,19 @@ public final class PageReader: Sendable {
             }
         }
         return PageReadResult(bytes: Int(needed), vanished: vanished)
+    }
+
+    /// When no region covers `address`, the start of the next region above
+    /// it (or the top of the address space); nil when a region covers it.
+    static func unmappedEnd(at address: UInt64, in regions: [Region]) -> UInt64? {
+        // Maps are sorted by address: find the first region ending above `address`.
+        var low = 0, high = regions.count
+        while low < high {
+            let mid = (low + high) / 2
+            if regions[mid].end <= address { low = mid + 1 } else { high = mid }
+        }
+        guard low < regions.count else { return UInt64.max }
+        return regions[low].start <= address ? nil : regions[low].start
     }
 
     // MARK: - Paths

@@ -1,6 +1,7 @@
 // The one place FerrySystem turns a failed system call into an error: retry
 // EINTR, hand EAGAIN back as a value, and name the operation and its target
 // in anything thrown (modelled on swift-nio's System.swift).
+internal import CFerryLinux
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -69,4 +70,10 @@ public func checkedCall<T: BinaryInteger>(
         if error == EINTR { continue }
         throw SystemError(operation: operation(), target: target(), errno: error, hint: hint?(error))
     }
+}
+
+/// Keeps glibc from returning freed large buffers to the kernel after each
+/// use (`mallopt` thresholds): for programs that move many 1 MiB frames.
+public func tuneAllocatorForBulkBuffers() {
+    ferry_tune_malloc_for_bulk()
 }

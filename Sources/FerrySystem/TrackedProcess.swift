@@ -375,8 +375,22 @@ public final class TrackedProcess: @unchecked Sendable {
     private func refreshLayoutLocked() throws -> LayoutChange {
         try scanLock.withLock {
             let current = try ProcessMaps.read(pid: pid)
-            let (old, isTracking) = lock.withLock { (_regions, tracking) }
-            let change = LayoutChange.diff(old: old, new: current)
+            let (old, isTracking, trackedNow, refusedNow) = lock.withLock {
+                (_regions, tracking, tracked, _unprotectable.map(\.range))
+            }
+            var change = LayoutChange.diff(old: old, new: current)
+            if isTracking {
+                // Migratable memory that nothing tracks is dirty in full, even
+                // where the diff sees no change: a scan that found a replaced
+                // mapping may have re-registered it while it was briefly
+                // unmapped, and an anonymous mapping put back at the same
+                // address looks unchanged to the diff.
+                let coverage = Ranges.merge(current.filter { $0.kind == .migrate }.map(\.range))
+                let untracked = Ranges.subtract(coverage, Ranges.merge(trackedNow + refusedNow))
+                if !untracked.isEmpty {
+                    change.newlyDirty = Ranges.merge(change.newlyDirty + untracked)
+                }
+            }
             var newlyTracked: [AddressRange] = []
             var refused: [Region] = []
             if isTracking && !change.newlyDirty.isEmpty {

@@ -77,9 +77,12 @@ final class EventLoop: @unchecked Sendable {
 
     private func threadMain() {
         threadID.store(UInt(pthread_self()), ordering: .releasing)
-        // Writes happen only on this thread. Blocking SIGPIPE here turns a write
-        // to a closed socket or pipe into an EPIPE error instead of killing the
-        // process, without changing the signal disposition of the whole process.
+        // libuv's writes (all pipe and terminal writes, and socket writes that
+        // had to queue) happen on this thread. Blocking SIGPIPE here turns a
+        // write to a closed pipe or socket into an EPIPE error instead of
+        // killing the process, without changing the signal disposition of the
+        // whole process. (Direct socket writes from other threads use
+        // sendmsg with MSG_NOSIGNAL.)
         var set = sigset_t()
         sigemptyset(&set)
         sigaddset(&set, SIGPIPE)

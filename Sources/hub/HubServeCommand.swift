@@ -51,6 +51,7 @@ struct HubServeCommand: AsyncParsableCommand {
     func run() async throws {
         let reporter = Reporter(command: "hub", json: output.json)
         try await runReporting(reporter) {
+            tuneAllocatorForBulkFrames()
             guard let policy = HubFinalizePolicy(rawValue: finalize) else {
                 throw ValidationError("--finalize takes when-all-ready, first or manual; got '\(finalize)'")
             }

@@ -22,7 +22,9 @@ struct PullCommand: AsyncParsableCommand {
             Exit status: 0 only when the image is complete and verified.
             """)
 
-    @Argument(help: ArgumentHelp("The seeder (or hub): HOST:PORT, [IPv6]:PORT or unix:PATH.", valueName: "ADDRESS"))
+    @Argument(help: ArgumentHelp(
+        "The seeder (or hub): HOST:PORT, [IPv6]:PORT, unix:PATH, or exec:COMMAND to speak to a command's stdin/stdout (exec:ssh src seeder serve --stdio PID).",
+        valueName: "ADDRESS"))
     var address: String
 
     @Option(name: .long, help: ArgumentHelp("Finalize when this share of pages is held clean (0% = pure post-copy).", valueName: "PCT"))
@@ -46,8 +48,8 @@ struct PullCommand: AsyncParsableCommand {
     @Option(name: .long, help: "ReadAt requests in flight.")
     var inFlight = 16
 
-    @Option(name: .long, help: "Pages per ReadAt request (1 to 1024).")
-    var batchPages = 256
+    @Option(name: .long, help: "Pages per ReadAt request (1 to 1024); by default it adapts to the link.")
+    var batchPages: Int?
 
     @Flag(name: .long, help: "Skip comparing the image with the frozen source's checksums.")
     var noVerify = false
@@ -59,7 +61,7 @@ struct PullCommand: AsyncParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
-        guard (1...1024).contains(batchPages) else { throw ValidationError("--batch-pages takes 1 to 1024") }
+        if let batchPages, !(1...1024).contains(batchPages) { throw ValidationError("--batch-pages takes 1 to 1024") }
         guard (1...1024).contains(inFlight) else { throw ValidationError("--in-flight takes 1 to 1024") }
         if let maxDowntime, maxDowntime < 0 { throw ValidationError("--max-downtime cannot be negative") }
         if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }
@@ -68,6 +70,7 @@ struct PullCommand: AsyncParsableCommand {
     func run() async throws {
         let reporter = Reporter(command: "leecher", json: output.json)
         try await runReporting(reporter) {
+            tuneAllocatorForBulkFrames()
             var options = LeecherOptions()
             options.policy = FinalizePolicy(cleanShare: try FinalizePolicy.parsePercent(finalizeAt),
                                             maxDowntimeMilliseconds: maxDowntime, maxWaitSeconds: maxWait)
@@ -76,11 +79,17 @@ struct PullCommand: AsyncParsableCommand {
             options.pagesPerRequest = batchPages
             options.verify = !noVerify
             options.abortAtEnd = dryRun
-            let endpoint = try Endpoint(parsing: address)
+            let command = CommandTransport.command(in: address)
+            let endpoint = command == nil ? try Endpoint(parsing: address) : nil
             let credentials = try auth.credentials(createDefault: false)
             let sink = try ImageWriter(directory: out)
             let leecher = Leecher(connect: {
-                let transport = try await Transports.connect(to: endpoint)
+                let transport: FrameTransport
+                if let command {
+                    transport = try CommandTransport.spawn(command)
+                } else {
+                    transport = try await Transports.connect(to: endpoint!)
+                }
                 do {
                     return try await SecureChannel.client(over: transport, credentials: credentials)
                 } catch {

@@ -45,8 +45,10 @@ struct ServeCommand: AsyncParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() async throws {
-        let reporter = Reporter(command: "seeder", json: output.json)
+        // With --stdio, stdout carries the protocol: events go to stderr.
+        let reporter = Reporter(command: "seeder", json: output.json, eventsToStandardError: stdio)
         try await runReporting(reporter) {
+            tuneAllocatorForBulkFrames()
             guard let thenAction = ThenAction(rawValue: then) else {
                 throw ValidationError("--then takes stop, kill or resume; got '\(then)'")
             }

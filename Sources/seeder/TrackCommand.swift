@@ -3,6 +3,7 @@
 // statistics), then detach and leave the process running as before.
 // For people sizing a migration and for tests of the memory engine.
 import ArgumentParser
+import FerryCLI
 import FerryMigration
 import Synchronization
 #if canImport(Glibc)
@@ -57,12 +58,14 @@ struct TrackCommand: ParsableCommand {
     }
 
     private func track() throws {
-        let process = try TrackedProcess.attach(pid: pid, tracker: tracker)
-        var detached = false
-        defer { if !detached { try? process.detach() } }
+        // Before attaching: Ctrl-C while the process is frozen for the
+        // remote syscall must not kill us half-way; the loop sees the flag.
         for signal in [SIGINT, SIGTERM] {
             _ = Glibc.signal(signal) { _ in interrupted.store(true, ordering: .relaxed) }
         }
+        let process = try TrackedProcess.attach(pid: pid, tracker: tracker)
+        var detached = false
+        defer { if !detached { try? process.detach() } }
 
         try process.startTracking()
         let output = Output(json: json)
@@ -161,13 +164,13 @@ private struct Output {
         if json {
             emit(["event": .string("attached"), "pid": .int(Int64(pid)), "tracker": .string(tracker.rawValue)])
             for region in regions {
-                emit(["event": .string("region"), "start": .uint(region.start), "end": .uint(region.end),
-                      "permissions": .string(region.permissions), "offset": .uint(region.offset),
+                emit(["event": .string("region"), "start": .uint(UInt64(region.start)), "end": .uint(UInt64(region.end)),
+                      "permissions": .string(region.permissions), "offset": .uint(UInt64(region.offset)),
                       "name": .string(region.name), "kind": .string(region.kind.rawValue),
                       "unprotectable": .bool(unprotectable.contains(region))])
             }
-            emit(["event": .string("tracking"), "migratePages": .uint(pages(regions, .migrate)),
-                  "unprotectablePages": .uint(unprotectable.reduce(0) { $0 + $1.range.pageCount })])
+            emit(["event": .string("tracking"), "migratePages": .uint(UInt64(pages(regions, .migrate))),
+                  "unprotectablePages": .uint(UInt64(unprotectable.reduce(0) { $0 + $1.range.pageCount }))])
             return
         }
         writeLine("pid \(pid): tracker \(tracker.rawValue) (\(describe(tracker)))")
@@ -191,8 +194,8 @@ private struct Output {
         let seconds = Double(length.components.seconds) + Double(length.components.attoseconds) / 1e18
         let rate = Double(bucket.pages) / seconds
         if json {
-            emit(["event": .string("interval"), "elapsed": .double(secondsOf(elapsed)), "dirtyPages": .uint(bucket.pages),
-                  "pagesPerSecond": .double(rate.rounded()), "newPages": .uint(bucket.newPages), "scans": .int(Int64(bucket.scans)),
+            emit(["event": .string("interval"), "elapsed": .double(secondsOf(elapsed)), "dirtyPages": .int(Int64(bucket.pages)),
+                  "pagesPerSecond": .double(rate.rounded()), "newPages": .int(Int64(bucket.newPages)), "scans": .int(Int64(bucket.scans)),
                   "scanMeanMs": .double(ms(bucket.meanScan)), "scanMaxMs": .double(ms(bucket.maxScan)),
                   "regionsAdded": .int(Int64(bucket.regionsAdded)), "regionsRemoved": .int(Int64(bucket.regionsRemoved))])
             return
@@ -203,7 +206,7 @@ private struct Output {
     func detached(pid: Int32, elapsed: Duration, total: Bucket, interrupted: Bool) {
         if json {
             emit(["event": .string("detached"), "pid": .int(Int64(pid)), "elapsed": .double(secondsOf(elapsed)),
-                  "dirtyPages": .uint(total.pages), "scans": .int(Int64(total.scans)), "interrupted": .bool(interrupted)])
+                  "dirtyPages": .uint(UInt64(total.pages)), "scans": .uint(UInt64(total.scans)), "interrupted": .bool(interrupted)])
             return
         }
         writeLine("detached from pid \(pid) after \(fixed(secondsOf(elapsed), 1)) s\(interrupted ? " (interrupted)" : ""): \(total.pages) dirty pages in \(total.scans) scans")
@@ -221,40 +224,8 @@ private struct Output {
         regions.filter { $0.kind == kind }.reduce(0) { $0 + $1.range.pageCount }
     }
 
-    private func emit(_ fields: KeyValuePairs<String, JSONValue>) {
-        writeLine("{" + fields.map { "\(JSONValue.string($0.key).text):\($0.value.text)" }.joined(separator: ",") + "}")
-    }
-}
-
-/// The few JSON values the events need, encoded by hand to keep the seeder free of Foundation.
-private enum JSONValue {
-    case string(String), int(Int64), uint(UInt64), double(Double), bool(Bool)
-
-    var text: String {
-        switch self {
-        case .int(let v): return String(v)
-        case .uint(let v): return String(v)
-        case .double(let v): return v.isFinite ? String(v) : "null"
-        case .bool(let v): return v ? "true" : "false"
-        case .string(let s):
-            var out = "\""
-            for scalar in s.unicodeScalars {
-                switch scalar {
-                case "\"": out += "\\\""
-                case "\\": out += "\\\\"
-                case "\n": out += "\\n"
-                case "\r": out += "\\r"
-                case "\t": out += "\\t"
-                default:
-                    if scalar.value < 0x20 {
-                        out += "\\u00" + (scalar.value < 0x10 ? "0" : "") + String(scalar.value, radix: 16)
-                    } else {
-                        out.unicodeScalars.append(scalar)
-                    }
-                }
-            }
-            return out + "\""
-        }
+    private func emit(_ fields: KeyValuePairs<String, JSONField>) {
+        writeLine("{" + fields.map { "\(JSONField.quote($0.key)):\($0.value.encoded)" }.joined(separator: ",") + "}")
     }
 }
 

@@ -63,6 +63,19 @@ import FerryTestSupport
         #expect(verify.waitForExit() == 0)
     }
 
+    @Test func aSeederOnStandardInputAndOutputThroughExec() throws {
+        let child = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000", "--pattern"])
+        defer { child.stop() }
+        let out = scratchDirectory("cli-exec")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let seederCommand = "\(builtExecutable("seeder")) serve --stdio \(child.pid) --secret-file \(secretPath)"
+        let leecher = try ChildProcess(builtExecutable("leecher"),
+                                       ["pull", "exec:" + seederCommand, "--secret-file", secretPath, "--out", out, "--json"])
+        _ = try leecher.expect("{\"event\":\"complete\"", timeout: 60)
+        #expect(leecher.waitForExit() == 0)
+        #expect(try ImageVerifier.compare(directory: out, pid: child.pid).matches)
+    }
+
     @Test func killingTheLeecherBeforeTheFreezeCostsNothing() throws {
         let child = try Memwriter(["--mib", "64", "--threads", "2", "--rate", "20000"])
         defer { child.stop() }

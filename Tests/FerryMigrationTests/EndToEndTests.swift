@@ -8,18 +8,17 @@ import Testing
 import FerryTestSupport
 @testable import FerryMigration
 
-/// A seeder service on an ephemeral loopback port, for one test.
-final class LoopbackSeeder: Sendable {
-    let service: SeederService
+/// An authenticated loopback server on an ephemeral port, for one test:
+/// every connection is taken through the secure channel, then to `serve`.
+final class LoopbackServer: Sendable {
     let listener: Listener
     let secret: PreSharedSecret
     let acceptTask: Task<Void, Never>
 
-    init(process: any MemorySource, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
-        service = SeederService(source: process, options: SeederOptions(then: then, grace: grace))
+    init(secret: PreSharedSecret, serve: @escaping @Sendable (FrameTransport) async -> Void) async throws {
         listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
-        secret = try PreSharedSecret.generate()
-        let (listener, secret, service) = (listener, secret, service)
+        self.secret = secret
+        let listener = listener
         acceptTask = Task {
             while let transport = try? await listener.accept() {
                 Task {
@@ -28,7 +27,7 @@ final class LoopbackSeeder: Sendable {
                         transport.close()
                         return
                     }
-                    await service.serve(channel)
+                    await serve(channel)
                 }
             }
         }
@@ -46,6 +45,23 @@ final class LoopbackSeeder: Sendable {
         listener.close()
         acceptTask.cancel()
     }
+}
+
+/// A seeder service on an ephemeral loopback port, for one test.
+final class LoopbackSeeder: Sendable {
+    let service: SeederService
+    let server: LoopbackServer
+    var listener: Listener { server.listener }
+    var secret: PreSharedSecret { server.secret }
+
+    init(process: any MemorySource, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
+        let service = SeederService(source: process, options: SeederOptions(then: then, grace: grace))
+        self.service = service
+        server = try await LoopbackServer(secret: try PreSharedSecret.generate()) { await service.serve($0) }
+    }
+
+    func connector() -> Leecher.Connector { server.connector() }
+    func close() { server.close() }
 }
 
 func scratchDirectory(_ name: String) -> String {
@@ -69,7 +85,18 @@ func scratchDirectory(_ name: String) -> String {
         let out = scratchDirectory(name)
         defer { try? FileManager.default.removeItem(atPath: out) }
         var options = LeecherOptions()
-        options.heuristic = try HeuristicName.make(heuristic)
+        if heuristic == "profile" {
+            // A recorded access order: the main region's last pages first, backwards.
+            let main = try #require(child.regions["main"])
+            let lines = stride(from: main.end - pageSize, to: main.end - 256 * pageSize, by: -Int(pageSize))
+                .map { "0x" + String($0, radix: 16) }
+            let path = out + ".profile"
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            try (["# recorded by a test"] + lines).joined(separator: "\n").write(toFile: path, atomically: true, encoding: .utf8)
+            options.heuristic = try HeuristicName.make("profile:" + path)
+        } else {
+            options.heuristic = try HeuristicName.make(heuristic)
+        }
         options.policy = FinalizePolicy(cleanShare: finalizeAt, maxWaitSeconds: 10)
         let leecher = Leecher(connect: seeder.connector(), sink: try ImageWriter(directory: out), options: options)
         let summary = try await leecher.run()
@@ -85,7 +112,7 @@ func scratchDirectory(_ name: String) -> String {
         try await migrate(tracker: tracker, name: "load-\(tracker.rawValue)")
     }
 
-    @Test(arguments: ["stack-heap-first", "cold-first"])
+    @Test(arguments: ["stack-heap-first", "cold-first", "profile"])
     func everyHeuristicProducesTheSameImage(heuristic: String) async throws {
         try await migrate(tracker: nil, heuristic: heuristic, name: "heuristic-\(heuristic)")
     }

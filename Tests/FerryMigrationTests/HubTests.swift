@@ -10,40 +10,16 @@ import FerryTestSupport
 /// A hub on an ephemeral loopback port, for one test.
 final class LoopbackHub: Sendable {
     let hub: HubService
-    let listener: Listener
-    let secret: PreSharedSecret
-    let acceptTask: Task<Void, Never>
+    let server: LoopbackServer
 
     init(options: HubOptions, secret: PreSharedSecret) async throws {
-        hub = HubService(options: options)
-        listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
-        self.secret = secret
-        let (listener, hub) = (listener, hub)
-        acceptTask = Task {
-            while let transport = try? await listener.accept() {
-                Task {
-                    guard let channel = try? await SecureChannel.server(over: transport, credentials: .preSharedSecret(secret)) else {
-                        transport.close()
-                        return
-                    }
-                    await hub.serve(channel)
-                }
-            }
-        }
+        let hub = HubService(options: options)
+        self.hub = hub
+        server = try await LoopbackServer(secret: secret) { await hub.serve($0) }
     }
 
-    func connector() -> Leecher.Connector {
-        let (endpoint, secret) = (listener.endpoint, secret)
-        return {
-            let transport = try await Transports.connect(to: endpoint)
-            return try await SecureChannel.client(over: transport, credentials: .preSharedSecret(secret))
-        }
-    }
-
-    func close() {
-        listener.close()
-        acceptTask.cancel()
-    }
+    func connector() -> Leecher.Connector { server.connector() }
+    func close() { server.close() }
 }
 
 @Suite(.serialized) struct HubTests {

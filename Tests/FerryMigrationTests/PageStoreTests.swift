@@ -145,3 +145,28 @@ private func pages(_ start: UInt64, _ count: UInt64) -> AddressRange {
         #expect(deadline.reason(progress(0.5, elapsed: 6)) != nil)
     }
 }
+
+@Suite struct BatchSizerTests {
+    /// A link whose throughput peaks at 512 pages a request.
+    static func simulatedSeconds(_ pages: Int) -> Double {
+        let bytes = Double(pages * 4096)
+        let rate = pages <= 512 ? 1e9 * Double(pages) / 512 : 1e9 * 512 / Double(pages)
+        return bytes / rate
+    }
+
+    @Test func climbsToTheBestSizeAndStaysNearIt() {
+        var sizer = BatchSizer()
+        var now = ContinuousClock.now
+        var seen: [Int] = []
+        for _ in 0..<(BatchSizer.window * 30) {
+            let took = Duration.microseconds(Int64(Self.simulatedSeconds(sizer.pages) * 1e6))
+            now += took
+            sizer.observe(pages: sizer.pages, took: took, now: now)
+            seen.append(sizer.pages)
+        }
+        // After settling it moves between the peak and its neighbours.
+        let late = seen.suffix(BatchSizer.window * 10)
+        #expect(late.allSatisfy { (256...1024).contains($0) }, "\(Set(late).sorted())")
+        #expect(late.contains(512))
+    }
+}

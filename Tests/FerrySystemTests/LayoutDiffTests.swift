@@ -1,4 +1,5 @@
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 
@@ -69,15 +70,15 @@ private func r(_ start: UInt64, _ end: UInt64) -> AddressRange { AddressRange(st
         #expect(change.newlyDirty == [r(0x30000, 0x31000)])
     }
 
-    /// Real mmap, mprotect and munmap in this test process, read back from
-    /// /proc/self/maps. Other tests may map memory concurrently, so only our
-    /// own addresses are checked.
-    @Test func followsRealMmapMprotectMunmap() throws {
+    /// Real mprotect in this test process, read back from /proc/self/maps.
+    /// Only protections change (no holes that a concurrent test's mmap could
+    /// fill), and only our own addresses are checked.
+    @Test func followsRealMprotectSplits() throws {
         let pid = getpid()
         let size = 64 * 4096
         // SAFETY: test-owned anonymous mapping, unmapped before return.
         let raw = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
-        #expect(raw != MAP_FAILED)
+        defer { munmap(raw, size) }
         let base = UInt64(UInt(bitPattern: raw))
         let mine = r(base, base + UInt64(size))
         func ours(_ ranges: [AddressRange]) -> [AddressRange] {
@@ -86,27 +87,38 @@ private func r(_ start: UInt64, _ end: UInt64) -> AddressRange { AddressRange(st
                 return s < e ? r(s, e) : nil
             }
         }
-        // Leave the last 16 pages unmapped at first, then map them again.
-        munmap(raw + 48 * 4096, 16 * 4096)
+        // The last 16 pages start inaccessible (reserved, not migrated).
+        mprotect(raw + 48 * 4096, 16 * 4096, PROT_NONE)
         let before = try ProcessMaps.read(pid: pid)
 
-        // Split by mprotect (still readable): no change.
+        // Split by mprotect, still readable: no change.
         mprotect(raw + 8 * 4096, 4096, PROT_READ)
         let split = try ProcessMaps.read(pid: pid)
         #expect(ours(LayoutChange.diff(old: before, new: split).newlyDirty).isEmpty)
         #expect(ours(LayoutChange.diff(old: before, new: split).unmapped).isEmpty)
 
-        // PROT_NONE: no longer migratable. Unmap a hole. Map the tail back.
+        // Two pages become PROT_NONE (no longer migrated); the reserved tail becomes usable (new).
         mprotect(raw + 16 * 4096, 2 * 4096, PROT_NONE)
-        munmap(raw + 32 * 4096, 4 * 4096)
-        let tail = mmap(raw + 48 * 4096, 16 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
-        #expect(tail == raw + 48 * 4096)
+        mprotect(raw + 48 * 4096, 16 * 4096, PROT_READ | PROT_WRITE)
         let after = try ProcessMaps.read(pid: pid)
         let change = LayoutChange.diff(old: split, new: after)
-        #expect(ours(change.unmapped) == [r(base + 16 * 4096, base + 18 * 4096), r(base + 32 * 4096, base + 36 * 4096)])
-        // The re-mapped tail may merge with whatever the kernel placed above it: check our part.
+        #expect(ours(change.unmapped) == [r(base + 16 * 4096, base + 18 * 4096)])
         #expect(ours(change.newlyDirty) == [r(base + 48 * 4096, base + 64 * 4096)])
-        munmap(raw, size)
+    }
+
+    /// munmap in a memwriter child: a hole in its main region is reported unmapped.
+    @Test func followsRealMunmapInAChild() throws {
+        let writer = try Memwriter(["--mib", "1", "--no-write"])
+        defer { writer.stop() }
+        let main = try #require(writer.regions["main"])
+        let before = try ProcessMaps.read(pid: writer.pid)
+        writer.send("unmap 10 6")
+        #expect(try writer.expect("unmap") == "unmapped 10 6")
+        let after = try ProcessMaps.read(pid: writer.pid)
+        let change = LayoutChange.diff(old: before, new: after)
+        #expect(change.unmapped == [r(main.start + 10 * 4096, main.start + 16 * 4096)])
+        #expect(change.newlyDirty.isEmpty)
+        #expect(change.shrunk.contains { $0.start <= main.start && main.end <= $0.end })
     }
 
     @Test func seesChurnOfARealProcess() throws {

@@ -1,4 +1,5 @@
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 
@@ -119,11 +120,16 @@ import Glibc
     }
 
     @Test func readingIsFast() throws {
-        // A few hundred mappings, read many times: well under a millisecond each.
+        // A few hundred mappings: well under a millisecond each in release,
+        // a few in a debug build. The fastest of many reads is checked, so a
+        // busy machine does not fail the test but a per-byte allocation would.
         let pid = getpid()
-        let start = Memwriter.now()
-        for _ in 0..<200 { _ = try ProcessMaps.read(pid: pid) }
-        let each = (Memwriter.now() - start) / 200
-        #expect(each < 0.005, "reading our own maps took \(each * 1e3) ms")
+        var fastest = Double.infinity
+        for _ in 0..<200 {
+            let start = Memwriter.now()
+            _ = try ProcessMaps.read(pid: pid)
+            fastest = min(fastest, Memwriter.now() - start)
+        }
+        #expect(fastest < 0.002, "reading our own maps took \(fastest * 1e3) ms at best")
     }
 }

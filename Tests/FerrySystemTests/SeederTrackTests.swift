@@ -2,6 +2,7 @@
 // a real memwriter child. Needs the seeder product built (swift build
 // --build-tests builds every product).
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 
@@ -48,6 +49,16 @@ import Glibc
         #expect(out.contains("/dev/zero (deleted)"))
         #expect(out.contains("dirty pages/s"))
         #expect(out.contains("detached from pid \(writer.pid) after"))
+    }
+
+    @Test func processExitingDuringTrackingFails() throws {
+        let writer = try Memwriter(["--mib", "2", "--rate", "1000"])
+        defer { writer.stop() }
+        let script = "(sleep 0.6; kill -9 \(writer.pid)) & exec '\(seeder)' track \(writer.pid) --seconds 5 --interval 100"
+        let (status, _, err) = try runTool("/bin/sh", ["-c", script])
+        #expect(status == 1)
+        #expect(err.hasPrefix("seeder: "), "\(err)")
+        #expect(err.contains("pid \(writer.pid)") && err.contains("exited"), "\(err)")
     }
 
     @Test func errorsArePrefixedAndFail() throws {

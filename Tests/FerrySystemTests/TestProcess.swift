@@ -6,6 +6,7 @@
 // source is below), whose commands write memory in ways the tests can
 // predict. `TestProcess(executable:arguments:)` starts anything else.
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 
@@ -15,91 +16,24 @@ struct ChildFailure: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// A running child. Not Sendable: one test owns it.
+/// A running child speaking the test child's `ok ...` protocol.
+/// Not Sendable: one test owns it.
 final class TestProcess {
-    let pid: Int32
-    private let input: Int32
-    private let output: Int32
-    private var pending: [UInt8] = []
-    private var reaped = false
+    let child: ChildProcess
+    var pid: Int32 { child.pid }
 
     /// Starts `executable` with its stdin and stdout connected to us.
     init(executable: String, arguments: [String] = []) throws {
-        var toChild: [Int32] = [0, 0]
-        var fromChild: [Int32] = [0, 0]
-        guard pipe(&toChild) == 0, pipe(&fromChild) == 0 else { throw ChildFailure("pipe: \(errno)") }
-        for fd in toChild + fromChild { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, toChild[0], 0)
-        posix_spawn_file_actions_adddup2(&actions, fromChild[1], 1)
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        // The child starts with no signal blocked and default dispositions:
-        // the test runner's worker threads block signals, and a child would
-        // inherit that mask through posix_spawn.
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var none = sigset_t()
-        sigemptyset(&none)
-        posix_spawnattr_setsigmask(&attributes, &none)
-        var all = sigset_t()
-        sigfillset(&all)
-        sigdelset(&all, SIGKILL)
-        sigdelset(&all, SIGSTOP)
-        posix_spawnattr_setsigdefault(&attributes, &all)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, &actions, &attributes, argv, environ)
-        close(toChild[0])
-        close(fromChild[1])
-        guard rc == 0 else {
-            close(toChild[1]); close(fromChild[0])
-            throw ChildFailure("cannot start \(executable): \(String(cString: strerror(rc)))")
-        }
-        pid = child
-        input = toChild[1]
-        output = fromChild[0]
+        child = try ChildProcess(executable, arguments)
     }
-
-    deinit { kill() }
 
     /// Kills the child (SIGKILL) and reaps it, once.
-    func kill() {
-        guard !reaped else { return }
-        reaped = true
-        _ = Glibc.kill(pid, SIGKILL)
-        var status: Int32 = 0
-        _ = waitpid(pid, &status, 0)
-        close(input)
-        close(output)
-    }
+    func kill() { child.stop() }
 
-    func send(_ command: String) {
-        let bytes = Array((command + "\n").utf8)
-        _ = bytes.withUnsafeBytes { write(input, $0.baseAddress, $0.count) }
-    }
+    func send(_ command: String) { child.send(command) }
 
     /// The next line from the child, waiting at most `timeout` seconds.
-    func readLine(timeout: Double = 10) throws -> String {
-        while true {
-            if let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                let line = String(decoding: pending[..<newline], as: UTF8.self)
-                pending.removeSubrange(...newline)
-                return line
-            }
-            var fds = [pollfd(fd: output, events: Int16(POLLIN), revents: 0)]
-            let ready = poll(&fds, 1, Int32(timeout * 1000))
-            if ready == 0 { throw ChildFailure("child \(pid) said nothing for \(timeout) s") }
-            if ready < 0 { if errno == EINTR { continue }; throw ChildFailure("poll: \(errno)") }
-            var chunk = [UInt8](repeating: 0, count: 65536)
-            let n = chunk.withUnsafeMutableBytes { read(output, $0.baseAddress, $0.count) }
-            if n <= 0 { throw ChildFailure("child \(pid) closed its output") }
-            pending += chunk[0..<n]
-        }
-    }
+    func readLine(timeout: Double = 10) throws -> String { try child.readLine(timeout: timeout) }
 
     /// Sends `command` and returns the fields of its `ok ...` reply.
     @discardableResult
@@ -112,20 +46,10 @@ final class TestProcess {
     }
 
     /// The process state letter from /proc/PID/stat (R, S, T, t, Z...).
-    var state: Character? {
-        let fd = open("/proc/\(pid)/stat", O_RDONLY)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 1024)
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard n > 0 else { return nil }
-        let text = String(decoding: buffer[0..<n], as: UTF8.self)
-        guard let close = text.lastIndex(of: ")") else { return nil }
-        return text[text.index(close, offsetBy: 2)]
-    }
+    var state: Character? { child.state }
 
     /// True while the child has not exited (it may be stopped).
-    var isAlive: Bool { !reaped && Glibc.kill(pid, 0) == 0 && state != "Z" }
+    var isAlive: Bool { child.isAlive }
 }
 
 // MARK: - The C test child

@@ -1,6 +1,7 @@
 // Write tracking on a live child: every written page is reported, pages never
 // written are not, reads re-arm, races lose nothing, layout changes count dirty.
 import Testing
+import FerryTestSupport
 import Glibc
 @testable import FerrySystem
 
@@ -111,6 +112,31 @@ struct TrackerTests {
         }
         if pages(of: child, in: try process.scanDirty()).contains(5) { try refresh() }
         #expect(copy == total, "the copy holds the last write after \(rounds) rounds")
+    }
+
+    /// A mapping replaced while a scan finds its address empty, then put back
+    /// at the same address before the next layout refresh: the refresh sees
+    /// "no change", yet nothing tracks it. It must count dirty in full and be
+    /// tracked again (found by a 256 MiB migration under mmap churn).
+    @Test(arguments: uffdTrackers)
+    func aMappingReplacedAcrossAScanIsTrackedAgain(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 64)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        let fresh = UInt64(try child.process.call("mmap 8 0")[0], radix: 16)!
+        _ = try process.refreshLayout()
+        _ = try process.scanDirty()
+        try child.process.call("munmap \(fresh) 8")
+        _ = try process.scanDirty()
+        let again = UInt64(try child.process.call("mmap 8 0")[0], radix: 16)!
+        try #require(again == fresh, "the kernel did not reuse the address; the case cannot be set up")
+        _ = try process.refreshLayout()
+        let dirty = try process.scanDirty()
+        #expect(dirty.contains { $0.contains(again) && $0.contains(again + 8 * pageSize - 1) }, "\(dirty)")
+        _ = try process.scanDirty()
+        try child.process.call("wat \(again + pageSize) 5")
+        #expect(try process.scanDirty().contains { $0.contains(again + pageSize) })
     }
 
     @Test(arguments: uffdTrackers)

@@ -54,8 +54,9 @@ public final class ChildProcess: @unchecked Sendable {
         var empty = sigset_t()
         sigemptyset(&empty)
         var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for signal in [SIGTERM, SIGINT, SIGPIPE, SIGUSR1] { sigaddset(&defaults, signal) }
+        sigfillset(&defaults)
+        sigdelset(&defaults, SIGKILL)
+        sigdelset(&defaults, SIGSTOP)
         posix_spawnattr_setsigmask(&attributes, &empty)
         posix_spawnattr_setsigdefault(&attributes, &defaults)
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
@@ -108,6 +109,22 @@ public final class ChildProcess: @unchecked Sendable {
             if line.hasPrefix(prefix) { return line }
         }
     }
+
+    /// The process state letter from /proc/PID/stat (R, S, T, t, Z...).
+    public var state: Character? {
+        let fd = open("/proc/\(pid)/stat", O_RDONLY)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 1024)
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n > 0 else { return nil }
+        let text = String(decoding: buffer[0..<n], as: UTF8.self)
+        guard let close = text.lastIndex(of: ")") else { return nil }
+        return text[text.index(close, offsetBy: 2)]
+    }
+
+    /// True while the child has not exited (it may be stopped).
+    public var isAlive: Bool { !reaped && kill(pid, 0) == 0 && state != "Z" }
 
     /// Sends `signal`, waits, and returns the wait status.
     @discardableResult

@@ -12,8 +12,9 @@
 //   sweep <pages> <nanoseconds>         answer to the stdin command "sweep"
 //   touch <pages> <nanoseconds>         answer to "touch K" (every K-th page)
 //   count <writes>                      answer to "count"
+//   unmapped <P> <N>                    answer to "unmap P N" (pages of main)
 //   done <writes>                       all writer threads reached --stop-after
-// Commands on stdin, one per line: go, sweep, touch K, count, quit. EOF on stdin is
+// Commands on stdin, one per line: go, sweep, touch K, count, unmap P N, quit. EOF on stdin is
 // ignored (the process keeps running until killed), so it can run in the
 // background of a shell.
 //
@@ -94,7 +95,8 @@ static void usage(FILE *to) {
         "stdout: 'region <name> 0x<start> 0x<end>' lines, then 'pid <PID> ready'.\n"
         "stdin commands: go | sweep (write one word per page of 'main', prints\n"
         "'sweep <pages> <ns>') | touch K (the same on every K-th page, prints\n"
-        "'touch <pages> <ns>') | count (prints 'count <writes>') | quit.\n"
+        "'touch <pages> <ns>') | count (prints 'count <writes>') | unmap P N (munmap\n"
+        "N pages of 'main' from page P; prints 'unmapped P N') | quit.\n"
         "A write to global page P stores word0 = (thread << 48) | n, word1 = P | 1<<63.\n"
         "--pattern word at region offset O = O ^ (0x9E3779B97F4A7C15 * (seed + 1)).\n",
         to);
@@ -340,6 +342,15 @@ int main(int argc, char **argv) {
         else if (!strncmp(line, "sweep", 5)) touch("sweep", 1);
         else if (!strncmp(line, "touch ", 6)) touch("touch", (size_t)strtoul(line + 6, NULL, 10));
         else if (!strncmp(line, "count", 5)) say("count %lu\n", atomic_load(&total_writes));
+        else if (!strncmp(line, "unmap ", 6)) {
+            // unmap P N: munmap N pages of main from page P (tests of vanished pages).
+            char *end;
+            size_t first = strtoul(line + 6, &end, 10), count = strtoul(end, NULL, 10);
+            if (first + count > regions[0].pages || count == 0 || munmap(regions[0].base + first * PAGE, count * PAGE) != 0)
+                say("unmap failed\n");
+            else
+                say("unmapped %zu %zu\n", first, count);
+        }
         else if (!strncmp(line, "quit", 4)) _exit(0);
     }
     // stdin closed: keep running until a signal ends us.

@@ -192,4 +192,7 @@ long ferry_regs_syscall_result(const ferry_regs *regs);
 /// The bytes of this architecture's system call instruction; returns their count.
 int ferry_syscall_instruction(uint8_t out[4]);
 
+/// mallopt for programs that move many large buffers (see shim.c).
+void ferry_tune_malloc_for_bulk(void);
+
 #endif

@@ -1,0 +1,79 @@
+// Programs nobody here wrote, migrated under write load: a Redis server fed
+// by redis-benchmark, and a Python interpreter churning a dictionary. The
+// image must equal the stopped process, region for region, byte for byte.
+import Foundation
+import Testing
+import FerryTestSupport
+@testable import FerryMigration
+
+private let redisServer = "/usr/bin/redis-server"
+private let redisBenchmark = "/usr/bin/redis-benchmark"
+private let python = "/usr/bin/python3"
+
+@Suite(.serialized) struct RealProgramTests {
+    /// Migrates `pid` (already running) through an in-process seeder and leecher, then compares.
+    func migrateAndCompare(pid: Int32, name: String) async throws {
+        let process = try TrackedProcess.attach(pid: pid)
+        let seeder = try await LoopbackSeeder(process: process)
+        defer { seeder.close() }
+        let out = scratchDirectory(name)
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: 0.95, maxWaitSeconds: 5)
+        let leecher = Leecher(connect: seeder.connector(), sink: try ImageWriter(directory: out), options: options)
+        let summary = try await leecher.run()
+        #expect(summary.bytesReceived > 0)
+        let report = try ImageVerifier.compare(directory: out, pid: pid)
+        #expect(report.matches, "\(report)")
+        #expect(report.regionsCompared > 3)
+    }
+
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: redisServer)
+                   && FileManager.default.isExecutableFile(atPath: redisBenchmark),
+                   "redis-server and redis-benchmark are not installed (apt-get install redis-server; Tools/test.sh does)"))
+    func redisUnderRedisBenchmark() async throws {
+        let port = 20000 + Int(getpid() % 20000)
+        let server = try ChildProcess(redisServer, ["--port", "\(port)", "--bind", "127.0.0.1", "--save", "",
+                                                    "--appendonly", "no", "--daemonize", "no", "--loglevel", "notice"])
+        defer { server.stop() }
+        _ = try server.expect("", timeout: 5)
+        // Wait until it accepts connections.
+        var ready = false
+        for _ in 0..<100 where !ready {
+            let probe = try ChildProcess("/usr/bin/redis-cli", ["-p", "\(port)", "ping"])
+            ready = (try? probe.readLine(timeout: 1)) == "PONG"
+            probe.stop()
+            if !ready { usleep(50_000) }
+        }
+        #expect(ready, "redis-server did not answer on port \(port)")
+        let load = try ChildProcess(redisBenchmark, ["-p", "\(port)", "-t", "set,lpush,incr", "-n", "100000000",
+                                                     "-r", "200000", "-d", "256", "-c", "8", "-q"])
+        defer { load.stop() }
+        usleep(500_000)  // let it fill some memory first
+        try await migrateAndCompare(pid: server.pid, name: "redis")
+    }
+
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: python), "python3 is not installed"))
+    func pythonInterpreterChurningADictionary() async throws {
+        let script = """
+            import random, sys, threading
+            table = {}
+            def churn(seed):
+                r = random.Random(seed)
+                while True:
+                    k = r.randrange(200000)
+                    table[k] = bytes(r.randrange(256) for _ in range(64))
+                    if r.random() < 0.1:
+                        table.pop(r.randrange(200000), None)
+            for s in range(2):
+                threading.Thread(target=churn, args=(s,), daemon=True).start()
+            print("ready", flush=True)
+            sys.stdin.read()
+            """
+        let interpreter = try ChildProcess(python, ["-c", script])
+        defer { interpreter.stop() }
+        _ = try interpreter.expect("ready", timeout: 10)
+        usleep(300_000)
+        try await migrateAndCompare(pid: interpreter.pid, name: "python")
+    }
+}
