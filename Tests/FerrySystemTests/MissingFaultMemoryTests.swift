@@ -121,6 +121,7 @@ struct MissingFaultMemoryTests {
         defer { memory.unmap() }
         let target = region.start + 3 * pageSize
         let callbacks = Atomic<Int>(0)
+        let bothInstalls = DispatchSemaphore(value: 0)
         try memory.start { source in
             callbacks.add(1, ordering: .relaxed)
             // Late, so every thread is blocked on the page before it lands; and twice, as a racing fetch would.
@@ -129,6 +130,7 @@ struct MissingFaultMemoryTests {
                 for _ in 0..<2 {
                     _ = try? bytes.withUnsafeBytes { try memory.install(AddressRange(start: source, end: source + pageSize), data: $0) }
                 }
+                bothInstalls.signal()
             }
         }
         let wrong = Atomic<Int>(0)
@@ -136,6 +138,7 @@ struct MissingFaultMemoryTests {
             if read(memory.localAddress(of: target)!) != sourcePage(target) { wrong.add(1, ordering: .relaxed) }
         }
         #expect(wrong.load(ordering: .relaxed) == 0)
+        #expect(bothInstalls.wait(timeout: .now() + 5) == .success)
         #expect(callbacks.load(ordering: .relaxed) == 1, "one fetch for eight touching threads")
         let stats = memory.statistics
         #expect(stats.pagesCopied == 1)
@@ -216,5 +219,52 @@ struct MissingFaultMemoryTests {
         #expect(result < 0, "errno \(errno)")
         #expect(buffer.allSatisfy { $0 == 0xAA })
         #expect(memory.statistics.pagesPoisoned == 15)
+    }
+
+    // MARK: - In another process
+
+    @Test func anotherProcessOwnsTheMemoryAndItsTouchesAreFilledFromHere() throws {
+        let child = try TestChild(pages: 4)
+        defer { child.process.kill() }
+        let region = testRegion(8, slot: 8)
+        let memory = try MissingFaultMemory.inProcess(pid: child.pid, regions: [region], faultTimeout: .seconds(10))
+        defer { memory.finish() }
+        #expect(memory.mappings[0].atSourceAddress, "the address is free in the child")
+        try memory.start { source in
+            let bytes = sourcePage(source)
+            _ = try? bytes.withUnsafeBytes { try memory.install(AddressRange(start: source, end: source + pageSize), data: $0) }
+        }
+        // Installed from here before any touch: the child sees it.
+        let first = sourcePage(region.start)
+        try first.withUnsafeBytes { _ = try memory.install(AddressRange(start: region.start, end: region.start + pageSize), data: $0) }
+        // The child writes to a missing page: it blocks, we install, its write lands on our bytes.
+        let target = region.start + 3 * pageSize
+        let local = try #require(memory.localAddress(of: target))
+        try child.process.call("wat \(local + 8) 77")
+        let mem = open("/proc/\(child.pid)/mem", O_RDONLY)
+        defer { close(mem) }
+        var page = [UInt8](repeating: 0, count: Int(pageSize))
+        #expect(page.withUnsafeMutableBytes { pread(mem, $0.baseAddress, Int(pageSize), off_t(local)) } == Int(pageSize))
+        var expected = sourcePage(target)
+        withUnsafeBytes(of: UInt64(77).littleEndian) { expected.replaceSubrange(8..<16, with: $0) }
+        #expect(page == expected)
+        #expect(page.withUnsafeMutableBytes { pread(mem, $0.baseAddress, Int(pageSize), off_t(region.start)) } == Int(pageSize))
+        #expect(page == first)
+        let stats = memory.statistics
+        #expect(stats.faultCallbacks == 1 && stats.pagesCopied == 2)
+    }
+
+    @Test func aChildTouchingAPageThatCannotArriveDiesOfSIGBUSNotZeros() throws {
+        let child = try TestChild(pages: 4)
+        defer { child.process.kill() }
+        let region = testRegion(4, slot: 9)
+        let memory = try MissingFaultMemory.inProcess(pid: child.pid, regions: [region], faultTimeout: .milliseconds(300))
+        defer { memory.finish() }
+        try memory.start { _ in } // the seeder never answers
+        let local = try #require(memory.localAddress(of: region.start + pageSize))
+        child.process.send("wat \(local) 1")
+        let status = child.process.child.waitForExit(timeout: 10)
+        #expect(status == 128 + SIGBUS, "the child died of SIGBUS after the fault timeout, status \(String(describing: status))")
+        #expect(memory.statistics.pagesPoisoned == 1)
     }
 }
