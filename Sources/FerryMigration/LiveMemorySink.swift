@@ -90,6 +90,10 @@ public struct LiveMemoryOptions: Sendable {
     /// connection, so this window bounds first-touch latency; 2 x 512 KiB
     /// kept the loopback link as busy as 16 x 1 MiB on our 2-core machines
     /// (Tools/bench-postcopy).
+    /// Another process on this host to own the memory (a restored program):
+    /// the regions are mapped inside it and its touches are served from here.
+    /// nil: this process.
+    public var targetPid: Int32? = nil
     public var postCopyRequestsInFlight = 2
     public var postCopyPagesPerRequest = 128
     public init() {}
@@ -184,7 +188,9 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     /// `clean` pages (held, and not written since), and hands the memory out.
     func activate(layout: [Region], clean: [AddressRange]) throws -> MissingFaultMemory {
         let regions = layout.filter { $0.kind == .migrate && $0.range.length > 0 }.map(\.range)
-        let memory = try MissingFaultMemory.inOwnProcess(regions: regions, faultTimeout: options.faultTimeout)
+        let memory = try options.targetPid.map {
+            try MissingFaultMemory.inProcess(pid: $0, regions: regions, faultTimeout: options.faultTimeout)
+        } ?? MissingFaultMemory.inOwnProcess(regions: regions, faultTimeout: options.faultTimeout)
         cleanRuns = clean
         activeMemory = memory
         let priority = self.priority
@@ -316,18 +322,45 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
             throw MigrationError.image(memory.failureReason.map { "\($0)" }
                                        ?? "post-copy ended with \(memory.totalPages - memory.installedPages) pages missing")
         }
-        return layout.map { region in
+        return try layout.map { region in
             var entry = ManifestRegion(start: region.start, end: region.end, prot: region.permissions, offset: region.offset,
                                        device: region.device, inode: region.inode, name: region.name,
                                        kind: region.kind.rawValue, file: nil, blake2b: nil)
             if region.kind == .migrate, region.end > region.start, let local = memory.localAddress(of: region.start) {
                 entry.file = "memory:0x" + String(local, radix: 16)
-                // SAFETY: the region is mapped here and every page of it installed (checked above).
-                entry.blake2b = imageChecksum(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(local)),
-                                                                     count: Int(region.end - region.start)))
+                if let pid = options.targetPid {
+                    entry.file = "pid \(pid) memory:0x" + String(local, radix: 16)
+                    entry.blake2b = try Self.checksum(pid: pid, at: local, length: region.end - region.start)
+                } else {
+                    // SAFETY: the region is mapped here and every page of it installed (checked above).
+                    entry.blake2b = imageChecksum(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(local)),
+                                                                         count: Int(region.end - region.start)))
+                }
             }
             return entry
         }
+    }
+
+    /// BLAKE2b-256 of `length` bytes of process `pid` at `address`, read through /proc in 1 MiB steps.
+    private static func checksum(pid: Int32, at address: UInt64, length: UInt64) throws -> String {
+        let fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw MigrationError.image("cannot open /proc/\(pid)/mem to check the migrated memory: \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        var hash = Blake2b256()
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var done: UInt64 = 0
+        while done < length {
+            let want = Int(min(UInt64(buffer.count), length - done))
+            let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(Int64(bitPattern: address + done))) }
+            guard got == want else {
+                throw MigrationError.image("cannot read pid \(pid)'s migrated memory at 0x\(String(address + done, radix: 16)) to check it")
+            }
+            buffer.withUnsafeBytes { hash.update(UnsafeRawBufferPointer(rebasing: $0[0..<want])) }
+            done += UInt64(want)
+        }
+        return hash.finish().hexString
     }
 
     /// The migration failed: waiting consumers get the error, touched and

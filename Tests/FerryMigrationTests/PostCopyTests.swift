@@ -146,4 +146,37 @@ private func touch(_ local: UInt64) -> [UInt8] {
             #expect(sourceBytes(pid: getpid(), at: missing.local, length: 4096) == nil)
         }
     }
+
+    @Test func anotherProcessReceivesTheMemoryAndItMatchesTheFrozenSource() async throws {
+        let source = try Memwriter(["--mib", "16", "--threads", "2", "--rate", "20000", "--pattern"])
+        defer { source.stop() }
+        let destination = try Memwriter(["--mib", "1"]) // stands for a restored program
+        defer { destination.stop() }
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: source.pid))
+        defer { seeder.close() }
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: 0.5, maxWaitSeconds: 10)
+        var live = LiveMemoryOptions()
+        live.targetPid = destination.pid
+        let sink = try LiveMemorySink(options: live)
+        // Leecher verification reads the destination's memory and compares it with the frozen source.
+        let summary = try await Leecher(connect: seeder.connector(), memory: sink, options: options).run()
+        let memory = try await sink.migratedMemory()
+        #expect(summary.manifest.regions.contains { $0.file?.hasPrefix("pid \(destination.pid)") == true })
+        #expect(memory.isComplete && memory.statistics.pagesPoisoned == 0)
+        // Spot check one region through /proc: the destination holds the source's bytes.
+        let mapping = try #require(memory.mappings.max { $0.source.length < $1.source.length })
+        let length = Int(min(mapping.source.length, 1 << 20))
+        let here = try #require(procBytes(pid: destination.pid, at: mapping.local, length: length))
+        #expect(procBytes(pid: source.pid, at: mapping.source.start, length: length) == here)
+    }
+}
+
+private func procBytes(pid: Int32, at address: UInt64, length: Int) -> [UInt8]? {
+    let fd = open("/proc/\(pid)/mem", O_RDONLY)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes = [UInt8](repeating: 0, count: length)
+    let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(Int64(bitPattern: address))) }
+    return n == length ? bytes : nil
 }
