@@ -270,6 +270,7 @@ public final class MissingFaultMemory: @unchecked Sendable {
     public func installZero(_ range: AddressRange) throws -> Int {
         try installRuns(range) { local, _, length, done in
             var zero = uffdio_zeropage(range: uffdio_range(start: local, len: length), mode: 0, zeropage: 0)
+            // SAFETY: `local..<local+length` is inside a mapping we registered; the kernel only writes `zeropage`.
             let result = try uffd.withDescriptor { fd in ferry_uffdio_zeropage(fd, &zero) }
             done = zero.zeropage > 0 ? UInt64(zero.zeropage) : 0
             return result < 0 ? errno : 0
@@ -395,6 +396,7 @@ public final class MissingFaultMemory: @unchecked Sendable {
                 var request = uffdio_poison(range: uffdio_range(start: local, len: pageSize), mode: 0, updated: 0)
                 var attempts = 0
                 while true {
+                    // SAFETY: one page inside a mapping we registered; the kernel only writes `updated`.
                     let result = (try? uffd.withDescriptor { fd in ferry_uffdio_poison(fd, &request) }) ?? -1
                     if result == 0 || errno == EEXIST { break }
                     attempts += 1
