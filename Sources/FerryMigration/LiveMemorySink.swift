@@ -87,15 +87,16 @@ public struct LiveMemoryOptions: Sendable {
     public var stagingReserve: UInt64 = 1 << 40
     /// Background ReadAt requests in flight during post-copy, and pages in
     /// each. A touched page's request waits behind every reply already on the
-    /// connection, so this window bounds first-touch latency; 2 x 512 KiB
-    /// kept the loopback link as busy as 16 x 1 MiB on our 2-core machines
-    /// (Tools/bench-postcopy).
+    /// connection, so this window bounds first-touch latency. On our 2-core
+    /// loopback (Tools/bench-postcopy, release): 1 x 128 KiB gave touches at
+    /// 5-6x the round trip with the fill at 70-79 % of the link; 2 x 512 KiB
+    /// gave 11-29x and 74-96 %.
+    public var postCopyRequestsInFlight = 1
+    public var postCopyPagesPerRequest = 32
     /// Another process on this host to own the memory (a restored program):
     /// the regions are mapped inside it and its touches are served from here.
     /// nil: this process.
     public var targetPid: Int32? = nil
-    public var postCopyRequestsInFlight = 2
-    public var postCopyPagesPerRequest = 128
     public init() {}
 }
 
