@@ -106,9 +106,22 @@ public final class Leecher {
             try await pull(precopy: true)
             try await finalize()
             try await pull(precopy: false)
-            let manifest = try sink.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
+            // The seeder hashes the frozen source while we write and hash the image.
+            var request = WireWriter()
+            request.ranges(layout.filter { $0.kind == .migrate }.map(\.range))
+            let payload = request.bytes
+            let expected: Task<[UInt8], any Error>? = options.verify ? Task { [link] in
+                try await link.call(.checksum, payload)
+            } : nil
+            let manifest: Manifest
+            do {
+                manifest = try sink.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
                                             tracker: reply.tracker, downtimeMilliseconds: downtime)
-            if options.verify { try await verify(manifest) }
+            } catch {
+                expected?.cancel()
+                throw error
+            }
+            if let expected { try verify(manifest, against: try await expected.value) }
             let said: String
             if options.abortAtEnd {
                 said = try OutcomeReply.decode(try await link.call(.abort, [])).message
@@ -376,11 +389,10 @@ public final class Leecher {
                           dirtyPages: report.dirty.reduce(0) { $0 + $1.pageCount }, remotePages: store.count(.remote)))
     }
 
-    private func verify(_ manifest: Manifest) async throws {
+    /// Compares each migrated region of the image with the seeder's checksum of the frozen source.
+    private func verify(_ manifest: Manifest, against encoded: [UInt8]) throws {
         let regions = manifest.regions.filter { $0.file != nil }
-        var w = WireWriter()
-        w.ranges(regions.map { AddressRange(start: $0.start, end: $0.end) })
-        let reply = try ChecksumReply.decode(try await link.call(.checksum, w.bytes))
+        let reply = try ChecksumReply.decode(encoded)
         guard reply.digests.count == regions.count else {
             throw MigrationError.protocolViolation("the seeder sent \(reply.digests.count) checksums for \(regions.count) regions")
         }
