@@ -27,8 +27,19 @@ public struct HubOptions: Sendable {
     /// Upstream dirty reports are at most this old when a leecher asks for one.
     public var syncInterval: Duration = .milliseconds(100)
     public var host = ProcessInfo.processInfo.hostName
+    /// Test-only misbehaviour: a hub that lies, to show what leechers catch.
+    var tamper: HubTamper? = nil
 
     public init() {}
+}
+
+/// How a test hub lies (tests only; `hub serve` never sets it).
+struct HubTamper: Sendable {
+    /// Flips the first byte of this page in every ReadAt reply.
+    var alterPage: UInt64? = nil
+    /// Answers Checksum with unsigned digests of what the hub serves,
+    /// instead of forwarding the seeder's answer.
+    var forgeChecksums = false
 }
 
 public enum HubEvent: Sendable {
@@ -628,6 +639,9 @@ final class HubMigration: Sendable {
                     let destination = buffer.baseAddress! + i * Int(pageSize)
                     if let entry = cache.entry(page) {
                         if try !cache.load(entry, into: destination) { memset(destination, 0, Int(pageSize)) }
+                        if options.tamper?.alterPage == page {
+                            destination.storeBytes(of: destination.load(as: UInt8.self) ^ 0xFF, as: UInt8.self)
+                        }
                         sentVersions.append((page, entry.version))
                     } else {
                         memset(destination, 0, Int(pageSize))
@@ -761,6 +775,7 @@ final class HubMigration: Sendable {
         var reader = WireReader(payload)
         let ranges = try reader.ranges()
         try reader.expectEnd("Checksum request")
+        if options.tamper?.forgeChecksums == true { return try forgedChecksums(ranges) }
         if let cached = state.withLock({ $0.checksums[ranges] }) { return cached }
         do {
             let reply = try await link.call(.checksum, payload)
@@ -769,6 +784,31 @@ final class HubMigration: Sendable {
         } catch {
             throw upstreamFailed(error)
         }
+    }
+
+    /// Test-only (`HubTamper.forgeChecksums`): digests of what this hub
+    /// serves, unsigned, as a hub posing as the source would answer.
+    private func forgedChecksums(_ ranges: [AddressRange]) throws -> [UInt8] {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(pageSize), alignment: Int(pageSize))
+        defer { buffer.deallocate() }
+        var digests: [[UInt8]] = []
+        for range in ranges {
+            var hasher = Blake2b256()
+            var page = range.start
+            while page < range.end {
+                try cacheLock.withLock { _ in
+                    if let entry = cache.entry(page), try cache.load(entry, into: buffer.baseAddress!) {
+                    } else {
+                        memset(buffer.baseAddress!, 0, Int(pageSize))
+                    }
+                }
+                if options.tamper?.alterPage == page { buffer[0] ^= 0xFF }
+                hasher.update(UnsafeRawBufferPointer(buffer))
+                page += pageSize
+            }
+            digests.append(hasher.finish())
+        }
+        return ChecksumReply(digests: digests).encode()
     }
 
     /// After the freeze: completes upstream once every leecher on the list

@@ -19,6 +19,9 @@ public struct LeecherOptions: Sendable {
     public var verify = true
     /// Abort instead of Complete at the end (the source is thawed): a dry run.
     public var abortAtEnd = false
+    /// The seeder's key: its signature over the checksums must verify, so a
+    /// hub in between cannot pose as the source (needs `verify`).
+    public var seederKey: PublicKey? = nil
 
     public init() {}
 }
@@ -376,6 +379,10 @@ public final class Leecher {
         var w = WireWriter()
         w.ranges(regions.map { AddressRange(start: $0.start, end: $0.end) })
         let reply = try ChecksumReply.decode(try await link.call(.checksum, w.bytes))
+        if let pinned = options.seederKey, let seeder {
+            try reply.verifySigned(by: pinned, pid: seeder.pid, host: seeder.host, layout: layout,
+                                   ranges: regions.map { AddressRange(start: $0.start, end: $0.end) })
+        }
         guard reply.digests.count == regions.count else {
             throw MigrationError.protocolViolation("the seeder sent \(reply.digests.count) checksums for \(regions.count) regions")
         }

@@ -55,6 +55,11 @@ struct PullCommand: AsyncParsableCommand {
     @Flag(name: .long, help: "Abort instead of Complete at the end: the source is thawed and runs on (a dry run).")
     var dryRun = false
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Pin the source: its signature over the checksums must verify with this key (its .pub line, or the file), through any hubs.",
+        valueName: "KEY|FILE"))
+    var seederKey: String?
+
     @OptionGroup var auth: AuthOptions
     @OptionGroup var output: OutputOptions
 
@@ -63,6 +68,9 @@ struct PullCommand: AsyncParsableCommand {
         guard (1...1024).contains(inFlight) else { throw ValidationError("--in-flight takes 1 to 1024") }
         if let maxDowntime, maxDowntime < 0 { throw ValidationError("--max-downtime cannot be negative") }
         if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }
+        if seederKey != nil && noVerify {
+            throw ValidationError("--seeder-key checks the seeder's signed checksums, which --no-verify skips; drop one of them")
+        }
     }
 
     func run() async throws {
@@ -76,6 +84,7 @@ struct PullCommand: AsyncParsableCommand {
             options.pagesPerRequest = batchPages
             options.verify = !noVerify
             options.abortAtEnd = dryRun
+            options.seederKey = try seederKey.map { try AuthOptions.publicKey($0) }
             let endpoint = try Endpoint(parsing: address)
             let credentials = try auth.credentials(createDefault: false)
             let sink = try ImageWriter(directory: out)

@@ -15,8 +15,11 @@ final class LoopbackSeeder: Sendable {
     let secret: PreSharedSecret
     let acceptTask: Task<Void, Never>
 
-    init(process: TrackedProcess, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
-        service = SeederService(source: process, options: SeederOptions(then: then, grace: grace))
+    init(process: TrackedProcess, then: ThenAction = .stop, grace: Duration = .seconds(3),
+         signingKey: KeyPair? = nil) async throws {
+        var options = SeederOptions(then: then, grace: grace)
+        options.signingKey = signingKey
+        service = SeederService(source: process, options: options)
         listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
         secret = try PreSharedSecret.generate()
         let (listener, secret, service) = (listener, secret, service)
