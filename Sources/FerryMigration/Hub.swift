@@ -24,8 +24,11 @@ public struct HubOptions: Sendable {
     public var spillDirectory = NSTemporaryDirectory()
     /// How long a leecher's session outlives its connection.
     public var grace: Duration = .seconds(5)
-    /// Upstream dirty reports are at most this old when a leecher asks for one.
-    public var syncInterval: Duration = .milliseconds(100)
+    /// Upstream dirty reports are at most this old when a leecher asks for
+    /// one. The leecher's own default interval: asking upstream more often
+    /// than leechers ask the hub only re-fetches hot pages more often
+    /// (measured: 100 ms read 1.18x the pages of one leecher with 16, 200 ms 1.12x).
+    public var syncInterval: Duration = .milliseconds(200)
     public var host = ProcessInfo.processInfo.hostName
     /// Test-only misbehaviour: a hub that lies, to show what leechers catch.
     var tamper: HubTamper? = nil

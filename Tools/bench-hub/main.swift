@@ -56,7 +56,19 @@ struct Figures {
     var seederBytes: UInt64
     var leecherBytes: UInt64
     var seconds: Double
+    /// CPU seconds the hub process used (user + system), nil for the direct run.
+    var hubCPU: Double? = nil
     var aggregate: Double { Double(leecherBytes) / seconds }
+}
+
+/// User + system CPU seconds of a process so far, from /proc/PID/stat.
+func cpuSeconds(_ pid: Int32) -> Double? {
+    guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = text.lastIndex(of: ")") else { return nil }
+    // Fields after the command name: state is field 3, utime 14, stime 15.
+    let fields = text[text.index(after: close)...].split(separator: " ")
+    guard fields.count > 13, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
+    return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
 }
 
 func seconds(since start: ContinuousClock.Instant) -> Double {
@@ -154,8 +166,10 @@ func throughHub(_ settings: Settings, leechers: Int, secret: String) throws -> F
     let start = ContinuousClock.now
     let received = try run.pull(leechers, from: hubAddress, tag: "hub\(leechers)")
     let elapsed = seconds(since: start)
+    let cpu = cpuSeconds(hub.pid)
     let sent = try integer(try seeder.expect("{\"event\":\"complete\"", timeout: 30), "pages_sent")
-    return Figures(label: "hub", leechers: leechers, seederBytes: sent * 4096, leecherBytes: received, seconds: elapsed)
+    return Figures(label: "hub", leechers: leechers, seederBytes: sent * 4096, leecherBytes: received, seconds: elapsed,
+                   hubCPU: cpu)
 }
 
 let settings = parse()
@@ -173,14 +187,15 @@ do {
     let baseline = runs[0]
     let hubOne = runs.first { $0.label == "hub" && $0.leechers == 1 } ?? baseline
     print("")
-    print("run     leechers  seeder MiB  x hub-1  x direct  wall s  aggregate MB/s  x direct")
+    print("run     leechers  seeder MiB  x hub-1  x direct  wall s  aggregate MB/s  x direct  hub CPU s")
     for run in runs {
         print(run.label.padding(toLength: 7, withPad: " ", startingAt: 0)
             + String(format: " %8d  %10.1f  %7.3f  %8.3f  %6.2f  %14.0f  %8.2f",
                      run.leechers, Double(run.seederBytes) / 1_048_576,
                      Double(run.seederBytes) / Double(hubOne.seederBytes),
                      Double(run.seederBytes) / Double(baseline.seederBytes),
-                     run.seconds, run.aggregate / 1e6, run.aggregate / baseline.aggregate))
+                     run.seconds, run.aggregate / 1e6, run.aggregate / baseline.aggregate)
+            + (run.hubCPU.map { String(format: "  %9.2f", $0) } ?? "          -"))
     }
     if let most = runs.last, most.label == "hub" {
         let ratio = Double(most.seederBytes) / Double(hubOne.seederBytes)
