@@ -70,7 +70,9 @@ final class HubEventLog: Sendable {
 }
 
 /// An upstream connector that can be cut: open connections are closed and
-/// new ones refused, as when the seeder's host drops off the network.
+/// new ones refused, as when the seeder's host drops off the network. The
+/// refusal is final (an RPC error, not a link failure), so the hub gives up
+/// at once instead of retrying for the seeder's grace period.
 final class CuttableConnector: Sendable {
     private let inner: SessionLink.Connector
     private let state = Mutex<(cut: Bool, open: [FrameTransport])>((false, []))
@@ -79,7 +81,7 @@ final class CuttableConnector: Sendable {
 
     func connector() -> SessionLink.Connector {
         { [self] in
-            if state.withLock({ $0.cut }) { throw TestFailure("test: the upstream is cut") }
+            if state.withLock({ $0.cut }) { throw RPCError(code: .unavailable, message: "test: the upstream is cut") }
             let transport = try await inner()
             state.withLock { $0.open.append(transport) }
             return transport
@@ -257,12 +259,14 @@ final class CuttableConnector: Sendable {
     }
 
     @Test func afterFinalizeTheHubServesFromItsCacheWithoutTheUpstream() async throws {
-        // An idle source: once the seeder gives up on the lost hub it thaws
-        // the process, which must not change what the images are compared with.
-        let child = try Memwriter(["--mib", "16", "--pattern", "--no-write"])
+        let child = try Memwriter(["--mib", "16", "--threads", "2", "--rate", "5000", "--pattern"])
         defer { child.stop() }
-        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid), grace: .seconds(1))
+        // The seeder waits for the lost hub longer than the test runs, so the
+        // source stays frozen while the images are compared with it; it is
+        // let go (thawed) before the process is killed.
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid), grace: .seconds(60))
         defer { seeder.close() }
+        defer { seeder.service.abandon("test over") }
         var options = HubOptions()
         options.finalize = .first
         let hub = try await LoopbackHub(options: options, secret: seeder.secret)
@@ -277,6 +281,8 @@ final class CuttableConnector: Sendable {
         // Leechers joining now are served from the frozen state in the cache.
         outs += try await pullThrough(hub, name: "hub-after-late", delays: [0, 20])
         #expect(outs.count == 3)
+        // The seeder never heard of them: it still waits for the hub, with the source frozen.
+        #expect(!seeder.service.isFinished)
         for out in outs {
             let report = try ImageVerifier.compare(directory: out, pid: child.pid)
             #expect(report.matches, "\(out): \(report)")
