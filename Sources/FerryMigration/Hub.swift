@@ -520,6 +520,11 @@ final class HubMigration: Sendable {
             if let abandoned = s.abandoned {
                 throw RPCError(code: .unavailable, message: abandoned)
             }
+            // Before the freeze the hub holds only part of the image: without
+            // its upstream, a new leecher could never finish.
+            if let failure = s.upstreamFailure, s.finalized == nil, request.resume == nil {
+                throw RPCError(code: .unavailable, message: failure)
+            }
             let leecher: HubLeecher
             if let resume = request.resume {
                 guard let known = s.leechers.first(where: { $0.session == resume }) else {
