@@ -53,6 +53,9 @@ public enum HubEvent: Sendable {
     case finalized(migration: String, freezeMilliseconds: Double, dirtyPages: UInt64)
     case upstreamLost(migration: String, reason: String)
     case completed(migration: String, message: String)
+    /// Every leecher left after the freeze and none completed: the hub told
+    /// the seeder to abort, which thaws the source.
+    case abandoned(migration: String, message: String)
 }
 
 /// Relays migrations from upstream seeders to many leechers.
@@ -804,12 +807,10 @@ final class HubMigration: Sendable {
             var hasher = Blake2b256()
             var page = range.start
             while page < range.end {
-                try cacheLock.withLock { _ in
-                    if let entry = cache.entry(page), try cache.load(entry, into: buffer.baseAddress!) {
-                    } else {
-                        memset(buffer.baseAddress!, 0, Int(pageSize))
-                    }
+                let held = try cacheLock.withLock { _ in
+                    try cache.entry(page).map { try cache.load($0, into: buffer.baseAddress!) } ?? false
                 }
+                if !held { memset(buffer.baseAddress!, 0, Int(pageSize)) }
                 if options.tamper?.alterPage == page { buffer[0] ^= 0xFF }
                 hasher.update(UnsafeRawBufferPointer(buffer))
                 page += pageSize
@@ -841,7 +842,7 @@ final class HubMigration: Sendable {
             return
         case .abort:
             let said = (try? OutcomeReply.decode(try await link.call(.abort, [])).message) ?? "the seeder did not answer"
-            events(.completed(migration: name, message: "aborted: \(said)"))
+            events(.abandoned(migration: name, message: said))
             await link.close()
             return
         case .complete:

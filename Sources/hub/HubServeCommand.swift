@@ -137,6 +137,9 @@ struct HubServeCommand: AsyncParsableCommand {
         case .upstreamLost(let migration, let reason):
             reporter.event("upstream_lost", ["migration": .string(migration), "reason": .string(reason)],
                            text: "hub: lost the seeder of '\(migration)': \(reason)")
+        case .abandoned(let migration, let message):
+            reporter.event("abandoned", ["migration": .string(migration), "message": .string(message)],
+                           text: "hub: every leecher left '\(migration)' after the freeze; the seeder was told to abort: \(message)")
         case .completed(let migration, let message):
             reporter.event("complete", ["migration": .string(migration), "message": .string(message)],
                            text: "hub: '\(migration)' complete; \(message)")

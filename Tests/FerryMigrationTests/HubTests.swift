@@ -339,4 +339,37 @@ final class CuttableConnector: Sendable {
             #expect(report.matches, "\(out): \(report)")
         }
     }
+
+    @Test func whenEveryLeecherLeavesAfterTheFreezeTheSourceIsThawed() async throws {
+        let child = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000"])
+        defer { child.stop() }
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid))
+        defer { seeder.close() }
+        let log = HubEventLog()
+        let hub = try await LoopbackHub(options: HubOptions(), secret: seeder.secret, log: log)
+        defer { hub.close() }
+        try await hub.hub.addUpstream(connect: seeder.connector())
+        // A dry run through the hub: the only leecher finalizes, then aborts.
+        var options = LeecherOptions()
+        options.abortAtEnd = true
+        let out = scratchDirectory("hub-abandon")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        _ = try await Leecher(connect: hub.connector(), sink: try ImageWriter(directory: out), options: options).run()
+        guard case .aborted = await seeder.service.outcome() else {
+            Issue.record("the seeder was not told to abort")
+            return
+        }
+        #expect(log.finalized)
+        // The source runs on, and the hub turns new leechers away.
+        child.send("count")
+        let before = try child.expect("count")
+        try await Task.sleep(for: .milliseconds(200))
+        child.send("count")
+        #expect(try child.expect("count") != before)
+        let late = RPCClient(transport: try await hub.connector()())
+        defer { late.close() }
+        await #expect {
+            _ = try await late.call(MigrationMethod.track.rawValue, TrackRequest().encode())
+        } throws: { "\($0)".contains("was abandoned") }
+    }
 }
