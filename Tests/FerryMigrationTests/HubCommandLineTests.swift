@@ -70,4 +70,45 @@ import FerryTestSupport
         }
         #expect(!FileManager.default.fileExists(atPath: victimOut))
     }
+
+    @Test func hubServeFinalizeManualWaitsForSIGUSR1() throws {
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let child = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000", "--pattern"])
+        defer { child.stop() }
+        let seeder = try ChildProcess(builtExecutable("seeder"),
+                                      ["serve", "\(child.pid)", "--listen", "127.0.0.1:0", "--secret-file", secretPath,
+                                       "--grace", "2", "--json"])
+        defer { seeder.stop() }
+        let seederAddress = try Self.address(in: try seeder.expect("{\"event\":\"listening\""))
+        let hub = try ChildProcess(builtExecutable("hub"),
+                                   ["serve", "--upstream", seederAddress, "--listen", "127.0.0.1:0",
+                                    "--finalize", "manual", "--secret-file", secretPath, "--json"])
+        defer { hub.stop() }
+        let hubAddress = try Self.address(in: try hub.expect("{\"event\":\"listening\""))
+        let out = scratch + "/manual"
+        let leecher = try ChildProcess(builtExecutable("leecher"),
+                                       ["pull", hubAddress, "--secret-file", secretPath, "--out", out, "--json"])
+        defer { leecher.stop() }
+        #expect(try hub.expect("{\"event\":\"waiting_to_finalize\"", timeout: 30).contains("\"ready\":1"))
+        // Nothing freezes until the operator says so.
+        #expect(!seeder.hasLine(within: 0.3, prefix: "{\"event\":\"finalized\""))
+        kill(hub.pid, SIGUSR1)
+        _ = try hub.expect("{\"event\":\"finalized\"", timeout: 30)
+        _ = try leecher.expect("{\"event\":\"complete\"", timeout: 30)
+        #expect(leecher.waitForExit() == 0)
+        #expect(seeder.waitForExit() == 0)
+        #expect(try ImageVerifier.compare(directory: out, pid: child.pid).matches)
+    }
+}
+
+extension ChildProcess {
+    /// True when a line starting with `prefix` arrives within `seconds`.
+    func hasLine(within seconds: Double, prefix: String) -> Bool {
+        let deadline = ChildProcess.now() + seconds
+        while ChildProcess.now() < deadline {
+            guard let line = try? readLine(timeout: max(0.01, deadline - ChildProcess.now())) else { return false }
+            if line.hasPrefix(prefix) { return true }
+        }
+        return false
+    }
 }
