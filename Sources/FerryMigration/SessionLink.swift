@@ -24,6 +24,10 @@ public actor SessionLink {
     /// was already dealt with.
     private var generation = 0
     private var closed = false
+    /// Why resuming failed for good (refused, or past the peer's grace
+    /// period, after which the peer has dropped the session): later calls
+    /// fail at once with it instead of retrying for another grace period.
+    private var lost: MigrationError?
     public private(set) var session: [UInt8]?
     /// The first Track reply (pid, host, tracker, grace, initial layout).
     public private(set) var first: TrackReply?
@@ -83,8 +87,17 @@ public actor SessionLink {
     func current() async throws -> (RPCClient, Int) {
         if closed { throw MigrationError.connectionLost("the link to the seeder is closed") }
         if let client { return (client, generation) }
-        try await open()
-        return (client!, generation)
+        if let lost { throw lost }
+        if session == nil {
+            try await open()
+            return (client!, generation)
+        }
+        // Another call saw the link fail and is reconnecting: join it, with
+        // the same retries, instead of failing on the first refused dial
+        // (which failed a whole migration, or a hub's upstream, on a race).
+        try await failed(generation, MigrationError.connectionLost("the connection to the seeder dropped"))
+        guard let client else { throw MigrationError.connectionLost("the link to the seeder is closed") }
+        return (client, generation)
     }
 
     /// Called after a link failure seen on connection `seen`: reconnects and
@@ -100,6 +113,9 @@ public actor SessionLink {
         var last: any Error = error
         var attempt = 0
         while ContinuousClock.now < deadline {
+            // Another caller may have resumed the session while we slept: a
+            // second Track would take the session from its connection.
+            if generation != seen || closed { return }
             attempt += 1
             events(.reconnecting(attempt: attempt, reason: "\(last)"))
             do {
@@ -107,8 +123,10 @@ public actor SessionLink {
                 events(.resumed(phase: reply.phase))
                 return
             } catch let refusal as RPCError where !isLinkFailure(refusal) {
-                throw MigrationError.connectionLost(
+                let failure = MigrationError.connectionLost(
                     "lost the connection to the seeder (\(error)) and it refused to resume: \(refusal.message)")
+                lost = failure
+                throw failure
             } catch is CancellationError {
                 throw CancellationError()
             } catch {
@@ -117,8 +135,11 @@ public actor SessionLink {
             try await Task.sleep(for: .milliseconds(Int(delay * 1000)))
             delay = min(delay * 2, 1)
         }
-        throw MigrationError.connectionLost(
+        if generation != seen { return }
+        let failure = MigrationError.connectionLost(
             "lost the connection to the seeder and could not resume within its grace period of \(grace) s: \(last)")
+        lost = failure
+        throw failure
     }
 
     public func close() {
