@@ -382,8 +382,13 @@ final class HubMigration: Sendable {
 
     /// Makes sure every page of `pages` is cached at its current version,
     /// fetching what is missing once, however many leechers ask.
+    /// Rounds of fetching after the freeze before giving up. Versions only
+    /// move then when the Finalize reply lands while a fetch is in flight, so
+    /// a second round normally ends it; more means something is wrong.
+    private static let maxFetchRounds = 8
+
     private func ensureCached(_ pages: [UInt64]) async throws {
-        for _ in 0..<8 {
+        for _ in 0..<Self.maxFetchRounds {
             var waits: [Task<Void, any Error>] = []
             var missing: [UInt64] = []
             let (versions, failure) = state.withLock { s -> ([UInt64: UInt32], String?) in
