@@ -48,6 +48,9 @@ let package = Package(
         .executableTarget(name: "ferry-bench-wire", dependencies: ["FerryWire"], path: "Tools/bench-wire"),
         // System benchmark: tracker cost, scan time, read throughput, with same-run baselines.
         .executableTarget(name: "ferry-bench-system", dependencies: ["FerrySystem"], path: "Tools/bench-system"),
+        // Hub benchmark: bytes read from the seeder with 1, 4, 16 leechers vs direct (Tools/bench-hub.sh).
+        .executableTarget(name: "ferry-bench-hub", dependencies: ["FerryMigration", "FerryTestSupport"],
+                          path: "Tools/bench-hub"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

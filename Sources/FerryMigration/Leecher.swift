@@ -20,6 +20,9 @@ public struct LeecherOptions: Sendable {
     public var verify = true
     /// Abort instead of Complete at the end (the source is thawed): a dry run.
     public var abortAtEnd = false
+    /// The seeder's key: its signature over the checksums must verify, so a
+    /// hub in between cannot pose as the source (needs `verify`).
+    public var seederKey: PublicKey? = nil
 
     public init() {}
 }
@@ -393,6 +396,10 @@ public final class Leecher {
     private func verify(_ manifest: Manifest, against encoded: [UInt8]) throws {
         let regions = manifest.regions.filter { $0.file != nil }
         let reply = try ChecksumReply.decode(encoded)
+        if let pinned = options.seederKey, let seeder {
+            try reply.verifySigned(by: pinned, pid: seeder.pid, host: seeder.host, layout: layout,
+                                   ranges: regions.map { AddressRange(start: $0.start, end: $0.end) })
+        }
         guard reply.digests.count == regions.count else {
             throw MigrationError.protocolViolation("the seeder sent \(reply.digests.count) checksums for \(regions.count) regions")
         }

@@ -14,6 +14,9 @@ public struct SeederOptions: Sendable {
     public var host: String = ProcessInfo.processInfo.hostName
     /// The name leechers (and hubs) ask for; empty accepts any.
     public var migration: String = ""
+    /// Signs Checksum replies, so leechers can pin this seeder's key through
+    /// hubs (`leecher pull --seeder-key`); nil sends them unsigned.
+    public var signingKey: KeyPair? = nil
 
     public init(then: ThenAction = .stop, grace: Duration = .seconds(5), migration: String = "") {
         self.then = then
@@ -54,6 +57,8 @@ public final class SeederService: Sendable {
         var layout: [Region] = []
         var layoutEpoch: UInt64 = 1
         var finalized: FinalizeReply? = nil
+        /// Wall-clock time of the freeze, Unix milliseconds (signed with the checksums).
+        var frozenAtMilliseconds: UInt64 = 0
         var outcome: SeederOutcome? = nil
         var dirtyRate = RateMeter()
         var pagesSent: UInt64 = 0
@@ -380,6 +385,7 @@ public final class SeederService: Sendable {
             let reply = FinalizeReply(layoutEpoch: s.layoutEpoch, layout: s.layout, dirty: dirty,
                                       freezeMicroseconds: micros)
             s.finalized = reply
+            s.frozenAtMilliseconds = UInt64(Date().timeIntervalSince1970 * 1000)
             s.phase = .frozen
             return reply
         }
@@ -411,7 +417,13 @@ public final class SeederService: Sendable {
             }
             digests.append(hasher.finish())
         }
-        return ChecksumReply(digests: digests)
+        var reply = ChecksumReply(digests: digests)
+        if let key = options.signingKey {
+            let (session, frozenAt, layout) = state.withLock { ($0.session, $0.frozenAtMilliseconds, $0.finalized?.layout ?? $0.layout) }
+            try reply.sign(with: key, pid: source.pid, host: options.host, session: session,
+                           frozenAtMilliseconds: frozenAt, layout: layout, ranges: ranges)
+        }
+        return reply
     }
 
     private func complete() throws -> OutcomeReply {

@@ -41,6 +41,11 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Dirty tracker: async, sync or soft-dirty (default: the best this kernel has).")
     var tracker: String?
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Sign the checksums with this private key, so leechers can pin it through hubs (default: --key).",
+        valueName: "FILE"))
+    var signingKey: String?
+
     @OptionGroup var auth: AuthOptions
     @OptionGroup var output: OutputOptions
 
@@ -63,6 +68,7 @@ struct ServeCommand: AsyncParsableCommand {
             let process = try TrackedProcess.attach(pid: pid, tracker: trackerKind)
             var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
+            options.signingKey = try (signingKey ?? auth.key).map { try KeyPair.load(path: $0) }
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
             }

@@ -54,8 +54,11 @@ final class LoopbackSeeder: Sendable {
     var listener: Listener { server.listener }
     var secret: PreSharedSecret { server.secret }
 
-    init(process: TrackedProcess, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
-        let service = SeederService(source: process, options: SeederOptions(then: then, grace: grace))
+    init(process: TrackedProcess, then: ThenAction = .stop, grace: Duration = .seconds(3),
+         signingKey: KeyPair? = nil) async throws {
+        var options = SeederOptions(then: then, grace: grace)
+        options.signingKey = signingKey
+        let service = SeederService(source: process, options: options)
         self.service = service
         server = try await LoopbackServer(secret: try PreSharedSecret.generate()) { await service.serve($0) }
     }
