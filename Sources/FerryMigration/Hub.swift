@@ -149,16 +149,9 @@ public final class HubService: Sendable {
     /// Serves one authenticated leecher connection until it ends.
     public func serve(_ transport: FrameTransport) async {
         let connection = HubConnection(peer: transport.peerDescription)
-        let server = RPCServer(transport: transport) { [self] method, payload, parts in
+        let reason = await answerRPCs(on: transport) { [self] method, payload, parts in
             try await self.handle(method, payload, parts, connection)
         }
-        var reason = "connection closed"
-        do {
-            try await server.run()
-        } catch {
-            reason = "\(error)"
-        }
-        transport.close()
         if let (migration, leecher) = connection.binding.withLock({ $0 }) {
             migration.leecherDisconnected(leecher, reason: reason)
             events(.leecherLeft(peer: connection.peer, reason: reason))

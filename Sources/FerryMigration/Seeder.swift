@@ -111,16 +111,9 @@ public final class SeederService: Sendable {
             openConnections.subtract(1, ordering: .relaxed)
         }
         let connection = Connection()
-        let server = RPCServer(transport: transport) { [self] method, payload, parts in
+        let reason = await answerRPCs(on: transport) { [self] method, payload, parts in
             try await self.handle(method, payload, parts, connection)
         }
-        var reason = "connection closed"
-        do {
-            try await server.run()
-        } catch {
-            reason = "\(error)"
-        }
-        transport.close()
         connectionEnded(connection, peer: transport.peerDescription, reason: reason)
     }
 
@@ -448,6 +441,20 @@ public final class SeederService: Sendable {
         finish(.aborted(message), abort: true)
         return OutcomeReply(message: message)
     }
+}
+
+/// Answers RPCs on `transport` until the peer goes; returns why it ended.
+/// The seeder and the hub serve their callers this way.
+func answerRPCs(on transport: FrameTransport, with handler: @escaping RPCServer.Handler) async -> String {
+    let server = RPCServer(transport: transport, handler: handler)
+    var reason = "connection closed"
+    do {
+        try await server.run()
+    } catch {
+        reason = "\(error)"
+    }
+    transport.close()
+    return reason
 }
 
 /// Pages per second over the last few seconds.
