@@ -65,6 +65,9 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let graceDuration = try parseSeconds(grace, option: "--grace")
             let credentials = try auth.credentials(createDefault: true)
+            // Check every address before touching the process.
+            let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
+            let listenEndpoint = try Endpoint(parsing: listen)
             let process = try TrackedProcess.attach(pid: pid, tracker: trackerKind)
             var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
@@ -79,7 +82,7 @@ struct ServeCommand: AsyncParsableCommand {
 
             var listener: Listener? = nil
             if let via {
-                let hub = try Endpoint(parsing: via)
+                let hub = hubEndpoint ?? (try Endpoint(parsing: via))
                 reporter.event("dialing", ["hub": .string("\(hub)"), "pid": .int(Int64(pid))],
                                text: "seeder: serving pid \(pid) through the hub at \(hub)")
                 Task {
@@ -102,7 +105,7 @@ struct ServeCommand: AsyncParsableCommand {
                     await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)
                 }
             } else {
-                let endpoint = try Endpoint(parsing: listen)
+                let endpoint = listenEndpoint
                 let bound = try await Listener.bind(endpoint)
                 listener = bound
                 reporter.event("listening", ["address": .string("\(bound.endpoint)"), "pid": .int(Int64(pid)),
