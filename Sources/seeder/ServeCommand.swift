@@ -81,8 +81,7 @@ struct ServeCommand: AsyncParsableCommand {
             defer { signals.cancel() }
 
             var listener: Listener? = nil
-            if let via {
-                let hub = hubEndpoint ?? (try Endpoint(parsing: via))
+            if let hub = hubEndpoint {
                 reporter.event("dialing", ["hub": .string("\(hub)"), "pid": .int(Int64(pid))],
                                text: "seeder: serving pid \(pid) through the hub at \(hub)")
                 Task {
