@@ -54,6 +54,9 @@ let package = Package(
         // Post-copy demonstration: a key-value server and the destination that queries it right after Finalize.
         .executableTarget(name: "kvstore", path: "Tools/kvstore"),
         .executableTarget(name: "kvstore-migrate", dependencies: ["FerryMigration", "FerryWire"], path: "Tools/kvstore-migrate"),
+        // Hub benchmark: bytes read from the seeder with 1, 4, 16 leechers vs direct (Tools/bench-hub.sh).
+        .executableTarget(name: "ferry-bench-hub", dependencies: ["FerryMigration", "FerryTestSupport"],
+                          path: "Tools/bench-hub"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

@@ -26,6 +26,17 @@ public struct AuthOptions: ParsableArguments {
 
     public init() {}
 
+    /// A public key given on the command line: the line of a .pub file, or
+    /// the path of a file whose first line is one.
+    public static func publicKey(_ text: String) throws -> PublicKey {
+        if FileManager.default.fileExists(atPath: text) {
+            let line = try String(contentsOfFile: text, encoding: .utf8)
+                .split(separator: "\n").first.map(String.init) ?? ""
+            return try PublicKey(text: line)
+        }
+        return try PublicKey(text: text)
+    }
+
     /// Where the single-machine default secret lives.
     public static var defaultSecretPath: String {
         let base = ProcessInfo.processInfo.environment["XDG_CONFIG_HOME"]
@@ -57,14 +68,7 @@ public struct AuthOptions: ParsableArguments {
         if let key {
             let pair = try KeyPair.load(path: key)
             let accepted = try authorized.map { try AuthorizedKeys.load(path: $0) } ?? AuthorizedKeys([])
-            let pinned = try peerKey.map { text -> PublicKey in
-                if FileManager.default.fileExists(atPath: text) {
-                    let line = try String(contentsOfFile: text, encoding: .utf8)
-                        .split(separator: "\n").first.map(String.init) ?? ""
-                    return try PublicKey(text: line)
-                }
-                return try PublicKey(text: text)
-            }
+            let pinned = try peerKey.map { try publicKey($0) }
             return .keys(pair, authorized: accepted, pinnedPeer: pinned)
         }
         let path = secretFile ?? Self.defaultSecretPath

@@ -20,6 +20,9 @@ public struct LeecherOptions: Sendable {
     public var verify = true
     /// Abort instead of Complete at the end (the source is thawed): a dry run.
     public var abortAtEnd = false
+    /// The seeder's key: its signature over the checksums must verify, so a
+    /// hub in between cannot pose as the source (needs `verify`).
+    public var seederKey: PublicKey? = nil
 
     public init() {}
 }
@@ -133,16 +136,29 @@ public final class Leecher {
                 _ = try live.activate(layout: layout, clean: store.ranges(in: [.clean]))
             }
             try await pull(precopy: false)
+            // The seeder hashes the frozen source while we write and hash the image
+            // (or hash the live memory).
+            var request = WireWriter()
+            request.ranges(layout.filter { $0.kind == .migrate }.map(\.range))
+            let payload = request.bytes
+            let expected: Task<[UInt8], any Error>? = options.verify ? Task { [link] in
+                try await link.call(.checksum, payload)
+            } : nil
             var manifest = Manifest(sourcePid: reply.pid, sourceHost: reply.host, tracker: reply.tracker,
                                     created: "", downtimeMilliseconds: downtime, regions: [])
-            if let image {
-                manifest = try image.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
-                                             tracker: reply.tracker, downtimeMilliseconds: downtime)
-            } else if let live {
-                try await live.waitForLocalFill()
-                manifest.regions = try live.manifestRegions(layout: layout)
+            do {
+                if let image {
+                    manifest = try image.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
+                                                 tracker: reply.tracker, downtimeMilliseconds: downtime)
+                } else if let live {
+                    try await live.waitForLocalFill()
+                    manifest.regions = try live.manifestRegions(layout: layout)
+                }
+            } catch {
+                expected?.cancel()
+                throw error
             }
-            if options.verify { try await verify(manifest) }
+            if let expected { try verify(manifest, against: try await expected.value) }
             let said: String
             if options.abortAtEnd {
                 said = try OutcomeReply.decode(try await link.call(.abort, [])).message
@@ -458,11 +474,14 @@ public final class Leecher {
                           dirtyPages: report.dirty.reduce(0) { $0 + $1.pageCount }, remotePages: store.count(.remote)))
     }
 
-    private func verify(_ manifest: Manifest) async throws {
+    /// Compares each migrated region of the image with the seeder's checksum of the frozen source.
+    private func verify(_ manifest: Manifest, against encoded: [UInt8]) throws {
         let regions = manifest.regions.filter { $0.file != nil }
-        var w = WireWriter()
-        w.ranges(regions.map { AddressRange(start: $0.start, end: $0.end) })
-        let reply = try ChecksumReply.decode(try await link.call(.checksum, w.bytes))
+        let reply = try ChecksumReply.decode(encoded)
+        if let pinned = options.seederKey, let seeder {
+            try reply.verifySigned(by: pinned, pid: seeder.pid, host: seeder.host, layout: layout,
+                                   ranges: regions.map { AddressRange(start: $0.start, end: $0.end) })
+        }
         guard reply.digests.count == regions.count else {
             throw MigrationError.protocolViolation("the seeder sent \(reply.digests.count) checksums for \(regions.count) regions")
         }

@@ -479,14 +479,22 @@ enum DirtyReportCodec {
     }
 }
 
-/// Checksum: BLAKE2b-256 of each requested range of the frozen source.
+/// Checksum: BLAKE2b-256 of each requested range of the frozen source,
+/// signed by a seeder that has a key pair (SeederSignature.swift).
 public struct ChecksumReply: Sendable, Equatable {
     public var digests: [[UInt8]]
+    public var signature: ChecksumSignature? = nil
 
     public func encode() -> [UInt8] {
-        var w = WireWriter(capacity: 4 + digests.count * 34)
+        var w = WireWriter(capacity: 4 + digests.count * 34 + 128)
         w.u32(UInt32(digests.count))
         for d in digests { w.bytes16(d) }
+        if let signature {
+            w.u8(1)
+            signature.encode(into: &w)
+        } else {
+            w.u8(0)
+        }
         return w.bytes
     }
 
@@ -498,8 +506,14 @@ public struct ChecksumReply: Sendable, Equatable {
         }
         var digests: [[UInt8]] = []
         for _ in 0..<count { digests.append(try r.bytes16("digest", limit: 64)) }
+        let signature: ChecksumSignature?
+        switch try r.u8("signature flag") {
+        case 0: signature = nil
+        case 1: signature = try ChecksumSignature.decode(&r)
+        case let other: throw WireDecodeError("unknown checksum signature flag \(other)")
+        }
         try r.expectEnd("Checksum reply")
-        return ChecksumReply(digests: digests)
+        return ChecksumReply(digests: digests, signature: signature)
     }
 }
 

@@ -13,11 +13,15 @@ final class PageCache: @unchecked Sendable {
     /// What the cache holds for one page, and the version it was fetched at.
     struct Entry {
         var version: UInt32
-        var slot: Int32  // >= 0 memory slot, < -1 disk slot (-slot - 2), -1 zero page
+        /// >= 0 memory slot, < -1 disk slot (-slot - 2), -1 none yet. A page
+        /// keeps its slot when it turns all-zero, so churn between zero and
+        /// data never allocates a second slot for the same page.
+        var slot: Int32
+        var zero: Bool
     }
 
     private var entries: [UInt64: Entry] = [:]
-    private var memory: UnsafeMutableRawPointer
+    private var memory: UnsafeMutableRawPointer?
     private let memorySlots: Int
     private var nextMemorySlot = 0
     private var nextDiskSlot = 0
@@ -30,17 +34,19 @@ final class PageCache: @unchecked Sendable {
     var count: Int { entries.count }
 
     init(memoryLimit: Int, spillDirectory: String) {
-        memorySlots = max(0, memoryLimit / Int(pageSize))
+        let wanted = max(0, memoryLimit / Int(pageSize))
         // SAFETY: reserved address space only; pages are committed as slots
         // are first written, and the mapping lives as long as the cache.
-        let mapped = mmap(nil, max(memorySlots, 1) * Int(pageSize), PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        memory = mapped == MAP_FAILED ? UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 1) : mapped!
+        let mapped = wanted == 0 ? MAP_FAILED : mmap(nil, wanted * Int(pageSize), PROT_READ | PROT_WRITE,
+                                                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        // Without the reservation every page goes to the spill file.
+        memory = mapped == MAP_FAILED ? nil : mapped
+        memorySlots = memory == nil ? 0 : wanted
         spillPath = spillDirectory + "/ferry-hub-spill-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
     }
 
     deinit {
-        munmap(memory, max(memorySlots, 1) * Int(pageSize))
+        if let memory { munmap(memory, memorySlots * Int(pageSize)) }
         if spill >= 0 {
             close(spill)
         }
@@ -50,11 +56,11 @@ final class PageCache: @unchecked Sendable {
 
     /// Stores one page fetched at `version`.
     func store(_ page: UInt64, version: UInt32, data: UnsafeRawBufferPointer?) throws {
+        var slot = entries[page]?.slot ?? -1
         guard let data else {
-            entries[page] = Entry(version: version, slot: -1)
+            entries[page] = Entry(version: version, slot: slot, zero: true)
             return
         }
-        var slot = entries[page]?.slot ?? -1
         if slot == -1 {
             if nextMemorySlot < memorySlots {
                 slot = Int32(nextMemorySlot)
@@ -66,22 +72,22 @@ final class PageCache: @unchecked Sendable {
             }
         }
         if slot >= 0 {
-            (memory + Int(slot) * Int(pageSize)).copyMemory(from: data.baseAddress!, byteCount: Int(pageSize))
+            (memory! + Int(slot) * Int(pageSize)).copyMemory(from: data.baseAddress!, byteCount: Int(pageSize))
         } else {
             let offset = off_t(-(Int(slot) + 2)) * off_t(pageSize)
             guard pwrite(spill, data.baseAddress!, Int(pageSize), offset) == Int(pageSize) else {
                 throw MigrationError.image("the hub cannot write its spill file \(spillPath): \(String(cString: strerror(errno)))")
             }
         }
-        entries[page] = Entry(version: version, slot: slot)
+        entries[page] = Entry(version: version, slot: slot, zero: false)
     }
 
     /// Copies a cached page into `destination`; false when it is all zero
     /// (nothing copied) — the caller sends it as a zero run.
     func load(_ entry: Entry, into destination: UnsafeMutableRawPointer) throws -> Bool {
-        if entry.slot == -1 { return false }
+        if entry.zero || entry.slot == -1 { return false }
         if entry.slot >= 0 {
-            destination.copyMemory(from: memory + Int(entry.slot) * Int(pageSize), byteCount: Int(pageSize))
+            destination.copyMemory(from: memory! + Int(entry.slot) * Int(pageSize), byteCount: Int(pageSize))
         } else {
             let offset = off_t(-(Int(entry.slot) + 2)) * off_t(pageSize)
             guard pread(spill, destination, Int(pageSize), offset) == Int(pageSize) else {

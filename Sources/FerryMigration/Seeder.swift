@@ -14,6 +14,9 @@ public struct SeederOptions: Sendable {
     public var host: String = ProcessInfo.processInfo.hostName
     /// The name leechers (and hubs) ask for; empty accepts any.
     public var migration: String = ""
+    /// Signs Checksum replies, so leechers can pin this seeder's key through
+    /// hubs (`leecher pull --seeder-key`); nil sends them unsigned.
+    public var signingKey: KeyPair? = nil
 
     public init(then: ThenAction = .stop, grace: Duration = .seconds(5), migration: String = "") {
         self.then = then
@@ -54,6 +57,8 @@ public final class SeederService: Sendable {
         var layout: [Region] = []
         var layoutEpoch: UInt64 = 1
         var finalized: FinalizeReply? = nil
+        /// Wall-clock time of the freeze, Unix milliseconds (signed with the checksums).
+        var frozenAtMilliseconds: UInt64 = 0
         var outcome: SeederOutcome? = nil
         var dirtyRate = RateMeter()
         var pagesSent: UInt64 = 0
@@ -106,16 +111,9 @@ public final class SeederService: Sendable {
             openConnections.subtract(1, ordering: .relaxed)
         }
         let connection = Connection()
-        let server = RPCServer(transport: transport) { [self] method, payload, parts in
+        let reason = await answerRPCs(on: transport) { [self] method, payload, parts in
             try await self.handle(method, payload, parts, connection)
         }
-        var reason = "connection closed"
-        do {
-            try await server.run()
-        } catch {
-            reason = "\(error)"
-        }
-        transport.close()
         connectionEnded(connection, peer: transport.peerDescription, reason: reason)
     }
 
@@ -380,6 +378,7 @@ public final class SeederService: Sendable {
             let reply = FinalizeReply(layoutEpoch: s.layoutEpoch, layout: s.layout, dirty: dirty,
                                       freezeMicroseconds: micros)
             s.finalized = reply
+            s.frozenAtMilliseconds = UInt64(Date().timeIntervalSince1970 * 1000)
             s.phase = .frozen
             return reply
         }
@@ -411,7 +410,13 @@ public final class SeederService: Sendable {
             }
             digests.append(hasher.finish())
         }
-        return ChecksumReply(digests: digests)
+        var reply = ChecksumReply(digests: digests)
+        if let key = options.signingKey {
+            let (session, frozenAt, layout) = state.withLock { ($0.session, $0.frozenAtMilliseconds, $0.finalized?.layout ?? $0.layout) }
+            try reply.sign(with: key, pid: source.pid, host: options.host, session: session,
+                           frozenAtMilliseconds: frozenAt, layout: layout, ranges: ranges)
+        }
+        return reply
     }
 
     private func complete() throws -> OutcomeReply {
@@ -436,6 +441,20 @@ public final class SeederService: Sendable {
         finish(.aborted(message), abort: true)
         return OutcomeReply(message: message)
     }
+}
+
+/// Answers RPCs on `transport` until the peer goes; returns why it ended.
+/// The seeder and the hub serve their callers this way.
+func answerRPCs(on transport: FrameTransport, with handler: @escaping RPCServer.Handler) async -> String {
+    let server = RPCServer(transport: transport, handler: handler)
+    var reason = "connection closed"
+    do {
+        try await server.run()
+    } catch {
+        reason = "\(error)"
+    }
+    transport.close()
+    return reason
 }
 
 /// Pages per second over the last few seconds.

@@ -24,6 +24,10 @@ public actor SessionLink {
     /// was already dealt with.
     private var generation = 0
     private var closed = false
+    /// Why resuming failed for good (refused, or past the peer's grace
+    /// period, after which the peer has dropped the session): later calls
+    /// fail at once with it instead of retrying for another grace period.
+    private var lost: MigrationError?
     public private(set) var session: [UInt8]?
     /// The first Track reply (pid, host, tracker, grace, initial layout).
     public private(set) var first: TrackReply?
@@ -86,15 +90,25 @@ public actor SessionLink {
     /// The current client and its generation, connecting if there is none.
     func current() async throws -> (RPCClient, Int) {
         if closed { throw MigrationError.connectionLost("the link to the seeder is closed") }
+        if let lost { throw lost }
         if let reconnecting { try await reconnecting.value }
         if let client { return (client, generation) }
-        try await open()
-        return (client!, generation)
+        if session == nil {
+            try await open()
+            return (client!, generation)
+        }
+        // The link is down and nobody is reconnecting yet: do it, with the
+        // same retries, rather than fail on the first refused dial.
+        try await failed(generation, MigrationError.connectionLost("the connection to the seeder dropped"))
+        guard let client else { throw MigrationError.connectionLost("the link to the seeder is closed") }
+        return (client, generation)
     }
 
     /// Called after a link failure seen on connection `seen`: reconnects and
-    /// resumes unless another caller already did or is doing it.
+    /// resumes unless another caller already did or is doing it. Once
+    /// resuming has failed for good, every later call fails the same way.
     func failed(_ seen: Int, _ error: any Error) async throws {
+        if let lost { throw lost }
         if let reconnecting {
             try await reconnecting.value
             return
@@ -116,6 +130,7 @@ public actor SessionLink {
         var last: any Error = error
         var attempt = 0
         while ContinuousClock.now < deadline {
+            if closed { return }
             attempt += 1
             events(.reconnecting(attempt: attempt, reason: "\(last)"))
             do {
@@ -123,8 +138,10 @@ public actor SessionLink {
                 events(.resumed(phase: reply.phase))
                 return
             } catch let refusal as RPCError where !isLinkFailure(refusal) {
-                throw MigrationError.connectionLost(
+                let failure = MigrationError.connectionLost(
                     "lost the connection to the seeder (\(error)) and it refused to resume: \(refusal.message)")
+                lost = failure
+                throw failure
             } catch is CancellationError {
                 throw CancellationError()
             } catch {
@@ -133,8 +150,10 @@ public actor SessionLink {
             try await Task.sleep(for: .milliseconds(Int(delay * 1000)))
             delay = min(delay * 2, 1)
         }
-        throw MigrationError.connectionLost(
+        let failure = MigrationError.connectionLost(
             "lost the connection to the seeder and could not resume within its grace period of \(grace) s: \(last)")
+        lost = failure
+        throw failure
     }
 
     public func close() {

@@ -110,6 +110,14 @@ public struct PublicKey: Sendable, Hashable, CustomStringConvertible {
     public var text: String { "\(Self.keyType) \(Sodium.base64(bytes))" }
     public var description: String { text }
 
+    /// True when `signature` is this key's Ed25519 signature over `message`.
+    public func isValidSignature(_ signature: [UInt8], of message: [UInt8]) -> Bool {
+        Ed25519.verify(signature, message, publicKey: bytes)
+    }
+
+    /// Bytes of an Ed25519 signature (64).
+    public static var signatureByteCount: Int { Ed25519.signatureBytes }
+
     /// A short form for messages: the first 16 base64 characters.
     public var shortText: String { String(Sodium.base64(bytes).prefix(16)) + "…" }
 }
@@ -173,7 +181,9 @@ public struct KeyPair: Sendable {
         try KeyFiles.write(publicPath, pub + "\n", mode: 0o644)
     }
 
-    func sign(_ message: [UInt8]) throws -> [UInt8] { try Ed25519.sign(message, secret: secret) }
+    /// An Ed25519 signature over `message`: the handshake's identity proof,
+    /// and the seeder's signed checksums that a hub relays untouched.
+    public func sign(_ message: [UInt8]) throws -> [UInt8] { try Ed25519.sign(message, secret: secret) }
 }
 
 /// The public keys a peer accepts, like SSH's authorized_keys.

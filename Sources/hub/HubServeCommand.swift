@@ -14,9 +14,11 @@ struct HubServeCommand: AsyncParsableCommand {
             (--seeders-listen, with `seeder serve PID --via HUB:PORT`), which is how peers \
             behind NAT meet. The source freezes once for all leechers, when --finalize says.
 
-            What a hub sees: every page it relays, in clear, and the layout. It cannot \
-            forge the seeder's answers to a leecher that verifies checksums, but it holds \
-            the memory: run it where you would run the seeder.
+            What a hub sees: every page it relays, in clear, and the layout: run it where \
+            you would run the seeder. A leecher that pins the seeder's key \
+            (`leecher pull --seeder-key`, with `seeder serve --signing-key`) catches a hub \
+            that alters pages or poses as the source; one that does not pin it catches \
+            altered pages only while the hub forwards the seeder's checksums.
             """)
 
     @Option(name: .long, help: ArgumentHelp("Where leechers connect: HOST:PORT, [IPv6]:PORT or unix:PATH.", valueName: "ADDRESS"))
@@ -136,6 +138,9 @@ struct HubServeCommand: AsyncParsableCommand {
         case .upstreamLost(let migration, let reason):
             reporter.event("upstream_lost", ["migration": .string(migration), "reason": .string(reason)],
                            text: "hub: lost the seeder of '\(migration)': \(reason)")
+        case .abandoned(let migration, let message):
+            reporter.event("abandoned", ["migration": .string(migration), "message": .string(message)],
+                           text: "hub: every leecher left '\(migration)' after the freeze; the seeder was told to abort: \(message)")
         case .completed(let migration, let message):
             reporter.event("complete", ["migration": .string(migration), "message": .string(message)],
                            text: "hub: '\(migration)' complete; \(message)")

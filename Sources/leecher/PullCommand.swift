@@ -57,6 +57,11 @@ struct PullCommand: AsyncParsableCommand {
     @Flag(name: .long, help: "Abort instead of Complete at the end: the source is thawed and runs on (a dry run).")
     var dryRun = false
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Pin the source: its signature over the checksums must verify with this key (its .pub line, or the file), through any hubs.",
+        valueName: "KEY|FILE"))
+    var seederKey: String?
+
     @OptionGroup var auth: AuthOptions
     @OptionGroup var output: OutputOptions
 
@@ -65,6 +70,9 @@ struct PullCommand: AsyncParsableCommand {
         guard (1...1024).contains(inFlight) else { throw ValidationError("--in-flight takes 1 to 1024") }
         if let maxDowntime, maxDowntime < 0 { throw ValidationError("--max-downtime cannot be negative") }
         if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }
+        if seederKey != nil && noVerify {
+            throw ValidationError("--seeder-key checks the seeder's signed checksums, which --no-verify skips; drop one of them")
+        }
     }
 
     func run() async throws {
@@ -79,6 +87,7 @@ struct PullCommand: AsyncParsableCommand {
             options.pagesPerRequest = batchPages
             options.verify = !noVerify
             options.abortAtEnd = dryRun
+            options.seederKey = try seederKey.map { try AuthOptions.publicKey($0) }
             let command = CommandTransport.command(in: address)
             let endpoint = command == nil ? try Endpoint(parsing: address) : nil
             let credentials = try auth.credentials(createDefault: false)

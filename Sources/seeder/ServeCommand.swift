@@ -41,6 +41,11 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Dirty tracker: async, sync or soft-dirty (default: the best this kernel has).")
     var tracker: String?
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Sign the checksums with this private key, so leechers can pin it through hubs (default: --key).",
+        valueName: "FILE"))
+    var signingKey: String?
+
     @OptionGroup var auth: AuthOptions
     @OptionGroup var output: OutputOptions
 
@@ -60,9 +65,13 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let graceDuration = try parseSeconds(grace, option: "--grace")
             let credentials = try auth.credentials(createDefault: true)
+            // Check every address before touching the process.
+            let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
+            let listenEndpoint = try Endpoint(parsing: listen)
             let process = try TrackedProcess.attach(pid: pid, tracker: trackerKind)
             var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
+            options.signingKey = try (signingKey ?? auth.key).map { try KeyPair.load(path: $0) }
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
             }
@@ -72,8 +81,7 @@ struct ServeCommand: AsyncParsableCommand {
             defer { signals.cancel() }
 
             var listener: Listener? = nil
-            if let via {
-                let hub = try Endpoint(parsing: via)
+            if let hub = hubEndpoint {
                 reporter.event("dialing", ["hub": .string("\(hub)"), "pid": .int(Int64(pid))],
                                text: "seeder: serving pid \(pid) through the hub at \(hub)")
                 Task {
@@ -96,7 +104,7 @@ struct ServeCommand: AsyncParsableCommand {
                     await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)
                 }
             } else {
-                let endpoint = try Endpoint(parsing: listen)
+                let endpoint = listenEndpoint
                 let bound = try await Listener.bind(endpoint)
                 listener = bound
                 reporter.event("listening", ["address": .string("\(bound.endpoint)"), "pid": .int(Int64(pid)),

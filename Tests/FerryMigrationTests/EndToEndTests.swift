@@ -54,8 +54,11 @@ final class LoopbackSeeder: Sendable {
     var listener: Listener { server.listener }
     var secret: PreSharedSecret { server.secret }
 
-    init(process: any MemorySource, then: ThenAction = .stop, grace: Duration = .seconds(3)) async throws {
-        let service = SeederService(source: process, options: SeederOptions(then: then, grace: grace))
+    init(process: any MemorySource, then: ThenAction = .stop, grace: Duration = .seconds(3),
+         signingKey: KeyPair? = nil) async throws {
+        var options = SeederOptions(then: then, grace: grace)
+        options.signingKey = signingKey
+        let service = SeederService(source: process, options: options)
         self.service = service
         server = try await LoopbackServer(secret: try PreSharedSecret.generate()) { await service.serve($0) }
     }
@@ -167,5 +170,73 @@ func scratchDirectory(_ name: String) -> String {
         let after = try child.expect("count")
         #expect(before != after)
         try? FileManager.default.removeItem(atPath: out)
+    }
+}
+
+/// A source that hands out one wrong page while the process runs: what a
+/// bug or a flipped bit on the way would look like. The frozen source is
+/// read truthfully, so the checksums must catch it.
+final class CorruptingSource: MemorySource, @unchecked Sendable {
+    // @unchecked: `corrupted` is only touched under the seeder's session lock,
+    // which serializes every call into a MemorySource.
+    let inner: TrackedProcess
+    let victim: UInt64
+    var corrupted = false
+
+    init(_ inner: TrackedProcess, victim: UInt64) {
+        self.inner = inner
+        self.victim = victim
+    }
+
+    var pid: Int32 { inner.pid }
+    var trackerName: String { inner.trackerName }
+    var regions: [Region] { inner.regions }
+    var unprotectable: [Region] { inner.unprotectable }
+    func startTracking() throws { try inner.startTracking() }
+    func scanDirty() throws -> [AddressRange] { try inner.scanDirty() }
+    func refreshLayout() throws -> LayoutChange { try inner.refreshLayout() }
+    func freeze() throws -> Duration { try inner.freeze() }
+    func thaw() throws { try inner.thaw() }
+    func release(then: ThenAction) throws { try inner.release(then: then) }
+
+    func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
+        let vanished = try inner.readPages(ranges, into: buffer)
+        guard !inner.isFrozen, !corrupted else { return vanished }
+        var offset = 0
+        for range in ranges {
+            if range.contains(victim) {
+                buffer[offset + Int(victim - range.start)] ^= 0xFF
+                corrupted = true
+            }
+            offset += Int(range.length)
+        }
+        return vanished
+    }
+}
+
+@Suite(.serialized) struct VerificationTests {
+    @Test func aWrongPageIsCaughtAndTheSourceRunsOn() async throws {
+        let child = try Memwriter(["--mib", "8", "--pattern", "--no-write"])
+        defer { child.stop() }
+        let main = try #require(child.regions["main"])
+        let source = CorruptingSource(try TrackedProcess.attach(pid: child.pid), victim: main.start + 5 * pageSize)
+        let service = SeederService(source: source, options: SeederOptions(then: .stop, grace: .seconds(3)))
+        let server = try await LoopbackServer(secret: try PreSharedSecret.generate()) { await service.serve($0) }
+        defer { server.close() }
+        let out = scratchDirectory("corrupt")
+        let leecher = Leecher(connect: server.connector(), sink: try ImageWriter(directory: out))
+        await #expect {
+            _ = try await leecher.run()
+        } throws: { error in
+            "\(error)".contains("does not match the frozen source")
+        }
+        #expect(source.corrupted)
+        guard case .aborted = await service.outcome() else {
+            Issue.record("the seeder did not abort")
+            return
+        }
+        #expect(!FileManager.default.fileExists(atPath: out))
+        child.send("count")
+        _ = try child.expect("count", timeout: 5)  // it answers: thawed, not stopped
     }
 }

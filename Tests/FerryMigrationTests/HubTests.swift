@@ -12,8 +12,8 @@ final class LoopbackHub: Sendable {
     let hub: HubService
     let server: LoopbackServer
 
-    init(options: HubOptions, secret: PreSharedSecret) async throws {
-        let hub = HubService(options: options)
+    init(options: HubOptions, secret: PreSharedSecret, log: HubEventLog? = nil) async throws {
+        let hub = HubService(options: options) { event in log?.record(event) }
         self.hub = hub
         server = try await LoopbackServer(secret: secret) { await hub.serve($0) }
     }
@@ -22,8 +22,55 @@ final class LoopbackHub: Sendable {
     func close() { server.close() }
 }
 
+/// A hub's events, kept for assertions.
+final class HubEventLog: Sendable {
+    private let events = Mutex<[HubEvent]>([])
+    func record(_ event: HubEvent) { events.withLock { $0.append(event) } }
+
+    var finalized: Bool {
+        events.withLock { $0.contains { if case .finalized = $0 { return true } else { return false } } }
+    }
+
+    /// The most leechers seen ready at once while the hub waited to finalize.
+    var mostReady: Int {
+        events.withLock { $0.reduce(0) { if case .waitingToFinalize(let ready, _) = $1 { return max($0, ready) } else { return $0 } } }
+    }
+
+    func waitFor(_ condition: @Sendable (HubEventLog) -> Bool, limit: Duration = .seconds(30)) async throws {
+        let deadline = ContinuousClock.now + limit
+        while !condition(self) {
+            guard ContinuousClock.now < deadline else { throw TestFailure("the hub did not get there within \(limit)") }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+}
+
+/// An upstream connector that can be cut: open connections are closed and
+/// new ones refused, as when the seeder's host drops off the network. The
+/// refusal is final (an RPC error, not a link failure), so the hub gives up
+/// at once instead of retrying for the seeder's grace period.
+final class CuttableConnector: Sendable {
+    private let inner: SessionLink.Connector
+    private let state = Mutex<(cut: Bool, open: [FrameTransport])>((false, []))
+
+    init(_ inner: @escaping SessionLink.Connector) { self.inner = inner }
+
+    func connector() -> SessionLink.Connector {
+        { [self] in
+            if state.withLock({ $0.cut }) { throw RPCError(code: .unavailable, message: "test: the upstream is cut") }
+            let transport = try await inner()
+            state.withLock { $0.open.append(transport) }
+            return transport
+        }
+    }
+
+    func cut() {
+        for transport in state.withLock({ s -> [FrameTransport] in s.cut = true; return s.open }) { transport.close() }
+    }
+}
+
 @Suite(.serialized) struct HubTests {
-    func pullThrough(_ hub: LoopbackHub, name: String, delays: [Int]) async throws -> [String] {
+    func pullThrough(_ hub: LoopbackHub, name: String, delays: [Int], verify: Bool = true) async throws -> [String] {
         try await withThrowingTaskGroup(of: String.self) { group in
             for (index, delay) in delays.enumerated() {
                 group.addTask {
@@ -31,6 +78,7 @@ final class LoopbackHub: Sendable {
                     let out = scratchDirectory("\(name)-\(index)")
                     var options = LeecherOptions()
                     options.policy = FinalizePolicy(cleanShare: 0.95, maxWaitSeconds: 10)
+                    options.verify = verify
                     let leecher = Leecher(connect: hub.connector(), sink: try ImageWriter(directory: out), options: options)
                     _ = try await leecher.run()
                     return out
@@ -155,5 +203,149 @@ final class LoopbackHub: Sendable {
         seeder.service.abandon("test: seeder stopped")
         await #expect(throws: (any Error).self) { _ = try await run.value }
         #expect(!FileManager.default.fileExists(atPath: out))
+    }
+
+    @Test func aLeecherKilledMidTransferDoesNotDisturbTheOthers() async throws {
+        let child = try Memwriter(["--mib", "24", "--threads", "2", "--rate", "5000", "--pattern"])
+        defer { child.stop() }
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid))
+        defer { seeder.close() }
+        var options = HubOptions()
+        options.grace = .seconds(1)
+        let hub = try await LoopbackHub(options: options, secret: seeder.secret)
+        defer { hub.close() }
+        try await hub.hub.addUpstream(connect: seeder.connector())
+        // The victim tracks and reads part of the image, then its connection
+        // ends without Abort or Complete, as when its process is killed.
+        let victim = RPCClient(transport: try await hub.connector()())
+        let reply = try TrackReply.decode(try await victim.call(MigrationMethod.track.rawValue, TrackRequest().encode()))
+        let region = try #require(reply.layout.first { $0.kind == .migrate && $0.range.pageCount >= 256 })
+        let read = ReadRequest(ranges: [AddressRange(start: region.start, end: region.start + 256 * pageSize)])
+        for try await _ in victim.callStreaming(MigrationMethod.readAt.rawValue, read.encode()) {}
+        let others = Task { try await pullThrough(hub, name: "hub-killed", delays: [0, 50]) }
+        try await Task.sleep(for: .milliseconds(100))
+        victim.close()
+        let outs = try await others.value
+        defer { for out in outs { try? FileManager.default.removeItem(atPath: out) } }
+        #expect(await seeder.service.outcome() == .completed("pid \(child.pid) is stopped and detached; kill it or resume it (kill -CONT) by hand"))
+        for out in outs {
+            let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+            #expect(report.matches, "\(out): \(report)")
+        }
+    }
+
+    @Test func afterFinalizeTheHubServesFromItsCacheWithoutTheUpstream() async throws {
+        let child = try Memwriter(["--mib", "16", "--threads", "2", "--rate", "5000", "--pattern"])
+        defer { child.stop() }
+        // The seeder waits for the lost hub longer than the test runs, so the
+        // source stays frozen while the images are compared with it; it is
+        // let go (thawed) before the process is killed.
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid), grace: .seconds(60))
+        defer { seeder.close() }
+        defer { seeder.service.abandon("test over") }
+        var options = HubOptions()
+        options.finalize = .first
+        let hub = try await LoopbackHub(options: options, secret: seeder.secret)
+        defer { hub.close() }
+        let upstream = CuttableConnector(seeder.connector())
+        let name = try await hub.hub.addUpstream(connect: upstream.connector())
+        let first = Task { try await pullThrough(hub, name: "hub-after-first", delays: [0]) }
+        #expect(await hub.hub.waitUntilFilled(name))
+        upstream.cut()
+        var outs = try await first.value
+        defer { for out in outs { try? FileManager.default.removeItem(atPath: out) } }
+        // Leechers joining now are served from the frozen state in the cache.
+        outs += try await pullThrough(hub, name: "hub-after-late", delays: [0, 20])
+        #expect(outs.count == 3)
+        // The seeder never heard of them: it still waits for the hub, with the source frozen.
+        #expect(!seeder.service.isFinished)
+        for out in outs {
+            let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+            #expect(report.matches, "\(out): \(report)")
+        }
+    }
+
+    @Test func finalizeFirstFreezesForTheFirstAndServesALateJoinerFromTheFrozenState() async throws {
+        let child = try Memwriter(["--mib", "16", "--threads", "2", "--rate", "5000", "--pattern"])
+        defer { child.stop() }
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid))
+        defer { seeder.close() }
+        var options = HubOptions()
+        options.finalize = .first
+        let log = HubEventLog()
+        let hub = try await LoopbackHub(options: options, secret: seeder.secret, log: log)
+        defer { hub.close() }
+        try await hub.hub.addUpstream(connect: seeder.connector())
+        let first = Task { try await pullThrough(hub, name: "hub-first-a", delays: [0]) }
+        try await log.waitFor { $0.finalized }
+        let late = try await pullThrough(hub, name: "hub-first-b", delays: [0])
+        let outs = try await first.value + late
+        defer { for out in outs { try? FileManager.default.removeItem(atPath: out) } }
+        _ = await seeder.service.outcome()
+        for out in outs {
+            let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+            #expect(report.matches, "\(out): \(report)")
+        }
+    }
+
+    @Test func finalizeManualWaitsForTheOperator() async throws {
+        let child = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000", "--pattern"])
+        defer { child.stop() }
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid))
+        defer { seeder.close() }
+        var options = HubOptions()
+        options.finalize = .manual
+        let log = HubEventLog()
+        let hub = try await LoopbackHub(options: options, secret: seeder.secret, log: log)
+        defer { hub.close() }
+        try await hub.hub.addUpstream(connect: seeder.connector())
+        let pulling = Task { try await pullThrough(hub, name: "hub-manual", delays: [0, 30]) }
+        // Both leechers asked to finalize; the source keeps running until the operator says so.
+        try await log.waitFor { $0.mostReady == 2 }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(!log.finalized)
+        #expect(!seeder.service.isFinished)
+        hub.hub.finalizeNow()
+        let outs = try await pulling.value
+        defer { for out in outs { try? FileManager.default.removeItem(atPath: out) } }
+        #expect(log.finalized)
+        _ = await seeder.service.outcome()
+        for out in outs {
+            let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+            #expect(report.matches, "\(out): \(report)")
+        }
+    }
+
+    @Test func whenEveryLeecherLeavesAfterTheFreezeTheSourceIsThawed() async throws {
+        let child = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000"])
+        defer { child.stop() }
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid))
+        defer { seeder.close() }
+        let log = HubEventLog()
+        let hub = try await LoopbackHub(options: HubOptions(), secret: seeder.secret, log: log)
+        defer { hub.close() }
+        try await hub.hub.addUpstream(connect: seeder.connector())
+        // A dry run through the hub: the only leecher finalizes, then aborts.
+        var options = LeecherOptions()
+        options.abortAtEnd = true
+        let out = scratchDirectory("hub-abandon")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        _ = try await Leecher(connect: hub.connector(), sink: try ImageWriter(directory: out), options: options).run()
+        guard case .aborted = await seeder.service.outcome() else {
+            Issue.record("the seeder was not told to abort")
+            return
+        }
+        #expect(log.finalized)
+        // The source runs on, and the hub turns new leechers away.
+        child.send("count")
+        let before = try child.expect("count")
+        try await Task.sleep(for: .milliseconds(200))
+        child.send("count")
+        #expect(try child.expect("count") != before)
+        let late = RPCClient(transport: try await hub.connector()())
+        defer { late.close() }
+        await #expect {
+            _ = try await late.call(MigrationMethod.track.rawValue, TrackRequest().encode())
+        } throws: { "\($0)".contains("was abandoned") }
     }
 }

@@ -1,0 +1,114 @@
+// `hub serve` as people run it: real `hub`, `seeder serve --via` and
+// `leecher pull --migration` processes. The seeder dials out (no listening
+// socket), one leecher is killed mid-transfer, and the others pin the
+// seeder's signing key through the hub.
+import Foundation
+import Testing
+import FerryTestSupport
+@testable import FerryMigration
+
+@Suite(.serialized) struct HubCommandLineTests {
+    let scratch = "/tmp/ferry-hub-cli-\(getpid())"
+    var secretPath: String { scratch + "/secret" }
+    var keyPath: String { scratch + "/seeder.key" }
+
+    init() throws {
+        try? FileManager.default.removeItem(atPath: scratch)
+        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        FileManager.default.createFile(atPath: secretPath,
+                                       contents: Data((try PreSharedSecret.generate().text + "\n").utf8),
+                                       attributes: [.posixPermissions: 0o600])
+        try KeyPair.generate().save(privatePath: keyPath, publicPath: keyPath + ".pub", comment: "test seeder")
+    }
+
+    static func address(in line: String) throws -> String {
+        guard let range = line.range(of: #"127\.0\.0\.1:\d+"#, options: .regularExpression) else {
+            throw TestFailure("no address in \(line)")
+        }
+        return String(line[range])
+    }
+
+    @Test func hubServeRelaysASeederDialingOutToLeechersThatPinIt() throws {
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let child = try Memwriter(["--mib", "16", "--threads", "2", "--rate", "5000", "--pattern"])
+        defer { child.stop() }
+        let hub = try ChildProcess(builtExecutable("hub"),
+                                   ["serve", "--listen", "127.0.0.1:0", "--seeders-listen", "127.0.0.1:0",
+                                    "--secret-file", secretPath, "--grace", "1", "--json"])
+        defer { hub.stop() }
+        let seedersAddress = try Self.address(in: try hub.expect("{\"event\":\"listening\""))
+        let leechersAddress = try Self.address(in: try hub.expect("{\"event\":\"listening\""))
+        let seeder = try ChildProcess(builtExecutable("seeder"),
+                                      ["serve", "\(child.pid)", "--via", seedersAddress, "--name", "db",
+                                       "--secret-file", secretPath, "--signing-key", keyPath, "--grace", "2", "--json"])
+        defer { seeder.stop() }
+        #expect(try hub.expect("{\"event\":\"upstream\"").contains("\"migration\":\"db\""))
+
+        func pull(_ name: String, _ extra: [String]) throws -> (ChildProcess, String) {
+            let out = scratch + "/" + name
+            let leecher = try ChildProcess(builtExecutable("leecher"),
+                                           ["pull", leechersAddress, "--migration", "db", "--secret-file", secretPath,
+                                            "--out", out, "--json"] + extra)
+            return (leecher, out)
+        }
+        // The victim pulls slowly toward 100% and is killed once it has pages.
+        let (victim, victimOut) = try pull("victim", ["--finalize-at", "100%", "--max-wait", "60", "--in-flight", "1", "--batch-pages", "1"])
+        _ = try victim.expect("{\"event\":\"progress\"", timeout: 30)
+        let (first, firstOut) = try pull("a", ["--seeder-key", keyPath + ".pub"])
+        let (second, secondOut) = try pull("b", ["--seeder-key", keyPath + ".pub"])
+        victim.stop()
+        for leecher in [first, second] {
+            _ = try leecher.expect("{\"event\":\"complete\"", timeout: 60)
+            #expect(leecher.waitForExit() == 0)
+        }
+        #expect(try seeder.expect("{\"event\":\"complete\"", timeout: 30).contains("stopped"))
+        #expect(seeder.waitForExit() == 0)
+        for out in [firstOut, secondOut] {
+            let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+            #expect(report.matches, "\(out): \(report)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: victimOut))
+    }
+
+    @Test func hubServeFinalizeManualWaitsForSIGUSR1() throws {
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let child = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000", "--pattern"])
+        defer { child.stop() }
+        let seeder = try ChildProcess(builtExecutable("seeder"),
+                                      ["serve", "\(child.pid)", "--listen", "127.0.0.1:0", "--secret-file", secretPath,
+                                       "--grace", "2", "--json"])
+        defer { seeder.stop() }
+        let seederAddress = try Self.address(in: try seeder.expect("{\"event\":\"listening\""))
+        let hub = try ChildProcess(builtExecutable("hub"),
+                                   ["serve", "--upstream", seederAddress, "--listen", "127.0.0.1:0",
+                                    "--finalize", "manual", "--secret-file", secretPath, "--json"])
+        defer { hub.stop() }
+        let hubAddress = try Self.address(in: try hub.expect("{\"event\":\"listening\""))
+        let out = scratch + "/manual"
+        let leecher = try ChildProcess(builtExecutable("leecher"),
+                                       ["pull", hubAddress, "--secret-file", secretPath, "--out", out, "--json"])
+        defer { leecher.stop() }
+        #expect(try hub.expect("{\"event\":\"waiting_to_finalize\"", timeout: 30).contains("\"ready\":1"))
+        // Nothing freezes until the operator says so.
+        #expect(!seeder.hasLine(within: 0.3, prefix: "{\"event\":\"finalized\""))
+        kill(hub.pid, SIGUSR1)
+        _ = try hub.expect("{\"event\":\"finalized\"", timeout: 30)
+        _ = try leecher.expect("{\"event\":\"complete\"", timeout: 30)
+        #expect(leecher.waitForExit() == 0)
+        #expect(seeder.waitForExit() == 0)
+        #expect(try ImageVerifier.compare(directory: out, pid: child.pid).matches)
+    }
+}
+
+extension ChildProcess {
+    /// True when a line starting with `prefix` arrives within `seconds`.
+    func hasLine(within seconds: Double, prefix: String) -> Bool {
+        let deadline = ChildProcess.now() + seconds
+        while ChildProcess.now() < deadline {
+            guard let line = try? readLine(timeout: max(0.01, deadline - ChildProcess.now())) else { return false }
+            if line.hasPrefix(prefix) { return true }
+        }
+        return false
+    }
+}
