@@ -88,11 +88,11 @@ public struct LiveMemoryOptions: Sendable {
     /// Background ReadAt requests in flight during post-copy, and pages in
     /// each. A touched page's request waits behind every reply already on the
     /// connection, so this window bounds first-touch latency. On our 2-core
-    /// loopback (Tools/bench-postcopy, release): 1 x 128 KiB gave touches at
-    /// 5-6x the round trip with the fill at 70-79 % of the link; 2 x 512 KiB
-    /// gave 11-29x and 74-96 %.
+    /// loopback (Tools/bench-postcopy, release, same-run ratios): 1 x 256 KiB
+    /// gave touches at 7.7x the round trip with the fill at 78-83 % of the
+    /// link; 1 x 128 KiB 5-6x and 65-79 %; 2 x 512 KiB 11-29x and 74-96 %.
     public var postCopyRequestsInFlight = 1
-    public var postCopyPagesPerRequest = 32
+    public var postCopyPagesPerRequest = 64
     /// Another process on this host to own the memory (a restored program):
     /// the regions are mapped inside it and its touches are served from here.
     /// nil: this process.
