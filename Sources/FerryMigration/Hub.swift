@@ -152,7 +152,8 @@ public final class HubService: Sendable {
         let reason = await answerRPCs(on: transport) { [self] method, payload, parts in
             try await self.handle(method, payload, parts, connection)
         }
-        if let (migration, leecher) = connection.binding.withLock({ $0 }) {
+        if !connection.companion.load(ordering: .acquiring),
+           let (migration, leecher) = connection.binding.withLock({ $0 }) {
             migration.leecherDisconnected(leecher, reason: reason)
             events(.leecherLeft(peer: connection.peer, reason: reason))
         }
@@ -188,9 +189,13 @@ public final class HubService: Sendable {
             }
             let (leecher, reply) = try await migration.track(request, peer: connection.peer)
             connection.binding.withLock { $0 = (migration, leecher) }
+            connection.companion.store(request.companion, ordering: .releasing)
             events(.leecherJoined(peer: connection.peer, migration: migration.name))
             return reply.encode()
         default:
+            if connection.companion.load(ordering: .acquiring) && known != .readAt {
+                throw RPCError(code: .badRequest, message: "a companion connection may only ReadAt")
+            }
             guard let (migration, leecher) = connection.binding.withLock({ $0 }) else {
                 throw RPCError(code: .badRequest, message: "call Track first")
             }
@@ -203,6 +208,8 @@ public final class HubService: Sendable {
 final class HubConnection: Sendable {
     let peer: String
     let binding = Mutex<(HubMigration, HubLeecher)?>(nil)
+    /// A companion connection: priority ReadAt for a session another connection owns.
+    let companion = Atomic<Bool>(false)
     init(peer: String) { self.peer = peer }
 }
 
@@ -536,9 +543,12 @@ final class HubMigration: Sendable {
                 leecher = HubLeecher(session: (0..<16).map { _ in UInt8.random(in: 0...255) }, peer: peer)
                 s.leechers.append(leecher)
             }
-            leecher.state.withLock { l in
-                l.attached = true
-                l.owner += 1
+            // A companion connection (priority reads) joins without taking the session.
+            if !request.companion {
+                leecher.state.withLock { l in
+                    l.attached = true
+                    l.owner += 1
+                }
             }
             let phase: SessionPhase = leecher.state.withLock { $0.completed } ? .completed : (s.finalized == nil ? .tracking : .frozen)
             let grace = UInt32(clamping: options.grace.components.seconds * 1000

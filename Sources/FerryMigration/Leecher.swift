@@ -63,6 +63,12 @@ public final class Leecher {
     public typealias Connector = SessionLink.Connector
 
     private let link: SessionLink
+    /// How to open another connection: the companion lane for touched pages.
+    private let connect: Connector
+    /// The companion lane, opened at the first touched page; nil until then,
+    /// or for good when the peer does not accept companions.
+    private var priorityLink: SessionLink? = nil
+    private var companionRefused = false
     private let sink: any PageSink
     /// The image path's writer; nil when pages go to live memory.
     private let image: ImageWriter?
@@ -87,6 +93,7 @@ public final class Leecher {
     /// `migration` names the migration wanted from a hub; empty for a seeder.
     public init(connect: @escaping Connector, sink: ImageWriter, options: LeecherOptions = .init(),
                 migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+        self.connect = connect
         self.link = SessionLink(migration: migration, connect: connect) { event in
             switch event {
             case .reconnecting(let attempt, let reason): events(.reconnecting(attempt: attempt, reason: reason))
@@ -105,6 +112,7 @@ public final class Leecher {
     /// the rest, touched pages first (see LiveMemorySink and docs/postcopy.md).
     public init(connect: @escaping Connector, memory: LiveMemorySink, options: LeecherOptions = .init(),
                 migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+        self.connect = connect
         self.link = SessionLink(migration: migration, connect: connect) { event in
             switch event {
             case .reconnecting(let attempt, let reason): events(.reconnecting(attempt: attempt, reason: reason))
@@ -168,6 +176,7 @@ public final class Leecher {
             try image?.commit()
             live?.finish()
             await link.close()
+            await priorityLink?.close()
             let seconds = elapsed
             events(.complete(bytes: bytesReceived, seconds: seconds, seederSays: said))
             return LeecherSummary(manifest: manifest, bytesReceived: bytesReceived, seconds: seconds,
@@ -189,6 +198,7 @@ public final class Leecher {
                 timeout.cancel()
             }
             await link.close()
+            await priorityLink?.close()
             throw error
         }
     }
@@ -303,6 +313,12 @@ public final class Leecher {
                 switch result {
                 case .touched(let pages):
                     listenerRunning = false
+                    // Touched pages travel on their own connection, so their small
+                    // replies do not wait behind the bulk replies of this one.
+                    if priorityLink == nil && !companionRefused && !pages.isEmpty {
+                        priorityLink = await link.companionLink(connect: connect)
+                    }
+                    let lane = companionRefused ? link : (priorityLink ?? link)
                     // Jump the queue: one small ReadAt per touched page, even when a
                     // background batch holds it already (that batch may be queued behind
                     // others; the page is installed by whichever reply lands first).
@@ -316,9 +332,16 @@ public final class Leecher {
                         touchBatches.insert(page)
                         let payload = ReadRequest(ranges: batch).encode()
                         group.addTask { [link] in
+                            let began = ContinuousClock.now
                             do {
-                                let began = ContinuousClock.now
-                                return .read(batch, try await link.callParts(.readAt, payload), ContinuousClock.now - began)
+                                return .read(batch, try await lane.callParts(.readAt, payload), ContinuousClock.now - began)
+                            } catch where lane !== link {
+                                // A peer without companion connections: the main link still works.
+                                do {
+                                    return .read(batch, try await link.callParts(.readAt, payload), ContinuousClock.now - began)
+                                } catch {
+                                    return .failed(batch, error)
+                                }
                             } catch {
                                 return .failed(batch, error)
                             }

@@ -164,9 +164,15 @@ public struct TrackRequest: Sendable, Equatable {
     /// A hub serving several seeders routes by it.
     public var migration: String
 
-    public init(resume: [UInt8]? = nil, migration: String = "") {
+    /// A second connection to the session `resume` names, for priority
+    /// reads beside the owner's bulk traffic (post-copy's touched pages): it
+    /// may only ReadAt, and takes nothing from the owning connection.
+    public var companion: Bool
+
+    public init(resume: [UInt8]? = nil, migration: String = "", companion: Bool = false) {
         self.resume = resume
         self.migration = migration
+        self.companion = companion
     }
 
     public func encode() -> [UInt8] {
@@ -174,6 +180,7 @@ public struct TrackRequest: Sendable, Equatable {
         w.u16(version)
         w.bytes16(resume ?? [])
         w.text(migration)
+        w.u8(companion ? 1 : 0)
         return w.bytes
     }
 
@@ -182,8 +189,13 @@ public struct TrackRequest: Sendable, Equatable {
         let version = try r.u16("version")
         let resume = try r.bytes16("session", limit: 16)
         let migration = try r.text("migration")
+        let flags = try r.u8("flags")
+        guard flags <= 1 else { throw WireDecodeError("unknown Track flags 0x\(String(flags, radix: 16))") }
         try r.expectEnd("Track request")
-        var request = TrackRequest(resume: resume.isEmpty ? nil : resume, migration: migration)
+        var request = TrackRequest(resume: resume.isEmpty ? nil : resume, migration: migration, companion: flags == 1)
+        guard !request.companion || request.resume != nil else {
+            throw WireDecodeError("a companion Track must name the session it joins")
+        }
         request.version = version
         return request
     }

@@ -141,6 +141,8 @@ public final class SeederService: Sendable {
     private final class Connection: Sendable {
         /// The owner number this connection holds, 0 until Track.
         let owner = Atomic<Int>(0)
+        /// A companion connection of the session: priority ReadAt only.
+        let companion = Atomic<Bool>(false)
     }
 
     private func connectionEnded(_ connection: Connection, peer: String, reason: String) {
@@ -200,7 +202,14 @@ public final class SeederService: Sendable {
         if known == .track {
             return try track(TrackRequest.decode(payload), connection)
         }
-        try requireOwner(connection)
+        if connection.companion.load(ordering: .acquiring) {
+            let phase = state.withLock { $0.phase }
+            guard known == .readAt, phase == .tracking || phase == .frozen else {
+                throw RPCError(code: .badRequest, message: "a companion connection may only ReadAt while the migration runs")
+            }
+        } else {
+            try requireOwner(connection)
+        }
         switch known {
         case .track, .hello:
             throw RPCError(code: .internalError, message: "unreachable: \(known) is handled before the owner check")
@@ -256,6 +265,15 @@ public final class SeederService: Sendable {
                            message: "this seeder serves migration '\(options.migration)', not '\(request.migration)'")
         }
         let reply = try state.withLock { s -> TrackReply in
+            if request.companion {
+                guard let phase = s.phase, request.resume == s.session, phase == .tracking || phase == .frozen else {
+                    throw RPCError(code: .badRequest, message: "no running migration of pid \(pid) with that session to join")
+                }
+                connection.companion.store(true, ordering: .releasing)
+                return TrackReply(session: s.session, phase: phase, pid: pid, host: options.host,
+                                  tracker: source.trackerName, graceMilliseconds: 0,
+                                  layoutEpoch: s.layoutEpoch, layout: s.layout)
+            }
             switch (s.phase, request.resume) {
             case (nil, nil):
                 try source.startTracking()

@@ -50,6 +50,24 @@ public actor SessionLink {
         self.events = events
     }
 
+    /// True for a companion link: a second connection joining `session` for
+    /// priority reads, without taking the session from its owner.
+    private var companion = false
+
+    /// A companion of this link: same peer, same session, its own connection,
+    /// so small urgent reads do not queue behind this link's bulk replies.
+    public func companionLink(connect: @escaping Connector) async -> SessionLink {
+        let link = SessionLink(migration: migration, connect: connect)
+        await link.joining(session: session, first: first)
+        return link
+    }
+
+    private func joining(session: [UInt8]?, first: TrackReply?) {
+        self.session = session
+        self.first = first
+        companion = true
+    }
+
     /// The connection being opened, which concurrent callers wait for rather
     /// than open a second one (the actor is re-entered at every await).
     private var opening: Task<TrackReply, any Error>?
@@ -69,14 +87,15 @@ public actor SessionLink {
         let reply: TrackReply
         do {
             reply = try TrackReply.decode(try await candidate.call(
-                MigrationMethod.track.rawValue, TrackRequest(resume: session, migration: migration).encode()))
+                MigrationMethod.track.rawValue,
+                TrackRequest(resume: session, migration: migration, companion: companion).encode()))
         } catch {
             candidate.close()
             throw error
         }
         if first == nil { first = reply }
         session = reply.session
-        phase = reply.phase
+        if !companion { phase = reply.phase }
         peer = peerName
         client = candidate
         generation += 1
@@ -93,7 +112,7 @@ public actor SessionLink {
         if let lost { throw lost }
         if let reconnecting { try await reconnecting.value }
         if let client { return (client, generation) }
-        if session == nil {
+        if session == nil || (companion && generation == 0) {
             try await open()
             return (client!, generation)
         }
@@ -116,6 +135,13 @@ public actor SessionLink {
         guard seen == generation, !closed else { return }
         client?.close()
         client = nil
+        if companion {
+            // A companion lane is a shortcut, not the migration: when it fails,
+            // callers fall back to the owning link at once.
+            let failure = MigrationError.connectionLost("the companion connection failed: \(error)")
+            lost = failure
+            throw failure
+        }
         guard session != nil else { throw error }
         let task = Task { try await self.reconnect(after: error) }
         reconnecting = task

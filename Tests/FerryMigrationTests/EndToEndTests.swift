@@ -240,3 +240,39 @@ final class CorruptingSource: MemorySource, @unchecked Sendable {
         _ = try child.expect("count", timeout: 5)  // it answers: thawed, not stopped
     }
 }
+
+@Suite(.serialized) struct CompanionConnectionTests {
+    @Test func aCompanionMayOnlyReadAndOnlyForItsSession() async throws {
+        let child = try Memwriter(["--mib", "4", "--pattern", "--no-write"])
+        defer { child.stop() }
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid))
+        defer { seeder.close() }
+        let owner = RPCClient(transport: try await seeder.connector()())
+        defer { owner.close() }
+        let track = try TrackReply.decode(try await owner.call(MigrationMethod.track.rawValue, TrackRequest().encode()))
+
+        let stranger = RPCClient(transport: try await seeder.connector()())
+        defer { stranger.close() }
+        await #expect {
+            _ = try await stranger.call(MigrationMethod.track.rawValue,
+                                        TrackRequest(resume: Array(repeating: 7, count: 16), companion: true).encode())
+        } throws: { "\($0)".contains("no running migration") }
+
+        let companion = RPCClient(transport: try await seeder.connector()())
+        defer { companion.close() }
+        _ = try await companion.call(MigrationMethod.track.rawValue,
+                                     TrackRequest(resume: track.session, companion: true).encode())
+        let main = try #require(child.regions["main"])
+        let page = AddressRange(start: main.start, end: main.start + pageSize)
+        let parts = try await companion.call(MigrationMethod.readAt.rawValue, ReadRequest(ranges: [page]).encode())
+        #expect(try PagePart.parse(parts).first?.range == page)
+        await #expect {
+            _ = try await companion.call(MigrationMethod.finalize.rawValue, [])
+        } throws: { "\($0)".contains("may only ReadAt") }
+        // The owner keeps the session: the companion took nothing from it.
+        var w = WireWriter()
+        w.u64(track.layoutEpoch)
+        _ = try await owner.call(MigrationMethod.sync.rawValue, w.bytes)
+        _ = try await owner.call(MigrationMethod.abort.rawValue, [])
+    }
+}
