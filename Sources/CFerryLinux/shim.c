@@ -182,3 +182,11 @@ void ferry_tune_malloc_for_bulk(void) {
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }
+
+#include <sys/resource.h>
+#include <sys/syscall.h>
+
+int ferry_nice_this_thread(int nice) {
+    // Linux keeps a nice value per thread: PRIO_PROCESS with a thread id.
+    return setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
+}

@@ -202,6 +202,9 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
             priority.push(page)
         }
         let thread = Foundation.Thread { [self] in
+            // The background fill yields the CPU to whatever serves a touched
+            // page: on a small host they compete for the same cores.
+            lowerCurrentThreadPriority()
             var failure: String? = nil
             for run in cleanRuns {
                 var start = run.start

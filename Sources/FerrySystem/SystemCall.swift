@@ -77,3 +77,9 @@ public func checkedCall<T: BinaryInteger>(
 public func tuneAllocatorForBulkBuffers() {
     ferry_tune_malloc_for_bulk()
 }
+
+/// Lowers the calling thread's scheduling priority (nice value), for
+/// background work that must yield to latency-sensitive work on small hosts.
+public func lowerCurrentThreadPriority(nice: Int32 = 10) {
+    _ = ferry_nice_this_thread(nice)
+}

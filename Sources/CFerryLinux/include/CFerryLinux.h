@@ -195,4 +195,7 @@ int ferry_syscall_instruction(uint8_t out[4]);
 /// mallopt for programs that move many large buffers (see shim.c).
 void ferry_tune_malloc_for_bulk(void);
 
+/// setpriority for the calling thread only (Linux nice values are per thread).
+int ferry_nice_this_thread(int nice);
+
 #endif
