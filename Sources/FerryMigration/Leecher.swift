@@ -91,8 +91,23 @@ public final class Leecher {
     private var sizer = BatchSizer()
 
     /// `migration` names the migration wanted from a hub; empty for a seeder.
-    public init(connect: @escaping Connector, sink: ImageWriter, options: LeecherOptions = .init(),
-                migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+    public convenience init(connect: @escaping Connector, sink: ImageWriter, options: LeecherOptions = .init(),
+                            migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+        self.init(connect: connect, sink: sink, image: sink, live: nil, options: options, migration: migration,
+                  events: events)
+    }
+
+    /// A leecher whose pages end in live memory of this process: after
+    /// Finalize, `memory.migratedMemory()` returns it while post-copy fills
+    /// the rest, touched pages first (see LiveMemorySink and docs/postcopy.md).
+    public convenience init(connect: @escaping Connector, memory: LiveMemorySink, options: LeecherOptions = .init(),
+                            migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+        self.init(connect: connect, sink: memory, image: nil, live: memory, options: options, migration: migration,
+                  events: events)
+    }
+
+    private init(connect: @escaping Connector, sink: any PageSink, image: ImageWriter?, live: LiveMemorySink?,
+                 options: LeecherOptions, migration: String, events: @escaping @Sendable (LeecherEvent) -> Void) {
         self.connect = connect
         self.link = SessionLink(migration: migration, connect: connect) { event in
             switch event {
@@ -101,27 +116,8 @@ public final class Leecher {
             }
         }
         self.sink = sink
-        self.image = sink
-        self.live = nil
-        self.options = options
-        self.events = events
-    }
-
-    /// A leecher whose pages end in live memory of this process: after
-    /// Finalize, `memory.migratedMemory()` returns it while post-copy fills
-    /// the rest, touched pages first (see LiveMemorySink and docs/postcopy.md).
-    public init(connect: @escaping Connector, memory: LiveMemorySink, options: LeecherOptions = .init(),
-                migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
-        self.connect = connect
-        self.link = SessionLink(migration: migration, connect: connect) { event in
-            switch event {
-            case .reconnecting(let attempt, let reason): events(.reconnecting(attempt: attempt, reason: reason))
-            case .resumed(let phase): events(.resumed(phase: phase.description))
-            }
-        }
-        self.sink = memory
-        self.image = nil
-        self.live = memory
+        self.image = image
+        self.live = live
         self.options = options
         self.events = events
     }
