@@ -39,6 +39,11 @@ struct PullCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Image directory to write; must not exist or be empty.", valueName: "DIR"))
     var out = "ferry-image"
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Instead of an image, place the memory into this running process on this host (for example a restored program), mapped at the source's addresses where free; it may use the memory as soon as Finalize returns, and owns it afterwards (docs/postcopy.md).",
+        valueName: "PID"))
+    var into: Int32?
+
     @Option(name: .long, help: "Pull order: sequential, stack-heap-first, cold-first or profile:FILE.")
     var heuristic = "sequential"
 
@@ -91,8 +96,7 @@ struct PullCommand: AsyncParsableCommand {
             let command = CommandTransport.command(in: address)
             let endpoint = command == nil ? try Endpoint(parsing: address) : nil
             let credentials = try auth.credentials(createDefault: false)
-            let sink = try ImageWriter(directory: out)
-            let leecher = Leecher(connect: {
+            let connect: Leecher.Connector = {
                 let transport: FrameTransport
                 if let command {
                     transport = try CommandTransport.spawn(command)
@@ -105,16 +109,33 @@ struct PullCommand: AsyncParsableCommand {
                     transport.close()
                     throw error
                 }
-            }, sink: sink, options: options, migration: migration) { event in
-                Self.report(event, reporter)
+            }
+            let events: @Sendable (LeecherEvent) -> Void = { event in Self.report(event, reporter) }
+            let leecher: Leecher
+            var imageDirectory: String? = nil
+            if let into {
+                var live = LiveMemoryOptions()
+                live.targetPid = into
+                leecher = Leecher(connect: connect, memory: try LiveMemorySink(options: live), options: options,
+                                  migration: migration, events: events)
+            } else {
+                let writer = try ImageWriter(directory: out)
+                imageDirectory = writer.directory
+                leecher = Leecher(connect: connect, sink: writer, options: options, migration: migration, events: events)
             }
             let task = Task { try await leecher.run() }
             let signals = SignalWatcher { _ in task.cancel() }
             defer { signals.cancel() }
             let summary = try await task.value
-            reporter.event("image", ["directory": .string(sink.directory),
-                                     "regions": .int(Int64(summary.manifest.regions.count))],
-                           text: "leecher: image written to \(sink.directory) (\(summary.manifest.regions.count) regions)")
+            if let imageDirectory {
+                reporter.event("image", ["directory": .string(imageDirectory),
+                                         "regions": .int(Int64(summary.manifest.regions.count))],
+                               text: "leecher: image written to \(imageDirectory) (\(summary.manifest.regions.count) regions)")
+            } else if let into {
+                let placed = summary.manifest.regions.filter { $0.file != nil }.count
+                reporter.event("placed", ["pid": .int(Int64(into)), "regions": .int(Int64(placed))],
+                               text: "leecher: memory placed into pid \(into) (\(placed) regions), checked against the frozen source")
+            }
         }
     }
 

@@ -76,6 +76,30 @@ import FerryTestSupport
         #expect(try ImageVerifier.compare(directory: out, pid: child.pid).matches)
     }
 
+    @Test func pullingIntoAnotherProcessPlacesTheMemoryThere() throws {
+        let source = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000", "--pattern"])
+        defer { source.stop() }
+        let destination = try Memwriter(["--mib", "1", "--no-write"])  // stands for a restored program
+        defer { destination.stop() }
+        func migratableBytes(_ pid: Int32) throws -> UInt64 {
+            try ProcessMaps.read(pid: pid).filter { $0.kind == .migrate }.reduce(0) { $0 + $1.range.length }
+        }
+        let before = try migratableBytes(destination.pid)
+        let (seeder, address) = try startSeeder(pid: source.pid)
+        defer { seeder.stop() }
+        let leecher = try ChildProcess(builtExecutable("leecher"),
+                                       ["pull", address, "--secret-file", secretPath, "--into", "\(destination.pid)",
+                                        "--json"])
+        let placed = try leecher.expect("{\"event\":\"placed\"", timeout: 60)
+        #expect(placed.contains("\"pid\":\(destination.pid)"))
+        #expect(leecher.waitForExit() == 0)
+        // The source's memory now lives in the destination too (the leecher
+        // checked every byte against the frozen source before saying "placed").
+        let main = try #require(source.regions["main"])
+        #expect(try migratableBytes(destination.pid) >= before + main.length)
+        #expect(!isFrozen(destination))
+    }
+
     @Test func killingTheLeecherBeforeTheFreezeCostsNothing() throws {
         let child = try Memwriter(["--mib", "64", "--threads", "2", "--rate", "20000"])
         defer { child.stop() }
