@@ -171,7 +171,11 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
         #expect(counted.received.withLock { $0 } >= 3, "the idle client sent no pings")
         #expect(try await c.call(0x100, [1]) == [1, 0])
         c.close()
-        #expect(await done.value == nil)
+        // The client's close may race a ping in flight: the server then ends
+        // on the closed transport rather than at a frame boundary. Either is a
+        // clean end; an idle timeout or a protocol error is not.
+        let ended = await done.value
+        #expect(ended == nil || "\(ended!)".localizedCaseInsensitiveContains("closed"), "\(String(describing: ended))")
     }
 
     @Test func idleTimeoutClosesASilentPeer() async throws {
