@@ -175,7 +175,7 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
         // on the closed transport rather than at a frame boundary. Either is a
         // clean end; an idle timeout or a protocol error is not.
         let ended = await done.value
-        #expect(ended == nil || "\(ended!)".localizedCaseInsensitiveContains("closed"), "\(String(describing: ended))")
+        #expect(ended == nil || "\(ended!)".lowercased().contains("closed"), "\(String(describing: ended))")
     }
 
     @Test func idleTimeoutClosesASilentPeer() async throws {
