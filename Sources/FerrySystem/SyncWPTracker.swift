@@ -36,9 +36,6 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     private let lock = Lock()
     private var dirtyPages = Set<UInt64>()
     private var lostRanges: [AddressRange] = []
-    /// Batches of events the handler has read and not yet recorded; a scan
-    /// waits for them (see `drainPendingEvents`). Touched only under `lock`.
-    private var batchesInHand = 0
     private var handlerError: Error?
     private var handler: pthread_t?
     /// Written once by `close` to end the handler's poll.
@@ -149,26 +146,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         }
     }
 
-    /// Waits, briefly, until no fault or event is waiting in the descriptor
-    /// and the handler holds none unrecorded. An munmap's event may still be
-    /// in flight when a scan starts; at Finalize (process frozen) a scan that
-    /// missed it would never see it, and the mapping put back at that address
-    /// would go unsent. While the process runs this is bounded, not exact.
-    private func drainPendingEvents() {
-        let deadline = ContinuousClock.now + .milliseconds(100)
-        while ContinuousClock.now < deadline {
-            let pending = (try? uffd.withDescriptor { fd -> Bool in
-                var probe = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-                return poll(&probe, 1, 0) > 0
-            }) ?? false
-            let inHand = lock.withLock { batchesInHand }
-            if !pending && inHand == 0 { return }
-            usleep(100)
-        }
-    }
-
     func scan(_ ranges: [AddressRange]) throws -> DirtyScan {
-        drainPendingEvents()
         var pages = Set<UInt64>()
         var lost: [AddressRange] = []
         var failure: Error?
@@ -209,8 +187,6 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
                     if fds[1].revents != 0 { return }
                     if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 { return }
                     events.removeAll(keepingCapacity: true)
-                    lock.withLock { batchesInHand += 1 }
-                    defer { lock.withLock { batchesInHand -= 1 } }
                     try readEvents(fd: fd, into: &events)
                     retry = try handle(events, retry: retry)
                 }
