@@ -220,10 +220,17 @@ public final class SecureChannel: FrameTransport {
             }
         } catch let e as HandshakeError {
             if let reply = e.reply {
-                // Best effort; must not block: the peer may have stopped reading.
-                let t = Task { try? await transport.send(reply) }
-                try? await Task.sleep(for: .milliseconds(1))
-                t.cancel()
+                // Best effort, bounded: the peer may have stopped reading. A
+                // small frame is written at once when the send gets to run,
+                // which on a loaded host can take longer than a millisecond;
+                // give it a quarter of a second so the peer learns why.
+                let sending = Task { try? await transport.send(reply) }
+                let bound = Task {
+                    try? await Task.sleep(for: .milliseconds(250))
+                    sending.cancel()
+                }
+                _ = await sending.value
+                bound.cancel()
             }
             transport.close()
             throw e
