@@ -140,12 +140,12 @@ struct TestKeys {
     @Test func peerThatStopsMidHandshakeTimesOut() async throws {
         let (a, b) = InMemoryTransport.pair()
         var o = SecureChannelOptions(); o.handshakeTimeout = .milliseconds(100)
-        let clock = ContinuousClock(), start = clock.now
         async let s = Result { try await SecureChannel.server(over: b, credentials: .preSharedSecret(try .generate()), options: o) }
-        // Send nothing: a stalled peer.
+        // Send nothing: a stalled peer. The message names the configured
+        // timeout, so it was that one, not the 10 s default, that fired (no
+        // wall-clock bound: these hosts are shared).
         let r = await s
-        #expect(errorText(r).contains("did not complete the handshake within"), "\(errorText(r))")
-        #expect(clock.now - start < .seconds(8))   // the test timeout, not the 10 s default (loose: shared CI cores)
+        #expect(errorText(r).contains("did not complete the handshake within 0.1 seconds"), "\(errorText(r))")
         _ = a
     }
 
