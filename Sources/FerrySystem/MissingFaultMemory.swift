@@ -436,19 +436,8 @@ public final class MissingFaultMemory: @unchecked Sendable {
         try lock.withLock {
             guard handler == nil else { return }
             self.onFault = onFault
-            var thread = pthread_t()
-            let context = Unmanaged.passRetained(self).toOpaque()
-            let result = pthread_create(&thread, nil, { argument in
-                // SAFETY: `argument` is the memory retained below; released when the loop ends.
-                let memory = Unmanaged<MissingFaultMemory>.fromOpaque(argument!).takeRetainedValue()
-                memory.handleFaults()
-                return nil
-            }, context)
-            if result != 0 {
-                Unmanaged<MissingFaultMemory>.fromOpaque(context).release()
-                throw SystemError(operation: "pthread_create", target: "the post-copy fault handler of \(owner)", errno: result)
-            }
-            handler = thread
+            // The thread keeps the memory alive until its loop ends.
+            handler = try startThread(for: "the post-copy fault handler of \(owner)") { [self] in handleFaults() }
         }
     }
 

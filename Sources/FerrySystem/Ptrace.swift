@@ -38,18 +38,8 @@ final class PtraceThread: @unchecked Sendable {
     }
 
     init() throws {
-        let context = Unmanaged.passRetained(self).toOpaque()
-        let result = pthread_create(&thread, nil, { argument in
-            // SAFETY: `argument` is the retained `PtraceThread` passed below;
-            // the worker owns that reference until its loop ends.
-            let worker = Unmanaged<PtraceThread>.fromOpaque(argument!).takeRetainedValue()
-            worker.loop()
-            return nil
-        }, context)
-        if result != 0 {
-            Unmanaged<PtraceThread>.fromOpaque(context).release()
-            throw SystemError(operation: "pthread_create", target: "the ptrace thread", errno: result)
-        }
+        // The worker keeps this object alive until its loop ends.
+        thread = try startThread(for: "the ptrace thread") { [self] in loop() }
         pthread_detach(thread)
     }
 

@@ -48,20 +48,13 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         try checkedCall("pipe", on: "the sync tracker of pid \(pid)") { pipe(&fds) }
         for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         stopPipe = (fds[0], fds[1])
-        var thread = pthread_t()
-        let context = Unmanaged.passRetained(self).toOpaque()
-        let result = pthread_create(&thread, nil, { argument in
-            // SAFETY: `argument` is the tracker retained below; released when the loop ends.
-            let tracker = Unmanaged<SyncWPTracker>.fromOpaque(argument!).takeRetainedValue()
-            tracker.handleFaults()
-            return nil
-        }, context)
-        if result != 0 {
-            Unmanaged<SyncWPTracker>.fromOpaque(context).release()
+        do {
+            // The thread keeps the tracker alive until its loop ends.
+            handler = try startThread(for: "the sync tracker of pid \(pid)") { [self] in handleFaults() }
+        } catch {
             Glibc.close(fds[0]); Glibc.close(fds[1])
-            throw SystemError(operation: "pthread_create", target: "the sync tracker of pid \(pid)", errno: result)
+            throw error
         }
-        handler = thread
     }
 
     func close() {

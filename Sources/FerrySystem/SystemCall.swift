@@ -83,3 +83,25 @@ public func tuneAllocatorForBulkBuffers() {
 public func lowerCurrentThreadPriority(nice: Int32 = 10) {
     _ = ferry_nice_this_thread(nice)
 }
+
+/// Starts a dedicated OS thread running `body`: for loops that block in
+/// poll(2) or ptrace and must not hold a Swift concurrency thread.
+/// `target` names what the thread serves, for the error.
+func startThread(for target: String, _ body: @escaping () -> Void) throws -> pthread_t {
+    final class Body {
+        let run: () -> Void
+        init(_ run: @escaping () -> Void) { self.run = run }
+    }
+    var thread = pthread_t()
+    let context = Unmanaged.passRetained(Body(body)).toOpaque()
+    let result = pthread_create(&thread, nil, { argument in
+        // SAFETY: `argument` is the Body retained above, released here exactly once.
+        Unmanaged<Body>.fromOpaque(argument!).takeRetainedValue().run()
+        return nil
+    }, context)
+    if result != 0 {
+        Unmanaged<Body>.fromOpaque(context).release()
+        throw SystemError(operation: "pthread_create", target: target, errno: result)
+    }
+    return thread
+}

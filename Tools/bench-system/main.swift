@@ -13,6 +13,7 @@
 // The redis figure comes from Tools/bench-redis.sh.
 import Dispatch
 import FerrySystem
+import FerryTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -59,78 +60,14 @@ struct BenchError: Error, CustomStringConvertible {
 
 // MARK: - The memwriter child
 
-/// memwriter with pipes; killed and reaped on deinit.
-final class Writer {
-    let pid: Int32
-    var main = AddressRange(start: 0, end: 0)
-    private let input: Int32
-    private let output: Int32
-    private var pending: [UInt8] = []
-
-    static var executable: String {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        let path = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "./x"
-        return String(path[..<path.lastIndex(of: "/")!]) + "/memwriter"
-    }
-
-    init(_ arguments: [String]) throws {
-        var toChild: [Int32] = [0, 0]
-        var fromChild: [Int32] = [0, 0]
-        guard pipe(&toChild) == 0, pipe(&fromChild) == 0 else { throw BenchError("pipe failed") }
-        for fd in toChild + fromChild { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, toChild[0], 0)
-        posix_spawn_file_actions_adddup2(&actions, fromChild[1], 1)
-        let path = Writer.executable
-        let argv = ([path] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, path, &actions, nil, argv, environ)
-        close(toChild[0]); close(fromChild[1])
-        guard rc == 0 else { throw BenchError("cannot start \(path): \(String(cString: strerror(rc))) (build the memwriter product in the same configuration)") }
-        pid = child
-        input = toChild[1]
-        output = fromChild[0]
-        while true {
-            let fields = try readLine().split(separator: " ")
-            if fields.count == 4, fields[0] == "region", fields[1] == "main",
-               let s = UInt64(fields[2].dropFirst(2), radix: 16), let e = UInt64(fields[3].dropFirst(2), radix: 16) {
-                main = AddressRange(start: s, end: e)
-            }
-            if fields.count == 3, fields[2] == "ready" { break }
-        }
-    }
-
-    deinit {
-        kill(pid, SIGKILL)
-        var status: Int32 = 0
-        waitpid(pid, &status, 0)
-        close(input); close(output)
-    }
-
-    func readLine() throws -> String {
-        while true {
-            if let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                let line = String(decoding: pending[..<newline], as: UTF8.self)
-                pending.removeSubrange(...newline)
-                return line
-            }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = read(output, &chunk, chunk.count)
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { throw BenchError("memwriter \(pid) closed its output") }
-            pending.append(contentsOf: chunk[0..<n])
-        }
-    }
+extension Memwriter {
+    /// The main region memwriter announced.
+    var main: AddressRange { regions["main"] ?? AddressRange(start: 0, end: 0) }
 
     /// Sends `touch K` (every K-th page of main) and returns (pages, seconds).
     func touch(every step: Int) throws -> (Int, Double) {
-        let command = step == 1 ? "sweep" : "touch \(step)"
-        _ = (command + "\n").withCString { write(input, $0, strlen($0)) }
-        let fields = try readLine().split(separator: " ")
+        send(step == 1 ? "sweep" : "touch \(step)")
+        let fields = try readLine(timeout: 300).split(separator: " ")
         guard fields.count == 3, let pages = Int(fields[1]), let ns = Double(fields[2]) else {
             throw BenchError("unexpected memwriter answer \(fields)")
         }
@@ -155,7 +92,7 @@ func benchWrite() throws {
     for kind in TrackerKind.allCases {
         // Sync faults cost up to ~110 µs across cores: fewer pages keep the run short.
         let mib = kind == .sync ? 64 : 256
-        let writer = try Writer(["--mib", "\(mib)", "--no-write"])
+        let writer = try Memwriter(["--mib", "\(mib)", "--no-write"])
         var untracked: [Double] = []
         var count = 0
         for _ in 0..<rounds {
@@ -189,7 +126,7 @@ func benchWrite() throws {
 /// Scan time over 1 GiB of 4 KiB pages at several dirty fractions.
 func benchScan(mib: Int) throws {
     say("== scan: TrackedProcess.scanDirty over \(mib) MiB (async), median of 5")
-    let writer = try Writer(["--mib", "\(mib)", "--no-write"])
+    let writer = try Memwriter(["--mib", "\(mib)", "--no-write"])
     let process = try TrackedProcess.attach(pid: writer.pid, tracker: .async)
     defer { try? process.detach() }
     var t = now()
@@ -224,7 +161,7 @@ func benchScan(mib: Int) throws {
 /// Read throughput against memcpy of the same size, same run.
 func benchRead(mib: Int) throws {
     say("== read: \(mib) MiB from memwriter vs memcpy in this process, best of 3")
-    let writer = try Writer(["--mib", "\(mib)", "--pattern", "--no-write"])
+    let writer = try Memwriter(["--mib", "\(mib)", "--pattern", "--no-write"])
     let size = mib << 20
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
     let source = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
@@ -294,7 +231,7 @@ func benchRead(mib: Int) throws {
     say("[PageReader] 2 threads, 1 MiB ranges: \(fixed(parallelRate, 2)) GB/s, \(ratios(parallelRate))")
     // A target on transparent huge pages: fewer page-table steps per byte.
     do {
-        let huge = try Writer(["--mib", "\(mib)", "--huge", "--pattern", "--no-write"])
+        let huge = try Memwriter(["--mib", "\(mib)", "--huge", "--pattern", "--no-write"])
         let hugeReader = try PageReader(pid: huge.pid)
         let ranges = stride(from: huge.main.start, to: huge.main.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }
         let time = try best { _ = try hugeReader.read(ranges, into: buffer) }
