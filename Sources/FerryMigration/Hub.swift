@@ -251,7 +251,10 @@ final class HubMigration: Sendable {
         var finalized: FinalizeReply? = nil
         var finalizing: Task<FinalizeReply, any Error>? = nil
         var operatorSaidFinalize = false
-        var checksums: [[AddressRange]: [UInt8]] = [:]
+        /// Checksum replies by the ranges asked: the upstream is asked once
+        /// per set of ranges, and concurrent askers share the one call (the
+        /// upstream may be gone by the time a second would be made).
+        var checksums: [[AddressRange]: Task<[UInt8], any Error>] = [:]
         var lastSync: ContinuousClock.Instant? = nil
         var syncing: Task<Void, any Error>? = nil
         var upstreamFailure: String? = nil
@@ -795,12 +798,20 @@ final class HubMigration: Sendable {
         let ranges = try reader.ranges()
         try reader.expectEnd("Checksum request")
         if options.tamper?.forgeChecksums == true { return try forgedChecksums(ranges) }
-        if let cached = state.withLock({ $0.checksums[ranges] }) { return cached }
+        let link = self.link
+        let call = state.withLock { s in
+            if let known = s.checksums[ranges] { return known }
+            let call = Task { try await link.call(.checksum, payload) }
+            s.checksums[ranges] = call
+            return call
+        }
         do {
-            let reply = try await link.call(.checksum, payload)
-            state.withLock { $0.checksums[ranges] = reply }
-            return reply
+            return try await call.value
         } catch {
+            // Not cached: a later asker tries again (through a resumed upstream).
+            state.withLock { s in
+                if s.checksums[ranges] == call { s.checksums[ranges] = nil }
+            }
             throw upstreamFailed(error)
         }
     }
