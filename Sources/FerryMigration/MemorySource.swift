@@ -21,8 +21,9 @@ public protocol MemorySource: AnyObject, Sendable {
     /// Migratable regions that could not be write-protected: always dirty.
     var unprotectable: [Region] { get }
     func startTracking() throws
-    /// Pages written since the last scan or since they were last read.
-    func scanDirty() throws -> [AddressRange]
+    /// Pages written since they were last read (each at least once; a page
+    /// may be reported again by later scans until it is read).
+    func scanWrittenSinceRead() throws -> [AddressRange]
     /// Reads `ranges` into `buffer` in order, re-arming tracking first.
     /// Returns the sub-ranges that are no longer mapped (their bytes are undefined).
     func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange]
@@ -39,6 +40,12 @@ import Glibc
 
 extension TrackedProcess: MemorySource {
     public var trackerName: String { trackerKind.rawValue }
+
+    /// The seeder watches a page only while the leecher holds a copy of it:
+    /// reads re-arm, scans do not, so rescanning costs the process nothing.
+    public func scanWrittenSinceRead() throws -> [AddressRange] {
+        try scanDirty(rearm: false)
+    }
 
     public func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
         try readReporting(ranges, into: buffer).vanished

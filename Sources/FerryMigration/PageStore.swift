@@ -109,7 +109,10 @@ public struct PageStore: Sendable {
 
     /// Applies `transition` to every covered page of `ranges`; uncovered pages are ignored
     /// (the region went away; its pages no longer matter).
-    private mutating func update(_ ranges: [AddressRange], _ transition: (PageState) -> PageState?) {
+    /// Applies `transition` to every page of `ranges`; returns how many changed state.
+    @discardableResult
+    private mutating func update(_ ranges: [AddressRange], _ transition: (PageState) -> PageState?) -> Int {
+        var changed = 0
         for range in ranges {
             var address = range.start
             while address < range.end {
@@ -125,11 +128,13 @@ public struct PageStore: Sendable {
                         segments[s].states[i] = new
                         counts[old, default: 0] -= 1
                         counts[new, default: 0] += 1
+                        changed += 1
                     }
                 }
                 address = stop
             }
         }
+        return changed
     }
 
     /// The segment covering `address`, or the first one starting before `limit`.
@@ -172,11 +177,13 @@ public struct PageStore: Sendable {
     }
 
     /// The seeder reported these pages written since they were sent.
-    public mutating func markDirty(_ ranges: [AddressRange]) {
+    /// Returns how many held copies this made stale (clean or in flight before).
+    @discardableResult
+    public mutating func markDirty(_ ranges: [AddressRange]) -> Int {
         for range in ranges {
             forEachPage(in: range) { s, i in segments[s].dirtyReports[i] &+= 1 }
         }
-        update(ranges) { state in
+        return update(ranges) { state in
             switch state {
             case .clean: return .dirty
             case .inFlight: return .inFlightStale

@@ -347,9 +347,10 @@ public final class SeederService: Sendable {
     /// Scans, folds the result into the session, and re-reads the layout.
     /// Returns the newly dirty parts of a changed layout; the caller holds the lock.
     private func rescan(_ s: inout State) throws -> Bool {
-        let dirty = try source.scanDirty()
-        s.dirtyRate.add(dirty.reduce(0) { $0 + $1.pageCount })
-        s.store.markDirty(dirty)
+        // The rate that matters to the leecher: how fast its copies go stale.
+        // (Pages never sent, or already stale, are reported again and again
+        // by scans that do not re-arm; they change nothing.)
+        s.dirtyRate.add(UInt64(s.store.markDirty(try source.scanWrittenSinceRead())))
         let change = try source.refreshLayout()
         guard !change.isEmpty else { return false }
         s.layout = change.regions
@@ -360,7 +361,7 @@ public final class SeederService: Sendable {
         s.store.markDirty(change.newlyDirty)
         // What the refresh registered anew is reported by the next scan;
         // take it now, so a Finalize misses nothing.
-        s.store.markDirty(try source.scanDirty())
+        s.store.markDirty(try source.scanWrittenSinceRead())
         return true
     }
 

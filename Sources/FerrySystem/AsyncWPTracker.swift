@@ -84,12 +84,12 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
         try uffd.unregister(range)
     }
 
-    func scan(_ ranges: [AddressRange]) throws -> DirtyScan {
-        try scan(ranges, capacity: Self.regionsPerCall)
+    func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan {
+        try scan(ranges, capacity: Self.regionsPerCall, rearm: rearm)
     }
 
     /// `scan` with a chosen vector size (tests use small ones).
-    func scan(_ ranges: [AddressRange], capacity: Int) throws -> DirtyScan {
+    func scan(_ ranges: [AddressRange], capacity: Int, rearm: Bool = true) throws -> DirtyScan {
         var result = DirtyScan()
         // SAFETY: owned by this call, deallocated on return; the kernel writes
         // at most `capacity` entries into it (vec_len).
@@ -100,7 +100,7 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
                 throw SystemError(operation: "PAGEMAP_SCAN", target: "pid \(pid)", errno: EBADF, hint: "the tracker was stopped")
             }
             for range in ranges {
-                if try !scan(range, vec: vec, capacity: capacity, into: &result.dirty) {
+                if try !scan(range, vec: vec, capacity: capacity, into: &result.dirty, rearm: rearm) {
                     result.lost.append(range)
                     continue
                 }
@@ -111,8 +111,9 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
                     continue
                 }
                 // Reported first, protected second: a write in between is in
-                // the copy the caller makes after this scan.
-                for piece in zapped {
+                // the copy the caller makes after this scan. Without rearm
+                // they stay empty and reported until read.
+                for piece in zapped where rearm {
                     do { try uffd.writeProtect(piece, protect: true) } catch let error as SystemError where error.errno == ENOENT {
                         continue
                     }
@@ -124,15 +125,16 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
         return result
     }
 
-    /// Scans one registered range for written pages (re-protecting them), or
+    /// Scans one registered range for written pages (re-protecting them when
+    /// `rearm`: the same page-table walk, so no write falls in between), or
     /// for empty page slots when `zapped`; false when part of the range is not registered any more.
     func scan(_ range: AddressRange, vec: UnsafeMutablePointer<page_region>, capacity: Int,
-                      into dirty: inout [AddressRange], zapped: Bool = false) throws -> Bool {
+              into dirty: inout [AddressRange], zapped: Bool = false, rearm: Bool = true) throws -> Bool {
         var start = range.start
         while start < range.end {
             var arg = pm_scan_arg()
             arg.size = UInt64(MemoryLayout<pm_scan_arg>.size)
-            arg.flags = ferry_pm_scan_wp_matching() | ferry_pm_scan_check_wpasync()
+            arg.flags = (rearm ? ferry_pm_scan_wp_matching() : 0) | ferry_pm_scan_check_wpasync()
             arg.start = start
             arg.end = range.end
             arg.vec = UInt64(UInt(bitPattern: vec))

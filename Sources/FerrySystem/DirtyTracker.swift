@@ -10,6 +10,17 @@
 // rearm, so the copy holds the write). Pages that were not written may appear
 // (whole 2 MiB transparent huge pages, conservative trackers); written pages
 // are never missed.
+//
+// Two ways to scan. `rearm: true` protects the reported pages again, so the
+// next scan reports only writes made after this one: exact write sets per
+// interval, paid for with one write fault per page re-dirtied per interval
+// (and, for the async tracker, a TLB flush in the process for every page
+// re-protected). `rearm: false` leaves the pages writable: they are reported
+// again (or, by trackers that cannot tell, at least once) until `rearm`
+// covers them. That is all a seeder needs, since a page only has to be
+// watched once the destination holds a copy of it, and `rearm` happens
+// exactly when a copy is made; the process then pays one fault per page per
+// copy sent, however often the seeder scans.
 
 /// Which tracker to use. `nil` in `TrackedProcess.attach` picks the best available.
 public enum TrackerKind: String, CaseIterable, Sendable {
@@ -47,18 +58,24 @@ public protocol DirtyTracker: AnyObject, Sendable {
     func track(_ range: AddressRange) throws
     /// Re-protects registered ranges that are about to be copied.
     func rearm(_ ranges: [AddressRange]) throws
-    /// Pages of `ranges` written since the last scan or rearm; re-protects them.
-    func scan(_ ranges: [AddressRange]) throws -> DirtyScan
+    /// Pages of `ranges` written since the last rearm, or since the last
+    /// scan that re-protected them; with `rearm`, re-protects them.
+    func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan
     /// Stops tracking `range`; writes to it are no longer seen.
     func untrack(_ range: AddressRange) throws
     /// Releases the tracker's kernel resources; the process runs on unprotected.
     func close()
 }
 
+extension DirtyTracker {
+    /// Written pages since the last scan or rearm, re-protected: exact per-interval write sets.
+    func scan(_ ranges: [AddressRange]) throws -> DirtyScan { try scan(ranges, rearm: true) }
+}
+
 /// Sorted, merged range arithmetic. Inputs need not be sorted unless stated.
-enum Ranges {
+public enum Ranges {
     /// Sorts and merges touching or overlapping ranges.
-    static func merge(_ ranges: [AddressRange]) -> [AddressRange] {
+    public static func merge(_ ranges: [AddressRange]) -> [AddressRange] {
         guard !ranges.isEmpty else { return [] }
         // Scan results arrive sorted: check in one pass before paying for a sort.
         var inOrder = true
@@ -81,7 +98,7 @@ enum Ranges {
     }
 
     /// The parts of `a` that lie inside `b`. Both merged and sorted.
-    static func intersect(_ a: [AddressRange], _ b: [AddressRange]) -> [AddressRange] {
+    public static func intersect(_ a: [AddressRange], _ b: [AddressRange]) -> [AddressRange] {
         var result: [AddressRange] = []
         var i = 0, j = 0
         while i < a.count && j < b.count {
@@ -94,7 +111,7 @@ enum Ranges {
     }
 
     /// The parts of `a` outside `b`. Both merged and sorted.
-    static func subtract(_ a: [AddressRange], _ b: [AddressRange]) -> [AddressRange] {
+    public static func subtract(_ a: [AddressRange], _ b: [AddressRange]) -> [AddressRange] {
         var result: [AddressRange] = []
         var j = 0
         for range in a {
@@ -112,7 +129,7 @@ enum Ranges {
     }
 
     /// Page numbers (address / pageSize), sorted, as merged ranges.
-    static func fromPages<S: Sequence>(_ pages: S) -> [AddressRange] where S.Element == UInt64 {
+    public static func fromPages<S: Sequence>(_ pages: S) -> [AddressRange] where S.Element == UInt64 {
         let sorted = pages.sorted()
         var result: [AddressRange] = []
         for page in sorted {
@@ -127,7 +144,7 @@ enum Ranges {
     }
 
     /// Whether `address` lies in one of `sorted` (merged, ascending): binary search.
-    static func contains(_ sorted: [AddressRange], _ address: UInt64) -> Bool {
+    public static func contains(_ sorted: [AddressRange], _ address: UInt64) -> Bool {
         var low = 0, high = sorted.count
         while low < high {
             let mid = (low + high) / 2
@@ -137,7 +154,7 @@ enum Ranges {
     }
 
     /// Rounds outwards to page boundaries.
-    static func pageAligned(_ range: AddressRange) -> AddressRange {
+    public static func pageAligned(_ range: AddressRange) -> AddressRange {
         let start = range.start & ~(pageSize - 1)
         let end = (range.end + pageSize - 1) & ~(pageSize - 1)
         return AddressRange(start: start, end: end)

@@ -65,7 +65,9 @@ final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
 
     func close() {}
 
-    func scan(_ ranges: [AddressRange]) throws -> DirtyScan {
+    /// The reset is for the whole process, so every scan re-arms, whatever
+    /// `rearm` says: each written page is still reported at least once.
+    func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan {
         try lock.withLock {
             let fd = open("/proc/\(pid)/pagemap", O_RDONLY | O_CLOEXEC)
             if fd < 0 { throw SystemError(operation: "open /proc/\(pid)/pagemap", target: "pid \(pid)", errno: errno) }

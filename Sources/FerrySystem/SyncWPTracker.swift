@@ -139,7 +139,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         }
     }
 
-    func scan(_ ranges: [AddressRange]) throws -> DirtyScan {
+    func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan {
         var pages = Set<UInt64>()
         var lost: [AddressRange] = []
         var failure: Error?
@@ -156,7 +156,9 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         // again before any handler can record-and-unprotect in between; if
         // the map is busy the protection finishes after the handler caught up
         // (faults meanwhile are recorded in the new set).
-        try protect(taken) {}
+        // Without rearm the pages stay writable and out of the set: reported
+        // once, and watched again from the next `rearm` (the owner keeps them dirty).
+        if rearm { try protect(taken) {} }
         return DirtyScan(dirty: taken, lost: Ranges.intersect(Ranges.merge(lost), ranges))
     }
 

@@ -285,16 +285,22 @@ public final class TrackedProcess: @unchecked Sendable {
 
     /// Pages written since the last scan or since they were last read, plus
     /// new or grown parts found by `refreshLayout`, plus every unprotectable
-    /// region; re-protects what it reports. Merged, ascending.
-    public func scanDirty() throws -> [AddressRange] {
-        try perform("scan the dirty pages of") { try scanDirtyLocked() }
+    /// region. Merged, ascending.
+    ///
+    /// With `rearm` (exact write sets per interval, as `seeder track` counts
+    /// them) the reported pages are protected again. Without it they stay
+    /// writable and are reported again until `read` re-arms them: the
+    /// process pays one write fault per page per copy sent rather than per
+    /// scan (see DirtyTracker.swift).
+    public func scanDirty(rearm: Bool = true) throws -> [AddressRange] {
+        try perform("scan the dirty pages of") { try scanDirtyLocked(rearm: rearm) }
     }
 
-    private func scanDirtyLocked() throws -> [AddressRange] {
+    private func scanDirtyLocked(rearm: Bool) throws -> [AddressRange] {
         try scanLock.withLock {
             let (ranges, isTracking) = lock.withLock { (tracked, tracking) }
             guard isTracking else { return [] }
-            let scan = try tracker.scan(ranges)
+            let scan = try tracker.scan(ranges, rearm: rearm)
             // A dead process's page tables are gone and a scan of them finds
             // nothing: that must not read as "clean".
             if processIsGone { throw TrackedProcessError.processExited(pid: pid, operation: "scan the dirty pages of") }

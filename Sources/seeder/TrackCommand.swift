@@ -12,6 +12,14 @@ import Glibc
 
 extension TrackerKind: ExpressibleByArgument {}
 
+/// When a written page is write-protected again.
+enum RearmMode: String, ExpressibleByArgument, CaseIterable {
+    /// At every scan: each interval counts the pages written in it.
+    case scan
+    /// Only when the page is read, as `seeder serve` does.
+    case read
+}
+
 /// Set by SIGINT/SIGTERM: stop at the next tick and detach cleanly.
 private let interrupted = Atomic<Bool>(false)
 
@@ -24,6 +32,14 @@ struct TrackCommand: ParsableCommand {
             write-protects the migrate regions and rescans them every --interval \
             milliseconds, printing the pages dirtied in each second. Then detaches: \
             the process runs on unaffected. Ctrl-C ends early and still detaches.
+
+            --rearm scan (the default) protects every reported page again at each \
+            scan, so each second counts the pages written in it; the process pays \
+            one write fault per page it dirties again, per scan. --rearm read \
+            protects a page again only when it is read, which is what `seeder serve` \
+            does while migrating (rescanning is then free for the process); here \
+            nothing is read, so the count is the distinct pages written since \
+            tracking began, and the first report of each page.
             """
     )
 
@@ -38,6 +54,9 @@ struct TrackCommand: ParsableCommand {
 
     @Option(help: "Milliseconds between dirty scans.")
     var interval: Int = 1000
+
+    @Option(help: "When a written page is protected again: scan (exact per-second counts) or read (as `seeder serve` migrates).")
+    var rearm: RearmMode = .scan
 
     @Flag(help: "Print one JSON event per line instead of text.")
     var json = false
@@ -81,7 +100,8 @@ struct TrackCommand: ParsableCommand {
         var lastReport = start
         var bucket = Bucket()
         var total = Bucket()
-        let unprotected = merge(process.unprotectable.map(\.range))
+        let unprotected = Ranges.merge(process.unprotectable.map(\.range))
+        var seen: [AddressRange] = []
 
         while !interrupted.load(ordering: .relaxed) {
             var now = clock.now
@@ -97,9 +117,15 @@ struct TrackCommand: ParsableCommand {
 
             let scanStart = clock.now
             let change = try process.refreshLayout()
-            let dirty = try process.scanDirty()
+            var dirty = try process.scanDirty(rearm: rearm == .scan)
             let scanTime = clock.now - scanStart
-            let pages = pageCount(dirty) - pageCount(intersect(dirty, unprotected))
+            if rearm == .read {
+                // Pages stay reported until read: count each once, when first seen.
+                let fresh = Ranges.subtract(dirty, seen)
+                seen = Ranges.merge(seen + fresh)
+                dirty = fresh
+            }
+            let pages = pageCount(dirty) - pageCount(Ranges.intersect(dirty, unprotected))
             bucket.add(pages: pages, newPages: change.newlyDirtyPages, scan: scanTime, regionsAdded: change.added.count, regionsRemoved: change.removed.count)
             nextScan += tick
             if nextScan < clock.now { nextScan = clock.now + tick } // do not burst after a stall
@@ -257,30 +283,6 @@ private func pad(_ s: String, _ width: Int) -> String {
 
 private func pageCount(_ ranges: [AddressRange]) -> UInt64 { ranges.reduce(0) { $0 + $1.pageCount } }
 
-private func merge(_ ranges: [AddressRange]) -> [AddressRange] {
-    let sorted = ranges.sorted { $0.start < $1.start }
-    var out: [AddressRange] = []
-    for r in sorted {
-        if let last = out.last, r.start <= last.end {
-            out[out.count - 1].end = max(last.end, r.end)
-        } else {
-            out.append(r)
-        }
-    }
-    return out
-}
-
-/// Intersection of two sorted, merged range lists.
-private func intersect(_ a: [AddressRange], _ b: [AddressRange]) -> [AddressRange] {
-    var out: [AddressRange] = []
-    var i = 0, j = 0
-    while i < a.count && j < b.count {
-        let s = max(a[i].start, b[j].start), e = min(a[i].end, b[j].end)
-        if s < e { out.append(AddressRange(start: s, end: e)) }
-        if a[i].end < b[j].end { i += 1 } else { j += 1 }
-    }
-    return out
-}
 /// Writes a whole line to a descriptor (1 = stdout, 2 = stderr) at once, so
 /// lines reach pipes immediately and never interleave half-written.
 func writeLine(_ text: String, to fd: Int32 = 1) {

@@ -205,7 +205,7 @@ final class CorruptingSource: MemorySource, @unchecked Sendable {
     var regions: [Region] { inner.regions }
     var unprotectable: [Region] { inner.unprotectable }
     func startTracking() throws { try inner.startTracking() }
-    func scanDirty() throws -> [AddressRange] { try inner.scanDirty() }
+    func scanWrittenSinceRead() throws -> [AddressRange] { try inner.scanWrittenSinceRead() }
     func refreshLayout() throws -> LayoutChange { try inner.refreshLayout() }
     func freeze() throws -> Duration { try inner.freeze() }
     func thaw() throws { try inner.thaw() }

@@ -19,7 +19,7 @@ final class SlowSource: MemorySource, @unchecked Sendable {
     var regions: [Region] { inner.regions }
     var unprotectable: [Region] { inner.unprotectable }
     func startTracking() throws { try inner.startTracking() }
-    func scanDirty() throws -> [AddressRange] { try inner.scanDirty() }
+    func scanWrittenSinceRead() throws -> [AddressRange] { try inner.scanWrittenSinceRead() }
     func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
         usleep(delayMicroseconds)
         return try inner.readPages(ranges, into: buffer)

@@ -40,6 +40,29 @@ import Glibc
         #expect(try String(contentsOfProc: "/proc/\(writer.pid)/status").contains("TracerPid:\t0"))
     }
 
+    /// `--rearm read` counts each written page once (nothing is read, so
+    /// nothing is re-armed); `--rearm scan` counts the pages rewritten in
+    /// every interval again.
+    @Test func rearmOnReadCountsEachPageOnceRearmOnScanEveryInterval() throws {
+        let writer = try Memwriter(["--mib", "1", "--threads", "1", "--rate", "20000"])
+        defer { writer.stop() }
+        func total(_ mode: String) throws -> Int {
+            let (status, out, err) = try runTool(seeder, ["track", "\(writer.pid)", "--seconds", "1.5", "--interval", "100",
+                                                          "--rearm", mode, "--json"])
+            #expect(status == 0, "stderr: \(err)")
+            let detached = out.split(separator: "\n").map(String.init).last { $0.hasPrefix("{\"event\":\"detached\",") }
+            return try #require(detached.flatMap { jsonInteger($0, "dirtyPages") }.map(Int.init), "\(out)")
+        }
+        let byScan = try total("scan")
+        let byRead = try total("read")
+        // 20,000 writes a second over 256 pages: nearly every page again in each of ~15 intervals.
+        #expect(byScan > 2000, "\(byScan)")
+        #expect(byRead * 4 < byScan, "read \(byRead), scan \(byScan)")
+        let (status, _, err) = try runTool(seeder, ["track", "\(writer.pid)", "--rearm", "never"])
+        #expect(status != 0)
+        #expect(err.contains("rearm"), "\(err)")
+    }
+
     @Test func textShowsRegionsTrackerAndRates() throws {
         let writer = try Memwriter(["--mib", "2", "--shared", "1", "--rate", "500"])
         defer { writer.stop() }

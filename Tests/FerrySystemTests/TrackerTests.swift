@@ -40,6 +40,33 @@ struct TrackerTests {
         #expect(pages(of: child, in: try process.scanDirty()).isEmpty, "a scan re-protects what it reports")
     }
 
+    /// The seeder's way: scans leave written pages writable, so a page
+    /// rewritten between scans costs no fault; reading it re-arms it.
+    @Test(arguments: uffdTrackers)
+    func scansWithoutRearmLeavePagesWatchedFromTheirNextRead(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 64)
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        try child.set(5, 55)
+        try child.set(9, 99)
+        #expect(pages(of: child, in: try process.scanDirty(rearm: false)) == [5, 9])
+        // Still reported (async) or reported once (sync), never lost: the
+        // pages are not protected again, so a second write costs no fault.
+        let again = pages(of: child, in: try process.scanDirty(rearm: false))
+        #expect(kind == .async ? again == [5, 9] : again.isEmpty)
+        try child.set(5, 56)
+        var buffer = [UInt8](repeating: 0, count: Int(pageSize))
+        _ = try buffer.withUnsafeMutableBytes { try process.read([child.page(5)], into: $0) }
+        #expect(buffer.withUnsafeBytes { $0.load(as: UInt64.self) } == 56, "the read holds every write before it")
+        let afterRead = pages(of: child, in: try process.scanDirty(rearm: false))
+        #expect(!afterRead.contains(5), "page 5 was re-armed by its read and not written since")
+        // A write after the read is reported.
+        try child.set(5, 57)
+        #expect(pages(of: child, in: try process.scanDirty(rearm: true)).contains(5), "a write after the read is reported")
+        #expect(!pages(of: child, in: try process.scanDirty(rearm: true)).contains(5), "and then watches it again")
+    }
+
     @Test(arguments: uffdTrackers)
     func readingAPageRearmsIt(kind: TrackerKind) throws {
         let child = try TestChild(pages: 64)
