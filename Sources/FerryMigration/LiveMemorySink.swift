@@ -86,12 +86,15 @@ public struct LiveMemoryOptions: Sendable {
     /// until written): enough for any process we migrate on one host.
     public var stagingReserve: UInt64 = 1 << 40
     /// Background ReadAt requests in flight during post-copy, and pages in
-    /// each. A touched page's request waits behind every reply already on the
-    /// connection, so this window bounds first-touch latency. On our 2-core
-    /// loopback (Tools/bench-postcopy, release, same-run ratios): 1 x 256 KiB
-    /// gave touches at 7.7x the round trip with the fill at 78-83 % of the
-    /// link; 1 x 128 KiB 5-6x and 65-79 %; 2 x 512 KiB 11-29x and 74-96 %.
-    public var postCopyRequestsInFlight = 1
+    /// each. Touched pages travel on their own (companion) connection, so
+    /// they do not queue behind these replies; what the window still bounds
+    /// is the CPU the fill takes from the touch path. On our 2-core loopback
+    /// (Tools/bench-postcopy, release, seeder in its own process, same-run
+    /// ratios): 1 x 64 pages left the fill at 35-45 % of the link (one
+    /// request at a time cannot hide the round trip); 4 x 64 gave touches at
+    /// 1.8-2.6x the round trip with the fill at 74-87 %; 2 x 256 touches up
+    /// to 3.7x.
+    public var postCopyRequestsInFlight = 4
     public var postCopyPagesPerRequest = 64
     /// Another process on this host to own the memory (a restored program):
     /// the regions are mapped inside it and its touches are served from here.

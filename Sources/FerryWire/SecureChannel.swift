@@ -307,12 +307,16 @@ public final class SecureChannel: FrameTransport {
         return ReservedRecord(type: type, payload: payload, counter: counter, key: key)
     }
 
-    /// Seals a reserved record on the calling thread (so several callers seal
-    /// on several cores), then hands it to the transport in counter order.
+    /// Seals a reserved record (so several callers seal on several cores;
+    /// large ones on the low-priority bulk workers), then hands it to the
+    /// transport in counter order.
     func sendReserved(_ r: ReservedRecord) async throws {
         let peer = peerDescription
         let counter = r.counter
-        let sealed: Result<[UInt8], Error> = Result { try Self.sealRecord(type: r.type, payload: r.payload, key: r.key, counter: counter) }
+        let seal: @Sendable () -> Result<[UInt8], Error> = {
+            Result { try Self.sealRecord(type: r.type, payload: r.payload, key: r.key, counter: counter) }
+        }
+        let sealed = r.payload.count >= BulkWorkers.minimumBytes ? await BulkWorkers.shared.run(seal) : seal()
         if case .failure = sealed { failSend(SecureChannelError.closed(peer: peer)) }
         // Wait for our turn so records reach the transport in counter order.
         // A failed ticket still takes its turn; a failure wakes every waiter.
@@ -409,9 +413,12 @@ public final class SecureChannel: FrameTransport {
             return .ready(.failure(fail(.closed(peer: peer))), last: true)
         }
         if deferLargeOpens, type == WireMessageType.data.rawValue, plainCount >= Self.parallelOpenMinimum {
-            return .opening(Task { Self.openRecord(frame, key: key, counter: counter) }, counter: counter)
+            return .opening(Task { await BulkWorkers.shared.run { Self.openRecord(frame, key: key, counter: counter) } }, counter: counter)
         }
-        guard let plain = Self.openRecord(frame, key: key, counter: counter) else {
+        let opened = plainCount >= BulkWorkers.minimumBytes
+            ? await BulkWorkers.shared.run { Self.openRecord(frame, key: key, counter: counter) }
+            : Self.openRecord(frame, key: key, counter: counter)
+        guard let plain = opened else {
             return .ready(.failure(fail(.authenticationFailed(peer: peer, record: counter))), last: true)
         }
         if type == WireMessageType.close.rawValue {
@@ -451,7 +458,7 @@ public final class SecureChannel: FrameTransport {
     // there are records in flight, while counters stay strictly sequential.
 
     /// Records smaller than this are opened inline by the producer.
-    static let parallelOpenMinimum = 64 << 10
+    static let parallelOpenMinimum = BulkWorkers.minimumBytes
 
     private struct AheadState {
         var slots: [Slot] = []

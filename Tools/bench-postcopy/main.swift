@@ -2,6 +2,16 @@
 // baselines measured in the same run.
 //
 //   ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N]
+//                        [--rounds N] [--in-process]
+//
+// Each of --rounds rounds (default 3) measures everything again, baselines
+// included, and prints its figures; the ratios at the end are the medians
+// of the rounds' ratios, so one round disturbed by other work on a shared
+// host does not decide the result.
+//
+// The seeders are `seeder serve` processes, as in a real migration (build the
+// package's products first); --in-process runs them inside this process
+// instead, where they share its libuv loop and Swift threads with the leecher.
 //
 // Figures ("name value unit" lines, then ratios against their targets):
 // - rpc_rtt: a 4 KiB ReadAt round trip, one in flight, over the encrypted
@@ -20,6 +30,7 @@ import Glibc
 import FerryMigration
 import FerryWire
 import FerryTestSupport
+import FerrySystem
 
 var mib = 256
 var touches = 300
@@ -27,6 +38,8 @@ var inFlight = 16
 var window = LiveMemoryOptions().postCopyRequestsInFlight
 var windowPages = LiveMemoryOptions().postCopyPagesPerRequest
 var pagesPerRequest = 256
+var inProcess = false
+var rounds = 3
 var arguments = CommandLine.arguments.dropFirst()
 while let flag = arguments.popFirst() {
     switch flag {
@@ -36,8 +49,10 @@ while let flag = arguments.popFirst() {
     case "--window-pages": windowPages = Int(arguments.popFirst() ?? "") ?? windowPages
     case "--in-flight": inFlight = Int(arguments.popFirst() ?? "") ?? inFlight
     case "--pages-per-request": pagesPerRequest = Int(arguments.popFirst() ?? "") ?? pagesPerRequest
+    case "--in-process": inProcess = true
+    case "--rounds": rounds = max(1, Int(arguments.popFirst() ?? "") ?? rounds)
     default:
-        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N]")
+        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N] [--rounds N] [--in-process]")
         exit(flag == "--help" ? 0 : 2)
     }
 }
@@ -61,38 +76,56 @@ func report(_ name: String, _ value: Double, _ unit: String) {
     print(name, String(format: "%.3f", value), unit)
 }
 
-/// A seeder on an ephemeral loopback port with a pre-shared secret.
-struct Seeder {
-    let service: SeederService
-    let listener: Listener
-    let secret: PreSharedSecret
-    let accept: Task<Void, Never>
+/// A seeder of `pid` on an ephemeral loopback port with a pre-shared secret:
+/// a `seeder serve` process, or a service inside this process.
+final class Seeder {
+    let connector: Leecher.Connector
+    private let close: () -> Void
 
-    init(_ source: any MemorySource) async throws {
-        let service = SeederService(source: source, options: SeederOptions(then: .stop, grace: .seconds(3)))
-        let listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
+    init(pid: Int32, inProcess: Bool) async throws {
         let secret = try PreSharedSecret.generate()
-        accept = Task {
-            while let transport = try? await listener.accept() {
-                Task {
-                    guard let channel = try? await SecureChannel.server(over: transport, credentials: .preSharedSecret(secret)) else {
-                        transport.close()
-                        return
+        let endpoint: Endpoint
+        if inProcess {
+            let service = SeederService(source: try TrackedProcess.attach(pid: pid), options: SeederOptions(then: .stop, grace: .seconds(3)))
+            let listener = try await Listener.bind(.tcp(host: "127.0.0.1", port: 0))
+            let accept = Task {
+                while let transport = try? await listener.accept() {
+                    Task {
+                        guard let channel = try? await SecureChannel.server(over: transport, credentials: .preSharedSecret(secret)) else {
+                            transport.close()
+                            return
+                        }
+                        await service.serve(channel)
                     }
-                    await service.serve(channel)
                 }
             }
+            endpoint = listener.endpoint
+            close = { listener.close(); accept.cancel() }
+        } else {
+            let file = "/tmp/ferry-bench-postcopy-\(getpid())-\(pid).secret"
+            let fd = open(file, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            guard fd >= 0 else { throw TestFailure("cannot write \(file): \(String(cString: strerror(errno)))") }
+            let text = secret.text + "\n"
+            _ = text.withCString { write(fd, $0, strlen($0)) }
+            Glibc.close(fd)
+            let child = try ChildProcess(builtExecutable("seeder"),
+                                         ["serve", "\(pid)", "--listen", "127.0.0.1:0", "--secret-file", file, "--grace", "3", "--json"])
+            let line = try child.expect("{\"event\":\"listening\"")
+            unlink(file)
+            guard let range = line.range(of: "\"address\":\""),
+                  let end = line[range.upperBound...].firstIndex(of: "\"") else {
+                throw TestFailure("the seeder did not say where it listens: \(line)")
+            }
+            endpoint = try Endpoint(parsing: String(line[range.upperBound..<end]))
+            close = { child.stop() }
         }
-        (self.service, self.listener, self.secret) = (service, listener, secret)
-    }
-
-    var connector: Leecher.Connector {
-        let (endpoint, secret) = (listener.endpoint, secret)
-        return {
+        connector = {
             let transport = try await Transports.connect(to: endpoint)
             return try await SecureChannel.client(over: transport, credentials: .preSharedSecret(secret))
         }
     }
+
+    func stop() { close() }
 }
 
 /// Runs `body` on a plain thread (touches block the thread that makes them).
@@ -123,11 +156,19 @@ func touchRemotePages(_ memory: MigratedMemory, count: Int) -> [Double] {
     return latencies
 }
 
-func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: Int, windowPages: Int) async throws {
+/// One round's ratios to its own baselines.
+struct Ratios {
+    var touchIdle: Double
+    var touchLoaded: Double
+    var fillToLink: Double
+    var fillToCopy: Double
+}
+
+func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: Int, windowPages: Int, inProcess: Bool) async throws -> Ratios {
     // Baselines against a second workload process.
-    let baseChild = try Memwriter(["--mib", "\(mib)", "--pattern"])
+    let baseChild = try Memwriter(["--mib", "\(mib)", "--pattern", "--no-write"])
     defer { baseChild.stop() }
-    let baseSeeder = try await Seeder(try TrackedProcess.attach(pid: baseChild.pid))
+    let baseSeeder = try await Seeder(pid: baseChild.pid, inProcess: inProcess)
     let client = RPCClient(transport: try await baseSeeder.connector())
     let track = try TrackReply.decode(try await client.call(MigrationMethod.track.rawValue, TrackRequest().encode()))
     guard let big = track.layout.filter({ $0.kind == .migrate }).max(by: { $0.range.length < $1.range.length }) else {
@@ -170,8 +211,7 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: In
     report("link_encrypted_readat", link / 1e9, "GB/s")
     _ = try? await client.call(MigrationMethod.abort.rawValue, [])
     client.close()
-    baseSeeder.listener.close()
-    baseSeeder.accept.cancel()
+    baseSeeder.stop()
 
     // Plain UFFDIO_COPY rate, 1 MiB batches.
     let copyRegion = AddressRange(start: 0x5f00_0000_0000, end: 0x5f00_0000_0000 + UInt64(mib) << 20)
@@ -192,7 +232,8 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: In
     // The migration: pure post-copy, background fill paused at the hand-over.
     let child = try Memwriter(["--mib", "\(mib)", "--threads", "2", "--rate", "20000", "--pattern"])
     defer { child.stop() }
-    let seeder = try await Seeder(try TrackedProcess.attach(pid: child.pid))
+    let seeder = try await Seeder(pid: child.pid, inProcess: inProcess)
+    defer { seeder.stop() }
     var options = LeecherOptions()
     options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
     options.requestsInFlight = inFlight
@@ -202,7 +243,7 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: In
     liveOptions.postCopyPagesPerRequest = windowPages
     let sink = try LiveMemorySink(options: liveOptions)
     sink.pauseBackgroundFill(true)
-    print("post-copy window: \(window) x \(windowPages) pages")
+    print("post-copy window: \(window) x \(windowPages) pages; seeders \(inProcess ? "in this process" : "in their own processes")")
     let leecher = Leecher(connect: seeder.connector, memory: sink, options: options)
     let migration = Task { try await leecher.run() }
     let memory = try await sink.migratedMemory()
@@ -223,21 +264,33 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: In
     report("touch_loaded_samples", Double(loaded.count), "touches")
     report("fill", fill / 1e9, "GB/s")
     report("migration_total", summary.seconds, "s")
-    print("")
-    print(String(format: "ratio touch_idle_median / rpc_rtt   = %.2f (target <= 3)", median(idle) / rtt))
-    print(String(format: "ratio touch_loaded_median / rpc_rtt = %.2f (target <= 3)", median(loaded) / rtt))
-    print(String(format: "ratio fill / link_encrypted_readat  = %.2f (target >= 0.70)", fill / link))
-    print(String(format: "ratio fill / uffdio_copy            = %.2f", fill / copyRate))
+    let ratios = Ratios(touchIdle: median(idle) / rtt, touchLoaded: median(loaded) / rtt,
+                        fillToLink: fill / link, fillToCopy: fill / copyRate)
+    print(String(format: "round ratios: touch idle %.2f, touch loaded %.2f, fill/link %.2f, fill/uffdio_copy %.2f",
+                 ratios.touchIdle, ratios.touchLoaded, ratios.fillToLink, ratios.fillToCopy))
     let stats = memory.statistics
     print("installs: \(stats.pagesCopied) copied, \(stats.pagesZeroed) zero, \(stats.installCalls) ioctls, "
           + "\(stats.pagesAlreadyInstalled) offered twice and skipped, \(stats.faultCallbacks) touched pages fetched first")
     memory.unmap()
-    seeder.listener.close()
-    seeder.accept.cancel()
+    return ratios
 }
 
 do {
-    try await run(mib: mib, touches: touches, inFlight: inFlight, pagesPerRequest: pagesPerRequest, window: window, windowPages: windowPages)
+    var all: [Ratios] = []
+    for round in 1...rounds {
+        print("# round \(round) of \(rounds)")
+        all.append(try await run(mib: mib, touches: touches, inFlight: inFlight, pagesPerRequest: pagesPerRequest,
+                                 window: window, windowPages: windowPages, inProcess: inProcess))
+        print("")
+    }
+    func spread(_ values: [Double]) -> String {
+        String(format: "%.2f (rounds %@)", median(values), values.map { String(format: "%.2f", $0) }.joined(separator: ", "))
+    }
+    print("# median over \(rounds) rounds")
+    print("ratio touch_idle_median / rpc_rtt   = \(spread(all.map(\.touchIdle))) (target <= 3)")
+    print("ratio touch_loaded_median / rpc_rtt = \(spread(all.map(\.touchLoaded))) (target <= 3)")
+    print("ratio fill / link_encrypted_readat  = \(spread(all.map(\.fillToLink))) (target >= 0.70)")
+    print("ratio fill / uffdio_copy            = \(spread(all.map(\.fillToCopy)))")
 } catch {
     FileHandle.standardError.write("ferry-bench-postcopy: \(error)\n".data(using: .utf8)!)
     exit(1)

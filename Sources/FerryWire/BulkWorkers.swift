@@ -1,0 +1,120 @@
+// Low-priority threads for the CPU-heavy part of bulk transfer: sealing and
+// opening large records.
+//
+// Why: Swift's cooperative pool has one thread per core and runs jobs in
+// arrival order, so a 4 KiB reply that a blocked program is waiting for (a
+// post-copy touch, a Sync) queued behind every 256 KiB record being sealed
+// or opened; measured on 2 cores, that made a touched page take 2-12x the
+// idle round trip. Moving the AEAD work of large records to threads with a
+// higher nice value leaves the pool free for small jobs, and lets the
+// kernel preempt bulk work the moment any normal-priority thread wakes:
+// the fault handler, the libuv loop, or the program itself. On an idle host
+// the workers still get every core, so bulk throughput is unchanged; on a
+// busy one, bulk transfer gives way to the programs running there, which is
+// what a migration should do to the program it migrates.
+//
+// Environment, for measurements: FERRY_BULK_NICE=N sets the workers' nice
+// increment (default 10; 0 = the caller's priority), FERRY_BULK_INLINE=1
+// seals and opens every record on the calling task instead.
+import Glibc
+
+/// A fixed set of low-priority threads running closures, awaited by async callers.
+///
+/// `@unchecked Sendable` invariant: `jobs`, `head` and `started` are only
+/// touched while holding `mutex`; the other stored properties are immutable.
+public final class BulkWorkers: @unchecked Sendable {
+    /// The process-wide workers: one per core, started on first use.
+    public static let shared = BulkWorkers(threads: max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))),
+                                           nice: getenv("FERRY_BULK_NICE").map { Int32(atoi($0)) } ?? 10)
+
+    /// Records from this size up are sealed and opened here.
+    public static let minimumBytes = getenv("FERRY_BULK_INLINE") != nil ? Int.max : 64 << 10
+
+    private var jobs: [@Sendable () -> Void] = []
+    private var head = 0
+    private var started = false
+    // SAFETY: initialised in init and never destroyed: the shared workers
+    // live as long as the process, and their threads wait on these.
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let wake: UnsafeMutablePointer<pthread_cond_t>
+    private let threads: Int
+    private let nice: Int32
+
+    /// `nice`: added to the threads' nice value (higher yields more).
+    public init(threads: Int, nice: Int32) {
+        self.threads = threads
+        self.nice = nice
+        mutex = .allocate(capacity: 1)
+        wake = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(wake, nil)
+    }
+
+    /// Runs `work` on a worker thread and returns its result.
+    public func run<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { continuation in
+            submit { continuation.resume(returning: work()) }
+        }
+    }
+
+    private func submit(_ job: @escaping @Sendable () -> Void) {
+        pthread_mutex_lock(mutex)
+        jobs.append(job)
+        let start = !started
+        started = true
+        pthread_cond_signal(wake)
+        pthread_mutex_unlock(mutex)
+        if start { startThreads() }
+    }
+
+    private func startThreads() {
+        final class Context {
+            let workers: BulkWorkers
+            init(_ workers: BulkWorkers) { self.workers = workers }
+        }
+        var running = 0
+        for _ in 0..<threads {
+            var thread = pthread_t()
+            let context = Unmanaged.passRetained(Context(self)).toOpaque()
+            let rc = pthread_create(&thread, nil, { argument in
+                let context = Unmanaged<Context>.fromOpaque(argument!).takeRetainedValue()
+                context.workers.work()
+                return nil
+            }, context)
+            if rc != 0 {
+                Unmanaged<Context>.fromOpaque(context).release()
+                continue
+            }
+            pthread_detach(thread)
+            running += 1
+        }
+        // No thread at all (out of resources): callers must not hang, so the
+        // job runs here, and the next submit tries to start threads again.
+        if running == 0 {
+            pthread_mutex_lock(mutex)
+            started = false
+            let pending = Array(jobs[head...])
+            jobs.removeAll()
+            head = 0
+            pthread_mutex_unlock(mutex)
+            for job in pending { job() }
+        }
+    }
+
+    private func work() {
+        // Linux keeps a nice value per thread; `who` 0 is the calling thread.
+        let which = __priority_which_t(PRIO_PROCESS.rawValue)
+        errno = 0
+        let current = getpriority(which, 0)
+        if errno == 0 { _ = setpriority(which, 0, current + nice) }
+        while true {
+            pthread_mutex_lock(mutex)
+            while head == jobs.count { pthread_cond_wait(wake, mutex) }
+            let job = jobs[head]
+            head += 1
+            if head == jobs.count { jobs.removeAll(keepingCapacity: true); head = 0 }
+            pthread_mutex_unlock(mutex)
+            job()
+        }
+    }
+}
