@@ -47,7 +47,7 @@ let package = Package(
         // Wire benchmark: transports, secure channel and RPC against baselines (Tools/bench-wire.sh).
         .executableTarget(name: "ferry-bench-wire", dependencies: ["FerryWire"], path: "Tools/bench-wire"),
         // System benchmark: tracker cost, scan time, read throughput, with same-run baselines.
-        .executableTarget(name: "ferry-bench-system", dependencies: ["FerrySystem", "FerryTestSupport"], path: "Tools/bench-system"),
+        .executableTarget(name: "ferry-bench-system", dependencies: ["FerrySystem", "CFerryLinux", "FerryTestSupport"], path: "Tools/bench-system"),
         // Post-copy benchmark: first-touch latency and background fill against same-run baselines.
         .executableTarget(name: "ferry-bench-postcopy", dependencies: ["FerryMigration", "FerryWire", "FerryTestSupport"],
                           path: "Tools/bench-postcopy"),

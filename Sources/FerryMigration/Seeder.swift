@@ -65,6 +65,10 @@ public final class SeederService: Sendable {
     }
 
     private let state = Mutex(State())
+    /// Held shared across re-arm + read + mark-sent of each part, alone
+    /// across scan + merge (then `state` inside it): what makes "written since
+    /// last sent" exact, while reads for several requests run at once.
+    private let reading = ReadWriteLock()
     private let openConnections = Atomic<Int>(0)
     /// The transports being served, so an abandoned migration can hang up on them.
     private let transports = Mutex<[ObjectIdentifier: FrameTransport]>([:])
@@ -310,8 +314,10 @@ public final class SeederService: Sendable {
     }
 
     private func readAt(_ request: ReadRequest, _ parts: RPCPartWriter) async throws {
-        // Read part by part: each part is read and marked sent under the lock,
-        // so no scan can fall between re-arming a page and marking it sent.
+        // Read part by part: each part is re-armed, read and marked sent while
+        // holding `reading` shared, so no scan (which holds it alone) can fall
+        // between re-arming a page and marking it sent, while reads of
+        // several requests run at once.
         let buffer = UnsafeMutableRawBufferPointer.allocate(
             byteCount: MigrationLimits.pagesPerPart * Int(pageSize), alignment: Int(pageSize))
         defer { buffer.deallocate() }
@@ -319,13 +325,16 @@ public final class SeederService: Sendable {
         var batchPages = 0
         func flush() async throws {
             guard !batch.isEmpty else { return }
-            let part = try state.withLock { s -> [UInt8] in
-                let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<(batchPages * Int(pageSize))])
+            let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<(batchPages * Int(pageSize))])
+            let vanished = try reading.shared {
                 let vanished = try source.readPages(batch, into: view)
-                s.store.markSent(batch)
-                s.pagesSent += UInt64(batchPages)
-                return PagePart.build(ranges: batch, data: UnsafeRawBufferPointer(view), unmapped: vanished)
+                state.withLock { s in
+                    s.store.markSent(batch)
+                    s.pagesSent += UInt64(batchPages)
+                }
+                return vanished
             }
+            let part = PagePart.build(ranges: batch, data: UnsafeRawBufferPointer(view), unmapped: vanished)
             batch.removeAll(keepingCapacity: true)
             batchPages = 0
             try await parts.send(part)
@@ -366,7 +375,7 @@ public final class SeederService: Sendable {
     }
 
     private func sync(knownEpoch: UInt64) throws -> SyncReply {
-        try state.withLock { s in
+        try reading.exclusive { try state.withLock { s in
             guard s.phase == .tracking || s.phase == .frozen else {
                 throw RPCError(code: .badRequest, message: "Sync needs a tracking session")
             }
@@ -374,11 +383,11 @@ public final class SeederService: Sendable {
             return SyncReply(layoutEpoch: s.layoutEpoch, layout: knownEpoch == s.layoutEpoch ? nil : s.layout,
                              dirty: s.store.ranges(in: [.dirty], maxPages: Int(UInt32.max)),
                              dirtyPagesPerSecond: UInt64(s.dirtyRate.perSecond))
-        }
+        } }
     }
 
     private func finalize() throws -> FinalizeReply {
-        let reply = try state.withLock { s -> FinalizeReply in
+        let reply = try reading.exclusive { try state.withLock { s -> FinalizeReply in
             if let done = s.finalized { return done }
             guard s.phase == .tracking else {
                 throw RPCError(code: .badRequest, message: "Finalize needs a tracking session, this one is \(s.phase!)")
@@ -400,7 +409,7 @@ public final class SeederService: Sendable {
             s.frozenAtMilliseconds = UInt64(Date().timeIntervalSince1970 * 1000)
             s.phase = .frozen
             return reply
-        }
+        } }
         let pages = reply.dirty.reduce(0) { $0 + $1.pageCount }
         events(.finalized(freezeMilliseconds: Double(reply.freezeMicroseconds) / 1000, dirtyPages: pages))
         return reply

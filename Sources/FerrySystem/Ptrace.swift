@@ -83,31 +83,6 @@ final class PtraceThread: @unchecked Sendable {
     }
 }
 
-/// A small mutex for state shared between our own threads.
-///
-/// `@unchecked Sendable` invariant: the pthread mutex lives in memory this
-/// object allocates, never moves, and is destroyed only in deinit.
-final class Lock: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-
-    init() {
-        mutex = .allocate(capacity: 1)
-        // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
-}
-
 /// How a traced thread is stopped, which decides how it is released.
 enum TraceeStop {
     /// An interrupt or group stop (PTRACE_EVENT_STOP). `signal` is SIGTRAP for
