@@ -75,7 +75,16 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
     func rearm(_ ranges: [AddressRange]) throws {
         for range in ranges {
             do { try uffd.writeProtect(range, protect: true) } catch let error as SystemError where error.errno == ENOENT {
-                continue // unmapped meanwhile: the reader reports it vanished
+                // Some mapping in the range is not registered (replaced or
+                // unmapped meanwhile). The kernel protected the mappings
+                // before it and stopped: protect the rest page by page.
+                // Pages left unprotected read as written to every scan, and
+                // a replaced mapping is found by the scan: nothing is missed.
+                var page = range.start
+                while page < range.end {
+                    try? uffd.writeProtect(AddressRange(start: page, end: page + pageSize), protect: true)
+                    page += pageSize
+                }
             }
         }
     }

@@ -102,6 +102,13 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     /// kernel says the map is busy (EAGAIN: an event our handler has not read
     /// yet), the lock is let go so the handler can read it, and the remaining
     /// ranges are protected after a short pause.
+    ///
+    /// ENOENT means some mapping in the range is not registered (replaced
+    /// since we registered it; the UNMAP event makes the owner register it
+    /// again). The kernel protects the mappings before that one and stops, so
+    /// a range is then protected page by page, and a page that cannot be
+    /// protected is recorded as written: unprotected, its next write would
+    /// raise no fault, and a copy of it must not count as current.
     private func protect(_ ranges: [AddressRange], prepare: () -> Void) throws {
         var remaining = ranges[...]
         var prepared = false
@@ -115,7 +122,15 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
                     } catch let error as SystemError where error.errno == EAGAIN {
                         return true
                     } catch let error as SystemError where error.errno == ENOENT {
-                        // Unmapped meanwhile: the layout refresh reports it.
+                        remaining.removeFirst()
+                        if range.length > pageSize {
+                            let pages = stride(from: range.start, to: range.end, by: Int(pageSize))
+                                .map { AddressRange(start: $0, end: $0 + pageSize) }
+                            remaining = (pages + remaining)[...]
+                        } else {
+                            dirtyPages.insert(range.start / pageSize)
+                        }
+                        continue
                     }
                     remaining.removeFirst()
                 }
@@ -181,9 +196,16 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
                     }
                     if fds[1].revents != 0 { return }
                     if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 { return }
-                    events.removeAll(keepingCapacity: true)
-                    try readEvents(fd: fd, into: &events)
-                    retry = try handle(events, retry: retry)
+                    // Read and record under one hold of `lock`: reading an
+                    // UNMAP event lets the unmapping thread go on (and map
+                    // something new at the same place), so a scan must never
+                    // fall between the read and the record, or it would miss
+                    // the lost range; at Finalize that scan is the last one.
+                    retry = try lock.withLock {
+                        events.removeAll(keepingCapacity: true)
+                        try readEvents(fd: fd, into: &events)
+                        return try handleLocked(events, retry: retry)
+                    }
                 }
             }
         } catch {
@@ -198,8 +220,8 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     }
 
     /// Records `events`, unprotects their pages and those of `retry`; returns
-    /// the pages to retry (missing-page ones tagged with bit 0).
-    private func handle(_ events: [UserfaultfdEvent], retry: [UInt64]) throws -> [UInt64] {
+    /// the pages to retry (missing-page ones tagged with bit 0). The caller holds `lock`.
+    private func handleLocked(_ events: [UserfaultfdEvent], retry: [UInt64]) throws -> [UInt64] {
         var unprotect: [UInt64] = []
         var missing: [UInt64] = []
         var again: [UInt64] = []
@@ -208,7 +230,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         // lock) never has its protection undone by an unprotect whose page
         // it did not see recorded. Retried pages are recorded again for that
         // reason: a scan may have taken them since.
-        try lock.withLock {
+        do {
             for address in retry {
                 dirtyPages.insert((address & ~1) / pageSize)
                 if address & 1 == 0 { unprotect.append(address) } else { missing.append(address & ~1) }

@@ -112,19 +112,7 @@ func scratchDirectory(_ name: String) -> String {
 
     @Test(arguments: [TrackerKind.async, TrackerKind.sync])
     func imageEqualsTheStoppedSourceUnderWriteLoad(tracker: TrackerKind) async throws {
-        guard tracker == .sync else {
-            try await migrate(tracker: tracker, name: "load-\(tracker.rawValue)")
-            return
-        }
-        // Known issue, kept visible: under CPU load the sync tracker now and
-        // then misses a 1 MiB mapping that mmap churn replaced at the same
-        // address (about 1 run in 15 with a CPU hog beside it; never seen on
-        // an idle host). The checksums catch it: the migration aborts and the
-        // source runs on. The async tracker, the default on 6.7+, is not affected.
-        await withKnownIssue("sync tracker: a mapping replaced under mmap churn is occasionally missed under load",
-                             isIntermittent: true) {
-            try await migrate(tracker: tracker, name: "load-\(tracker.rawValue)")
-        }
+        try await migrate(tracker: tracker, name: "load-\(tracker.rawValue)")
     }
 
     @Test(arguments: ["stack-heap-first", "cold-first", "profile"])

@@ -235,6 +235,12 @@ int main(int argc, char **argv) {
             uint8_t *m = mmap(NULL, a * PAGE, PROT_READ | PROT_WRITE, (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS, -1, 0);
             for (unsigned long p = 0; p < a; p++) m[p * PAGE] = 7;
             printf("ok %lx\n", (unsigned long)m);
+        } else if (!strcmp(cmd, "mmapat")) {
+            /* mmapat ADDR N: a new private region of N pages at ADDR (never over another), every page written */
+            uint8_t *m = mmap((void *)a, b * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | 0x100000 /* MAP_FIXED_NOREPLACE */, -1, 0);
+            if (m == MAP_FAILED) { printf("err mmapat\n"); continue; }
+            for (unsigned long p = 0; p < b; p++) m[p * PAGE] = 7;
+            printf("ok %lx\n", (unsigned long)m);
         } else if (!strcmp(cmd, "wat")) {
             /* wat ADDR VALUE: store VALUE at ADDR */
             *(volatile uint64_t *)a = b;

@@ -166,6 +166,35 @@ struct TrackerTests {
         #expect(try process.scanDirty().contains { $0.contains(again + pageSize) })
     }
 
+    /// A read whose range starts in a mapping replaced since it was
+    /// registered: the kernel's re-protect stops at that mapping with ENOENT,
+    /// and the registered mapping after it must still be re-armed, or a write
+    /// to it after the copy raises no fault and is never seen (the sync
+    /// tracker's "rare miss under mmap churn": a malloc arena right after a
+    /// churned mapping lost its hottest page).
+    @Test(arguments: uffdTrackers)
+    func aReadAcrossAReplacedMappingStillRearmsTheRest(kind: TrackerKind) throws {
+        let child = try TestChild(pages: 64)
+        let mapping = UInt64(try child.process.call("mmap 16 0")[0], radix: 16)!
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        // Page 12 written after tracking began: its fault unprotects it.
+        try child.process.call("wat \(mapping + 12 * pageSize) 1")
+        #expect(try process.scanDirty(rearm: false).contains { $0.contains(mapping + 12 * pageSize) })
+        // The first half replaced by an unregistered mapping at the same address.
+        try child.process.call("munmap \(mapping) 8")
+        try child.process.call("mmapat \(mapping) 8")
+        // The seeder sends the whole range: re-arm, then copy.
+        var buffer = [UInt8](repeating: 0, count: Int(16 * pageSize))
+        _ = try buffer.withUnsafeMutableBytes { try process.readReporting([AddressRange(start: mapping, end: mapping + 16 * pageSize)], into: $0) }
+        #expect(buffer.withUnsafeBytes { $0.load(fromByteOffset: Int(12 * pageSize), as: UInt64.self) } == 1)
+        _ = try process.scanDirty(rearm: false)
+        // A write after the copy must be reported.
+        try child.process.call("wat \(mapping + 12 * pageSize) 2")
+        #expect(try process.scanDirty(rearm: false).contains { $0.contains(mapping + 12 * pageSize) }, "the write after the copy was missed")
+    }
+
     @Test(arguments: uffdTrackers)
     func layoutChangesCountDirtyAndAreTrackedAfterwards(kind: TrackerKind) throws {
         let child = try TestChild(pages: 64)
