@@ -23,6 +23,11 @@ public struct LeecherOptions: Sendable {
     /// The seeder's key: its signature over the checksums must verify, so a
     /// hub in between cannot pose as the source (needs `verify`).
     public var seederKey: PublicKey? = nil
+    /// With `seederKey`: the oldest signed freeze accepted, counted back from
+    /// when this leecher started. A hub serves late leechers from a freeze
+    /// made before they came, so this is not zero; an older statement is
+    /// taken for an earlier migration of the same process replayed by a hub.
+    public var maxFreezeAge: Duration = .seconds(600)
 
     public init() {}
 }
@@ -84,6 +89,8 @@ public final class Leecher {
     private var bytesReceived: UInt64 = 0
     private var dirtyRate: Double = 0
     private var started = ContinuousClock.now
+    /// Wall-clock start, Unix milliseconds: signed freeze times are compared with it.
+    private var startedWallMilliseconds: UInt64 = 0
     private var finalizeReply: FinalizeReply? = nil
     private var downtime: Double = 0
     private var lastProgress = ContinuousClock.now
@@ -126,6 +133,7 @@ public final class Leecher {
     /// abort, so the source runs on; no image is left behind.
     public func run() async throws -> LeecherSummary {
         started = .now
+        startedWallMilliseconds = UInt64(max(0, Date().timeIntervalSince1970 * 1000))
         do {
             let reply = try await link.open()
             seeder = reply
@@ -498,8 +506,10 @@ public final class Leecher {
         let regions = manifest.regions.filter { $0.file != nil }
         let reply = try ChecksumReply.decode(encoded)
         if let pinned = options.seederKey, let seeder {
+            let age = UInt64(max(0, seconds(options.maxFreezeAge)) * 1000)
             try reply.verifySigned(by: pinned, pid: seeder.pid, host: seeder.host, layout: layout,
-                                   ranges: regions.map { AddressRange(start: $0.start, end: $0.end) })
+                                   ranges: regions.map { AddressRange(start: $0.start, end: $0.end) },
+                                   notFrozenBefore: startedWallMilliseconds > age ? startedWallMilliseconds - age : 0)
         }
         guard reply.digests.count == regions.count else {
             throw MigrationError.protocolViolation("the seeder sent \(reply.digests.count) checksums for \(regions.count) regions")

@@ -9,6 +9,9 @@
 // identity is caught; one that drops the signature is caught by a pinned
 // leecher only (Protocols/migration.md § 3.5).
 import FerryWire
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The signature block of a Checksum reply.
 public struct ChecksumSignature: Sendable, Equatable {
@@ -68,6 +71,8 @@ public enum SeederSignatureError: Error, CustomStringConvertible, Sendable {
     case unsigned(pinned: PublicKey)
     case otherSigner(pinned: PublicKey, signer: PublicKey)
     case invalid(pinned: PublicKey)
+    /// A valid signature over a freeze older than the leecher accepts.
+    case stale(frozenAtMilliseconds: UInt64, oldestMilliseconds: UInt64)
 
     public var description: String {
         let outcome = "the migration is aborted and the source thawed"
@@ -78,16 +83,29 @@ public enum SeederSignatureError: Error, CustomStringConvertible, Sendable {
             return "the checksums are signed by \(signer.shortText), not by the pinned seeder key \(pinned.shortText): the source (or a hub posing as it) is not the one you pinned; \(outcome)"
         case .invalid(let pinned):
             return "the signature over the checksums does not verify with the pinned seeder key \(pinned.shortText): a hub in between altered the checksums, the layout or the process identity; \(outcome)"
+        case .stale(let frozenAt, let oldest):
+            let age = Double(oldest > frozenAt ? oldest - frozenAt : 0) / 1000
+            return "the signed checksums are of a freeze at \(Self.utc(frozenAt)), \(String(format: "%.0f", age)) s before the oldest this leecher accepts (\(Self.utc(oldest))): a hub may be replaying an earlier migration of the same process; if a hub really froze the source that long ago, raise --max-freeze-age; \(outcome)"
         }
+    }
+
+    static func utc(_ milliseconds: UInt64) -> String {
+        var seconds = time_t(milliseconds / 1000)
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        return String(format: "%04d-%02d-%02d %02d:%02d:%02d UTC", parts.tm_year + 1900, parts.tm_mon + 1, parts.tm_mday,
+                      parts.tm_hour, parts.tm_min, parts.tm_sec)
     }
 }
 
 extension ChecksumReply {
     /// Checks that the pinned seeder signed exactly these digests, for this
-    /// process and this final layout. The digests are then compared with
-    /// the image by the caller, as without pinning.
+    /// process and this final layout, at a freeze no older than
+    /// `notFrozenBefore` (Unix milliseconds): a statement replayed from an
+    /// earlier migration of the same process shows its age. The digests are
+    /// then compared with the image by the caller, as without pinning.
     public func verifySigned(by pinned: PublicKey, pid: Int32, host: String, layout: [Region],
-                             ranges: [AddressRange]) throws {
+                             ranges: [AddressRange], notFrozenBefore: UInt64 = 0) throws {
         guard let signature else { throw SeederSignatureError.unsigned(pinned: pinned) }
         guard signature.signer == pinned else {
             throw SeederSignatureError.otherSigner(pinned: pinned, signer: signature.signer)
@@ -97,6 +115,9 @@ extension ChecksumReply {
             frozenAtMilliseconds: signature.frozenAtMilliseconds, layout: layout, ranges: ranges, digests: digests)
         guard pinned.isValidSignature(signature.signature, of: statement) else {
             throw SeederSignatureError.invalid(pinned: pinned)
+        }
+        guard signature.frozenAtMilliseconds >= notFrozenBefore else {
+            throw SeederSignatureError.stale(frozenAtMilliseconds: signature.frozenAtMilliseconds, oldestMilliseconds: notFrozenBefore)
         }
     }
 

@@ -67,6 +67,11 @@ struct PullCommand: AsyncParsableCommand {
         valueName: "KEY|FILE"))
     var seederKey: String?
 
+    @Option(name: .long, help: ArgumentHelp(
+        "With --seeder-key: refuse signed checksums of a freeze more than this many seconds before the pull started (a hub replaying an earlier migration). Late joiners of a hub may need more.",
+        valueName: "SECONDS"))
+    var maxFreezeAge: Double = 600
+
     @OptionGroup var auth: AuthOptions
     @OptionGroup var output: OutputOptions
 
@@ -75,6 +80,7 @@ struct PullCommand: AsyncParsableCommand {
         guard (1...1024).contains(inFlight) else { throw ValidationError("--in-flight takes 1 to 1024") }
         if let maxDowntime, maxDowntime < 0 { throw ValidationError("--max-downtime cannot be negative") }
         if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }
+        guard maxFreezeAge >= 0, maxFreezeAge.isFinite else { throw ValidationError("--max-freeze-age must be 0 or more seconds") }
         if seederKey != nil && noVerify {
             throw ValidationError("--seeder-key checks the seeder's signed checksums, which --no-verify skips; drop one of them")
         }
@@ -93,6 +99,7 @@ struct PullCommand: AsyncParsableCommand {
             options.verify = !noVerify
             options.abortAtEnd = dryRun
             options.seederKey = try seederKey.map { try AuthOptions.publicKey($0) }
+            options.maxFreezeAge = .milliseconds(Int64(maxFreezeAge * 1000))
             let command = CommandTransport.command(in: address)
             let endpoint = command == nil ? try Endpoint(parsing: address) : nil
             let credentials = try auth.credentials(createDefault: false)

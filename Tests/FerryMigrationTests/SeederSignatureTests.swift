@@ -41,6 +41,13 @@ import FerryTestSupport
         #expect {
             try reply.verifySigned(by: other.publicKey, pid: 42, host: "source", layout: Self.layout, ranges: Self.ranges)
         } throws: { "\($0)".contains("not by the pinned seeder key") }
+        // A freeze older than the leecher accepts: a replay of an earlier migration.
+        try reply.verifySigned(by: key.publicKey, pid: 42, host: "source", layout: Self.layout, ranges: Self.ranges,
+                               notFrozenBefore: 1_700_000_000_000)
+        #expect {
+            try reply.verifySigned(by: key.publicKey, pid: 42, host: "source", layout: Self.layout, ranges: Self.ranges,
+                                   notFrozenBefore: 1_700_000_600_001)
+        } throws: { "\($0)".contains("2023-11-14 22:13:20 UTC, 600 s before the oldest") && "\($0)".contains("--max-freeze-age") }
         let unsigned = ChecksumReply(digests: reply.digests)
         #expect(try ChecksumReply.decode(unsigned.encode()) == unsigned)
         #expect {
@@ -49,7 +56,8 @@ import FerryTestSupport
     }
 
     /// Runs one leecher per pinned key (nil: unpinned) through `hub`, all at once.
-    func pull(through hub: LoopbackHub, name: String, pins: [PublicKey?]) async -> [(String, Result<LeecherSummary, any Error>)] {
+    func pull(through hub: LoopbackHub, name: String, pins: [PublicKey?],
+              maxFreezeAge: Duration = LeecherOptions().maxFreezeAge) async -> [(String, Result<LeecherSummary, any Error>)] {
         await withTaskGroup(of: (Int, String, Result<LeecherSummary, any Error>).self) { group in
             for (index, pin) in pins.enumerated() {
                 group.addTask {
@@ -57,6 +65,7 @@ import FerryTestSupport
                     var options = LeecherOptions()
                     options.policy = FinalizePolicy(cleanShare: 0.95, maxWaitSeconds: 10)
                     options.seederKey = pin
+                    options.maxFreezeAge = maxFreezeAge
                     do {
                         let leecher = Leecher(connect: hub.connector(), sink: try ImageWriter(directory: out), options: options)
                         return (index, out, .success(try await leecher.run()))
@@ -69,6 +78,37 @@ import FerryTestSupport
             for await result in group { results.append(result) }
             return results.sorted { $0.0 < $1.0 }.map { ($0.1, $0.2) }
         }
+    }
+
+    /// A hub serves late leechers from a freeze made before they came. A
+    /// pinned leecher accepts that up to its --max-freeze-age, and refuses a
+    /// freeze older than that, as it would an earlier migration replayed.
+    @Test func aLateLeecherAcceptsAFreezeWithinItsMaxAgeOnly() async throws {
+        let child = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000", "--pattern"])
+        defer { child.stop() }
+        let key = try KeyPair.generate()
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid), signingKey: key)
+        defer { seeder.close() }
+        var options = HubOptions()
+        options.finalize = .first
+        let hub = try await LoopbackHub(options: options, secret: seeder.secret)
+        defer { hub.close() }
+        let name = try await hub.hub.addUpstream(connect: seeder.connector())
+        let first = await pull(through: hub, name: "age-first", pins: [key.publicKey])
+        defer { for (out, _) in first { try? FileManager.default.removeItem(atPath: out) } }
+        _ = try first[0].1.get()
+        #expect(await hub.hub.waitUntilFilled(name))
+        try await Task.sleep(for: .milliseconds(50)) // the late leechers start after the freeze
+        let late = await pull(through: hub, name: "age-late", pins: [key.publicKey])
+        let strict = await pull(through: hub, name: "age-strict", pins: [key.publicKey], maxFreezeAge: .zero)
+        defer { for (out, _) in late + strict { try? FileManager.default.removeItem(atPath: out) } }
+        _ = try late[0].1.get()
+        #expect(try ImageVerifier.compare(directory: late[0].0, pid: child.pid).matches)
+        #expect(throws: (any Error).self) { try strict[0].1.get() }
+        if case .failure(let error) = strict[0].1 {
+            #expect("\(error)".contains("replaying an earlier migration"), "\(error)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: strict[0].0), "a refused image is not left behind")
     }
 
     @Test func aPinnedLeecherCompletesThroughTwoHonestHubsAndRefusesAnotherKey() async throws {
