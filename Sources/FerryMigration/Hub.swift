@@ -219,7 +219,7 @@ final class HubLeecher: Sendable {
     let peer: String
     struct State {
         /// The version of each page as last sent to this leecher.
-        var sent: [UInt64: UInt32] = [:]
+        var sent = PageVersionMap()
         var ready = false
         var completed = false
         var attached = true
@@ -688,8 +688,10 @@ final class HubMigration: Sendable {
     private func report(for leecher: HubLeecher, includeLayout: Bool) -> SyncReply {
         let (versions, layout, epoch) = state.withLock { ($0.versions, $0.layout, $0.layoutEpoch) }
         var dirtyPages: [UInt64] = []
+        // Only pages written since the hub started have a version other than
+        // 0 (versions are never dropped), so they are all that can differ.
         leecher.state.withLock { l in
-            for (page, version) in l.sent where versions[page, default: 0] != version { dirtyPages.append(page) }
+            for (page, version) in versions where l.sent[page].map({ $0 != version }) ?? false { dirtyPages.append(page) }
         }
         dirtyPages.sort()
         var dirty: [AddressRange] = []

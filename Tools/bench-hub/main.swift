@@ -58,6 +58,7 @@ struct Figures {
     var seconds: Double
     /// CPU seconds the hub process used (user + system), nil for the direct run.
     var hubCPU: Double? = nil
+    var hubPeakMiB: Double? = nil
     var aggregate: Double { Double(leecherBytes) / seconds }
 }
 
@@ -69,6 +70,14 @@ func cpuSeconds(_ pid: Int32) -> Double? {
     let fields = text[text.index(after: close)...].split(separator: " ")
     guard fields.count > 13, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
     return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+}
+
+/// Peak resident memory of a process so far (VmHWM), MiB.
+func peakResidentMiB(_ pid: Int32) -> Double? {
+    guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+          let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+          let kib = Double(line.split(separator: " ").dropFirst().first ?? "") else { return nil }
+    return kib / 1024
 }
 
 func seconds(since start: ContinuousClock.Instant) -> Double {
@@ -167,9 +176,10 @@ func throughHub(_ settings: Settings, leechers: Int, secret: String) throws -> F
     let received = try run.pull(leechers, from: hubAddress, tag: "hub\(leechers)")
     let elapsed = seconds(since: start)
     let cpu = cpuSeconds(hub.pid)
+    let peak = peakResidentMiB(hub.pid)
     let sent = try integer(try seeder.expect("{\"event\":\"complete\"", timeout: 30), "pages_sent")
     return Figures(label: "hub", leechers: leechers, seederBytes: sent * 4096, leecherBytes: received, seconds: elapsed,
-                   hubCPU: cpu)
+                   hubCPU: cpu, hubPeakMiB: peak)
 }
 
 let settings = parse()
@@ -187,7 +197,7 @@ do {
     let baseline = runs[0]
     let hubOne = runs.first { $0.label == "hub" && $0.leechers == 1 } ?? baseline
     print("")
-    print("run     leechers  seeder MiB  x hub-1  x direct  wall s  aggregate MB/s  x direct  hub CPU s")
+    print("run     leechers  seeder MiB  x hub-1  x direct  wall s  aggregate MB/s  x direct  hub CPU s  hub peak MiB")
     for run in runs {
         print(run.label.padding(toLength: 7, withPad: " ", startingAt: 0)
             + String(format: " %8d  %10.1f  %7.3f  %8.3f  %6.2f  %14.0f  %8.2f",
@@ -195,7 +205,8 @@ do {
                      Double(run.seederBytes) / Double(hubOne.seederBytes),
                      Double(run.seederBytes) / Double(baseline.seederBytes),
                      run.seconds, run.aggregate / 1e6, run.aggregate / baseline.aggregate)
-            + (run.hubCPU.map { String(format: "  %9.2f", $0) } ?? "          -"))
+            + (run.hubCPU.map { String(format: "  %9.2f", $0) } ?? "          -")
+            + (run.hubPeakMiB.map { String(format: "  %12.0f", $0) } ?? "             -"))
     }
     if let most = runs.last, most.label == "hub" {
         let ratio = Double(most.seederBytes) / Double(hubOne.seederBytes)
