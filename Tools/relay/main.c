@@ -139,6 +139,11 @@ int main(int argc, char **argv) {
             if (errno == EINTR) continue;
             die("poll");
         }
+        // The pairs this poll watched. A drop below closes them, and a
+        // connection accepted next may get one of their descriptor numbers:
+        // their poll results must then not be applied to it (a read of a
+        // quiet socket would block the relay for good).
+        int polled = pair_count;
         if (fds[0].revents) {
             ssize_t r = read(0, line + line_length, sizeof line - 1 - line_length);
             if (r <= 0) return 0;
@@ -148,6 +153,7 @@ int main(int argc, char **argv) {
                 *newline = 0;
                 if (!strcmp(line, "drop")) {
                     while (pair_count) cut(0);
+                    polled = 0;
                     puts("dropped");
                 } else if (!strncmp(line, "refuse ", 7)) {
                     refuse_next = atoi(line + 7);
@@ -183,7 +189,8 @@ int main(int argc, char **argv) {
             }
         }
         // Walk backwards: cut() moves the last pair into the freed slot.
-        for (int i = pair_count - 1; i >= 0; i--) {
+        // A pair accepted in this round sits past `polled`: not watched yet.
+        for (int i = (polled < pair_count ? polled : pair_count) - 1; i >= 0; i--) {
             struct pollfd *a = &fds[2 + 2 * i], *b = &fds[3 + 2 * i];
             if (a->fd != pairs[i].a) continue;
             int failed = 0;
