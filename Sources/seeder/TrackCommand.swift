@@ -88,7 +88,7 @@ struct TrackCommand: ParsableCommand {
 
         try process.startTracking()
         let output = Output(json: json)
-        output.attached(pid: pid, tracker: process.trackerKind, regions: process.regions, unprotectable: process.unprotectable)
+        output.attached(pid: pid, tracker: process.trackerKind, rearm: rearm, regions: process.regions, unprotectable: process.unprotectable)
 
         let clock = ContinuousClock()
         let start = clock.now
@@ -186,7 +186,7 @@ private struct Bucket {
 private struct Output {
     let json: Bool
 
-    func attached(pid: Int32, tracker: TrackerKind, regions: [Region], unprotectable: [Region]) {
+    func attached(pid: Int32, tracker: TrackerKind, rearm: RearmMode, regions: [Region], unprotectable: [Region]) {
         if json {
             emit(["event": .string("attached"), "pid": .int(Int64(pid)), "tracker": .string(tracker.rawValue)])
             for region in regions {
@@ -195,7 +195,7 @@ private struct Output {
                       "name": .string(region.name), "kind": .string(region.kind.rawValue),
                       "unprotectable": .bool(unprotectable.contains(region))])
             }
-            emit(["event": .string("tracking"), "migratePages": .uint(UInt64(pages(regions, .migrate))),
+            emit(["event": .string("tracking"), "rearm": .string(rearm.rawValue), "migratePages": .uint(UInt64(pages(regions, .migrate))),
                   "unprotectablePages": .uint(UInt64(unprotectable.reduce(0) { $0 + $1.range.pageCount }))])
             return
         }
@@ -212,6 +212,10 @@ private struct Output {
             writeLine("unprotectable: none")
         } else {
             writeLine("unprotectable: \(unprotectable.count) regions, \(mib(unprotectable.reduce(0) { $0 + $1.range.pageCount })) (not counted below)")
+        }
+        switch rearm {
+        case .scan: writeLine("rearm on scan: each second counts the pages written in it")
+        case .read: writeLine("rearm on read (as seeder serve): each page counts once, when first written; nothing is read here")
         }
         writeLine("\(pad("time", 8)) \(pad("dirty pages/s", 14)) \(pad("MiB/s", 9)) \(pad("new pages", 10)) \(pad("scans", 6)) scan ms (mean/max)")
     }
