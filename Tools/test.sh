@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Real programs the end-to-end tests migrate under load.
-Tools/setup.sh redis-server redis-tools python3
+Tools/setup.sh redis-server redis-tools python3 nodejs
 # Redis is started by the tests on their own ports; the packaged service is not needed.
 if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
     systemctl stop redis-server || true

@@ -1,6 +1,8 @@
 // Programs nobody here wrote, migrated under write load: a Redis server fed
-// by redis-benchmark, and a Python interpreter churning a dictionary. The
-// image must equal the stopped process, region for region, byte for byte.
+// by redis-benchmark, a Python interpreter churning a dictionary, and a
+// Node.js (V8) program whose garbage collector maps, unmaps and protects
+// its heap all the time. The image must equal the stopped process, region
+// for region, byte for byte.
 import Foundation
 import Testing
 import FerryTestSupport
@@ -9,11 +11,12 @@ import FerryTestSupport
 private let redisServer = "/usr/bin/redis-server"
 private let redisBenchmark = "/usr/bin/redis-benchmark"
 private let python = "/usr/bin/python3"
+private let node = "/usr/bin/node"
 
 @Suite(.serialized) struct RealProgramTests {
     /// Migrates `pid` (already running) through an in-process seeder and leecher, then compares.
-    func migrateAndCompare(pid: Int32, name: String) async throws {
-        let process = try TrackedProcess.attach(pid: pid)
+    func migrateAndCompare(pid: Int32, name: String, tracker: TrackerKind? = nil) async throws {
+        let process = try TrackedProcess.attach(pid: pid, tracker: tracker)
         let seeder = try await LoopbackSeeder(process: process)
         defer { seeder.close() }
         let out = scratchDirectory(name)
@@ -75,5 +78,34 @@ private let python = "/usr/bin/python3"
         _ = try interpreter.expect("ready", timeout: 10)
         usleep(300_000)
         try await migrateAndCompare(pid: interpreter.pid, name: "python")
+    }
+
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: node), "node is not installed (apt-get install nodejs)"),
+          arguments: [TrackerKind.async, .sync])
+    func nodeGarbageCollectingUnderAllocationLoad(tracker: TrackerKind) async throws {
+        // A map of objects and typed arrays rewritten without pause: the young
+        // generation is collected many times a second, the old one now and
+        // then, and V8 maps, unmaps and re-protects heap pages as it goes.
+        let script = """
+            const table = new Map();
+            let n = 0;
+            function churn() {
+                for (let i = 0; i < 20000; i++) {
+                    const k = (n * 7919 + i) % 100000;
+                    table.set(k, { n: n, text: "value " + k + " " + n, data: new Float64Array(16).fill(n) });
+                    if (i % 10 === 0) table.delete((k * 31) % 100000);
+                }
+                n++;
+                setImmediate(churn);
+            }
+            churn();
+            console.log("ready");
+            process.stdin.resume();
+            """
+        let program = try ChildProcess(node, ["-e", script])
+        defer { program.stop() }
+        _ = try program.expect("ready", timeout: 10)
+        usleep(500_000)
+        try await migrateAndCompare(pid: program.pid, name: "node-\(tracker.rawValue)", tracker: tracker)
     }
 }
