@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Real programs the end-to-end tests migrate under load.
 Tools/setup.sh redis-server redis-tools python3 nodejs
+# A Java VM too; it is large, so a failed install only skips that one test.
+Tools/setup.sh openjdk-17-jdk-headless || echo "test: openjdk-17-jdk-headless is not installed; the Java test is skipped" >&2
 # Redis is started by the tests on their own ports; the packaged service is not needed.
 if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
     systemctl stop redis-server || true

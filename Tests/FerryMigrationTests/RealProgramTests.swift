@@ -1,8 +1,9 @@
 // Programs nobody here wrote, migrated under write load: a Redis server fed
 // by redis-benchmark, a Python interpreter churning a dictionary, and a
 // Node.js (V8) program whose garbage collector maps, unmaps and protects
-// its heap all the time. The image must equal the stopped process, region
-// for region, byte for byte.
+// its heap all the time, and a Java virtual machine with its GC and JIT
+// threads. The image must equal the stopped process, region for region,
+// byte for byte.
 import Foundation
 import Testing
 import FerryTestSupport
@@ -12,6 +13,7 @@ private let redisServer = "/usr/bin/redis-server"
 private let redisBenchmark = "/usr/bin/redis-benchmark"
 private let python = "/usr/bin/python3"
 private let node = "/usr/bin/node"
+private let java = "/usr/bin/java", javac = "/usr/bin/javac"
 
 @Suite(.serialized) struct RealProgramTests {
     /// Migrates `pid` (already running) through an in-process seeder and leecher, then compares.
@@ -107,5 +109,47 @@ private let node = "/usr/bin/node"
         _ = try program.expect("ready", timeout: 10)
         usleep(500_000)
         try await migrateAndCompare(pid: program.pid, name: "node-\(tracker.rawValue)", tracker: tracker)
+    }
+
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: java) && FileManager.default.isExecutableFile(atPath: javac),
+                   "java and javac are not installed (apt-get install openjdk-17-jdk-headless)"))
+    func javaVirtualMachineChurningAHashMap() async throws {
+        let source = """
+            import java.util.*;
+            public class Churn {
+                public static void main(String[] args) throws Exception {
+                    Map<Integer, long[]> table = new HashMap<>();
+                    for (int t = 0; t < 2; t++) {
+                        final int seed = t;
+                        Thread thread = new Thread(() -> {
+                            Random r = new Random(seed);
+                            while (true) {
+                                long[] value = new long[16];
+                                Arrays.fill(value, r.nextLong());
+                                synchronized (table) {
+                                    table.put(r.nextInt(100000), value);
+                                    if (r.nextInt(10) == 0) table.remove(r.nextInt(100000));
+                                }
+                            }
+                        });
+                        thread.setDaemon(true);
+                        thread.start();
+                    }
+                    System.out.println("ready");
+                    System.in.read();
+                }
+            }
+            """
+        let directory = scratchDirectory("java-src")
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try source.write(toFile: directory + "/Churn.java", atomically: true, encoding: .utf8)
+        let compiler = try ChildProcess(javac, ["-d", directory, directory + "/Churn.java"])
+        #expect(compiler.waitForExit(timeout: 60) == 0, "javac failed")
+        let vm = try ChildProcess(java, ["-Xmx128m", "-cp", directory, "Churn"])
+        defer { vm.stop() }
+        _ = try vm.expect("ready", timeout: 30)
+        usleep(500_000)
+        try await migrateAndCompare(pid: vm.pid, name: "java")
     }
 }
