@@ -2,7 +2,10 @@
 // baselines measured in the same run.
 //
 //   ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N]
-//                        [--rounds N] [--in-process]
+//                        [--rounds N] [--in-process] [--cpu-hogs N]
+//
+// --cpu-hogs N runs N busy-looping processes during the whole run: other
+// programs competing for the cores (not part of issue 5's target).
 //
 // Each of --rounds rounds (default 3) measures everything again, baselines
 // included, and prints its figures; the ratios at the end are the medians
@@ -40,6 +43,7 @@ var windowPages = LiveMemoryOptions().postCopyPagesPerRequest
 var pagesPerRequest = 256
 var inProcess = false
 var rounds = 3
+var cpuHogs = 0
 var arguments = CommandLine.arguments.dropFirst()
 while let flag = arguments.popFirst() {
     switch flag {
@@ -51,8 +55,9 @@ while let flag = arguments.popFirst() {
     case "--pages-per-request": pagesPerRequest = Int(arguments.popFirst() ?? "") ?? pagesPerRequest
     case "--in-process": inProcess = true
     case "--rounds": rounds = max(1, Int(arguments.popFirst() ?? "") ?? rounds)
+    case "--cpu-hogs": cpuHogs = max(0, Int(arguments.popFirst() ?? "") ?? cpuHogs)
     default:
-        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N] [--rounds N] [--in-process]")
+        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N] [--rounds N] [--in-process] [--cpu-hogs N]")
         exit(flag == "--help" ? 0 : 2)
     }
 }
@@ -276,6 +281,9 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: In
 }
 
 do {
+    let hogs = try (0..<cpuHogs).map { _ in try ChildProcess("/bin/sh", ["-c", "while :; do :; done"]) }
+    defer { hogs.forEach { $0.stop() } }
+    if cpuHogs > 0 { print("# \(cpuHogs) busy-looping processes compete for the cores throughout") }
     var all: [Ratios] = []
     for round in 1...rounds {
         print("# round \(round) of \(rounds)")
