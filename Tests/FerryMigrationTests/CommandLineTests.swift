@@ -6,14 +6,17 @@ import Testing
 import FerryTestSupport
 @testable import FerryMigration
 
-@Suite(.serialized) struct CommandLineTests {
-    let secretPath = "/tmp/ferry-cli-secret-\(getpid())"
+@Suite(.serialized) final class CommandLineTests {
+    /// One secret file per test (the suite is serialized), removed with it.
+    let secretPath = "/tmp/ferry-cli-secret-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
 
     init() throws {
         let secret = try PreSharedSecret.generate()
         FileManager.default.createFile(atPath: secretPath, contents: Data((secret.text + "\n").utf8),
                                        attributes: [.posixPermissions: 0o600])
     }
+
+    deinit { try? FileManager.default.removeItem(atPath: secretPath) }
 
     /// Starts `seeder serve` and returns it with the address it listens on.
     func startSeeder(pid: Int32, _ extra: [String] = []) throws -> (ChildProcess, String) {

@@ -94,7 +94,8 @@ final class TestChild {
     /// The child's own view of page `index`'s first word.
     func get(_ index: Int) throws -> UInt64 { UInt64(try process.call("get \(index)")[0])! }
 
-    /// The source, compiled once per test run into a private temporary directory.
+    /// The source, compiled once per test run into a private temporary
+    /// directory, which is removed when the test process exits.
     private static let compiled: Result<String, ChildFailure> = {
         var template = Array("/tmp/ferry-testchild-XXXXXX".utf8CString)
         guard let dir = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
@@ -103,6 +104,14 @@ final class TestChild {
         let directory = String(cString: dir)
         let source = directory + "/child.c"
         let binary = directory + "/child"
+        testChildDirectory = strdup(directory)
+        atexit {
+            guard let directory = testChildDirectory else { return }
+            let path = String(cString: directory)
+            unlink(path + "/child.c")
+            unlink(path + "/child")
+            rmdir(path)
+        }
         guard let file = fopen(source, "w") else { return .failure(ChildFailure("cannot write \(source)")) }
         fputs(childSource, file)
         fclose(file)
@@ -118,6 +127,9 @@ final class TestChild {
 
     static func executable() throws -> String { try compiled.get() }
 }
+
+/// The compiled test child's directory, for the exit handler (C string: set once, before any reader).
+nonisolated(unsafe) private var testChildDirectory: UnsafeMutablePointer<CChar>? = nil
 
 private let childSource = #"""
 #define _GNU_SOURCE

@@ -25,6 +25,10 @@ func tempDir() -> String {
 
     @Test func keyPairSaveLoadAndPermissions() throws {
         let dir = tempDir()
+        defer {
+            for file in ["id", "id.pub"] { unlink("\(dir)/\(file)") }
+            rmdir(dir)
+        }
         let kp = try KeyPair.generate()
         try kp.save(privatePath: "\(dir)/id", publicPath: "\(dir)/id.pub", comment: "seeder@host")
         var st = stat()
