@@ -190,3 +190,24 @@ int ferry_nice_this_thread(int nice) {
     // Linux keeps a nice value per thread: PRIO_PROCESS with a thread id.
     return setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
 }
+
+// A thread's EEVDF slice (kernel 6.12+: sched_attr.sched_runtime under
+// SCHED_OTHER; older kernels accept and ignore it). A short slice lets a
+// thread that wakes preempt a busy one at once instead of at the end of its
+// slice. 0 restores the default. The thread's nice value is kept.
+struct ferry_sched_attr {
+    uint32_t size, sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime, sched_deadline, sched_period;
+    uint32_t sched_util_min, sched_util_max;
+};
+int ferry_set_slice(int tid, uint64_t nanoseconds) {
+    struct ferry_sched_attr attr = {0};
+    attr.size = sizeof attr;
+    attr.sched_policy = 0; /* SCHED_OTHER */
+    attr.sched_nice = getpriority(PRIO_PROCESS, (id_t)(tid ? tid : syscall(SYS_gettid)));
+    attr.sched_runtime = nanoseconds;
+    return (int)syscall(SYS_sched_setattr, tid, &attr, 0);
+}

@@ -105,3 +105,21 @@ func startThread(for target: String, _ body: @escaping () -> Void) throws -> pth
     }
     return thread
 }
+
+/// Asks the scheduler for a `slice` (nil: the default) for every thread of
+/// `pid`, and so for the threads they create later (kernel 6.12+; older
+/// kernels ignore it). With a short slice a thread that wakes, such as one
+/// whose post-copy page just landed, preempts a busy thread at once instead
+/// of at the end of that thread's slice. Returns how many threads took it.
+@discardableResult
+public func setSchedulerSlice(_ slice: Duration?, threadsOf pid: Int32) -> Int {
+    let nanoseconds = slice.map { UInt64(max(0, $0.components.seconds)) * 1_000_000_000 + UInt64(max(0, $0.components.attoseconds / 1_000_000_000)) } ?? 0
+    guard let directory = opendir("/proc/\(pid)/task") else { return 0 }
+    defer { closedir(directory) }
+    var done = 0
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if let tid = Int32(name), ferry_set_slice(tid, nanoseconds) == 0 { done += 1 }
+    }
+    return done
+}

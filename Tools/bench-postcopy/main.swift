@@ -2,10 +2,13 @@
 // baselines measured in the same run.
 //
 //   ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N]
-//                        [--rounds N] [--in-process] [--cpu-hogs N]
+//                        [--rounds N] [--in-process] [--cpu-hogs N] [--slice-us N]
 //
 // --cpu-hogs N runs N busy-looping processes during the whole run: other
 // programs competing for the cores (not part of issue 5's target).
+// --slice-us N gives the threads of this process (the leecher and the
+// touching thread, which stands for the program) and of the seeder an N µs
+// scheduler slice before the loaded phase (kernel 6.12+).
 //
 // Each of --rounds rounds (default 3) measures everything again, baselines
 // included, and prints its figures; the ratios at the end are the medians
@@ -34,6 +37,7 @@ import FerryMigration
 import FerryWire
 import FerryTestSupport
 import FerrySystem
+import FerrySystem
 
 var mib = 256
 var touches = 300
@@ -44,6 +48,7 @@ var pagesPerRequest = 256
 var inProcess = false
 var rounds = 3
 var cpuHogs = 0
+var schedulerSlice: Duration? = nil
 var arguments = CommandLine.arguments.dropFirst()
 while let flag = arguments.popFirst() {
     switch flag {
@@ -56,8 +61,9 @@ while let flag = arguments.popFirst() {
     case "--in-process": inProcess = true
     case "--rounds": rounds = max(1, Int(arguments.popFirst() ?? "") ?? rounds)
     case "--cpu-hogs": cpuHogs = max(0, Int(arguments.popFirst() ?? "") ?? cpuHogs)
+    case "--slice-us": schedulerSlice = Int(arguments.popFirst() ?? "").map { .microseconds($0) }
     default:
-        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N] [--rounds N] [--in-process] [--cpu-hogs N]")
+        print("usage: ferry-bench-postcopy [--mib N] [--touches N] [--in-flight N] [--pages-per-request N] [--window N] [--window-pages N] [--rounds N] [--in-process] [--cpu-hogs N] [--slice-us N]")
         exit(flag == "--help" ? 0 : 2)
     }
 }
@@ -85,6 +91,8 @@ func report(_ name: String, _ value: Double, _ unit: String) {
 /// a `seeder serve` process, or a service inside this process.
 final class Seeder {
     let connector: Leecher.Connector
+    /// The seeder process (this process when in process).
+    private(set) var pid: Int32 = Glibc.getpid()
     private let close: () -> Void
 
     init(pid: Int32, inProcess: Bool) async throws {
@@ -123,6 +131,7 @@ final class Seeder {
             }
             endpoint = try Endpoint(parsing: String(line[range.upperBound..<end]))
             close = { child.stop() }
+            self.pid = child.pid
         }
         connector = {
             let transport = try await Transports.connect(to: endpoint)
@@ -169,7 +178,8 @@ struct Ratios {
     var fillToCopy: Double
 }
 
-func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: Int, windowPages: Int, inProcess: Bool) async throws -> Ratios {
+func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: Int, windowPages: Int, inProcess: Bool,
+         slice: Duration?) async throws -> Ratios {
     // Baselines against a second workload process.
     let baseChild = try Memwriter(["--mib", "\(mib)", "--pattern", "--no-write"])
     defer { baseChild.stop() }
@@ -258,6 +268,11 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: In
     report("touch_idle_p99", percentile(idle, 0.99) * 1e6, "us")
     let pagesBefore = memory.installedPages
     let fillBegan = now()
+    if let slice {
+        // This process holds the leecher and the touching thread (the program).
+        let here = setSchedulerSlice(slice, threadsOf: getpid()), there = setSchedulerSlice(slice, threadsOf: seeder.pid)
+        print("scheduler slice \(slice) for \(here) threads here and \(there) of the seeder")
+    }
     sink.pauseBackgroundFill(false)
     let loaded = await onThread { touchRemotePages(memory, count: count) }
     while !memory.isComplete { usleep(200) }
@@ -288,7 +303,7 @@ do {
     for round in 1...rounds {
         print("# round \(round) of \(rounds)")
         all.append(try await run(mib: mib, touches: touches, inFlight: inFlight, pagesPerRequest: pagesPerRequest,
-                                 window: window, windowPages: windowPages, inProcess: inProcess))
+                                 window: window, windowPages: windowPages, inProcess: inProcess, slice: schedulerSlice))
         print("")
     }
     func spread(_ values: [Double]) -> String {

@@ -197,5 +197,6 @@ void ferry_tune_malloc_for_bulk(void);
 
 /// setpriority for the calling thread only (Linux nice values are per thread).
 int ferry_nice_this_thread(int nice);
+int ferry_set_slice(int tid, uint64_t nanoseconds);
 
 #endif
