@@ -44,6 +44,11 @@ struct PullCommand: AsyncParsableCommand {
         valueName: "PID"))
     var into: Int32?
 
+    @Option(name: .long, help: ArgumentHelp(
+        "With --into: ask the scheduler for this slice, in microseconds, for the leecher's and the target's threads while post-copy runs (kernel 6.12+), so a thread whose page lands is not kept waiting by busy programs; the target's default comes back at the end. 100 suits a busy host (docs/postcopy.md).",
+        valueName: "MICROSECONDS"))
+    var sliceUs: Int?
+
     @Option(name: .long, help: "Pull order: sequential, stack-heap-first, cold-first or profile:FILE.")
     var heuristic = "sequential"
 
@@ -81,6 +86,10 @@ struct PullCommand: AsyncParsableCommand {
         if let maxDowntime, maxDowntime < 0 { throw ValidationError("--max-downtime cannot be negative") }
         if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }
         guard maxFreezeAge >= 0, maxFreezeAge.isFinite else { throw ValidationError("--max-freeze-age must be 0 or more seconds") }
+        if let sliceUs {
+            guard into != nil else { throw ValidationError("--slice-us applies to post-copy into a process: use it with --into PID") }
+            guard (50...100_000).contains(sliceUs) else { throw ValidationError("--slice-us takes 50 to 100000 microseconds") }
+        }
         if seederKey != nil && noVerify {
             throw ValidationError("--seeder-key checks the seeder's signed checksums, which --no-verify skips; drop one of them")
         }
@@ -130,6 +139,11 @@ struct PullCommand: AsyncParsableCommand {
                 imageDirectory = writer.directory
                 leecher = Leecher(connect: connect, sink: writer, options: options, migration: migration, events: events)
             }
+            if let into, let sliceUs {
+                setSchedulerSlice(.microseconds(sliceUs), threadsOf: getpid())
+                setSchedulerSlice(.microseconds(sliceUs), threadsOf: into)
+            }
+            defer { if let into, sliceUs != nil { setSchedulerSlice(nil, threadsOf: into) } }
             let task = Task { try await leecher.run() }
             let signals = SignalWatcher { _ in task.cancel() }
             defer { signals.cancel() }

@@ -88,11 +88,14 @@ import FerryTestSupport
             try ProcessMaps.read(pid: pid).filter { $0.kind == .migrate }.reduce(0) { $0 + $1.range.length }
         }
         let before = try migratableBytes(destination.pid)
+        let sliceBefore = try String(contentsOfFile: "/proc/\(destination.pid)/sched", encoding: .utf8)
+            .split(separator: "\n").first { $0.hasPrefix("se.slice") }
         let (seeder, address) = try startSeeder(pid: source.pid)
         defer { seeder.stop() }
+        // --slice-us: a short scheduler slice while post-copy runs, the default back afterwards.
         let leecher = try ChildProcess(builtExecutable("leecher"),
                                        ["pull", address, "--secret-file", secretPath, "--into", "\(destination.pid)",
-                                        "--json"])
+                                        "--slice-us", "100", "--json"])
         let placed = try leecher.expect("{\"event\":\"placed\"", timeout: 60)
         #expect(placed.contains("\"pid\":\(destination.pid)"))
         #expect(leecher.waitForExit() == 0)
@@ -101,6 +104,9 @@ import FerryTestSupport
         let main = try #require(source.regions["main"])
         #expect(try migratableBytes(destination.pid) >= before + main.length)
         #expect(!isFrozen(destination))
+        let sliceAfter = try String(contentsOfFile: "/proc/\(destination.pid)/sched", encoding: .utf8)
+            .split(separator: "\n").first { $0.hasPrefix("se.slice") }
+        #expect(sliceAfter == sliceBefore, "the destination's scheduler slice is restored")
     }
 
     @Test func killingTheLeecherBeforeTheFreezeCostsNothing() throws {
