@@ -141,7 +141,10 @@ struct PullCommand: AsyncParsableCommand {
             }
             if let into, let sliceUs {
                 setSchedulerSlice(.microseconds(sliceUs), threadsOf: getpid())
-                setSchedulerSlice(.microseconds(sliceUs), threadsOf: into)
+                if setSchedulerSlice(.microseconds(sliceUs), threadsOf: into) == 0 {
+                    reporter.event("notice", ["message": .string("cannot set the scheduler slice of pid \(into)")],
+                                   text: "leecher: cannot set the scheduler slice of pid \(into) (needs the right to change its scheduling, as root has); going on without it")
+                }
             }
             defer { if let into, sliceUs != nil { setSchedulerSlice(nil, threadsOf: into) } }
             let task = Task { try await leecher.run() }

@@ -110,7 +110,9 @@ import FerryTestSupport
     }
 
     @Test func killingTheLeecherBeforeTheFreezeCostsNothing() throws {
-        let child = try Memwriter(["--mib", "64", "--threads", "2", "--rate", "20000"])
+        // Large enough that the first pass outlasts the first progress event
+        // (a page counts clean once received, so even 100 % is reached).
+        let child = try Memwriter(["--mib", "256", "--threads", "2", "--rate", "20000"])
         defer { child.stop() }
         let (seeder, address) = try startSeeder(pid: child.pid)
         defer { seeder.stop() }
@@ -142,7 +144,8 @@ import FerryTestSupport
     }
 
     @Test func killingTheSeederFailsTheLeecherClearlyAndLeavesNoImage() throws {
-        let child = try Memwriter(["--mib", "64", "--threads", "2", "--rate", "20000"])
+        // Large enough to be killed in the first pass, as above.
+        let child = try Memwriter(["--mib", "256", "--threads", "2", "--rate", "20000"])
         defer { child.stop() }
         let (seeder, address) = try startSeeder(pid: child.pid)
         let out = scratchDirectory("cli-kill-seeder")
