@@ -252,17 +252,22 @@ func benchRead(mib: Int) throws {
     let halves = [AddressRange(start: main.start, end: main.start + main.length / 2),
                   AddressRange(start: main.start + main.length / 2, end: main.end)]
     let bufferBits = UInt(bitPattern: buffer.baseAddress!)
-    let parallel = best {
-        DispatchQueue.concurrentPerform(iterations: 2) { half in
-            let range = halves[half]
-            let ranges = stride(from: range.start, to: range.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }
-            // SAFETY: each thread writes its own half of `buffer`, which
-            // outlives concurrentPerform; the address travels as an integer
-            // because raw buffer pointers are not Sendable.
-            let part = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: bufferBits)! + half * size / 2, count: size / 2)
-            _ = try? reader.read(ranges, into: part)
+    /// Seconds (best of 3) for `read` on two threads at once, each given
+    /// half of the region in 1 MiB ranges and its own half of `buffer`.
+    func twoReaders(_ read: @Sendable (_ ranges: [AddressRange], _ into: UnsafeMutableRawBufferPointer) throws -> Int) -> Double {
+        best {
+            DispatchQueue.concurrentPerform(iterations: 2) { half in
+                let range = halves[half]
+                let ranges = stride(from: range.start, to: range.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }
+                // SAFETY: each thread writes its own half of `buffer`, which
+                // outlives concurrentPerform; the address travels as an integer
+                // because raw buffer pointers are not Sendable.
+                let part = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: bufferBits)! + half * size / 2, count: size / 2)
+                _ = try? read(ranges, part)
+            }
         }
     }
+    let parallel = twoReaders { try reader.read($0, into: $1) }
     let parallelRate = Double(size) / parallel / 1e9
     say("[PageReader] 2 threads, 1 MiB ranges: \(fixed(parallelRate, 2)) GB/s, \(ratios(parallelRate)), "
         + "\(fixed(parallelRate / copy2Rate * 100, 0)) % of 2-thread memcpy")
@@ -296,15 +301,7 @@ func benchRead(mib: Int) throws {
         say("[TrackedProcess.read, \(process.trackerKind.rawValue)] \(label): \(fixed(rate, 2)) GB/s, \(ratios(rate))")
     }
     // Two threads, as the seeder reads for two requests at once (its read lock is shared).
-    let tracked2 = try best {
-        DispatchQueue.concurrentPerform(iterations: 2) { half in
-            let range = halves[half]
-            let ranges = stride(from: range.start, to: range.end, by: 1 << 20).map { AddressRange(start: $0, end: $0 + (1 << 20)) }
-            // SAFETY: as for the two PageReader threads above.
-            let part = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: bufferBits)! + half * size / 2, count: size / 2)
-            _ = try? process.read(ranges, into: part)
-        }
-    }
+    let tracked2 = twoReaders { try process.read($0, into: $1) }
     let tracked2Rate = Double(size) / tracked2 / 1e9
     say("[TrackedProcess.read, \(process.trackerKind.rawValue)] 2 threads, 1 MiB ranges: \(fixed(tracked2Rate, 2)) GB/s, "
         + "\(ratios(tracked2Rate)), \(fixed(tracked2Rate / copy2Rate * 100, 0)) % of 2-thread memcpy")
