@@ -33,8 +33,9 @@ public final class BulkWorkers: @unchecked Sendable {
     private var jobs: [@Sendable () -> Void] = []
     private var head = 0
     private var started = false
-    // SAFETY: initialised in init and never destroyed: the shared workers
-    // live as long as the process, and their threads wait on these.
+    // SAFETY: initialised in init and never destroyed: workers live as long
+    // as the process (their threads wait on these forever), so make one
+    // `shared` per process; tests make a few more, which stay until exit.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let wake: UnsafeMutablePointer<pthread_cond_t>
     private let threads: Int

@@ -175,6 +175,15 @@ import FerryTestSupport
         let badHeuristic = try ChildProcess(builtExecutable("leecher"),
                                             ["pull", "127.0.0.1:1", "--secret-file", secretPath, "--heuristic", "fastest"])
         #expect(badHeuristic.waitForExit() != 0)
+
+        // Flags that only make sense together, or out of range: refused before connecting.
+        for (flags, message) in [("--slice-us 100", "Error: --slice-us applies to post-copy into a process: use it with --into PID"),
+                                 ("--into 1 --slice-us 5", "Error: --slice-us takes 50 to 100000 microseconds"),
+                                 ("--max-freeze-age=-1", "Error: --max-freeze-age must be 0 or more seconds")] {
+            let refused = try ChildProcess("/bin/sh", ["-c", "exec '\(builtExecutable("leecher"))' pull 127.0.0.1:1 \(flags) 2>&1"])
+            #expect(try refused.expect("Error:") == message)
+            #expect(refused.waitForExit() != 0)
+        }
     }
 
     @Test func aWrongSecretIsRefusedOnBothSides() throws {
