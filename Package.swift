@@ -57,6 +57,8 @@ let package = Package(
         // Hub benchmark: bytes read from the seeder with 1, 4, 16 leechers vs direct (Tools/bench-hub.sh).
         .executableTarget(name: "ferry-bench-hub", dependencies: ["FerryMigration", "FerryTestSupport"],
                           path: "Tools/bench-hub"),
+        // Bookkeeping benchmark: marking scattered pages and coding dirty reports against a plain array.
+        .executableTarget(name: "ferry-bench-bookkeeping", dependencies: ["FerryMigration"], path: "Tools/bench-bookkeeping"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

@@ -1,20 +1,40 @@
-// When to call Finalize. Freezing the source starts the downtime, so the
-// leecher waits until what is left to send after the freeze is small: a share
-// of pages held clean, or an estimated transfer time, or a deadline for
-// workloads that never converge.
+// When to call Finalize. Freezing the source is cheap (the destination can
+// use the memory at once and post-copy fetches the rest), so the policy's job
+// is to bound what the migration costs whatever the workload does: stop
+// pre-copy as soon as more of it would not shrink the post-freeze work, and
+// never let re-sending run away. Whichever rule fires first finalizes, and
+// the reason names it (the leecher's `finalizing` event).
 
 public struct FinalizePolicy: Sendable, Equatable {
-    /// Finalize once this share (0...1) of pages is held and clean.
+    /// Finalize once this share (0...1) of pages is held and clean (`--finalize-at`).
     public var cleanShare: Double
-    /// Or once the estimated post-freeze transfer fits in this many milliseconds.
-    public var maxDowntimeMilliseconds: Double?
-    /// Or, whatever the state, after this many seconds of pulling.
+    /// Or once the estimated post-freeze transfer (what post-copy would
+    /// still fetch, at the measured link rate, plus a round trip) fits in
+    /// this many milliseconds (`--max-downtime`).
+    public var maxDowntimeMilliseconds: Double
+    /// Or, whatever the state, after this many seconds of pulling (`--max-wait`).
     public var maxWaitSeconds: Double?
+    /// Or once pre-copy moved this multiple of the memory size (`--max-precopy`):
+    /// the rest goes by post-copy, so no workload makes a migration move more.
+    public var maxPrecopyRatio: Double
+    /// A page whose held copy went stale more than this many times is hot:
+    /// pre-copy does not send it again; the final dirty set or post-copy does.
+    public var hotAfter: Int
 
-    public init(cleanShare: Double = 0.95, maxDowntimeMilliseconds: Double? = nil, maxWaitSeconds: Double? = nil) {
+    public static let defaultMaxDowntimeMilliseconds = 100.0
+    public static let defaultMaxPrecopyRatio = 1.5
+    public static let defaultHotAfter = 1
+
+    public init(cleanShare: Double = 0.95,
+                maxDowntimeMilliseconds: Double = FinalizePolicy.defaultMaxDowntimeMilliseconds,
+                maxWaitSeconds: Double? = nil,
+                maxPrecopyRatio: Double = FinalizePolicy.defaultMaxPrecopyRatio,
+                hotAfter: Int = FinalizePolicy.defaultHotAfter) {
         self.cleanShare = cleanShare
         self.maxDowntimeMilliseconds = maxDowntimeMilliseconds
         self.maxWaitSeconds = maxWaitSeconds
+        self.maxPrecopyRatio = maxPrecopyRatio
+        self.hotAfter = hotAfter
     }
 
     /// Parses `95%`, `95` or `0.95`.
@@ -30,33 +50,85 @@ public struct FinalizePolicy: Sendable, Equatable {
         return share
     }
 
+    /// Parses a multiple of the memory size: `1.5x`, `1.5`, or `inf` for no bound.
+    public static func parseRatio(_ text: String) throws -> Double {
+        if text == "inf" || text == "none" { return .infinity }
+        let trimmed = text.hasSuffix("x") || text.hasSuffix("X") ? String(text.dropLast()) : text
+        guard let value = Double(trimmed), value.isFinite, value >= 0 else {
+            throw MigrationError.badArgument(
+                "cannot read '\(text)' as a multiple of the memory size: write it like 1.5x, or inf for no bound")
+        }
+        return value
+    }
+
     /// What the leecher knows when it asks whether to finalize.
     public struct Progress: Sendable {
         public var cleanShare: Double
         /// Pages that would have to move after the freeze (remote, dirty or in flight).
         public var pagesLeft: Int
-        /// Measured pull throughput, bytes per second (0 if not yet known).
+        /// Pages pre-copy would still send: remote, or dirty and not hot.
+        public var pagesPullable: Int
+        /// Dirty pages left to the end because they are hot.
+        public var hotPages: Int
+        /// Every page was requested at least once.
+        public var firstPassDone: Bool
+        /// The link's measured throughput, bytes per second (0 if not yet known).
         public var bytesPerSecond: Double
-        /// Pages reported dirty per second by the seeder, recently.
+        /// Pages per second whose held copies went stale, as the seeder reports.
         public var dirtyPagesPerSecond: Double
+        /// A round trip to the seeder, seconds (0 if not yet known).
+        public var roundTripSeconds: Double
+        /// How often the leecher learns the dirty set, seconds: a page
+        /// written is re-sent at best this long after.
+        public var syncIntervalSeconds: Double
+        /// Page bytes received so far.
+        public var bytesMoved: UInt64
+        /// Bytes of memory being migrated.
+        public var memoryBytes: UInt64
         public var elapsedSeconds: Double
-        /// True once every page has been pulled at least once and a round produced no progress.
+        /// True once every page has been pulled and rounds stopped shrinking the dirty set.
         public var converged: Bool
 
-        public init(cleanShare: Double, pagesLeft: Int, bytesPerSecond: Double,
-                    dirtyPagesPerSecond: Double, elapsedSeconds: Double, converged: Bool) {
+        public init(cleanShare: Double, pagesLeft: Int, pagesPullable: Int? = nil, hotPages: Int = 0,
+                    firstPassDone: Bool = false, bytesPerSecond: Double, dirtyPagesPerSecond: Double,
+                    roundTripSeconds: Double = 0, syncIntervalSeconds: Double = 0.2,
+                    bytesMoved: UInt64 = 0, memoryBytes: UInt64 = 0,
+                    elapsedSeconds: Double, converged: Bool) {
             self.cleanShare = cleanShare
             self.pagesLeft = pagesLeft
+            self.pagesPullable = pagesPullable ?? pagesLeft
+            self.hotPages = hotPages
+            self.firstPassDone = firstPassDone
             self.bytesPerSecond = bytesPerSecond
             self.dirtyPagesPerSecond = dirtyPagesPerSecond
+            self.roundTripSeconds = roundTripSeconds
+            self.syncIntervalSeconds = syncIntervalSeconds
+            self.bytesMoved = bytesMoved
+            self.memoryBytes = memoryBytes
             self.elapsedSeconds = elapsedSeconds
             self.converged = converged
         }
 
-        /// Estimated post-freeze transfer time in milliseconds.
-        public var estimatedDowntimeMilliseconds: Double {
+        /// Estimated post-freeze transfer in milliseconds: what is left, at the
+        /// link rate, plus a round trip.
+        public var estimatedDowntimeMilliseconds: Double { transferMilliseconds(pages: Double(pagesLeft)) }
+
+        func transferMilliseconds(pages: Double) -> Double {
             guard bytesPerSecond > 0 else { return .infinity }
-            return Double(pagesLeft) * Double(pageSize) / bytesPerSecond * 1000
+            return (pages * Double(pageSize) / bytesPerSecond + roundTripSeconds) * 1000
+        }
+
+        /// The smallest dirty set re-sending can reach at the current rates:
+        /// while a round re-sends D pages (D / link seconds) and the next
+        /// report comes (one sync interval), r pages a second go stale, so
+        /// D settles at r x interval / (1 - r / link); infinite once r keeps
+        /// pace with the link.
+        public var dirtySetFloor: Double {
+            let link = bytesPerSecond / Double(pageSize)
+            guard link > 0 else { return .infinity }
+            let r = dirtyPagesPerSecond
+            guard r < link else { return .infinity }
+            return r * syncIntervalSeconds / (1 - r / link)
         }
     }
 
@@ -65,12 +137,30 @@ public struct FinalizePolicy: Sendable, Equatable {
         if let limit = maxWaitSeconds, progress.elapsedSeconds >= limit {
             return "waited \(limit) s (--max-wait)"
         }
-        if let limit = maxDowntimeMilliseconds {
-            if progress.estimatedDowntimeMilliseconds <= limit {
-                return "estimated downtime fits \(limit) ms"
+        if progress.cleanShare >= cleanShare {
+            return "\(Int((progress.cleanShare * 100).rounded(.down)))% of pages held clean (--finalize-at)"
+        }
+        let estimate = progress.estimatedDowntimeMilliseconds
+        if estimate <= maxDowntimeMilliseconds {
+            return String(format: "the post-freeze transfer, estimated at %.1f ms, fits --max-downtime %g ms",
+                          estimate, maxDowntimeMilliseconds)
+        }
+        if progress.firstPassDone && progress.pagesPullable == 0 && progress.hotPages > 0 {
+            return "only hot pages are left (\(progress.hotPages) written again after each send): post-copy takes them"
+        }
+        if progress.firstPassDone && progress.bytesPerSecond > 0 {
+            // More rounds cannot bring the rest within bounds: stop re-sending.
+            let floor = progress.dirtySetFloor
+            if progress.transferMilliseconds(pages: floor) > maxDowntimeMilliseconds {
+                let staleBytes = progress.dirtyPagesPerSecond * Double(pageSize)
+                let floorText = floor.isFinite ? "about \(Int(floor)) pages" : "nothing: they go stale as fast as the link resends them"
+                return String(format: "pages go stale at %.0f MB/s against a link of %.0f MB/s: re-sending cannot shrink the dirty set below %@, over --max-downtime; post-copy takes the rest",
+                              staleBytes / 1e6, progress.bytesPerSecond / 1e6, floorText)
             }
-        } else if progress.cleanShare >= cleanShare {
-            return "\(Int((progress.cleanShare * 100).rounded(.down)))% of pages held clean"
+        }
+        if progress.memoryBytes > 0, Double(progress.bytesMoved) >= maxPrecopyRatio * Double(progress.memoryBytes) {
+            return String(format: "pre-copy moved %.0f MB, %gx the memory (--max-precopy): post-copy takes the rest",
+                          Double(progress.bytesMoved) / 1e6, maxPrecopyRatio)
         }
         if progress.converged {
             return "pre-copy converged: pulling again does not shrink the dirty set"

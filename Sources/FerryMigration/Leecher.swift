@@ -95,6 +95,13 @@ public final class Leecher {
     private var downtime: Double = 0
     private var lastProgress = ContinuousClock.now
     private var rate = ByteRate()
+    /// The best throughput measured: the link's capacity, for the policy
+    /// (the current rate falls once only a few dirty pages are left to pull).
+    private var linkRate: Double = 0
+    /// The quickest Sync round trip seen, seconds.
+    private var roundTrip: Double = 0
+    /// Hot dirty pages (left for the end), counted when a dirty report lands.
+    private var hotPages = 0
     private var sizer = BatchSizer()
 
     /// `migration` names the migration wanted from a hub; empty for a seeder.
@@ -224,7 +231,7 @@ public final class Leecher {
 
     private enum JobResult: Sendable {
         case read([AddressRange], [[UInt8]], Duration)
-        case sync([[UInt8]])
+        case sync([[UInt8]], Duration)
         case failed([AddressRange], any Error)
         case syncFailed(any Error)
         /// Pages touched in live memory before they arrived.
@@ -248,6 +255,10 @@ public final class Leecher {
         var listenerRunning = false
         var touchesInFlight = 0
         var touchBatches = Set<UInt64>()
+        /// Rounds of the heuristic's order begun since a batch was last
+        /// issued: a second one in a row means pre-copy has nothing it may
+        /// send (hot pages wait), so it waits for the next dirty report.
+        var roundsWithoutIssue = 0
 
         try await withThrowingTaskGroup(of: JobResult.self) { group in
             defer { group.cancelAll() }
@@ -268,7 +279,9 @@ public final class Leecher {
                 // on the one connection, so the window bounds first-touch latency.
                 let window = listening ? min(options.requestsInFlight, live!.options.postCopyRequestsInFlight) : options.requestsInFlight
                 while !stopIssuing, !paused, touchesInFlight == 0, readsInFlight < window {
-                    guard let batch = nextBatch(&queue, &cursor, limit: listening ? live!.options.postCopyPagesPerRequest : nil) else { break }
+                    guard let batch = nextBatch(&queue, &cursor, limit: listening ? live!.options.postCopyPagesPerRequest : nil,
+                                                precopy: precopy) else { break }
+                    roundsWithoutIssue = 0
                     store.markRequested(batch)
                     readsInFlight += 1
                     let payload = ReadRequest(ranges: batch).encode()
@@ -293,7 +306,9 @@ public final class Leecher {
                     let payload = w.bytes
                     group.addTask { [link] in
                         do {
-                            return .sync(try await link.callParts(.sync, payload))
+                            let began = ContinuousClock.now
+                            let parts = try await link.callParts(.sync, payload)
+                            return .sync(parts, ContinuousClock.now - began)
                         } catch {
                             return .syncFailed(error)
                         }
@@ -301,16 +316,18 @@ public final class Leecher {
                 }
                 if readsInFlight == 0 && !syncInFlight && !(paused && listening) {
                     if stopIssuing { return }
-                    if store.pagesToPull == 0 {
+                    if store.pagesToPull == 0 || (precopy && roundsWithoutIssue > 1) {
                         if !precopy { return }
-                        // Everything held: wait for the next dirty report.
+                        // Everything held, or only hot pages left: wait for the next dirty report.
                         try await Task.sleep(until: lastSync + options.syncInterval)
+                        roundsWithoutIssue = 0
                         continue
                     }
                     // The order is used up but pages are still wanted: a new round.
                     queue = options.heuristic.order(store, layout: layout)
                     cursor = 0
                     if queue.isEmpty { queue = store.ranges(in: Self.wanted) }
+                    roundsWithoutIssue += 1
                     continue
                 }
                 guard let result = try await group.next() else { continue }
@@ -365,11 +382,13 @@ public final class Leecher {
                     readsInFlight -= 1
                     store.markLost(batch)
                     throw error
-                case .sync(let parts):
+                case .sync(let parts, let took):
                     syncInFlight = false
                     let report = try DirtyReportCodec.decode(parts)
                     apply(epoch: report.epoch, layout: report.layout, dirty: report.dirty)
                     dirtyRate = Double(report.rate)
+                    hotPages = store.hotPages(maxHeat: options.policy.hotAfter)
+                    roundTrip = roundTrip == 0 ? seconds(took) : min(roundTrip, seconds(took))
                     if store.count(.remote) == 0 {
                         if store.pagesToPull < bestToPull {
                             bestToPull = store.pagesToPull
@@ -388,7 +407,10 @@ public final class Leecher {
     }
 
     /// The next ReadAt batch: pages of the queue that are still wanted, up to the request size.
-    private func nextBatch(_ queue: inout [AddressRange], _ cursor: inout Int, limit pagesLimit: Int? = nil) -> [AddressRange]? {
+    /// In pre-copy, hot dirty pages are skipped: they wait for the final dirty set.
+    private func nextBatch(_ queue: inout [AddressRange], _ cursor: inout Int, limit pagesLimit: Int? = nil,
+                           precopy: Bool) -> [AddressRange]? {
+        let maxHeat = options.policy.hotAfter
         var batch: [AddressRange] = []
         var pages = 0
         let limit = min(pagesLimit ?? options.pagesPerRequest ?? sizer.pages, MigrationLimits.maxPagesPerRead)
@@ -397,7 +419,8 @@ public final class Leecher {
             var page = range.start
             var taken = range.end
             while page < range.end && pages < limit {
-                if let state = store.state(at: page), Self.wanted.contains(state) {
+                if let state = store.state(at: page), Self.wanted.contains(state),
+                   !(precopy && state == .dirty && store.dirtyReportCount(at: page) > maxHeat) {
                     if let last = batch.last, last.end == page {
                         batch[batch.count - 1].end = page + pageSize
                     } else {
@@ -421,6 +444,17 @@ public final class Leecher {
     private func receive(_ batch: [AddressRange], _ parts: [[UInt8]]) throws -> Bool {
         var layoutMoved = false
         var arrived: [AddressRange] = []
+        // Runs are checked against the request by binary search: a batch of
+        // scattered dirty pages holds up to 1024 ranges.
+        let asked = batch.sorted { $0.start < $1.start }
+        func wasAsked(_ run: AddressRange) -> Bool {
+            var low = 0, high = asked.count
+            while low < high {
+                let mid = (low + high) / 2
+                if asked[mid].end <= run.start { low = mid + 1 } else { high = mid }
+            }
+            return low < asked.count && asked[low].start <= run.start && run.end <= asked[low].end
+        }
         for part in parts where !part.isEmpty {
             let runs: [PageRun]
             do {
@@ -430,7 +464,7 @@ public final class Leecher {
             }
             try part.withUnsafeBytes { bytes in
                 for run in runs {
-                    guard batch.contains(where: { $0.start <= run.range.start && run.range.end <= $0.end }) else {
+                    guard wasAsked(run.range) else {
                         throw MigrationError.protocolViolation("the seeder sent pages \(run.range) that were not asked for")
                     }
                     switch run.kind {
@@ -453,6 +487,7 @@ public final class Leecher {
         // once the layout says whether it still exists.
         store.markLost(batch)
         rate.add(bytesReceived)
+        linkRate = max(linkRate, rate.perSecond)
         return layoutMoved
     }
 
@@ -468,7 +503,12 @@ public final class Leecher {
     private func progressForPolicy(_ converged: Bool) -> FinalizePolicy.Progress {
         FinalizePolicy.Progress(cleanShare: store.cleanShare,
                                 pagesLeft: store.totalPages - store.count(.clean),
-                                bytesPerSecond: rate.perSecond, dirtyPagesPerSecond: dirtyRate,
+                                pagesPullable: max(0, store.pagesToPull - hotPages), hotPages: hotPages,
+                                firstPassDone: store.count(.remote) == 0,
+                                bytesPerSecond: linkRate, dirtyPagesPerSecond: dirtyRate,
+                                roundTripSeconds: roundTrip, syncIntervalSeconds: seconds(options.syncInterval),
+                                bytesMoved: bytesReceived,
+                                memoryBytes: UInt64(store.totalPages) * pageSize,
                                 elapsedSeconds: elapsed, converged: converged)
     }
 

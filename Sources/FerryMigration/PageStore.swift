@@ -23,7 +23,9 @@ public enum PageState: UInt8, Sendable, CaseIterable {
 struct StoreSegment {
     var range: AddressRange
     var states: [PageState]
-    /// How often each page has been reported dirty; the cold-first heuristic orders by it.
+    /// How often each page's held copy went stale (clean -> dirty, or in
+    /// flight -> stale): the cold-first heuristic orders by it, and pre-copy
+    /// leaves hot pages to the final dirty set.
     var dirtyReports: [UInt16]
 
     init(range: AddressRange) {
@@ -35,22 +37,27 @@ struct StoreSegment {
 }
 
 /// Page states of every migratable region, kept by address.
+///
+/// Every mark costs O(pages marked) plus one binary search per range: the
+/// per-page arrays are changed in place. (A copy of a segment held while
+/// writing to it turned each range into a copy-on-write of the whole
+/// segment: 95 % of the CPU of both sides under write load.)
 public struct PageStore: Sendable {
     private(set) var segments: [StoreSegment] = []
-    /// Number of pages in each state, kept in step with every change.
-    public private(set) var counts: [PageState: Int] = [:]
+    /// Number of pages in each state (indexed by raw value), kept in step with every change.
+    private var tally = [Int](repeating: 0, count: PageState.allCases.count)
+    /// Pages in all segments.
+    public private(set) var totalPages = 0
 
     public init(layout: [Region]) {
         reconcile(layout: layout)
     }
 
-    public var totalPages: Int { segments.reduce(0) { $0 + $1.states.count } }
-    public func count(_ state: PageState) -> Int { counts[state, default: 0] }
+    public func count(_ state: PageState) -> Int { tally[Int(state.rawValue)] }
 
     /// Share of pages held and clean, 0...1.
     public var cleanShare: Double {
-        let total = totalPages
-        return total == 0 ? 1 : Double(count(.clean)) / Double(total)
+        totalPages == 0 ? 1 : Double(count(.clean)) / Double(totalPages)
     }
 
     /// Pages that still need a pull: remote or dirty (not in flight).
@@ -62,9 +69,15 @@ public struct PageStore: Sendable {
     public mutating func reconcile(layout: [Region]) {
         let old = segments
         var fresh: [StoreSegment] = []
-        for region in layout where region.kind == .migrate && region.range.length > 0 {
+        let wanted = layout.filter { $0.kind == .migrate && $0.range.length > 0 }.sorted { $0.start < $1.start }
+        // Both lists are in address order: walk them together.
+        var first = 0
+        for region in wanted {
             var segment = StoreSegment(range: region.range)
-            for previous in old where previous.range.start < region.end && region.start < previous.range.end {
+            while first < old.count && old[first].range.end <= region.start { first += 1 }
+            var k = first
+            while k < old.count && old[k].range.start < region.end {
+                let previous = old[k]
                 let from = max(previous.range.start, region.start)
                 let to = min(previous.range.end, region.end)
                 let src = Int((from - previous.range.start) / pageSize)
@@ -72,20 +85,23 @@ public struct PageStore: Sendable {
                 let n = Int((to - from) / pageSize)
                 segment.states.replaceSubrange(dst..<dst + n, with: previous.states[src..<src + n])
                 segment.dirtyReports.replaceSubrange(dst..<dst + n, with: previous.dirtyReports[src..<src + n])
+                k += 1
             }
             fresh.append(segment)
         }
-        fresh.sort { $0.range.start < $1.range.start }
         segments = fresh
         recount()
     }
 
     private mutating func recount() {
-        var tally: [PageState: Int] = [:]
+        var counted = [Int](repeating: 0, count: PageState.allCases.count)
+        var total = 0
         for segment in segments {
-            for state in segment.states { tally[state, default: 0] += 1 }
+            for state in segment.states { counted[Int(state.rawValue)] += 1 }
+            total += segment.states.count
         }
-        counts = tally
+        tally = counted
+        totalPages = total
     }
 
     /// The state of the page holding `address`, or nil when no region covers it.
@@ -98,55 +114,70 @@ public struct PageStore: Sendable {
     public var layout: [AddressRange] { segments.map(\.range) }
 
     private func locate(_ address: UInt64) -> (Int, Int)? {
+        let s = firstSegment(endingAfter: address)
+        guard s < segments.count, segments[s].range.contains(address) else { return nil }
+        return (s, Int((address - segments[s].range.start) / pageSize))
+    }
+
+    /// Index of the first segment whose end is above `address` (binary search).
+    private func firstSegment(endingAfter address: UInt64) -> Int {
         var low = 0, high = segments.count
         while low < high {
             let mid = (low + high) / 2
             if segments[mid].range.end <= address { low = mid + 1 } else { high = mid }
         }
-        guard low < segments.count, segments[low].range.contains(address) else { return nil }
-        return (low, Int((address - segments[low].range.start) / pageSize))
+        return low
     }
 
-    /// Applies `transition` to every covered page of `ranges`; uncovered pages are ignored
-    /// (the region went away; its pages no longer matter).
-    /// Applies `transition` to every page of `ranges`; returns how many changed state.
+    /// Applies `transition` to every covered page of `ranges`, in place;
+    /// returns how many changed state. Uncovered pages are skipped (their
+    /// region went away; they no longer matter). One binary search per
+    /// range. With `countStale`, a page whose held copy turns stale gets one
+    /// more dirty report.
     @discardableResult
-    private mutating func update(_ ranges: [AddressRange], _ transition: (PageState) -> PageState?) -> Int {
+    @inline(__always)
+    private mutating func update(_ ranges: [AddressRange], countStale: Bool = false,
+                                 _ transition: (PageState) -> PageState?) -> Int {
         var changed = 0
-        for range in ranges {
-            var address = range.start
-            while address < range.end {
-                guard let (s, first) = locateOrNext(address, limit: range.end) else { break }
-                let segment = segments[s]
-                let start = max(address, segment.range.start)
-                let stop = min(range.end, segment.range.end)
-                let begin = first
-                let end = begin + Int((stop - start) / pageSize)
-                for i in begin..<end {
-                    let old = segments[s].states[i]
-                    if let new = transition(old), new != old {
-                        segments[s].states[i] = new
-                        counts[old, default: 0] -= 1
-                        counts[new, default: 0] += 1
-                        changed += 1
+        var counted = tally
+        // The arrays are taken out of their segment while they change, so the
+        // segment holds no second reference that would force a copy.
+        var states: [PageState] = []
+        var reports: [UInt16] = []
+        var current = -1
+        for range in ranges where range.end > range.start {
+            var k = firstSegment(endingAfter: range.start)
+            while k < segments.count && segments[k].range.start < range.end {
+                let segment = segments[k].range
+                if k != current {
+                    if current >= 0 {
+                        swap(&states, &segments[current].states)
+                        swap(&reports, &segments[current].dirtyReports)
                     }
+                    current = k
+                    swap(&states, &segments[k].states)
+                    swap(&reports, &segments[k].dirtyReports)
                 }
-                address = stop
+                let first = Int((max(range.start, segment.start) - segment.start) / pageSize)
+                let last = Int((min(range.end, segment.end) - segment.start) / pageSize)
+                for i in first..<last {
+                    let old = states[i]
+                    guard let new = transition(old), new != old else { continue }
+                    states[i] = new
+                    counted[Int(old.rawValue)] -= 1
+                    counted[Int(new.rawValue)] += 1
+                    changed += 1
+                    if countStale && (new == .dirty || new == .inFlightStale) { reports[i] &+= 1 }
+                }
+                k += 1
             }
         }
-        return changed
-    }
-
-    /// The segment covering `address`, or the first one starting before `limit`.
-    private func locateOrNext(_ address: UInt64, limit: UInt64) -> (Int, Int)? {
-        var low = 0, high = segments.count
-        while low < high {
-            let mid = (low + high) / 2
-            if segments[mid].range.end <= address { low = mid + 1 } else { high = mid }
+        if current >= 0 {
+            swap(&states, &segments[current].states)
+            swap(&reports, &segments[current].dirtyReports)
         }
-        guard low < segments.count, segments[low].range.start < limit else { return nil }
-        let start = max(address, segments[low].range.start)
-        return (low, Int((start - segments[low].range.start) / pageSize))
+        tally = counted
+        return changed
     }
 
     /// Pages about to be requested.
@@ -177,13 +208,12 @@ public struct PageStore: Sendable {
     }
 
     /// The seeder reported these pages written since they were sent.
-    /// Returns how many held copies this made stale (clean or in flight before).
+    /// Returns how many held copies this made stale (clean or in flight
+    /// before); only those count towards a page's heat, so a page reported
+    /// again while it is still dirty does not look hotter.
     @discardableResult
     public mutating func markDirty(_ ranges: [AddressRange]) -> Int {
-        for range in ranges {
-            forEachPage(in: range) { s, i in segments[s].dirtyReports[i] &+= 1 }
-        }
-        return update(ranges) { state in
+        update(ranges, countStale: true) { state in
             switch state {
             case .clean: return .dirty
             case .inFlight: return .inFlightStale
@@ -196,26 +226,17 @@ public struct PageStore: Sendable {
     /// filled by post-copy.
     public mutating func markRemoteUnlessClean() {
         for s in segments.indices {
-            for i in segments[s].states.indices where segments[s].states[i] != .clean {
-                segments[s].states[i] = .remote
-            }
+            for i in segments[s].states.indices where segments[s].states[i] != .clean { segments[s].states[i] = .remote }
         }
         recount()
     }
 
-    private func forEachPage(in range: AddressRange, _ body: (Int, Int) -> Void) {
-        var address = range.start
-        while address < range.end, let (s, first) = locateOrNext(address, limit: range.end) {
-            let stop = min(range.end, segments[s].range.end)
-            let start = max(address, segments[s].range.start)
-            for i in first..<(first + Int((stop - start) / pageSize)) { body(s, i) }
-            address = stop
-        }
-    }
-
     /// Ranges of pages in `states`, in address order, coalesced, each at most
-    /// `maxPages` long.
-    public func ranges(in states: Set<PageState>, maxPages: Int = .max) -> [AddressRange] {
+    /// `maxPages` long. With `maxHeat`, dirty pages whose copies went stale
+    /// more than `maxHeat` times are left out (hot pages wait for the end).
+    public func ranges(in states: Set<PageState>, maxPages: Int = .max, maxHeat: Int? = nil) -> [AddressRange] {
+        var want = [Bool](repeating: false, count: PageState.allCases.count)
+        for state in states { want[Int(state.rawValue)] = true }
         var out: [AddressRange] = []
         for segment in segments {
             var runStart: Int? = nil
@@ -230,11 +251,16 @@ public struct PageStore: Sendable {
                 }
                 runStart = nil
             }
-            for (i, state) in segment.states.enumerated() {
-                if states.contains(state) {
-                    if runStart == nil { runStart = i }
-                } else {
-                    flush(i)
+            segment.states.withUnsafeBufferPointer { pageStates in
+                for i in pageStates.indices {
+                    let state = pageStates[i]
+                    var taken = want[Int(state.rawValue)]
+                    if taken, let maxHeat, state == .dirty, Int(segment.dirtyReports[i]) > maxHeat { taken = false }
+                    if taken {
+                        if runStart == nil { runStart = i }
+                    } else {
+                        flush(i)
+                    }
                 }
             }
             flush(segment.states.count)
@@ -242,7 +268,18 @@ public struct PageStore: Sendable {
         return out
     }
 
-    /// How often the page at `address` was reported dirty.
+    /// Dirty pages whose copies went stale more than `maxHeat` times.
+    public func hotPages(maxHeat: Int) -> Int {
+        var hot = 0
+        for segment in segments {
+            for i in segment.states.indices where segment.states[i] == .dirty && Int(segment.dirtyReports[i]) > maxHeat {
+                hot += 1
+            }
+        }
+        return hot
+    }
+
+    /// How often the copy of the page at `address` went stale.
     public func dirtyReportCount(at address: UInt64) -> Int {
         guard let (s, i) = locate(address) else { return 0 }
         return Int(segments[s].dirtyReports[i])

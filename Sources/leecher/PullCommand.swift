@@ -15,9 +15,15 @@ struct PullCommand: AsyncParsableCommand {
             image is written to --out (format: Protocols/image.md). A lost connection is \
             resumed within the seeder's grace period.
 
-            Finalize policy: --finalize-at (share of pages held clean), or --max-downtime \
-            (estimated post-freeze transfer), and --max-wait as a deadline for workloads \
-            that never converge.
+            Finalize policy: whichever rule fires first finalizes, and the `finalizing` \
+            event names it: --finalize-at (share of pages held clean); --max-downtime \
+            (the estimated post-freeze transfer: what post-copy would still fetch, at the \
+            measured link rate); only hot pages left (pages written again after each send \
+            are not re-sent, they wait for the end); pages going stale at half the link \
+            rate or more after the first pass (re-sending cannot catch up); --max-precopy \
+            (bytes moved before the freeze, as a multiple of the memory size); and \
+            --max-wait as a deadline. The image is byte-exact whatever the rule: the \
+            freeze returns the dirty set and post-copy fetches it.
 
             Exit status: 0 only when the image is complete and verified.
             """)
@@ -30,8 +36,11 @@ struct PullCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Finalize when this share of pages is held clean (0% = pure post-copy).", valueName: "PCT"))
     var finalizeAt = "95%"
 
-    @Option(name: .long, help: ArgumentHelp("Finalize once the estimated post-freeze transfer fits in this many milliseconds.", valueName: "MS"))
-    var maxDowntime: Double?
+    @Option(name: .long, help: ArgumentHelp("Finalize once the estimated post-freeze transfer fits in this many milliseconds (the program itself is stopped only for the Finalize round trip).", valueName: "MS"))
+    var maxDowntime: Double = FinalizePolicy.defaultMaxDowntimeMilliseconds
+
+    @Option(name: .long, help: ArgumentHelp("Finalize once pre-copy has moved this multiple of the memory size (1.5x), or inf for no bound; post-copy moves the rest.", valueName: "RATIO"))
+    var maxPrecopy = "1.5x"
 
     @Option(name: .long, help: ArgumentHelp("Finalize after this many seconds of pulling, whatever the state.", valueName: "SECONDS"))
     var maxWait: Double?
@@ -83,7 +92,8 @@ struct PullCommand: AsyncParsableCommand {
     func validate() throws {
         if let batchPages, !(1...1024).contains(batchPages) { throw ValidationError("--batch-pages takes 1 to 1024") }
         guard (1...1024).contains(inFlight) else { throw ValidationError("--in-flight takes 1 to 1024") }
-        if let maxDowntime, maxDowntime < 0 { throw ValidationError("--max-downtime cannot be negative") }
+        guard maxDowntime >= 0, maxDowntime.isFinite else { throw ValidationError("--max-downtime takes 0 or more milliseconds") }
+        _ = try FinalizePolicy.parseRatio(maxPrecopy)
         if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }
         guard maxFreezeAge >= 0, maxFreezeAge.isFinite else { throw ValidationError("--max-freeze-age must be 0 or more seconds") }
         if let sliceUs {
@@ -101,7 +111,8 @@ struct PullCommand: AsyncParsableCommand {
             tuneAllocatorForBulkFrames()
             var options = LeecherOptions()
             options.policy = FinalizePolicy(cleanShare: try FinalizePolicy.parsePercent(finalizeAt),
-                                            maxDowntimeMilliseconds: maxDowntime, maxWaitSeconds: maxWait)
+                                            maxDowntimeMilliseconds: maxDowntime, maxWaitSeconds: maxWait,
+                                            maxPrecopyRatio: try FinalizePolicy.parseRatio(maxPrecopy))
             options.heuristic = try HeuristicName.make(heuristic)
             options.requestsInFlight = inFlight
             options.pagesPerRequest = batchPages
