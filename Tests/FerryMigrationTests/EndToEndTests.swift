@@ -5,6 +5,7 @@
 // memory byte for byte, region for region.
 import Foundation
 import Testing
+import Synchronization
 import FerryTestSupport
 @testable import FerryMigration
 
@@ -113,6 +114,35 @@ func scratchDirectory(_ name: String) -> String {
     @Test(arguments: [TrackerKind.async, TrackerKind.sync])
     func imageEqualsTheStoppedSourceUnderWriteLoad(tracker: TrackerKind) async throws {
         try await migrate(tracker: tracker, name: "load-\(tracker.rawValue)")
+    }
+
+    /// Writers as fast as they go over all of the memory: pre-copy cannot
+    /// converge, so the default policy must stop re-sending by one of its
+    /// cost bounds (not the deadline), and the image must still be exact.
+    @Test(arguments: [TrackerKind.async, TrackerKind.sync])
+    func theDefaultPolicyBoundsANonConvergingWorkload(tracker: TrackerKind) async throws {
+        let child = try Memwriter(["--mib", "32", "--threads", "2", "--rate", "0", "--churn", "--pattern"])
+        defer { child.stop() }
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: tracker)
+        let seeder = try await LoopbackSeeder(process: process)
+        defer { seeder.close() }
+        let out = scratchDirectory("nonconverging-\(tracker.rawValue)")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        var options = LeecherOptions()
+        // Only the cost rules may fire: the share rule is out of reach, the deadline far.
+        options.policy = FinalizePolicy(cleanShare: 1, maxWaitSeconds: 60)
+        let reasons = Mutex<[String]>([])
+        let leecher = Leecher(connect: seeder.connector(), sink: try ImageWriter(directory: out), options: options) { event in
+            if case .finalizing(let reason) = event { reasons.withLock { $0.append(reason) } }
+        }
+        let summary = try await leecher.run()
+        let reason = try #require(reasons.withLock { $0.first })
+        #expect(!reason.contains("--max-wait") && !reason.contains("--finalize-at"), "\(reason)")
+        let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+        #expect(report.matches, "\(report)")
+        // Pre-copy stops by 1.5x the memory; post-copy moves at most the memory once more.
+        let memory = Double(report.bytesCompared)
+        #expect(Double(summary.bytesReceived) <= 2.6 * memory, "moved \(summary.bytesReceived) bytes of \(Int(memory)); \(reason)")
     }
 
     @Test(arguments: ["stack-heap-first", "cold-first", "profile"])
