@@ -109,6 +109,27 @@ final class CuttableConnector: Sendable {
         }
     }
 
+    /// A process whose memory changes shape under write load (churn, heap
+    /// growth, zapped pages, shared and memfd regions), through a hub to one
+    /// and to four leechers: every image equals the stopped source.
+    @Test(arguments: [1, 4])
+    func aShapeChangingProcessUnderLoadMigratesThroughTheHub(leechers: Int) async throws {
+        let child = try Memwriter(EndToEndTests.busyWorkload)
+        defer { child.stop() }
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid))
+        defer { seeder.close() }
+        let hub = try await LoopbackHub(options: HubOptions(), secret: seeder.secret)
+        defer { hub.close() }
+        try await hub.hub.addUpstream(connect: seeder.connector())
+        let outs = try await pullThrough(hub, name: "hubshape\(leechers)", delays: Array(repeating: 0, count: leechers))
+        defer { for out in outs { try? FileManager.default.removeItem(atPath: out) } }
+        #expect(await seeder.service.outcome() == .completed("pid \(child.pid) is stopped and detached; kill it or resume it (kill -CONT) by hand"))
+        for out in outs {
+            let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+            #expect(report.matches, "\(out): \(report)")
+        }
+    }
+
     @Test func theSeederSendsEachPageOnceForManyLeechers() async throws {
         let child = try Memwriter(["--mib", "16", "--pattern", "--no-write"])
         defer { child.stop() }
