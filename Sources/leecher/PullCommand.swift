@@ -93,7 +93,11 @@ struct PullCommand: AsyncParsableCommand {
         if let batchPages, !(1...1024).contains(batchPages) { throw ValidationError("--batch-pages takes 1 to 1024") }
         guard (1...1024).contains(inFlight) else { throw ValidationError("--in-flight takes 1 to 1024") }
         guard maxDowntime >= 0, maxDowntime.isFinite else { throw ValidationError("--max-downtime takes 0 or more milliseconds") }
-        _ = try FinalizePolicy.parseRatio(maxPrecopy)
+        do {
+            _ = try FinalizePolicy.parseRatio(maxPrecopy)
+        } catch {
+            throw ValidationError("--max-precopy: \(error)")
+        }
         if let maxWait, maxWait < 0 { throw ValidationError("--max-wait cannot be negative") }
         guard maxFreezeAge >= 0, maxFreezeAge.isFinite else { throw ValidationError("--max-freeze-age must be 0 or more seconds") }
         if let sliceUs {

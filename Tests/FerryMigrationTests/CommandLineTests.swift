@@ -179,7 +179,9 @@ import FerryTestSupport
         // Flags that only make sense together, or out of range: refused before connecting.
         for (flags, message) in [("--slice-us 100", "Error: --slice-us applies to post-copy into a process: use it with --into PID"),
                                  ("--into 1 --slice-us 5", "Error: --slice-us takes 50 to 100000 microseconds"),
-                                 ("--max-freeze-age=-1", "Error: --max-freeze-age must be 0 or more seconds")] {
+                                 ("--max-freeze-age=-1", "Error: --max-freeze-age must be 0 or more seconds"),
+                                 ("--max-downtime=-5", "Error: --max-downtime takes 0 or more milliseconds"),
+                                 ("--max-precopy lots", "Error: --max-precopy: cannot read 'lots' as a multiple of the memory size: write it like 1.5x, or inf for no bound")] {
             let refused = try ChildProcess("/bin/sh", ["-c", "exec '\(builtExecutable("leecher"))' pull 127.0.0.1:1 \(flags) 2>&1"])
             #expect(try refused.expect("Error:") == message)
             #expect(refused.waitForExit() != 0)
