@@ -19,6 +19,11 @@ public struct RPCOptions: Sendable {
     public var outboxHighWater = 16 << 20
     /// Largest total of a unary `call` result assembled from streamed parts.
     public var maxUnaryResponse = 256 << 20
+    /// Answers of our own making (pongs, `overloaded` errors) waiting to be
+    /// written. A peer that pings or floods requests while it reads none of
+    /// them would otherwise grow this queue without bound; past the limit
+    /// (about 160 KiB of frames) the connection is closed instead.
+    public var maxQueuedControlFrames = 4096
 
     public init() {}
 }
@@ -260,7 +265,9 @@ final class RPCClientCore: Sendable {
                     case .error:
                         let text = Reject.sanitize(m.payload, limit: 4096)
                         complete(m.id, with: .failure(RPCError(RPCErrorCode(m.code), "\(peer): \(text)")))
-                    case .ping: try? outbox.enqueue(RPCMessage.frame(.pong, id: m.id))
+                    case .ping:
+                        try outbox.enqueueControl(RPCMessage.frame(.pong, id: m.id), limit: options.maxQueuedControlFrames,
+                                                  peer: peer)
                     case .pong: break
                     case .request, .cancel:
                         throw RPCError(.protocolError, "\(peer) sent a \(m.type) message to the calling side; only the caller sends those")

@@ -170,6 +170,8 @@ final class Outbox: Sendable {
         var writer: CheckedContinuation<[[UInt8]]?, Never>? = nil
         var spaceWaiters: [CheckedContinuation<Void, Error>] = []
         var failure: Error? = nil
+        /// Control frames (pongs, overload errors) in `queue`.
+        var controlFrames = 0
     }
     private let state = Mutex(State())
     let highWater: Int
@@ -182,6 +184,23 @@ final class Outbox: Sendable {
             if let f = s.failure { throw f }
             if let w = s.writer { s.writer = nil; return w }
             s.queue.append(frame); s.bytes += frame.count
+            return nil
+        }
+        w?.resume(returning: [frame])
+    }
+
+    /// Queues a control frame the peer's own messages called for, unless
+    /// `limit` of them already wait: then the peer is not reading what it
+    /// asks for, and the connection must end (the error says so).
+    func enqueueControl(_ frame: [UInt8], limit: Int, peer: String) throws {
+        let w: CheckedContinuation<[[UInt8]]?, Never>? = try state.withLock { s in
+            if let f = s.failure { throw f }
+            if let w = s.writer { s.writer = nil; return w }
+            guard s.controlFrames < limit else {
+                throw RPCError(.protocolError,
+                               "\(peer) keeps sending pings or requests beyond the limit without reading the answers (\(limit) queued); connection closed")
+            }
+            s.queue.append(frame); s.bytes += frame.count; s.controlFrames += 1
             return nil
         }
         w?.resume(returning: [frame])
@@ -213,7 +232,7 @@ final class Outbox: Sendable {
         await withCheckedContinuation { (c: CheckedContinuation<[[UInt8]]?, Never>) in
             let now: [[UInt8]]?? = state.withLock { s in
                 if !s.queue.isEmpty {
-                    let q = s.queue; s.queue = []; s.bytes = 0
+                    let q = s.queue; s.queue = []; s.bytes = 0; s.controlFrames = 0
                     return .some(q)
                 }
                 if s.failure != nil { return .some(nil) }

@@ -75,7 +75,9 @@ public final class RPCServer: Sendable {
                     case .cancel:
                         let t = state.withLock { $0.handlers.removeValue(forKey: m.id) }
                         t?.cancel()
-                    case .ping: try outbox.enqueue(RPCMessage.frame(.pong, id: m.id))
+                    case .ping:
+                        try outbox.enqueueControl(RPCMessage.frame(.pong, id: m.id), limit: options.maxQueuedControlFrames,
+                                                  peer: peer)
                     case .pong: break
                     case .response, .part, .error:
                         throw RPCError(.protocolError, "\(peer) sent a \(m.type) message to the answering side; only the server sends those")
@@ -109,8 +111,9 @@ public final class RPCServer: Sendable {
             return false
         }
         if busy {
-            try outbox.enqueue(RPCMessage.frame(.error, id: id, code: RPCErrorCode.overloaded.rawValue,
-                                                payload: Array("more than \(options.maxInFlight) requests in flight; retry later".utf8)))
+            try outbox.enqueueControl(RPCMessage.frame(.error, id: id, code: RPCErrorCode.overloaded.rawValue,
+                                                       payload: Array("more than \(options.maxInFlight) requests in flight; retry later".utf8)),
+                                      limit: options.maxQueuedControlFrames, peer: transport.peerDescription)
         }
     }
 

@@ -21,6 +21,16 @@ func rpcPair(secure: Bool = false, openAhead: Int = 0, options: RPCOptions = .in
     return (RPCClient(transport: ct, options: options), server, done)
 }
 
+/// Sends `frame`, or gives up after two seconds (the peer stopped reading).
+func sendsWithin(_ transport: FrameTransport, _ frame: [UInt8]) async -> Bool {
+    (try? await withThrowingTaskGroup(of: Bool.self) { group in
+        group.addTask { try await transport.send(frame); return true }
+        group.addTask { try await Task.sleep(for: .seconds(2)); return false }
+        defer { group.cancelAll() }
+        return try await group.next()!
+    }) ?? false
+}
+
 /// A Sendable box around a Mutex, so test closures can share state.
 final class Locked<T: Sendable>: Sendable {
     let m: Mutex<T>
@@ -176,6 +186,32 @@ let echo: RPCServer.Handler = { method, payload, _ in payload + [UInt8(truncatin
         // clean end; an idle timeout or a protocol error is not.
         let ended = await done.value
         #expect(ended == nil || "\(ended!)".lowercased().contains("closed"), "\(String(describing: ended))")
+    }
+
+    /// A peer that pings (or floods requests past the in-flight limit) and
+    /// never reads the answers: the answers wait in a bounded queue, and the
+    /// connection ends with an error that says why, on both sides.
+    @Test func aPeerThatPingsWithoutReadingIsCutOff() async throws {
+        var o = RPCOptions(); o.maxQueuedControlFrames = 64
+        // Tiny buffers, so the unread answers back up into the outbox.
+        let (a, b) = InMemoryTransport.pair(capacityFrames: 4, capacityBytes: 4096, names: ("hostile-client", "server"))
+        let server = RPCServer(transport: b, options: o, handler: echo)
+        let done = Task { () -> Error? in do { try await server.run(); return nil } catch { return error } }
+        var sent = 0
+        while sent < 10_000, await sendsWithin(a, RPCMessage.frame(.ping, id: UInt32(sent))) { sent += 1 }
+        let ended = await done.value
+        #expect(sent < 10_000, "the server kept reading pings it could not answer")
+        #expect("\(String(describing: ended))".contains("hostile-client keeps sending pings or requests beyond the limit without reading the answers"))
+
+        // The same for a client: a server that pings and never reads.
+        let (x, y) = InMemoryTransport.pair(capacityFrames: 4, capacityBytes: 4096, names: ("client", "hostile-server"))
+        let client = RPCClient(transport: x, options: o)
+        let call = Task { try await client.call(0x100, []) }
+        _ = try await y.receive()
+        for i in 0..<2000 where await sendsWithin(y, RPCMessage.frame(.ping, id: UInt32(i))) == false { break }
+        await #expect { try await call.value } throws: { e in
+            "\(e)".contains("hostile-server keeps sending pings or requests beyond the limit without reading the answers")
+        }
     }
 
     @Test func idleTimeoutClosesASilentPeer() async throws {
