@@ -226,6 +226,8 @@ final class HubLeecher: Sendable {
         var owner = 0
     }
     let state = Mutex(State())
+    /// What this leecher's ReadAt requests may hold at once.
+    let readBudget = ByteBudget(bytes: MigrationLimits.readBudgetPerConnection)
     init(session: [UInt8], peer: String) {
         self.session = session
         self.peer = peer
@@ -590,7 +592,10 @@ final class HubMigration: Sendable {
                 _ leecher: HubLeecher) async throws -> [UInt8] {
         switch method {
         case .readAt:
-            try await readAt(ReadRequest.decode(payload), parts, leecher)
+            let request = try ReadRequest.decode(payload)
+            try await leecher.readBudget.withBytes(MigrationLimits.readAtHolds) {
+                try await readAt(request, parts, leecher)
+            }
             return []
         case .sync:
             var reader = WireReader(payload)

@@ -22,6 +22,13 @@ public enum MigrationLimits {
     /// Pages per streamed part of a ReadAt reply (1 MiB of data): the secure
     /// channel seals parts independently, so parts keep both cores busy.
     public static let pagesPerPart = 256
+    /// Bytes one connection may hold for ReadAt requests being answered (a
+    /// page buffer and a built part each, 2 MiB): 24 requests read at once,
+    /// the rest wait. With the RPC send queue's 16 MiB, a peer that stops
+    /// reading pins at most 64 MiB of a seeder or hub.
+    public static let readBudgetPerConnection = 48 << 20
+    /// What one ReadAt holds while it reads and sends a part.
+    static let readAtHolds = 2 * pagesPerPart * Int(pageSize)
     /// Ranges in one request or one streamed part of a range list.
     public static let maxRangesPerMessage = 65_536
     /// Regions in a layout: the kernel's default vm.max_map_count is 65,530.

@@ -147,6 +147,8 @@ public final class SeederService: Sendable {
         let owner = Atomic<Int>(0)
         /// A companion connection of the session: priority ReadAt only.
         let companion = Atomic<Bool>(false)
+        /// What this connection's ReadAt requests may hold at once.
+        let readBudget = ByteBudget(bytes: MigrationLimits.readBudgetPerConnection)
     }
 
     private func connectionEnded(_ connection: Connection, peer: String, reason: String) {
@@ -218,7 +220,10 @@ public final class SeederService: Sendable {
         case .track, .hello:
             throw RPCError(code: .internalError, message: "unreachable: \(known) is handled before the owner check")
         case .readAt:
-            try await readAt(ReadRequest.decode(payload), parts)
+            let request = try ReadRequest.decode(payload)
+            try await connection.readBudget.withBytes(MigrationLimits.readAtHolds) {
+                try await readAt(request, parts)
+            }
             return []
         case .sync:
             var reader = WireReader(payload)

@@ -206,30 +206,18 @@ func scratchDirectory(_ name: String) -> String {
 /// A source that hands out one wrong page while the process runs: what a
 /// bug or a flipped bit on the way would look like. The frozen source is
 /// read truthfully, so the checksums must catch it.
-final class CorruptingSource: MemorySource, @unchecked Sendable {
+final class CorruptingSource: ForwardingSource, @unchecked Sendable {
     // @unchecked: `corrupted` is only touched under the seeder's session lock,
     // which serializes every call into a MemorySource.
-    let inner: TrackedProcess
     let victim: UInt64
     var corrupted = false
 
     init(_ inner: TrackedProcess, victim: UInt64) {
-        self.inner = inner
         self.victim = victim
+        super.init(inner)
     }
 
-    var pid: Int32 { inner.pid }
-    var trackerName: String { inner.trackerName }
-    var regions: [Region] { inner.regions }
-    var unprotectable: [Region] { inner.unprotectable }
-    func startTracking() throws { try inner.startTracking() }
-    func scanWrittenSinceRead() throws -> [AddressRange] { try inner.scanWrittenSinceRead() }
-    func refreshLayout() throws -> LayoutChange { try inner.refreshLayout() }
-    func freeze() throws -> Duration { try inner.freeze() }
-    func thaw() throws { try inner.thaw() }
-    func release(then: ThenAction) throws { try inner.release(then: then) }
-
-    func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
+    override func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
         let vanished = try inner.readPages(ranges, into: buffer)
         guard !inner.isFrozen, !corrupted else { return vanished }
         var offset = 0

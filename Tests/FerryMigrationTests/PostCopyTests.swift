@@ -9,25 +9,17 @@ import FerryTestSupport
 @testable import FerryMigration
 
 /// A memory source that answers reads slowly once the process is frozen.
-final class SlowSource: MemorySource, @unchecked Sendable {
-    // Invariant: `inner` is thread-safe itself; `delayMicroseconds` is immutable.
-    let inner: TrackedProcess
+final class SlowSource: ForwardingSource, @unchecked Sendable {
+    // Invariant: `delayMicroseconds` is immutable.
     let delayMicroseconds: UInt32
-    init(_ inner: TrackedProcess, delayMicroseconds: UInt32) { self.inner = inner; self.delayMicroseconds = delayMicroseconds }
-    var pid: Int32 { inner.pid }
-    var trackerName: String { inner.trackerName }
-    var regions: [Region] { inner.regions }
-    var unprotectable: [Region] { inner.unprotectable }
-    func startTracking() throws { try inner.startTracking() }
-    func scanWrittenSinceRead() throws -> [AddressRange] { try inner.scanWrittenSinceRead() }
-    func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
+    init(_ inner: TrackedProcess, delayMicroseconds: UInt32) {
+        self.delayMicroseconds = delayMicroseconds
+        super.init(inner)
+    }
+    override func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
         usleep(delayMicroseconds)
         return try inner.readPages(ranges, into: buffer)
     }
-    func refreshLayout() throws -> LayoutChange { try inner.refreshLayout() }
-    func freeze() throws -> Duration { try inner.freeze() }
-    func thaw() throws { try inner.thaw() }
-    func release(then: ThenAction) throws { try inner.release(then: then) }
 }
 
 /// `length` bytes of `pid`'s memory at `address`, read through /proc.
