@@ -375,7 +375,10 @@ final class HubMigration: Sendable {
                 s.layout = layout
                 s.layoutEpoch = epoch
             }
-            for range in dirty {
+            // Only pages of the layout can be dirty: a wider range (a broken
+            // or hostile seeder) would make the hub walk pages that do not exist.
+            let migratable = Ranges.merge(s.layout.filter { $0.kind == .migrate }.map(\.range))
+            for range in Ranges.intersect(Ranges.merge(dirty), migratable) {
                 var page = range.start
                 while page < range.end {
                     s.versions[page, default: 0] &+= 1

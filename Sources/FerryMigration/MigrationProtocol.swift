@@ -33,6 +33,15 @@ public enum MigrationLimits {
     public static let maxRangesPerMessage = 65_536
     /// Regions in a layout: the kernel's default vm.max_map_count is 65,530.
     public static let maxRegions = 262_144
+    /// Memory a layout may ask to migrate: 1 TiB. The leecher keeps a few
+    /// bytes of state per page (about 800 MB for 1 TiB); a larger layout is
+    /// taken for a hostile or broken peer.
+    public static let maxMigratableBytes: UInt64 = 1 << 40
+    /// Bytes one streamed reply may carry in all: a ReadAt's pages and run
+    /// headers, or for Sync and Finalize a layout and a dirty report.
+    static func maxReplyBytes(_ method: MigrationMethod) -> Int {
+        method == .readAt ? maxPagesPerRead * Int(pageSize) + (1 << 20) : 64 << 20
+    }
     /// Longest region name or host name carried.
     public static let maxName = 4096
 }
@@ -153,8 +162,15 @@ extension WireReader {
             case 2: kind = .skip
             case let other: throw WireDecodeError("unknown region kind \(other)")
             }
+            if let previous = out.last, start < previous.end {
+                throw WireDecodeError("region 0x\(String(start, radix: 16))-0x\(String(end, radix: 16)) overlaps or precedes 0x\(String(previous.start, radix: 16))-0x\(String(previous.end, radix: 16)): a layout is sorted and without overlaps")
+            }
             out.append(Region(range: AddressRange(start: start, end: end), permissions: permissions, offset: offset,
                               device: device, inode: inode, name: name, kind: kind))
+        }
+        let migratable = out.reduce(UInt64(0)) { $0 + ($1.kind == .migrate ? $1.range.length : 0) }
+        guard migratable <= MigrationLimits.maxMigratableBytes else {
+            throw WireDecodeError("the layout has \(migratable >> 30) GiB to migrate, over the limit of \(MigrationLimits.maxMigratableBytes >> 30) GiB")
         }
         return out
     }

@@ -198,7 +198,17 @@ public actor SessionLink {
     public nonisolated func callParts(_ method: MigrationMethod, _ payload: [UInt8]) async throws -> [[UInt8]] {
         try await retrying(method) { client in
             var parts: [[UInt8]] = []
-            for try await part in client.callStreaming(method.rawValue, payload) { parts.append(part) }
+            var bytes = 0
+            let limit = MigrationLimits.maxReplyBytes(method)
+            for try await part in client.callStreaming(method.rawValue, payload) {
+                bytes += part.count
+                // Leaving the loop cancels the call.
+                guard bytes <= limit else {
+                    throw MigrationError.protocolViolation(
+                        "the peer sent more than \(limit >> 20) MiB in reply to one \(method), the protocol's limit; the connection cannot be trusted")
+                }
+                parts.append(part)
+            }
             return parts
         }
     }

@@ -1,0 +1,57 @@
+// What a broken or hostile seeder (or hub) sends must not make the leecher
+// or the hub allocate or walk without bound: layouts are checked, replies
+// are capped, dirty ranges are clamped to the layout.
+import Foundation
+import Testing
+@testable import FerryWire
+@testable import FerryMigration
+
+private func region(_ start: UInt64, _ end: UInt64) -> Region {
+    Region(range: AddressRange(start: start, end: end), permissions: "rw-p", offset: 0, device: "00:00",
+           inode: 0, name: "", kind: .migrate)
+}
+
+private func decodeLayout(_ layout: [Region]) throws -> [Region] {
+    var w = WireWriter()
+    w.regions(layout)
+    var r = WireReader(w.bytes)
+    return try r.regions()
+}
+
+@Suite struct UntrustedPeerTests {
+    @Test func overlappingUnsortedOrHugeLayoutsAreRefused() throws {
+        #expect(try decodeLayout([region(0x1000, 0x3000), region(0x3000, 0x4000)]).count == 2)
+        #expect(throws: WireDecodeError("region 0x2000-0x5000 overlaps or precedes 0x1000-0x3000: a layout is sorted and without overlaps")) {
+            try decodeLayout([region(0x1000, 0x3000), region(0x2000, 0x5000)])
+        }
+        #expect(throws: WireDecodeError.self) { try decodeLayout([region(0x9000, 0xa000), region(0x1000, 0x2000)]) }
+        // 2 TiB to migrate: the leecher would need gigabytes of page state.
+        #expect(throws: WireDecodeError("the layout has 2048 GiB to migrate, over the limit of 1024 GiB")) {
+            try decodeLayout([region(0x1000_0000_0000, 0x1000_0000_0000 + (2 << 40))])
+        }
+    }
+
+    @Test func aReplyOverTheProtocolsLimitEndsTheCall() async throws {
+        let (a, b) = InMemoryTransport.pair(names: ("leecher", "hostile-seeder"))
+        let server = RPCServer(transport: b) { method, _, parts in
+            if method == MigrationMethod.track.rawValue {
+                return TrackReply(session: Array(repeating: 1, count: 16), phase: .tracking, pid: 1, host: "h",
+                                  tracker: "async", graceMilliseconds: 1000, layoutEpoch: 1,
+                                  layout: [region(0x1000, 0x2000)]).encode()
+            }
+            // A ReadAt answered with far more than any request may carry.
+            for _ in 0..<64 { try await parts.send([UInt8](repeating: 0, count: 1 << 20)) }
+            return []
+        }
+        let serving = Task { try? await server.run() }
+        let link = SessionLink(connect: { a })
+        _ = try await link.open()
+        await #expect {
+            _ = try await link.callParts(.readAt, ReadRequest(ranges: [AddressRange(start: 0x1000, end: 0x2000)]).encode())
+        } throws: { error in
+            "\(error)".contains("sent more than 5 MiB in reply to one readAt")
+        }
+        a.close()
+        serving.cancel()
+    }
+}
