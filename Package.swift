@@ -63,7 +63,7 @@ let package = Package(
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
-        .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryTestSupport"]),
+        .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryTestSupport", "FerryCLI"]),
     ],
     swiftLanguageModes: [.v6]
 )

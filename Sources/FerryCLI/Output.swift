@@ -77,7 +77,7 @@ public final class Reporter: @unchecked Sendable {
             line += "}\n"
             events.write(Data(line.utf8))
         } else if let text {
-            events.write(Data((text + "\n").utf8))
+            events.write(Data((terminalSafe(text) + "\n").utf8))
         }
     }
 
@@ -107,8 +107,23 @@ public final class Reporter: @unchecked Sendable {
         clearProgress()
         lock.unlock()
         if json { event("error", ["message": .string(message)], text: nil) }
-        FileHandle.standardError.write(Data("\(command): \(message)\n".utf8))
+        FileHandle.standardError.write(Data("\(command): \(terminalSafe(message))\n".utf8))
     }
+}
+
+/// `text` with every control character (C0, DEL, C1; ESC among them) shown
+/// as `?`: lines for people carry text from peers (host and tracker names,
+/// outcome and error messages), which must not drive the terminal. JSON
+/// lines escape them instead.
+public func terminalSafe(_ text: String) -> String {
+    guard text.unicodeScalars.contains(where: isControl) else { return text }
+    var out = String.UnicodeScalarView()
+    for scalar in text.unicodeScalars { out.append(isControl(scalar) ? "?" : scalar) }
+    return String(out)
+}
+
+private func isControl(_ scalar: Unicode.Scalar) -> Bool {
+    scalar.value < 0x20 || (0x7f...0x9f).contains(scalar.value)
 }
 
 /// A text bar: `[#####-----] 52%`.

@@ -54,7 +54,12 @@ public final class SeederService: Sendable {
         var owner = 0
         var ownerAlive = false
         var store = PageStore(layout: [])
-        var layout: [Region] = []
+        var layout: [Region] = [] {
+            didSet { migrated = Ranges.merge(layout.filter { $0.kind == .migrate }.map(\.range)) }
+        }
+        /// The migratable ranges of `layout`, merged: all that ReadAt and
+        /// Checksum may read.
+        var migrated: [AddressRange] = []
         var layoutEpoch: UInt64 = 1
         var finalized: FinalizeReply? = nil
         /// Wall-clock time of the freeze, Unix milliseconds (signed with the checksums).
@@ -332,7 +337,17 @@ public final class SeederService: Sendable {
             guard !batch.isEmpty else { return }
             let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<(batchPages * Int(pageSize))])
             let vanished = try reading.shared {
-                let vanished = try source.readPages(batch, into: view)
+                // Only memory of the migration is read: pages outside the
+                // current layout's migratable regions (code, [vdso], anything
+                // unmapped since) are answered as unmapped, never read.
+                let migrated = state.withLock { $0.migrated }
+                let outside = Ranges.subtract(Ranges.merge(batch), migrated)
+                let vanished: [AddressRange]
+                if outside.isEmpty {
+                    vanished = try source.readPages(batch, into: view)
+                } else {
+                    vanished = try readInside(batch, migrated, into: view) + outside
+                }
                 state.withLock { s in
                     s.store.markSent(batch)
                     s.pagesSent += UInt64(batchPages)
@@ -356,6 +371,23 @@ public final class SeederService: Sendable {
             }
         }
         try await flush()
+    }
+
+    /// Reads the parts of `batch` inside `migrated` to their places in
+    /// `buffer`; returns what vanished among them.
+    private func readInside(_ batch: [AddressRange], _ migrated: [AddressRange],
+                            into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange] {
+        var vanished: [AddressRange] = []
+        var offset = 0
+        for range in batch {
+            for piece in Ranges.intersect([range], migrated) {
+                let at = offset + Int(piece.start - range.start)
+                let view = UnsafeMutableRawBufferPointer(rebasing: buffer[at..<(at + Int(piece.length))])
+                vanished += try source.readPages([piece], into: view)
+            }
+            offset += Int(range.length)
+        }
+        return vanished
     }
 
     /// Scans, folds the result into the session, and re-reads the layout.
@@ -421,8 +453,13 @@ public final class SeederService: Sendable {
     }
 
     private func checksum(_ ranges: [AddressRange]) throws -> ChecksumReply {
-        guard state.withLock({ $0.phase }) == .frozen else {
+        let (phase, migrated) = state.withLock { ($0.phase, $0.migrated) }
+        guard phase == .frozen else {
             throw RPCError(code: .badRequest, message: "Checksum is only answered once the process is frozen")
+        }
+        for range in ranges where Ranges.subtract([range], migrated) != [] {
+            throw RPCError(code: .badRequest,
+                           message: "range \(range) is not migrated memory of pid \(source.pid): Checksum covers only the final layout's migrated regions")
         }
         var digests: [[UInt8]] = []
         let chunk = 1024 * Int(pageSize)

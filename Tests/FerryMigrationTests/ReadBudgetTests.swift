@@ -77,3 +77,36 @@ final class Arrivals: Sendable {
         await serving.value
     }
 }
+
+/// ReadAt and Checksum serve only the migration's memory: the program's code,
+/// `[vdso]` and anything outside the layout's migratable regions is never read.
+@Suite(.serialized) struct ServedMemoryTests {
+    @Test func codeAndVdsoAreNeverReadNorHashed() async throws {
+        let child = try Memwriter(["--mib", "4", "--pattern", "--no-write"])
+        defer { child.stop() }
+        let process = try TrackedProcess.attach(pid: child.pid)
+        let code = try #require(process.regions.first { $0.permissions.contains("x") && $0.kind != .migrate })
+        let source = CountingSource(process)
+        let service = SeederService(source: source, options: SeederOptions(then: .resume, grace: .seconds(1)))
+        let (leecherEnd, seederEnd) = InMemoryTransport.pair(names: ("leecher", "seeder"))
+        let serving = Task { await service.serve(seederEnd) }
+        let link = SessionLink(connect: { leecherEnd })
+        _ = try await link.open()
+        let codePage = AddressRange(start: code.start, end: code.start + pageSize)
+        let parts = try await link.callParts(.readAt, ReadRequest(ranges: [codePage]).encode())
+        let runs = try parts.filter { !$0.isEmpty }.flatMap { try PagePart.parse($0) }
+        #expect(runs.map(\.kind) == [.unmapped], "\(code.name) at \(code.range) was served")
+        #expect(source.pagesRead.load(ordering: .relaxed) == 0)
+        _ = try await link.callParts(.finalize, [])
+        var request = WireWriter()
+        request.ranges([codePage])
+        await #expect {
+            _ = try await link.call(.checksum, request.bytes)
+        } throws: { error in
+            "\(error)".contains("is not migrated memory of pid \(child.pid)")
+        }
+        _ = try await link.call(.abort, [])
+        await link.close()
+        await serving.value
+    }
+}

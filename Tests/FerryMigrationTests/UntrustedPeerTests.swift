@@ -5,6 +5,7 @@ import Foundation
 import Testing
 @testable import FerryWire
 @testable import FerryMigration
+import FerryCLI
 
 private func region(_ start: UInt64, _ end: UInt64) -> Region {
     Region(range: AddressRange(start: start, end: end), permissions: "rw-p", offset: 0, device: "00:00",
@@ -53,5 +54,13 @@ private func decodeLayout(_ layout: [Region]) throws -> [Region] {
         }
         a.close()
         serving.cancel()
+    }
+}
+
+@Suite struct TerminalTextTests {
+    @Test func peerTextCannotDriveTheTerminal() {
+        // A host name with an escape sequence (clear screen, retitle) and a C1 control.
+        #expect(FerryCLI.terminalSafe("evil\u{1b}[2J\u{1b}]0;owned\u{07}host\u{9b}x") == "evil?[2J?]0;owned?host?x")
+        #expect(FerryCLI.terminalSafe("plain hôst-01 (ok)") == "plain hôst-01 (ok)")
     }
 }
