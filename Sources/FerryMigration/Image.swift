@@ -174,9 +174,8 @@ public final class ImageWriter: PageSink {
         try? worker.submit(.frozen(layout, clean), bytes: 0)
     }
 
-    /// Bytes of page data written to region files so far, and bytes copied
-    /// between them by layout changes (counted as the writer's thread goes).
-    var bytesWritten: (pages: UInt64, copied: UInt64) { worker.bytesWritten }
+    /// What the writer's thread has done so far (updated after each batch of jobs).
+    var statistics: ImageWriterStatistics { worker.statistics }
 
     /// Completes the region files for the final layout (every page of every
     /// migrated region must have been stored), finishes their checksums and
@@ -253,6 +252,25 @@ struct Blake2b256: ~Copyable {
     mutating func update(_ bytes: UnsafeRawBufferPointer) {
         guard let base = bytes.baseAddress else { return }
         crypto_generichash_update(OpaquePointer(state), base.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count))
+    }
+
+    /// Bytes of state that `save` appends.
+    static var stateBytes: Int { crypto_generichash_statebytes() }
+
+    /// Appends the running state to `bytes`, so the hash can return here.
+    func save(to bytes: inout [UInt8]) {
+        // SAFETY: `state` holds `stateBytes` initialised bytes (libsodium's
+        // state is plain data, without pointers into itself).
+        bytes.append(contentsOf: UnsafeRawBufferPointer(start: UnsafeRawPointer(state), count: Self.stateBytes))
+    }
+
+    /// Returns to the state `save` appended at `offset` of `bytes`.
+    mutating func restore(from bytes: [UInt8], at offset: Int) {
+        precondition(offset >= 0 && offset + Self.stateBytes <= bytes.count, "no saved hash state at \(offset)")
+        bytes.withUnsafeBytes { saved in
+            // SAFETY: both ranges hold `stateBytes` bytes (checked above for `saved`).
+            _ = memcpy(state, saved.baseAddress! + offset, Self.stateBytes)
+        }
     }
 
     consuming func finish() -> [UInt8] {

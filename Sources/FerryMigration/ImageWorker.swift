@@ -38,12 +38,15 @@ final class ImageWorker: @unchecked Sendable {
     /// much memory.
     static let maxQueuedBytes = 64 << 20
 
+    /// The thread's nice increment: that of the bulk AEAD workers (BulkWorkers).
+    static let nice: Int32 = 10
+
     private let files: RegionFiles
     private var jobs: [Job] = []
     private var queuedBytes = 0
     private var failure: (any Error)? = nil
     private var stopping = false
-    private var stats: (pages: UInt64, copied: UInt64) = (0, 0)
+    private var stats = ImageWriterStatistics()
     // SAFETY: initialised in init, destroyed in deinit, which runs only after
     // the thread was joined (the thread holds `self` until it ends).
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
@@ -88,7 +91,7 @@ final class ImageWorker: @unchecked Sendable {
         pthread_cond_signal(work)
     }
 
-    var bytesWritten: (pages: UInt64, copied: UInt64) {
+    var statistics: ImageWriterStatistics {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return stats
@@ -114,6 +117,10 @@ final class ImageWorker: @unchecked Sendable {
     }
 
     private func loop() {
+        // Bulk work, like the bulk AEAD workers: it gives way to the threads
+        // that carry the protocol, so hashing ahead in pre-copy cannot delay
+        // the Finalize reply (downtime) on a small host.
+        lowerCurrentThreadPriority(nice: Self.nice)
         var hashMore = false
         var failed: (any Error)? = nil
         while true {
@@ -142,7 +149,8 @@ final class ImageWorker: @unchecked Sendable {
             }
             pthread_mutex_lock(mutex)
             queuedBytes -= bytes
-            stats = (files.bytesWritten, files.bytesCopied)
+            stats = ImageWriterStatistics(bytesWritten: files.bytesWritten, bytesCopied: files.bytesCopied,
+                                          pagesHashed: files.pagesHashed, pagesRehashed: files.wastedPages)
             if failure == nil, let failed { failure = failed }
             pthread_cond_broadcast(space)
             pthread_mutex_unlock(mutex)
@@ -177,4 +185,17 @@ final class ImageWorker: @unchecked Sendable {
             try files.sourceFrozen(layout: layout, clean: clean)
         }
     }
+}
+
+/// What an image writer's thread has done so far: how "written once" and
+/// "hashed while the transfer runs" are checked.
+struct ImageWriterStatistics: Sendable, Equatable {
+    /// Page data written to region files.
+    var bytesWritten: UInt64 = 0
+    /// Bytes copied between region files by layout changes.
+    var bytesCopied: UInt64 = 0
+    /// Pages hashed, counting those hashed again after a rewind.
+    var pagesHashed = 0
+    /// Pages hashed ahead before Finalize and then thrown away by a rewind.
+    var pagesRehashed = 0
 }

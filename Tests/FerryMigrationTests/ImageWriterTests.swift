@@ -209,7 +209,7 @@ import Testing
         try expectImage(out, equals: model, manifest)
         #expect(manifest.regions.count == final.count)
         // Splits and downward growth moved pages between files.
-        #expect(writer.bytesWritten.copied > 0)
+        #expect(writer.statistics.bytesCopied > 0)
     }
 
     @Test func eachPageIsWrittenOnceStraightIntoItsRegionFile() async throws {
@@ -244,8 +244,8 @@ import Testing
         let manifest = try await writer.finish(layout: layout, sourcePid: 7, sourceHost: "h", tracker: "async",
                                                downtimeMilliseconds: nil)
         try expectImage(out, equals: model, manifest)
-        #expect(writer.bytesWritten.pages == 257 * pageSize)
-        #expect(writer.bytesWritten.copied == 0)
+        #expect(writer.statistics.bytesWritten == 257 * pageSize)
+        #expect(writer.statistics.bytesCopied == 0)
         #expect(Set(try FileManager.default.subpathsOfDirectory(atPath: out))
                 == ["manifest.json", "regions", "regions/0000-\(String(layout[0].start, radix: 16)).bin",
                     "regions/0001-\(String(layout[1].start, radix: 16)).bin"])
@@ -304,5 +304,49 @@ import Testing
         let secondPartial = second.partial
         _ = consume second
         #expect(!FileManager.default.fileExists(atPath: secondPartial))
+    }
+
+    @Test func hashingAheadIsSentBackByPagesStoredAgain() async throws {
+        let out = scratch("rewind")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let writer = try ImageWriter(directory: out)
+        let layout = [pages(0, 1024)]
+        writer.adopt(layout: layout)
+        var random = SplitMix(state: 5)
+        var model = Model()
+        model.adopt(layout)
+        func fill(_ first: Int, _ count: Int) throws {
+            var bytes = [UInt8](repeating: 0, count: count * Int(pageSize))
+            for i in stride(from: 0, to: bytes.count, by: 8) {
+                withUnsafeBytes(of: random.next()) { word in for j in 0..<8 { bytes[i + j] = word[j] } }
+            }
+            let range = AddressRange(start: Self.base + UInt64(first) * pageSize,
+                                     end: Self.base + UInt64(first + count) * pageSize)
+            try writer.store(range, from: bytes, at: 0)
+            for page in 0..<count {
+                model.pages[range.start + UInt64(page) * pageSize] = Array(bytes[page * Int(pageSize)..<(page + 1) * Int(pageSize)])
+            }
+        }
+        try fill(0, 1024)
+        // Pre-copy: the writer hashes ahead of Finalize.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while writer.statistics.pagesHashed < 1024 && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        #expect(writer.statistics.pagesHashed == 1024)
+        // A page stored again, and one that became all zero, send the hash back.
+        try fill(700, 1)
+        try writer.storeZero(AddressRange(start: Self.base + 900 * pageSize, end: Self.base + 901 * pageSize))
+        model.pages[Self.base + 900 * pageSize] = [UInt8](repeating: 0, count: Int(pageSize))
+        // Finalize: page 300 was written at the source and comes again by post-copy.
+        writer.sourceFrozen(layout: layout, clean: [AddressRange(start: Self.base, end: Self.base + 300 * pageSize),
+                                                    AddressRange(start: Self.base + 301 * pageSize, end: Self.base + 1024 * pageSize)])
+        try fill(300, 1)
+        let manifest = try await writer.finish(layout: layout, sourcePid: 7, sourceHost: "h", tracker: "async",
+                                               downtimeMilliseconds: nil)
+        try expectImage(out, equals: model, manifest)
+        #expect(writer.statistics.pagesRehashed > 0)
+        // Sent back to the checkpoint before each change, not to the start.
+        #expect(writer.statistics.pagesHashed < 3 * 1024)
     }
 }
