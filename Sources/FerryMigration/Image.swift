@@ -254,25 +254,6 @@ struct Blake2b256: ~Copyable {
         crypto_generichash_update(OpaquePointer(state), base.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count))
     }
 
-    /// Bytes of state that `save` appends.
-    static var stateBytes: Int { crypto_generichash_statebytes() }
-
-    /// Appends the running state to `bytes`, so the hash can return here.
-    func save(to bytes: inout [UInt8]) {
-        // SAFETY: `state` holds `stateBytes` initialised bytes (libsodium's
-        // state is plain data, without pointers into itself).
-        bytes.append(contentsOf: UnsafeRawBufferPointer(start: UnsafeRawPointer(state), count: Self.stateBytes))
-    }
-
-    /// Returns to the state `save` appended at `offset` of `bytes`.
-    mutating func restore(from bytes: [UInt8], at offset: Int) {
-        precondition(offset >= 0 && offset + Self.stateBytes <= bytes.count, "no saved hash state at \(offset)")
-        bytes.withUnsafeBytes { saved in
-            // SAFETY: both ranges hold `stateBytes` bytes (checked above for `saved`).
-            _ = memcpy(state, saved.baseAddress! + offset, Self.stateBytes)
-        }
-    }
-
     consuming func finish() -> [UInt8] {
         var digest = [UInt8](repeating: 0, count: 32)
         crypto_generichash_final(OpaquePointer(state), &digest, 32)

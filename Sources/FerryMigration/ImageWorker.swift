@@ -118,8 +118,8 @@ final class ImageWorker: @unchecked Sendable {
 
     private func loop() {
         // Bulk work, like the bulk AEAD workers: it gives way to the threads
-        // that carry the protocol, so hashing ahead in pre-copy cannot delay
-        // the Finalize reply (downtime) on a small host.
+        // that carry the protocol and, on a host the seeder shares, to the
+        // seeder's checksum, which the migration waits for.
         lowerCurrentThreadPriority(nice: Self.nice)
         var hashMore = false
         var failed: (any Error)? = nil
@@ -150,7 +150,7 @@ final class ImageWorker: @unchecked Sendable {
             pthread_mutex_lock(mutex)
             queuedBytes -= bytes
             stats = ImageWriterStatistics(bytesWritten: files.bytesWritten, bytesCopied: files.bytesCopied,
-                                          pagesHashed: files.pagesHashed, pagesRehashed: files.wastedPages)
+                                          pagesHashed: files.pagesHashed)
             if failure == nil, let failed { failure = failed }
             pthread_cond_broadcast(space)
             pthread_mutex_unlock(mutex)
@@ -188,14 +188,12 @@ final class ImageWorker: @unchecked Sendable {
 }
 
 /// What an image writer's thread has done so far: how "written once" and
-/// "hashed while the transfer runs" are checked.
+/// "hashed while post-copy runs" are checked.
 struct ImageWriterStatistics: Sendable, Equatable {
     /// Page data written to region files.
     var bytesWritten: UInt64 = 0
     /// Bytes copied between region files by layout changes.
     var bytesCopied: UInt64 = 0
-    /// Pages hashed, counting those hashed again after a rewind.
+    /// Pages hashed, counting those hashed again after a restart.
     var pagesHashed = 0
-    /// Pages hashed ahead before Finalize and then thrown away by a rewind.
-    var pagesRehashed = 0
 }

@@ -7,15 +7,12 @@
 // data extents only (SEEK_DATA, copy_file_range); pages no longer covered
 // are dropped. One bit a page records which pages are held.
 //
-// Each region's BLAKE2b-256 advances in address order over the held pages
-// while the transfer runs, instead of in a pass after it. Before Finalize
-// this is speculation: a page stored again below the hash's position sends
-// the hash back to the checkpoint (a saved state, one per MiB) before it.
-// Most pages of an idle process are never stored again, so their hashing is
-// done by the time the source freezes; a busy one that keeps sending the
-// hash back stops the speculation once the hashing thrown away exceeds a
-// quarter of its pages, and hashes after Finalize, when the pages held
-// clean are the frozen source's and post-copy stores the rest.
+// After Finalize the pages held clean are the frozen source's and post-copy
+// stores the rest, so each region's BLAKE2b-256 advances in address order
+// over the held pages while post-copy runs, instead of in a pass after it.
+// (Hashing ahead during pre-copy would not shorten the migration: the seeder
+// hashes the whole frozen source after the freeze anyway, at the same speed,
+// and starts later; it would only take CPU from the transfer.)
 //
 // Threading: not thread-safe. The image writer's thread owns the one
 // instance and makes every call (see ImageWriter).
@@ -89,14 +86,9 @@ final class RegionFile {
     /// Pages stored since the file's region took its shape (or, after
     /// Finalize, since then: see `RegionFiles.sourceFrozen`).
     var held: PageBitmap
-    /// BLAKE2b-256 over the file's pages `0..<hashed`.
+    /// BLAKE2b-256 over pages `0..<hashed`, when hashing has begun.
     var hasher = Blake2b256()
     var hashed = 0
-    /// The hash states before pages 0, 256, 512, … as far as hashed: a page
-    /// stored again sends the hash back to the one before it.
-    var checkpoints: [UInt8] = []
-    /// Pages between checkpoints: 1 MiB, about 1 ms of hashing here.
-    static let checkpointPages = 256
 
     init(range: AddressRange, path: String, fd: Int32) {
         self.range = range
@@ -114,46 +106,13 @@ final class RegionFile {
         var finished = Blake2b256()
         swap(&finished, &hasher)
         hashed = 0
-        checkpoints = []
         return finished.finish().hexString
     }
 
-    /// Starts the checksum again.
+    /// Starts the checksum again (the region changed shape or a hashed page changed).
     func restartHash() {
         hasher = Blake2b256()
         hashed = 0
-        checkpoints = []
-    }
-
-    /// Page `page` changes: the hash returns to the checkpoint at or before
-    /// it. Returns how many hashed pages that threw away.
-    @discardableResult
-    func rewind(to page: Int) -> Int {
-        guard page < hashed else { return 0 }
-        let k = page / Self.checkpointPages
-        let size = Blake2b256.stateBytes
-        hasher.restore(from: checkpoints, at: k * size)
-        checkpoints.removeSubrange((k + 1) * size..<checkpoints.count)
-        let lost = hashed - k * Self.checkpointPages
-        hashed = k * Self.checkpointPages
-        return lost
-    }
-
-    /// Hashes held pages from `hashed` up to the next checkpoint, reading
-    /// them into `buffer`. Returns false when the page at `hashed` is not held.
-    func hashStep(_ buffer: UnsafeMutableRawBufferPointer) throws -> Bool {
-        guard hashed < pageCount, held[hashed] else { return false }
-        if hashed % Self.checkpointPages == 0,
-           checkpoints.count == hashed / Self.checkpointPages * Blake2b256.stateBytes {
-            hasher.save(to: &checkpoints)
-        }
-        let end = min(held.first(false, from: hashed), (hashed / Self.checkpointPages + 1) * Self.checkpointPages)
-        let count = (end - hashed) * Int(pageSize)
-        precondition(count <= buffer.count, "hash step of \(count) bytes over a buffer of \(buffer.count)")
-        try readFully(fd, buffer.baseAddress!, count, at: off_t(hashed) * off_t(pageSize), path: path)
-        hasher.update(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
-        hashed = end
-        return true
     }
 
     deinit { close(fd) }
@@ -164,24 +123,20 @@ final class RegionFiles {
     /// `…/.NAME.partial-PID/regions`.
     let directory: String
     private(set) var files: [RegionFile] = []
-    /// After Finalize: held pages are final.
-    private(set) var frozen = false
-    /// Before Finalize: whether held pages are hashed ahead (see the top).
-    private(set) var speculating = true
-    /// Hashed pages thrown away by rewinds before Finalize.
-    private(set) var wastedPages = 0
+    /// After Finalize: held pages are final and are hashed.
+    private(set) var hashing = false
     /// Bytes of page data written to region files, and bytes copied between
     /// them by layout changes: what "written once" is checked by.
     private(set) var bytesWritten: UInt64 = 0
     private(set) var bytesCopied: UInt64 = 0
-    /// Pages hashed, counting those hashed again after a rewind.
+    /// Pages hashed, counting those hashed again after a restart.
     private(set) var pagesHashed = 0
     private var nextFile = 0
     /// Scratch space for hashing and for copies without copy_file_range.
     private let buffer: UnsafeMutableRawBufferPointer
-    /// Hashing reads at most this many bytes a step (a checkpoint's worth):
-    /// about 1 ms of BLAKE2b here, so queued writes never wait long behind it.
-    static let hashStepBytes = RegionFile.checkpointPages * Int(pageSize)
+    /// Hashing reads this many bytes a step: about 1 ms of BLAKE2b here, so
+    /// queued writes never wait long behind it.
+    static let hashStepBytes = 1 << 20
 
     init(directory: String) throws {
         self.directory = directory
@@ -244,9 +199,7 @@ final class RegionFiles {
                         "cannot resize \(file.path) to \(range.length) bytes: \(String(cString: strerror(errno)))")
                 }
             }
-            // A kept file's pages keep their offsets: only a shrink below the
-            // hash's position sends it back.
-            if reused { file.rewind(to: Int(range.pageCount)) }
+            if file.range != range || file.held != held { file.restartHash() }
             file.range = range
             file.held = held
         }
@@ -366,12 +319,7 @@ final class RegionFiles {
             let first = Int((part.start - file.range.start) / pageSize)
             // A page already hashed was stored again: after the freeze its bytes
             // cannot differ, but the checksum must cover what the file holds.
-            let lost = file.rewind(to: first)
-            if !frozen && lost > 0 {
-                wastedPages += lost
-                let pages = files.reduce(0) { $0 + $1.pageCount }
-                if wastedPages > max(pages / 4, 16 << 10) { speculating = false }
-            }
+            if first < file.hashed { file.restartHash() }
             file.held.set(first..<first + Int(part.pageCount))
         }
     }
@@ -394,24 +342,26 @@ final class RegionFiles {
                 final[i].set(first..<first + Int((to - from) / pageSize))
             }
         }
-        // Pages hashed ahead that are not clean are stored again by post-copy,
-        // which sends the hash back then.
         for (file, final) in zip(files, final) {
             file.held = file.held.intersection(final)
+            file.restartHash()
         }
-        frozen = true
+        hashing = true
     }
 
-    /// Hashes up to a checkpoint's worth of held pages, in address order,
-    /// of the first region that can advance. Returns false when none can.
+    /// Hashes up to `hashStepBytes` of held pages, in address order, of the
+    /// first region that has some unhashed. Returns false when none can advance.
     func hashStep() throws -> Bool {
-        guard frozen || speculating else { return false }
-        for file in files {
-            let before = file.hashed
-            if try file.hashStep(buffer) {
-                pagesHashed += file.hashed - before
-                return true
-            }
+        guard hashing else { return false }
+        for file in files where file.hashed < file.pageCount && file.held[file.hashed] {
+            let maxPages = Self.hashStepBytes / Int(pageSize)
+            let end = min(file.held.first(false, from: file.hashed), file.hashed + maxPages)
+            let count = (end - file.hashed) * Int(pageSize)
+            try readFully(file.fd, buffer.baseAddress!, count, at: off_t(file.hashed) * off_t(pageSize), path: file.path)
+            file.hasher.update(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+            pagesHashed += end - file.hashed
+            file.hashed = end
+            return true
         }
         return false
     }
@@ -428,7 +378,7 @@ final class RegionFiles {
             }
         }
         // Whatever was not hashed yet (all of it, if Finalize was not reported).
-        frozen = true
+        hashing = true
         while try hashStep() {}
         var byStart: [UInt64: RegionFile] = [:]
         for file in files { byStart[file.range.start] = file }
