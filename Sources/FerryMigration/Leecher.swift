@@ -149,8 +149,8 @@ public final class Leecher {
                 _ = try live.activate(layout: layout, clean: store.ranges(in: [.clean]))
             }
             try await pull(precopy: false)
-            // The seeder hashes the frozen source while we write and hash the image
-            // (or hash the live memory).
+            // The seeder hashes the frozen source while we finish hashing the image
+            // (its writer has hashed since Finalize) or hash the live memory.
             var request = WireWriter()
             request.ranges(layout.filter { $0.kind == .migrate }.map(\.range))
             let payload = request.bytes
@@ -162,7 +162,7 @@ public final class Leecher {
             do {
                 if let image {
                     manifest = try await image.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
-                                                 tracker: reply.tracker, downtimeMilliseconds: downtime)
+                                                       tracker: reply.tracker, downtimeMilliseconds: downtime)
                 } else if let live {
                     try await live.waitForLocalFill()
                     manifest.regions = try live.manifestRegions(layout: layout)

@@ -248,9 +248,16 @@ final class RegionFiles {
             var offset = off_t(i) * off_t(pageSize)
             let runEnd = off_t(end) * off_t(pageSize)
             while offset < runEnd {
-                let data = lseek(source.fd, offset, Self.seekData)
-                if data < 0 || data >= runEnd { break }
-                let hole = min(runEnd, max(data + 1, lseek(source.fd, data, Self.seekHole)))
+                var data = lseek(source.fd, offset, Self.seekData)
+                if data < 0 && errno == ENXIO { break } // only a hole from here to the end
+                var hole = data < 0 ? -1 : lseek(source.fd, data, Self.seekHole)
+                if data < 0 || hole < 0 {
+                    // No SEEK_DATA on this file system: copy the whole run.
+                    data = offset
+                    hole = runEnd
+                }
+                if data >= runEnd { break }
+                hole = min(runEnd, max(data + 1, hole))
                 let to = data + off_t(Int64(bitPattern: source.range.start) - Int64(bitPattern: base))
                 try copyBytes(source, at: data, count: Int(hole - data), to: target, at: to)
                 offset = hole
