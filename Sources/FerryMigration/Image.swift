@@ -1,9 +1,12 @@
 // The leecher's output: a directory with `manifest.json` and one file per
-// migrated region (format in Protocols/image.md). Pages arrive in any order
-// and regions change shape during pre-copy, so pages are kept in a slot file
-// until the layout is final; the region files are assembled at the end, in
-// a hidden `.NAME.partial-PID` directory that is renamed into place only when
-// complete. A failed migration never leaves a directory that looks complete.
+// migrated region (format in Protocols/image.md). Pages are written once,
+// straight into their region's file, in a hidden `.NAME.partial-PID`
+// directory that is renamed into place only when complete; regions change
+// shape during pre-copy and their files follow (RegionFiles). After Finalize
+// each region's BLAKE2b-256 is computed while post-copy runs, not after it.
+// File I/O and hashing run on the writer's own thread, never on the Swift
+// cooperative pool. A failed migration never leaves a directory that looks
+// complete.
 import Foundation
 internal import CSodium
 #if canImport(Glibc)
@@ -14,8 +17,32 @@ import Glibc
 public protocol PageSink: AnyObject {
     /// Stores whole pages; `data.count == range.length`.
     func store(_ range: AddressRange, data: UnsafeRawBufferPointer) throws
+    /// Stores whole pages that are `part[offset ..< offset + range.length]`.
+    /// A sink may keep `part` (a reply buffer, shared, not copied) until it
+    /// has written them.
+    func store(_ range: AddressRange, from part: [UInt8], at offset: Int) throws
     /// Records pages known to be all zero.
     func storeZero(_ range: AddressRange) throws
+    /// The leecher adopted `layout` (its first one, a Sync reply's, the
+    /// final one): pages at addresses still covered by a migratable region
+    /// stay stored, pages of addresses no longer covered are dropped.
+    /// Problems surface at the next store or at the end.
+    func adopt(layout: [Region])
+    /// Finalize returned: `layout` is final, the source is frozen, the pages
+    /// of `clean` hold its bytes, and every other page of the layout will be
+    /// stored again (post-copy) before the end.
+    func sourceFrozen(layout: [Region], clean: [AddressRange])
+}
+
+extension PageSink {
+    public func store(_ range: AddressRange, from part: [UInt8], at offset: Int) throws {
+        try part.withUnsafeBytes { bytes in
+            try store(range, data: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + Int(range.length)]))
+        }
+    }
+
+    public func adopt(layout: [Region]) {}
+    public func sourceFrozen(layout: [Region], clean: [AddressRange]) {}
 }
 
 /// One region of the manifest.
@@ -78,15 +105,16 @@ public struct Manifest: Codable, Sendable {
     }
 }
 
-/// Collects pages during a migration and writes the image at the end.
+/// Writes an image as a migration runs: pages go to their region's file as
+/// they arrive, checksums follow the post-copy fill, and `prepare` only
+/// finishes what is left and writes the manifest.
+///
+/// Threading: the calls of one migration come from one task, in order
+/// (the leecher's); the work runs on the writer's thread (ImageWorker).
 public final class ImageWriter: PageSink {
     public let directory: String
     let partial: String
-    private var slotFile: Int32
-    /// Slot of each stored page in the slot file; `zeroSlot` for all-zero pages.
-    private var slots: [UInt64: UInt32] = [:]
-    private var nextSlot: UInt32 = 0
-    private static let zeroSlot = UInt32.max
+    private let worker: ImageWorker
     private var finished = false
 
     /// Prepares to write an image to `directory`, which must not exist or be empty.
@@ -110,108 +138,74 @@ public final class ImageWriter: PageSink {
         guard mkdir(partial, 0o700) == 0 else {
             throw MigrationError.image("cannot create \(partial): \(String(cString: strerror(errno)))")
         }
-        slotFile = open(partial + "/pages.slots", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard slotFile >= 0 else {
-            let reason = String(cString: strerror(errno))
+        do {
+            worker = try ImageWorker(files: RegionFiles(directory: partial + "/regions"), name: self.directory)
+        } catch {
             try? FileManager.default.removeItem(atPath: partial)
-            throw MigrationError.image("cannot create the page file in \(partial): \(reason)")
+            throw error
         }
     }
 
     deinit {
-        if slotFile >= 0 { close(slotFile) }
+        worker.stop()
         if !finished { try? FileManager.default.removeItem(atPath: partial) }
     }
 
     public func store(_ range: AddressRange, data: UnsafeRawBufferPointer) throws {
         precondition(UInt64(data.count) == range.length, "page data does not match its range")
-        // Reuse slots of pages seen before; give new pages consecutive slots so
-        // a batch is one write.
-        var page = range.start
-        var runStart = range.start
-        var runSlot: UInt32? = nil
-        func flush(until end: UInt64) throws {
-            guard let slot = runSlot, end > runStart else { return }
-            let offset = Int(runStart - range.start)
-            let length = Int(end - runStart)
-            try writeAll(slotFile, data.baseAddress! + offset, length, at: off_t(slot) * off_t(pageSize))
-        }
-        while page < range.end {
-            let slot: UInt32
-            if let existing = slots[page], existing != Self.zeroSlot {
-                slot = existing
-            } else {
-                slot = nextSlot
-                nextSlot += 1
-                slots[page] = slot
-            }
-            if let current = runSlot, slot == current + UInt32((page - runStart) / pageSize) {
-                // continues the run
-            } else {
-                try flush(until: page)
-                runStart = page
-                runSlot = slot
-            }
-            page += pageSize
-        }
-        try flush(until: range.end)
+        try worker.submit(.write(range, [UInt8](data), 0), bytes: data.count)
+    }
+
+    public func store(_ range: AddressRange, from part: [UInt8], at offset: Int) throws {
+        precondition(offset >= 0 && offset + Int(range.length) <= part.count, "page data does not match its range")
+        try worker.submit(.write(range, part, offset), bytes: Int(range.length))
     }
 
     public func storeZero(_ range: AddressRange) throws {
-        var page = range.start
-        while page < range.end {
-            slots[page] = Self.zeroSlot
-            page += pageSize
-        }
+        try worker.submit(.zero(range), bytes: 0)
     }
 
-    /// Whether every page of `range` has been stored (as data or as zero).
-    public func holds(_ range: AddressRange) -> Bool {
-        var page = range.start
-        while page < range.end {
-            if slots[page] == nil { return false }
-            page += pageSize
-        }
-        return true
+    public func adopt(layout: [Region]) {
+        // A failure is kept and thrown by the next store or by `prepare`.
+        try? worker.submit(.adopt(layout), bytes: 0)
     }
 
-    /// Writes the region files and the manifest for the final layout into the
-    /// hidden partial directory. Every page of every migrated region must have
-    /// been stored. `commit()` then moves the image into place.
+    public func sourceFrozen(layout: [Region], clean: [AddressRange]) {
+        try? worker.submit(.frozen(layout, clean), bytes: 0)
+    }
+
+    /// What the writer's thread has done so far (updated after each batch of jobs).
+    var statistics: ImageWriterStatistics { worker.statistics }
+
+    /// Completes the region files for the final layout (every page of every
+    /// migrated region must have been stored), finishes their checksums and
+    /// writes the manifest, in the hidden partial directory. `commit()` then
+    /// moves the image into place.
     @discardableResult
     public func prepare(layout: [Region], sourcePid: Int32, sourceHost: String, tracker: String,
-                        downtimeMilliseconds: Double?) throws -> Manifest {
-        try mkdirOrThrow(partial + "/regions")
-        var entries: [ManifestRegion] = []
-        for (index, region) in layout.enumerated() {
-            var entry = ManifestRegion(
-                start: region.start, end: region.end, prot: region.permissions, offset: region.offset,
-                device: region.device, inode: region.inode, name: region.name, kind: region.kind.rawValue,
-                file: nil, blake2b: nil)
-            if region.kind == .migrate {
-                let name = String(format: "regions/%04d-%llx.bin", index, region.start)
-                entry.blake2b = try writeRegion(region.range, to: partial + "/" + name)
-                entry.file = name
+                        downtimeMilliseconds: Double?) async throws -> Manifest {
+        let manifestPath = partial + "/manifest.json"
+        return try await withCheckedThrowingContinuation { continuation in
+            let writeManifest: @Sendable ([ManifestRegion]) throws -> Manifest = { entries in
+                let manifest = Manifest(sourcePid: sourcePid, sourceHost: sourceHost, tracker: tracker,
+                                        created: ISO8601DateFormatter().string(from: Date()),
+                                        downtimeMilliseconds: downtimeMilliseconds, regions: entries)
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                try writeFile(manifestPath, try encoder.encode(manifest))
+                return manifest
             }
-            entries.append(entry)
+            do {
+                try worker.submit(.finish(layout, writeManifest, continuation), bytes: 0)
+            } catch {
+                continuation.resume(throwing: error)
+            }
         }
-        let formatter = ISO8601DateFormatter()
-        let manifest = Manifest(sourcePid: sourcePid, sourceHost: sourceHost, tracker: tracker,
-                                created: formatter.string(from: Date()),
-                                downtimeMilliseconds: downtimeMilliseconds, regions: entries)
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let json = try encoder.encode(manifest)
-        try writeFile(partial + "/manifest.json", json)
-        return manifest
     }
 
     /// Moves the prepared image into place; until then nothing at `directory`
     /// looks like an image.
     public func commit() throws {
-        close(slotFile)
-        slotFile = -1
-        unlink(partial + "/pages.slots")
         // An empty directory of the same name may be in the way (checked in init).
         rmdir(directory)
         guard rename(partial, directory) == 0 else {
@@ -223,59 +217,11 @@ public final class ImageWriter: PageSink {
     /// `prepare` then `commit`.
     @discardableResult
     public func finish(layout: [Region], sourcePid: Int32, sourceHost: String, tracker: String,
-                       downtimeMilliseconds: Double?) throws -> Manifest {
-        let manifest = try prepare(layout: layout, sourcePid: sourcePid, sourceHost: sourceHost, tracker: tracker,
-                                   downtimeMilliseconds: downtimeMilliseconds)
+                       downtimeMilliseconds: Double?) async throws -> Manifest {
+        let manifest = try await prepare(layout: layout, sourcePid: sourcePid, sourceHost: sourceHost,
+                                         tracker: tracker, downtimeMilliseconds: downtimeMilliseconds)
         try commit()
         return manifest
-    }
-
-    /// Writes one region file (all-zero pages stay holes) and returns its BLAKE2b-256.
-    private func writeRegion(_ range: AddressRange, to path: String) throws -> String {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else {
-            throw MigrationError.image("cannot create \(path): \(String(cString: strerror(errno)))")
-        }
-        defer { close(fd) }
-        guard ftruncate(fd, off_t(range.length)) == 0 else {
-            throw MigrationError.image("cannot size \(path) to \(range.length) bytes: \(String(cString: strerror(errno)))")
-        }
-        var hash = Blake2b256()
-        let chunkPages = 256
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkPages * Int(pageSize), alignment: 4096)
-        defer { buffer.deallocate() }
-        var page = range.start
-        while page < range.end {
-            let count = min(chunkPages, Int((range.end - page) / pageSize))
-            // Gather the chunk from its slots, coalescing consecutive slots into one read.
-            var i = 0
-            var anyData = false
-            while i < count {
-                let address = page + UInt64(i) * pageSize
-                guard let slot = slots[address] else {
-                    throw MigrationError.image(
-                        "page 0x\(String(address, radix: 16)) of region \(range) was never received; the image is incomplete")
-                }
-                if slot == Self.zeroSlot {
-                    memset(buffer.baseAddress! + i * Int(pageSize), 0, Int(pageSize))
-                    i += 1
-                    continue
-                }
-                var run = 1
-                while i + run < count, slots[address + UInt64(run) * pageSize] == slot + UInt32(run) { run += 1 }
-                try readAll(slotFile, buffer.baseAddress! + i * Int(pageSize), run * Int(pageSize),
-                            at: off_t(slot) * off_t(pageSize))
-                anyData = true
-                i += run
-            }
-            let bytes = count * Int(pageSize)
-            if anyData {
-                try writeAll(fd, buffer.baseAddress!, bytes, at: off_t(page - range.start))
-            }
-            hash.update(UnsafeRawBufferPointer(rebasing: buffer[..<bytes]))
-            page += UInt64(count) * pageSize
-        }
-        return hash.finish().hexString
     }
 }
 
@@ -315,40 +261,10 @@ struct Blake2b256: ~Copyable {
     }
 }
 
-private func mkdirOrThrow(_ path: String) throws {
-    guard mkdir(path, 0o700) == 0 else {
-        throw MigrationError.image("cannot create \(path): \(String(cString: strerror(errno)))")
-    }
-}
-
-private func writeFile(_ path: String, _ data: Data) throws {
+func writeFile(_ path: String, _ data: Data) throws {
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
     guard fd >= 0 else { throw MigrationError.image("cannot create \(path): \(String(cString: strerror(errno)))") }
     defer { close(fd) }
-    try data.withUnsafeBytes { try writeAll(fd, $0.baseAddress!, $0.count, at: 0) }
+    try data.withUnsafeBytes { try writeFully(fd, $0.baseAddress!, $0.count, at: 0, path: path) }
     fsync(fd)
-}
-
-private func writeAll(_ fd: Int32, _ pointer: UnsafeRawPointer, _ count: Int, at offset: off_t) throws {
-    var done = 0
-    while done < count {
-        let n = pwrite(fd, pointer + done, count - done, offset + off_t(done))
-        if n < 0 {
-            if errno == EINTR { continue }
-            throw MigrationError.image("cannot write the image: \(String(cString: strerror(errno))) (is the disk full?)")
-        }
-        done += n
-    }
-}
-
-private func readAll(_ fd: Int32, _ pointer: UnsafeMutableRawPointer, _ count: Int, at offset: off_t) throws {
-    var done = 0
-    while done < count {
-        let n = pread(fd, pointer + done, count - done, offset + off_t(done))
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else {
-            throw MigrationError.image("cannot read back stored pages: \(n < 0 ? String(cString: strerror(errno)) : "short file")")
-        }
-        done += n
-    }
 }

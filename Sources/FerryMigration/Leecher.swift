@@ -147,6 +147,7 @@ public final class Leecher {
             layout = reply.layout
             layoutEpoch = reply.layoutEpoch
             store = PageStore(layout: layout)
+            sink.adopt(layout: layout)
             events(.connected(peer: await link.peer, pid: reply.pid, host: reply.host,
                               tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
             try await pull(precopy: true)
@@ -155,8 +156,8 @@ public final class Leecher {
                 _ = try live.activate(layout: layout, clean: store.ranges(in: [.clean]))
             }
             try await pull(precopy: false)
-            // The seeder hashes the frozen source while we write and hash the image
-            // (or hash the live memory).
+            // The seeder hashes the frozen source while we finish hashing the image
+            // (its writer has hashed since Finalize) or hash the live memory.
             var request = WireWriter()
             request.ranges(layout.filter { $0.kind == .migrate }.map(\.range))
             let payload = request.bytes
@@ -167,8 +168,8 @@ public final class Leecher {
                                     created: "", downtimeMilliseconds: downtime, regions: [])
             do {
                 if let image {
-                    manifest = try image.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
-                                                 tracker: reply.tracker, downtimeMilliseconds: downtime)
+                    manifest = try await image.prepare(layout: layout, sourcePid: reply.pid, sourceHost: reply.host,
+                                                       tracker: reply.tracker, downtimeMilliseconds: downtime)
                 } else if let live {
                     try await live.waitForLocalFill()
                     manifest.regions = try live.manifestRegions(layout: layout)
@@ -469,8 +470,7 @@ public final class Leecher {
                     }
                     switch run.kind {
                     case .data:
-                        try sink.store(run.range, data: UnsafeRawBufferPointer(
-                            rebasing: bytes[run.dataOffset..<run.dataOffset + Int(run.range.length)]))
+                        try sink.store(run.range, from: part, at: run.dataOffset)
                         bytesReceived += run.range.length
                         arrived.append(run.range)
                     case .zero:
@@ -496,6 +496,7 @@ public final class Leecher {
             layout = newLayout
             layoutEpoch = epoch
             store.reconcile(layout: newLayout)
+            sink.adopt(layout: newLayout)
         }
         store.markDirty(dirty)
     }
@@ -535,6 +536,7 @@ public final class Leecher {
         }
         apply(epoch: report.epoch, layout: finalLayout, dirty: report.dirty)
         store.markRemoteUnlessClean()
+        sink.sourceFrozen(layout: finalLayout, clean: store.ranges(in: [.clean]))
         finalizeReply = FinalizeReply(layoutEpoch: report.epoch, layout: finalLayout, dirty: report.dirty,
                                       freezeMicroseconds: report.freeze)
         events(.finalized(downtimeMilliseconds: downtime, freezeMilliseconds: Double(report.freeze) / 1000,

@@ -106,6 +106,25 @@ func startThread(for target: String, _ body: @escaping () -> Void) throws -> pth
     return thread
 }
 
+/// A thread started by `startThread`, for code outside this module: long
+/// blocking work (file I/O and hashing of megabytes) that must not hold a
+/// Swift concurrency thread. Join it exactly once.
+public struct DedicatedThread: @unchecked Sendable {
+    // `@unchecked Sendable` invariant: a pthread_t is an opaque id that any
+    // thread may join; `join` is called once, by the owner.
+    private let thread: pthread_t
+
+    /// Starts `body` on a new thread; `target` names what it serves, for the error.
+    public init(for target: String, _ body: @escaping () -> Void) throws {
+        thread = try startThread(for: target, body)
+    }
+
+    /// Waits for the thread's body to return.
+    public func join() {
+        pthread_join(thread, nil)
+    }
+}
+
 /// Asks the scheduler for a `slice` (nil: the default) for every thread of
 /// `pid`, and so for the threads they create later (kernel 6.12+; older
 /// kernels ignore it). With a short slice a thread that wakes, such as one
