@@ -92,6 +92,8 @@ public final class Leecher {
     /// Wall-clock start, Unix milliseconds: signed freeze times are compared with it.
     private var startedWallMilliseconds: UInt64 = 0
     private var finalizeReply: FinalizeReply? = nil
+    /// The Checksum call made at Finalize, cancelled if the migration fails.
+    private var checksumCall: Task<[UInt8], any Error>? = nil
     private var downtime: Double = 0
     private var lastProgress = ContinuousClock.now
     private var rate = ByteRate()
@@ -152,18 +154,20 @@ public final class Leecher {
                               tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
             try await pull(precopy: true)
             try await finalize()
-            if let live {
-                _ = try live.activate(layout: layout, clean: store.ranges(in: [.clean]))
-            }
-            try await pull(precopy: false)
-            // The seeder hashes the frozen source while we finish hashing the image
-            // (its writer has hashed since Finalize) or hash the live memory.
+            // The source is frozen, so its checksums are final: the seeder
+            // hashes it while post-copy runs and while we finish hashing the
+            // image (its writer has hashed since Finalize) or the live memory.
             var request = WireWriter()
             request.ranges(layout.filter { $0.kind == .migrate }.map(\.range))
             let payload = request.bytes
             let expected: Task<[UInt8], any Error>? = options.verify ? Task { [link] in
                 try await link.call(.checksum, payload)
             } : nil
+            checksumCall = expected
+            if let live {
+                _ = try live.activate(layout: layout, clean: store.ranges(in: [.clean]))
+            }
+            try await pull(precopy: false)
             var manifest = Manifest(sourcePid: reply.pid, sourceHost: reply.host, tracker: reply.tracker,
                                     created: "", downtimeMilliseconds: downtime, regions: [])
             do {
@@ -196,6 +200,7 @@ public final class Leecher {
                                   dirtyPagesAtFinalize: finalizeReply?.dirty.reduce(0) { $0 + $1.pageCount } ?? 0,
                                   seederSays: said)
         } catch {
+            checksumCall?.cancel()
             live?.fail("\(error)")
             if seeder != nil {
                 // Best effort: the source must run on. A seeder that cannot be

@@ -249,7 +249,11 @@ public final class SeederService: Sendable {
             var reader = WireReader(payload)
             let ranges = try reader.ranges()
             try reader.expectEnd("Checksum request")
-            return try checksum(ranges).encode()
+            // Hashing the whole frozen source takes about a second per GiB:
+            // not on a Swift concurrency thread, which serves post-copy reads.
+            return try await runOnDedicatedThread(for: "the checksums of pid \(source.pid)") { [self] in
+                try checksum(ranges).encode()
+            }
         case .complete:
             return try complete().encode()
         case .abort:

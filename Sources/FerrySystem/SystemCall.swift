@@ -125,6 +125,20 @@ public struct DedicatedThread: @unchecked Sendable {
     }
 }
 
+/// Runs blocking `body` (hashing or reading megabytes) on a thread of its
+/// own and waits for its result without holding a Swift concurrency thread.
+public func runOnDedicatedThread<T: Sendable>(for target: String,
+                                              _ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        do {
+            let thread = try startThread(for: target) { continuation.resume(with: Result { try body() }) }
+            pthread_detach(thread)
+        } catch {
+            continuation.resume(throwing: error)
+        }
+    }
+}
+
 /// Asks the scheduler for a `slice` (nil: the default) for every thread of
 /// `pid`, and so for the threads they create later (kernel 6.12+; older
 /// kernels ignore it). With a short slice a thread that wakes, such as one
