@@ -57,6 +57,8 @@ let package = Package(
         // Hub benchmark: bytes read from the seeder with 1, 4, 16 leechers vs direct (Tools/bench-hub.sh).
         .executableTarget(name: "ferry-bench-hub", dependencies: ["FerryMigration", "FerryTestSupport"],
                           path: "Tools/bench-hub"),
+        // Migration benchmark: seeder and leecher processes under load, against stop-and-copy and the link (issue 10).
+        .executableTarget(name: "ferry-bench-migrate", dependencies: ["FerryTestSupport"], path: "Tools/bench-migrate"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),
