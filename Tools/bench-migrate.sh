@@ -12,7 +12,7 @@
 # Results and method: docs/benchmarks-migration.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in -h|--help) sed -n '2,13p' "$0"; exec .build/release/ferry-bench-migrate --help 2>/dev/null || exit 0 ;; esac
+case "${1:-}" in -h|--help) sed -n '2,12p' "$0"; exec .build/release/ferry-bench-migrate --help 2>/dev/null || exit 0 ;; esac
 SCRATCH=${FERRY_BENCH_SCRATCH:-.build}
 for product in memwriter relay seeder leecher ferry-bench-wire ferry-bench-migrate; do
     swift build -c release --scratch-path "$SCRATCH" --product "$product" >/dev/null

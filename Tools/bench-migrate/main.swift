@@ -424,8 +424,12 @@ var results: [Case: [Migration]] = [:]
 var linkRates: [Double] = []
 var failures = 0
 let cores = ProcessInfo.processInfo.activeProcessorCount
+/// The 1-minute load average: other work on a shared host widens the spread between rounds.
+func loadAverage() -> String {
+    (try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8))?.split(separator: " ").first.map(String.init) ?? "?"
+}
 say("# ferry-bench-migrate: \(settings.runs) round(s), cases \(settings.cases.map(\.rawValue).joined(separator: ",")); "
-      + "\(cores) cores; images in \(settings.scratch); \(Date())")
+      + "\(cores) cores; images in \(settings.scratch); \(Date()); load average \(loadAverage())")
 
 do {
     let secret = "/tmp/ferry-bench-migrate-\(getpid())-secret"
@@ -464,6 +468,8 @@ do {
     FileHandle.standardError.write(Data("ferry-bench-migrate: stopped: \(error)\n".utf8))
     exit(1)
 }
+
+say("# all rounds done; load average \(loadAverage())")
 
 // Medians and baselines.
 let linkRate: Double? = linkRates.isEmpty ? nil : median(linkRates)
