@@ -190,6 +190,8 @@ struct Migration {
     var remoteAtFinalize = 0.0
     var checkS = 0.0
     var reason = ""
+    /// The round it ran in, to pair it with the same round's other cases.
+    var round = 0
     var size: Double { pages * 4096 }
     var bytesPerSize: Double { bytes / size }
     var resent: Double { pagesSent - pages }
@@ -422,6 +424,7 @@ func workload(_ c: Case) -> (Workload, mib: Int)? {
 
 var results: [Case: [Migration]] = [:]
 var linkRates: [Double] = []
+var linkRateByRound: [Int: Double] = [:]
 var failures = 0
 let cores = ProcessInfo.processInfo.activeProcessorCount
 /// The 1-minute load average: other work on a shared host widens the spread between rounds.
@@ -449,11 +452,13 @@ do {
                 if c == .link {
                     let rate = try linkRate(mib: settings.mib)
                     linkRates.append(rate)
+                    linkRateByRound[round] = rate
                     say("round \(round) link: \(f(rate / 1e9, 3)) GB/s, \(settings.mib) MiB in \(f(Double(settings.mib) * 1_048_576 / rate, 3)) s")
                     continue
                 }
                 guard let (w, mib) = workload(c) else { continue }
-                let m = try migrate(w, mib: mib, settings: settings, secret: secret)
+                var m = try migrate(w, mib: mib, settings: settings, secret: secret)
+                m.round = round
                 results[c, default: []].append(m)
                 say("round \(round) \(c.rawValue): downtime \(f(m.downtimeMs)) ms, stopped \(f(m.stoppedS, 3)) s, local \(f(m.localS, 3)) s, "
                       + "bytes/size \(f(m.bytesPerSize, 3)), re-sent \(f(m.resent, 0)) pages (\(m.reason)) [\(f(now() - began, 1)) s]")
@@ -469,7 +474,12 @@ do {
     exit(1)
 }
 
-say("# all rounds done; load average \(loadAverage())")
+let loadAfter = loadAverage()
+say("# all rounds done; load average \(loadAfter)")
+if let load = Double(loadAfter), load > Double(cores) {
+    say("# WARNING: the host was busy (load average \(loadAfter) on \(cores) cores): other work shares the cores, "
+        + "so times spread between rounds; compare the per-round ratios of the targets")
+}
 
 // Medians and baselines.
 let linkRate: Double? = linkRates.isEmpty ? nil : median(linkRates)
@@ -513,20 +523,35 @@ func target(_ name: String, _ value: Double?, _ limit: Double?, _ unit: String, 
         return
     }
     let verdict = value <= limit ? "MET     " : "MISSED  "
-    say(verdict + "\(name): \(f(value, 3)) \(unit) <= \(how) = \(f(limit, 3)) \(unit)")
+    let parts = how.split(separator: ";", maxSplits: 1)
+    say(verdict + "\(name): \(f(value, 3)) \(unit) <= \(parts[0]) = \(f(limit, 3)) \(unit)" + (parts.count > 1 ? " (medians;\(parts[1]))" : ""))
+}
+/// Per-round ratios of a case's `local` time to the same round's reference:
+/// other work on a shared host moves whole rounds, which these show.
+func roundRatios(_ runs: [Migration]?, over reference: (Migration) -> Double?) -> String {
+    let ratios = (runs ?? []).compactMap { run in reference(run).map { run.localS / $0 } }
+    return ratios.isEmpty ? "" : "; per round " + ratios.map { String(format: "%.2fx", $0) }.joined(separator: ", ")
+}
+func sameRound(_ references: [Migration]?) -> (Migration) -> Double? {
+    { run in references?.first { $0.round == run.round }?.localS }
 }
 let idle = m[.idle]
-target("0 writes/s, every page local", idle?.localS, idle.flatMap { linkSeconds($0.size) }.map { 1.3 * $0 }, "s", "1.3 x link time")
+target("0 writes/s, every page local", idle?.localS, idle.flatMap { linkSeconds($0.size) }.map { 1.3 * $0 }, "s",
+       "1.3 x link time" + roundRatios(results[.idle]) { run in linkRateByRound[run.round].map { run.size / $0 } })
 target("0 writes/s, downtime", idle?.downtimeMs, 5, "ms", "5 ms")
 target("10k writes/s, downtime", m[.w10k]?.downtimeMs, 10, "ms", "10 ms")
 target("10k writes/s, bytes / size", m[.w10k]?.bytesPerSize, 1.3, "x", "1.3")
-target("10k writes/s, every page local", m[.w10k]?.localS, idle.map { 1.5 * $0.localS }, "s", "1.5 x idle")
+target("10k writes/s, every page local", m[.w10k]?.localS, idle.map { 1.5 * $0.localS }, "s",
+       "1.5 x idle" + roundRatios(results[.w10k], over: sameRound(results[.idle])))
 target("100k writes/s, downtime", m[.w100k]?.downtimeMs, 10, "ms", "10 ms")
 target("100k writes/s, bytes / size", m[.w100k]?.bytesPerSize, 1.5, "x", "1.5")
-target("100k writes/s, every page local", m[.w100k]?.localS, idle.map { 2 * $0.localS }, "s", "2 x idle")
-target("churn, every page local", m[.churn]?.localS, m[.churnIdle].map { 3 * $0.localS }, "s", "3 x churn-idle")
+target("100k writes/s, every page local", m[.w100k]?.localS, idle.map { 2 * $0.localS }, "s",
+       "2 x idle" + roundRatios(results[.w100k], over: sameRound(results[.idle])))
+target("churn, every page local", m[.churn]?.localS, m[.churnIdle].map { 3 * $0.localS }, "s",
+       "3 x churn-idle" + roundRatios(results[.churn], over: sameRound(results[.churnIdle])))
 target("churn, bytes / size", m[.churn]?.bytesPerSize, 2, "x", "2")
-target("\(settings.rttMs) ms RTT, every page local", m[.rtt]?.localS, idle.map { 1.3 * $0.localS }, "s", "1.3 x loopback idle")
+target("\(settings.rttMs) ms RTT, every page local", m[.rtt]?.localS, idle.map { 1.3 * $0.localS }, "s",
+       "1.3 x loopback idle" + roundRatios(results[.rtt], over: sameRound(results[.idle])))
 
 // CRIU 4.2 on this kind of machine, 1 GiB over loopback (DESIGN.md), beside Ferry's medians.
 say("")
