@@ -133,6 +133,8 @@ func parse() -> Settings {
 /// the handler may only read memory and call kill(2).
 nonisolated(unsafe) let liveChildren = UnsafeMutablePointer<pid_t>.allocate(capacity: 16)
 nonisolated(unsafe) var liveCount = 0
+/// The secret file's path as a C string, for the handler to unlink.
+nonisolated(unsafe) var secretPath: UnsafeMutablePointer<CChar>? = nil
 
 /// Starts a child and registers it for the handler. Runs on the main thread only.
 func spawn(_ name: String, _ arguments: [String]) throws -> ChildProcess {
@@ -164,6 +166,7 @@ func installInterruptHandlers() {
         signal(signalNumber) { number in
             // A frozen 1 GiB workload must not outlive us.
             for i in 0..<liveCount { kill(liveChildren[i], SIGKILL) }
+            if let secretPath { unlink(secretPath) }
             _exit(128 + number)
         }
     }
@@ -443,6 +446,7 @@ do {
                                          attributes: [.posixPermissions: 0o600]) else {
         throw BenchFailure("cannot write \(secret)")
     }
+    secretPath = strdup(secret)
     defer { try? FileManager.default.removeItem(atPath: secret) }
 
     for round in 1...settings.runs {
