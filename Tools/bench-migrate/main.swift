@@ -257,7 +257,7 @@ func migrate(_ workload: Workload, mib: Int, settings: Settings, secret: String)
     let image = "\(settings.scratch)/ferry-bench-migrate-\(getpid())-image"
     try? FileManager.default.removeItem(atPath: image)
     defer {
-        // Leecher first (it would abort and thaw the source), the workload last.
+        // Leecher first, so nothing is mid-pull when its seeder goes; the workload last.
         finish([leecher, seeder, relay, memwriter?.child])
         try? FileManager.default.removeItem(atPath: image)
     }
