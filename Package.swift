@@ -59,6 +59,8 @@ let package = Package(
                           path: "Tools/bench-hub"),
         // Bookkeeping benchmark: marking scattered pages and coding dirty reports against a plain array.
         .executableTarget(name: "ferry-bench-bookkeeping", dependencies: ["FerryMigration"], path: "Tools/bench-bookkeeping"),
+        // Migration benchmark: seeder and leecher processes under load, against stop-and-copy and the link (issue 10).
+        .executableTarget(name: "ferry-bench-migrate", dependencies: ["FerryTestSupport"], path: "Tools/bench-migrate"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

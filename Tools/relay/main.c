@@ -1,7 +1,15 @@
 // relay: a TCP relay that can cut its connections on command, for testing
-// that a migration survives a dropped link (Ferry's reconnect and resume).
+// that a migration survives a dropped link (Ferry's reconnect and resume),
+// and can delay every byte, to measure a migration over a long link on one
+// host (Tools/bench-migrate's 20 ms RTT case).
 //
-//   relay --listen PORT --to HOST:PORT
+//   relay --listen PORT --to HOST:PORT [--delay-ms N]
+//
+// --delay-ms N holds every chunk it reads for N ms before writing it on, in
+// each direction (so the round trip grows by 2N ms). It buffers rather than
+// throttles: a propagation delay, not a bandwidth limit. A direction stops
+// reading once DELAY_QUEUE_MAX bytes wait in it, so a slow reader still
+// pushes back on its sender as TCP would.
 //
 // Prints "relay listening <port>" when ready (port 0 picks one). Commands on
 // stdin, one per line:
@@ -14,6 +22,8 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -23,17 +33,51 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_PAIRS 64
 #define BUFFER (256 * 1024)
+// 20 ms of a 3 GB/s link is 60 MB: room for any delay the benchmarks use
+// without the relay becoming the bottleneck, yet bounded.
+#define DELAY_QUEUE_MAX (64L * 1024 * 1024)
 
-struct pair { int a, b; };
+// Bytes read from one side and not yet written to the other (delay mode).
+struct chunk {
+    struct chunk *next;
+    uint64_t due_ns; // when it may be written on: read time + delay
+    size_t length, sent;
+    char data[];
+};
+struct queue {
+    struct chunk *head, *tail;
+    long bytes;
+    int eof; // the reading side closed: cut the pair once this queue is empty
+};
+
+// a -> b travels through ab, b -> a through ba (both empty without a delay).
+struct pair { int a, b; struct queue ab, ba; };
 static struct pair pairs[MAX_PAIRS];
 static int pair_count;
 static long accepted;
 static int refuse_next;
 static char buffer[BUFFER];
+static uint64_t delay_ns;
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void clear(struct queue *q) {
+    while (q->head) {
+        struct chunk *next = q->head->next;
+        free(q->head);
+        q->head = next;
+    }
+    *q = (struct queue){0};
+}
 
 static void die(const char *what) {
     fprintf(stderr, "relay: %s: %s\n", what, strerror(errno));
@@ -66,6 +110,8 @@ static void cut(int i) {
     setsockopt(pairs[i].b, SOL_SOCKET, SO_LINGER, &hard, sizeof hard);
     close(pairs[i].a);
     close(pairs[i].b);
+    clear(&pairs[i].ab);
+    clear(&pairs[i].ba);
     pairs[i] = pairs[--pair_count];
 }
 
@@ -83,13 +129,79 @@ static int forward(int from, int to) {
     return 0;
 }
 
+// Delay mode: reads what `from` has into a chunk due delay_ns from now.
+static int enqueue(int from, struct queue *q) {
+    ssize_t n = read(from, buffer, sizeof buffer);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+    if (n <= 0) {
+        q->eof = 1;
+        return 0;
+    }
+    struct chunk *c = malloc(sizeof *c + (size_t)n);
+    if (!c) return -1;
+    *c = (struct chunk){.due_ns = now_ns() + delay_ns, .length = (size_t)n};
+    memcpy(c->data, buffer, (size_t)n);
+    if (q->tail) q->tail->next = c;
+    else q->head = c;
+    q->tail = c;
+    q->bytes += n;
+    return 0;
+}
+
+// Delay mode: writes the chunks that are due to `to`, as much as it takes
+// without blocking. -1 when `to` failed.
+static int flush(struct queue *q, int to, uint64_t now) {
+    while (q->head && q->head->due_ns <= now) {
+        struct chunk *c = q->head;
+        ssize_t w = write(to, c->data + c->sent, c->length - c->sent);
+        if (w < 0) return errno == EAGAIN || errno == EINTR ? 0 : -1;
+        c->sent += (size_t)w;
+        q->bytes -= w;
+        if (c->sent < c->length) return 0;
+        q->head = c->next;
+        if (!q->head) q->tail = NULL;
+        free(c);
+    }
+    return 0;
+}
+
+// Delay mode: poll events for the socket that reads into `in` and writes out of `out`.
+static short wanted(const struct queue *in, const struct queue *out, uint64_t now) {
+    short events = 0;
+    if (!in->eof && in->bytes < DELAY_QUEUE_MAX) events |= POLLIN;
+    if (out->head && out->head->due_ns <= now) events |= POLLOUT;
+    return events;
+}
+
+// Delay mode: milliseconds until the next queued chunk falls due (-1: none).
+// Chunks already due wait for POLLOUT instead: counting them would spin.
+static int next_due_ms(uint64_t now) {
+    uint64_t soonest = UINT64_MAX;
+    for (int i = 0; i < pair_count; i++) {
+        const struct chunk *heads[2] = {pairs[i].ab.head, pairs[i].ba.head};
+        for (int k = 0; k < 2; k++)
+            if (heads[k] && heads[k]->due_ns > now && heads[k]->due_ns < soonest) soonest = heads[k]->due_ns;
+    }
+    if (soonest == UINT64_MAX) return -1;
+    // Round up: waking early only spins.
+    return (int)((soonest - now + 999999) / 1000000);
+}
+
 int main(int argc, char **argv) {
     const char *listen_port = NULL, *to = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--listen") && i + 1 < argc) listen_port = argv[++i];
         else if (!strcmp(argv[i], "--to") && i + 1 < argc) to = argv[++i];
-        else if (!strcmp(argv[i], "--help")) {
-            puts("usage: relay --listen PORT --to HOST:PORT   (stdin: drop | refuse N | count | quit)");
+        else if (!strcmp(argv[i], "--delay-ms") && i + 1 < argc) {
+            char *end;
+            long ms = strtol(argv[++i], &end, 10);
+            if (*end || ms < 0 || ms > 10000) {
+                fprintf(stderr, "relay: --delay-ms takes 0 to 10000 milliseconds, got %s\n", argv[i]);
+                return 2;
+            }
+            delay_ns = (uint64_t)ms * 1000000ULL;
+        } else if (!strcmp(argv[i], "--help")) {
+            puts("usage: relay --listen PORT --to HOST:PORT [--delay-ms N]   (stdin: drop | refuse N | count | quit)");
             return 0;
         } else {
             fprintf(stderr, "relay: unknown argument %s (try --help)\n", argv[i]);
@@ -131,11 +243,13 @@ int main(int argc, char **argv) {
         int n = 0;
         fds[n++] = (struct pollfd){.fd = 0, .events = POLLIN};
         fds[n++] = (struct pollfd){.fd = server, .events = POLLIN};
+        uint64_t now = now_ns();
         for (int i = 0; i < pair_count; i++) {
-            fds[n++] = (struct pollfd){.fd = pairs[i].a, .events = POLLIN};
-            fds[n++] = (struct pollfd){.fd = pairs[i].b, .events = POLLIN};
+            struct pair *p = &pairs[i];
+            fds[n++] = (struct pollfd){.fd = p->a, .events = delay_ns ? wanted(&p->ab, &p->ba, now) : POLLIN};
+            fds[n++] = (struct pollfd){.fd = p->b, .events = delay_ns ? wanted(&p->ba, &p->ab, now) : POLLIN};
         }
-        if (poll(fds, n, -1) < 0) {
+        if (poll(fds, n, delay_ns ? next_due_ms(now) : -1) < 0) {
             if (errno == EINTR) continue;
             die("poll");
         }
@@ -183,7 +297,12 @@ int main(int argc, char **argv) {
                     close(client);
                 } else {
                     setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-                    pairs[pair_count++] = (struct pair){client, upstream};
+                    if (delay_ns) {
+                        // Delayed chunks are written when due, never waiting on a full socket.
+                        fcntl(client, F_SETFL, fcntl(client, F_GETFL) | O_NONBLOCK);
+                        fcntl(upstream, F_SETFL, fcntl(upstream, F_GETFL) | O_NONBLOCK);
+                    }
+                    pairs[pair_count++] = (struct pair){.a = client, .b = upstream};
                     accepted++;
                 }
             }
@@ -193,6 +312,18 @@ int main(int argc, char **argv) {
         for (int i = (polled < pair_count ? polled : pair_count) - 1; i >= 0; i--) {
             struct pollfd *a = &fds[2 + 2 * i], *b = &fds[3 + 2 * i];
             if (a->fd != pairs[i].a) continue;
+            if (delay_ns) {
+                struct pair *p = &pairs[i];
+                int failed = 0;
+                if ((a->revents & ~POLLOUT) && enqueue(p->a, &p->ab) < 0) failed = 1;
+                if (!failed && (b->revents & ~POLLOUT) && enqueue(p->b, &p->ba) < 0) failed = 1;
+                uint64_t after = now_ns();
+                if (!failed && flush(&p->ab, p->b, after) < 0) failed = 1;
+                if (!failed && flush(&p->ba, p->a, after) < 0) failed = 1;
+                // A side that closed ends the pair once what it sent has been delivered.
+                if (failed || (p->ab.eof && !p->ab.head) || (p->ba.eof && !p->ba.head)) cut(i);
+                continue;
+            }
             int failed = 0;
             if (a->revents && forward(pairs[i].a, pairs[i].b) < 0) failed = 1;
             if (!failed && b->revents && forward(pairs[i].b, pairs[i].a) < 0) failed = 1;
