@@ -492,7 +492,10 @@ public final class Leecher {
         // once the layout says whether it still exists.
         store.markLost(batch)
         rate.add(bytesReceived)
-        linkRate = max(linkRate, rate.perSecond)
+        // The first replies land in a burst: a rate over a few milliseconds
+        // says nothing of the link (it once read 45 ms for 1 GiB and froze
+        // the source with every page still remote).
+        if rate.span >= ByteRate.trustedSpan { linkRate = max(linkRate, rate.perSecond) }
         return layoutMoved
     }
 
@@ -583,6 +586,12 @@ struct BatchSizer {
     static let smallest = 32
     /// Replies per measurement window.
     static let window = 24
+    /// And at least this long: over a 20 ms round trip replies land in
+    /// bursts, and shorter windows measured the bursts, not the link (the
+    /// size then wandered down to 32 pages and the pull to 130 MB/s).
+    static let minimumWindow: Duration = .milliseconds(200)
+    /// A change of throughput smaller than this share is noise.
+    static let significant = 0.10
 
     private var growing = true
     private var bytes = 0
@@ -594,18 +603,20 @@ struct BatchSizer {
         if windowStart == nil { windowStart = now - took }
         bytes += asked * Int(pageSize)
         replies += 1
-        guard replies >= Self.window, let start = windowStart, now > start else { return }
+        guard replies >= Self.window, let start = windowStart, now - start >= Self.minimumWindow else { return }
         let rate = Double(bytes) / seconds(now - start)
-        let worse = lastRate > 0 && rate < lastRate * 0.95
-        let better = rate > lastRate * 1.05
+        let worse = lastRate > 0 && rate < lastRate * (1 - Self.significant)
+        let better = rate > lastRate * (1 + Self.significant)
         if worse { growing.toggle() }
         if worse || better {
             var next = growing ? pages * 2 : pages / 2
-            // At a bound, bounce back the other way.
             if next > MigrationLimits.maxPagesPerRead {
-                next = pages / 2
-                growing = false
+                // Still growing at the largest size: stay there. (Bouncing
+                // back halved the bytes in flight; over a 20 ms round trip
+                // that halved the throughput.) A worse window turns it down.
+                next = pages
             } else if next < Self.smallest {
+                // At the smallest, bounce back up.
                 next = pages * 2
                 growing = true
             }
@@ -632,4 +643,13 @@ struct ByteRate {
         guard let first = samples.first, let last = samples.last, last.0 > first.0 else { return 0 }
         return Double(last.1 - first.1) / seconds(last.0 - first.0)
     }
+
+    /// How long the samples cover.
+    var span: Duration {
+        guard let first = samples.first, let last = samples.last else { return .zero }
+        return last.0 - first.0
+    }
+
+    /// A rate measured over at least this long is taken as the link's.
+    static let trustedSpan: Duration = .milliseconds(500)
 }
