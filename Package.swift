@@ -64,7 +64,7 @@ let package = Package(
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),
-        .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
+        .testTarget(name: "FerryWireTests", dependencies: ["FerryWire", "FerryTestSupport"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryTestSupport", "FerryCLI"]),
     ],
     swiftLanguageModes: [.v6]

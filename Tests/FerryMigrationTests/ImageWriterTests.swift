@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import FerryTestSupport
 @testable import FerryMigration
 
 @Suite struct ImageWriterTests {
@@ -77,17 +78,6 @@ import Testing
 
     // MARK: - Written once, while the layout changes
 
-    /// A small seeded generator, so a failure replays.
-    private struct SplitMix: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
 
     /// What the image must hold: the last bytes stored for each page still covered.
     private struct Model {
@@ -114,7 +104,7 @@ import Testing
     /// Stores `count` random runs of pages (data or zero) across the model's layout,
     /// some of them straddling region boundaries or falling outside every region.
     private func storeRandomRuns(_ writer: ImageWriter, _ model: inout Model, count: Int,
-                                 _ random: inout SplitMix) throws {
+                                 _ random: inout SeededRandom) throws {
         let spans = model.layout.filter { $0.kind == .migrate }
         for _ in 0..<count {
             let span = spans.randomElement(using: &random)!
@@ -163,7 +153,7 @@ import Testing
         let out = scratch("reshape-\(seed)")
         defer { try? FileManager.default.removeItem(atPath: out) }
         let writer = try ImageWriter(directory: out)
-        var random = SplitMix(state: seed)
+        var random = SeededRandom(seed: seed)
         var model = Model()
         let layouts: [[Region]] = [
             [pages(0, 64), pages(100, 132), pages(200, 216)],
@@ -218,7 +208,7 @@ import Testing
         let writer = try ImageWriter(directory: out)
         let layout = [pages(0, 256), pages(300, 301)]
         writer.adopt(layout: layout)
-        var random = SplitMix(state: 9)
+        var random = SeededRandom(seed: 9)
         var model = Model()
         model.adopt(layout)
         var bytes = [UInt8](repeating: 0, count: 257 * Int(pageSize))
@@ -312,7 +302,7 @@ import Testing
         let writer = try ImageWriter(directory: out)
         let layout = [pages(0, 1024)]
         writer.adopt(layout: layout)
-        var random = SplitMix(state: 5)
+        var random = SeededRandom(seed: 5)
         var model = Model()
         model.adopt(layout)
         func fill(_ first: Int, _ count: Int) throws {

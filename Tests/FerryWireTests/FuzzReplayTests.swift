@@ -4,22 +4,9 @@
 // allocate past the limits; a failure prints the seed and iteration.
 
 import Testing
+import FerryTestSupport
 @testable import FerryWire
 
-/// SplitMix64: small, fast, deterministic.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
-/// Mutates a valid input the way coverage fuzzers do.
 func mutate(_ seed: [UInt8], _ rng: inout SeededRandom) -> [UInt8] {
     var b = seed
     for _ in 0..<Int.random(in: 1...4, using: &rng) {
