@@ -19,8 +19,8 @@ struct PullCommand: AsyncParsableCommand {
             event names it: --finalize-at (share of pages held clean); --max-downtime \
             (the estimated post-freeze transfer: what post-copy would still fetch, at the \
             measured link rate); only hot pages left (pages written again after each send \
-            are not re-sent, they wait for the end); pages going stale at half the link \
-            rate or more after the first pass (re-sending cannot catch up); --max-precopy \
+            are not re-sent, they wait for the end); after the first pass, pages going \
+            stale so fast that re-sending cannot bring the rest under --max-downtime; --max-precopy \
             (bytes moved before the freeze, as a multiple of the memory size); and \
             --max-wait as a deadline. The image is byte-exact whatever the rule: the \
             freeze returns the dirty set and post-copy fetches it.
@@ -36,7 +36,7 @@ struct PullCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Finalize when this share of pages is held clean (0% = pure post-copy).", valueName: "PCT"))
     var finalizeAt = "95%"
 
-    @Option(name: .long, help: ArgumentHelp("Finalize once the estimated post-freeze transfer fits in this many milliseconds (the program itself is stopped only for the Finalize round trip).", valueName: "MS"))
+    @Option(name: .long, help: ArgumentHelp("Finalize once the estimated post-freeze transfer fits in this many milliseconds (what the destination waits for is only the Finalize round trip: post-copy fetches the rest while it runs).", valueName: "MS"))
     var maxDowntime: Double = FinalizePolicy.defaultMaxDowntimeMilliseconds
 
     @Option(name: .long, help: ArgumentHelp("Finalize once pre-copy has moved this multiple of the memory size (1.5x), or inf for no bound; post-copy moves the rest.", valueName: "RATIO"))
