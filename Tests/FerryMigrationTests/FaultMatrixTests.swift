@@ -63,6 +63,18 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
 @Suite(.serialized) struct FaultMatrixTests {
     /// The seeder's grace period; a stopped process stays stopped longer.
     static let grace = 2
+    /// What a seeder may hold for a peer that reads nothing: the ReadAt
+    /// budget and the send queue (Protocols/migration.md § Limits).
+    static let heldLimit = 64 << 20
+
+    /// Resident memory of `pid` (VmRSS), bytes.
+    func residentBytes(_ pid: Int32) -> Int {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kib = Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "")
+        else { return 0 }
+        return kib * 1024
+    }
 
     @Test(arguments: FaultCell.all)
     func cell(_ cell: FaultCell) throws {
@@ -118,9 +130,16 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         case .kill:
             target?.stop()
         case .stop:
+            // A stopped leecher reads nothing: what the seeder holds for it meanwhile is bounded.
+            let before = residentBytes(seeder.pid)
             kill(target!.pid, SIGSTOP)
             sleep(UInt32(Self.grace + 1))
+            let held = residentBytes(seeder.pid) - before
             kill(target!.pid, SIGCONT)
+            if cell.role == .leecher {
+                #expect(held <= Self.heldLimit, "the seeder grew by \(held >> 20) MiB while the leecher read nothing")
+                print("fault-matrix: \(cell.testDescription): the seeder grew by \(max(0, held) >> 20) MiB while the leecher was stopped")
+            }
         case .cut:
             relay.drop()
         }
