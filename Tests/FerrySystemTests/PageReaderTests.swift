@@ -33,6 +33,40 @@ private final class Buffer {
         }
     }
 
+    /// Reading a process must not break the copy-on-write sharing it has
+    /// with a child it forked (issue 15): a pinning read unshares each page
+    /// it reads, and the memory of both grows by what they shared.
+    @Test func readingAForkedParentKeepsWhatItSharesWithItsChild() throws {
+        let script = """
+            import os, sys, time
+            b = bytearray(b'\\x5a') * (64 << 20)
+            child = os.fork()
+            if child == 0:
+                time.sleep(120)
+                os._exit(0)
+            print(child, flush=True)
+            time.sleep(120)
+            """
+        let parent = try ChildProcess("/usr/bin/python3", ["-c", script])
+        defer { parent.stop() }
+        guard let child = Int32(try parent.readLine()) else { throw TestFailure("the script printed no child pid") }
+        defer { kill(child, SIGKILL) }
+        func sharedKiB(_ pid: Int32) throws -> Int {
+            let smaps = try String(contentsOfFile: "/proc/\(pid)/smaps_rollup", encoding: .utf8)
+            return smaps.split(separator: "\n").filter { $0.hasPrefix("Shared_") }
+                .reduce(0) { $0 + (Int($1.split(separator: " ", omittingEmptySubsequences: true)[1]) ?? 0) }
+        }
+        let before = try sharedKiB(child)
+        #expect(before >= 64 << 10, "the child shares \(before) KiB before the read")
+        let reader = try PageReader(pid: parent.pid)
+        let regions = try ProcessMaps.read(pid: parent.pid).filter { $0.kind == .migrate }
+        let total = regions.reduce(0) { $0 + Int($1.range.length) }
+        let buffer = Buffer(total)
+        _ = try reader.readReporting(regions.map(\.range), into: buffer.bytes)
+        let after = try sharedKiB(child)
+        #expect(after >= before - 1024, "reading the parent unshared \((before - after) >> 10) MiB of its child's memory")
+    }
+
     @Test func scatteredPagesInManyBatches() throws {
         // 3000 single pages in shuffled order: three process_vm_readv calls of 1024 iovecs.
         let seed: UInt64 = 11
