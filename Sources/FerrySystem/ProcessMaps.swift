@@ -54,10 +54,12 @@ public enum ProcessMaps {
     ///   `/SYSV…` (System V shm) and `/dev/shm/…` (POSIX shm).
     /// - **recordOnly**: read-only and executable private file mappings
     ///   (text, rodata; path + offset are enough), shared mappings of regular
-    ///   files (their contents live in the file), and `PROT_NONE` mappings
+    ///   files, writable or not (their contents live in the file, which the
+    ///   destination must have: as CRIU does), and `PROT_NONE` mappings
     ///   (guard pages and reserved address space: layout only, no readable contents).
     /// - **skip**: `[vvar]`, `[vvar_vclock]`, `[vsyscall]`, `[uprobes]`, other
-    ///   bracketed kernel names, `anon_inode:` mappings, and device files under
+    ///   bracketed kernel names, `anon_inode:` mappings, the AIO ring
+    ///   (`/[aio]`, the kernel's completion queue), and device files under
     ///   `/dev/` other than `/dev/zero` and `/dev/shm/`. `[vdso]` is skipped too:
     ///   the kernel maps its own vDSO into every process and its code must
     ///   match the destination kernel, so copying the source's would be wrong.
@@ -119,6 +121,11 @@ public enum ProcessMaps {
                               : fileBacked(writable: writable, readable: readable)
         }
         if path.hasPrefix("anon_inode:") { return .skip }
+        // The ring of an AIO context (io_setup): the kernel owns it and its
+        // head and tail index the kernel's own completion queue. Copying it
+        // means nothing without that context; whoever recreates the context
+        // (CRIU does) recreates the ring.
+        if path == "/[aio]" { return .skip }
         if path.hasPrefix("/dev/") {
             if path == "/dev/zero" {
                 // Shared /dev/zero is the kernel's name for shared anonymous memory.

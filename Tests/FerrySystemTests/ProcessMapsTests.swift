@@ -25,6 +25,7 @@ import Glibc
     7f7d890a6000-7f7d890a8000 r--p 00000000 00:00 0                          [vvar_vclock]
     7f7d890a8000-7f7d890aa000 r-xp 00000000 00:00 0                          [vdso]
     7f7d890b0000-7f7d890b1000 rw-p 00000000 00:0f 2053                       anon_inode:[perf_event]
+    7f7d890b1000-7f7d890b2000 rw-s 00000000 00:10 4121                       /[aio] (deleted)
     7ffcfbfc4000-7ffcfbfe5000 rw-p 00000000 00:00 0                          [stack]
     ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
 
@@ -32,7 +33,7 @@ import Glibc
 
     @Test func parsesAndClassifiesEveryKindOfLine() throws {
         let regions = try ProcessMaps.parse(Array(Self.sample.utf8), pid: 42)
-        #expect(regions.count == 22)
+        #expect(regions.count == 23)
         let expected: [(String, RegionKind)] = [
             ("/usr/bin/cat", .recordOnly), ("/usr/bin/cat", .recordOnly), ("/usr/bin/cat", .migrate),
             ("[heap]", .migrate), ("", .migrate), ("/opt/my app/data file.bin", .recordOnly),
@@ -41,7 +42,7 @@ import Glibc
             ("/dev/dri/renderD128", .skip), ("/tmp/gone.so (deleted)", .migrate), ("", .recordOnly),
             ("/var/lib/data.db", .recordOnly), ("/dev/shm/ring", .migrate), ("", .migrate),
             ("[vvar]", .skip), ("[vvar_vclock]", .skip), ("[vdso]", .skip), ("anon_inode:[perf_event]", .skip),
-            ("[stack]", .migrate), ("[vsyscall]", .skip),
+            ("/[aio] (deleted)", .skip), ("[stack]", .migrate), ("[vsyscall]", .skip),
         ]
         for (region, (name, kind)) in zip(regions, expected) {
             #expect(region.name == name)
@@ -57,7 +58,36 @@ import Glibc
         #expect(regions[7].isDeleted && regions[7].isShared)
         #expect(regions[6].isAnonymous)
         #expect(!regions[0].isAnonymous)
-        #expect(regions[21].start == 0xffffffffff600000)
+        #expect(regions[22].start == 0xffffffffff600000)
+    }
+
+    /// A real AIO ring (io_setup) and a writable shared file mapping: the
+    /// ring is the kernel's (skip), the file mapping's contents are the
+    /// file's (record), as Protocols/image.md says.
+    @Test func anAIORingIsSkippedAndASharedFileMappingRecorded() throws {
+        let file = "/tmp/ferry-maps-shared-\(getpid())"
+        defer { unlink(file) }
+        let script = """
+            import ctypes, mmap, os, sys, time
+            libc = ctypes.CDLL(None, use_errno=True)
+            ctx = ctypes.c_ulong(0)
+            if libc.syscall(206, 8, ctypes.byref(ctx)) != 0:
+                print("io_setup failed", ctypes.get_errno(), flush=True); sys.exit(1)
+            fd = os.open("\(file)", os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(fd, 1 << 16)
+            m = mmap.mmap(fd, 1 << 16, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            m[0:5] = b"hello"
+            print("ready", flush=True)
+            time.sleep(60)
+            """
+        let child = try ChildProcess("/usr/bin/python3", ["-c", script])
+        defer { child.stop() }
+        #expect(try child.readLine() == "ready")
+        let regions = try ProcessMaps.read(pid: child.pid)
+        let ring = try #require(regions.first { $0.name.hasPrefix("/[aio]") })
+        #expect(ring.kind == .skip)
+        let mapped = try #require(regions.first { $0.name == file && $0.permissions == "rw-s" })
+        #expect(mapped.kind == .recordOnly)
     }
 
     @Test func malformedLineNamesPidAndLine() {
