@@ -8,6 +8,7 @@
 // cooperative pool. A failed migration never leaves a directory that looks
 // complete.
 import Foundation
+import Synchronization
 internal import CSodium
 #if canImport(Glibc)
 import Glibc
@@ -23,6 +24,9 @@ public protocol PageSink: AnyObject {
     func store(_ range: AddressRange, from part: [UInt8], at offset: Int) throws
     /// Records pages known to be all zero.
     func storeZero(_ range: AddressRange) throws
+    /// Records pages that are mapped in the source but backed by nothing
+    /// (past the end of their file): touching them raises SIGBUS there.
+    func storeHole(_ range: AddressRange) throws
     /// The leecher adopted `layout` (its first one, a Sync reply's, the
     /// final one): pages at addresses still covered by a migratable region
     /// stay stored, pages of addresses no longer covered are dropped.
@@ -43,6 +47,8 @@ extension PageSink {
 
     public func adopt(layout: [Region]) {}
     public func sourceFrozen(layout: [Region], clean: [AddressRange]) {}
+    /// A sink that cannot mark a hole keeps zeros there.
+    public func storeHole(_ range: AddressRange) throws { try storeZero(range) }
 }
 
 /// One region of the manifest.
@@ -60,6 +66,9 @@ public struct ManifestRegion: Codable, Sendable, Equatable {
     public var file: String?
     /// BLAKE2b-256 of the region's `end - start` bytes, hexadecimal.
     public var blake2b: String?
+    /// Ranges `[start, end)` of the region that nothing backs in the source
+    /// (past the end of its file): zeros in the file, SIGBUS when touched.
+    public var holes: [[UInt64]]? = nil
 }
 
 /// `manifest.json`.
@@ -116,6 +125,8 @@ public final class ImageWriter: PageSink {
     let partial: String
     private let worker: ImageWorker
     private var finished = false
+    /// Pages stored as holes (rare: only pages past the end of a file).
+    private let holes = Mutex<Set<UInt64>>([])
 
     /// Prepares to write an image to `directory`, which must not exist or be empty.
     public init(directory: String) throws {
@@ -153,16 +164,41 @@ public final class ImageWriter: PageSink {
 
     public func store(_ range: AddressRange, data: UnsafeRawBufferPointer) throws {
         precondition(UInt64(data.count) == range.length, "page data does not match its range")
+        backed(range)
         try worker.submit(.write(range, [UInt8](data), 0), bytes: data.count)
     }
 
     public func store(_ range: AddressRange, from part: [UInt8], at offset: Int) throws {
         precondition(offset >= 0 && offset + Int(range.length) <= part.count, "page data does not match its range")
+        backed(range)
         try worker.submit(.write(range, part, offset), bytes: Int(range.length))
     }
 
     public func storeZero(_ range: AddressRange) throws {
+        backed(range)
         try worker.submit(.zero(range), bytes: 0)
+    }
+
+    public func storeHole(_ range: AddressRange) throws {
+        holes.withLock { holes in
+            for page in stride(from: range.start, to: range.end, by: Int(pageSize)) { holes.insert(page) }
+        }
+        try worker.submit(.zero(range), bytes: 0)
+    }
+
+    /// Pages of `range` hold data now (a file grew under them): no longer holes.
+    private func backed(_ range: AddressRange) {
+        holes.withLock { holes in
+            guard !holes.isEmpty else { return }
+            for page in stride(from: range.start, to: range.end, by: Int(pageSize)) { holes.remove(page) }
+        }
+    }
+
+    /// The manifest's hole ranges of `entry`, or nil.
+    private static func holes(of entry: ManifestRegion, in pages: Set<UInt64>) -> [[UInt64]]? {
+        let inside = pages.filter { $0 >= entry.start && $0 < entry.end }.sorted()
+        guard !inside.isEmpty else { return nil }
+        return Ranges.fromPages(inside.map { $0 / pageSize }).map { [$0.start, $0.end] }
     }
 
     public func adopt(layout: [Region]) {
@@ -186,7 +222,12 @@ public final class ImageWriter: PageSink {
                         downtimeMilliseconds: Double?) async throws -> Manifest {
         let manifestPath = partial + "/manifest.json"
         return try await withCheckedThrowingContinuation { continuation in
-            let writeManifest: @Sendable ([ManifestRegion]) throws -> Manifest = { entries in
+            let holePages = holes.withLock { $0 }
+            let writeManifest: @Sendable ([ManifestRegion]) throws -> Manifest = { found in
+                var entries = found
+                for index in entries.indices where entries[index].file != nil {
+                    entries[index].holes = Self.holes(of: entries[index], in: holePages)
+                }
                 let manifest = Manifest(sourcePid: sourcePid, sourceHost: sourceHost, tracker: tracker,
                                         created: ISO8601DateFormatter().string(from: Date()),
                                         downtimeMilliseconds: downtimeMilliseconds, regions: entries)

@@ -481,8 +481,12 @@ public final class Leecher {
                     case .zero:
                         try sink.storeZero(run.range)
                         arrived.append(run.range)
+                    case .hole:
+                        try sink.storeHole(run.range)
+                        arrived.append(run.range)
                     case .unmapped:
                         layoutMoved = true
+                        try countUnmapped(run.range)
                     }
                 }
             }
@@ -497,6 +501,24 @@ public final class Leecher {
         // the source with every page still remote).
         if rate.span >= ByteRate.trustedSpan { linkRate = max(linkRate, rate.perSecond) }
         return layoutMoved
+    }
+
+    /// Pages of the layout answered `unmapped` again and again: a page the
+    /// seeder cannot supply must end the migration, never be waited for.
+    private var unmappedAnswers: [UInt64: Int] = [:]
+    static let maxUnmappedAnswers = 50
+
+    private func countUnmapped(_ range: AddressRange) throws {
+        // A page the layout no longer covers is forgotten at the next Sync; one
+        // it still covers is asked again, and should come back once the
+        // seeder's layout has caught up.
+        guard store.state(at: range.start) != nil else { return }
+        let answers = unmappedAnswers[range.start, default: 0] + 1
+        unmappedAnswers[range.start] = answers
+        if answers >= Self.maxUnmappedAnswers {
+            throw MigrationError.seeder(
+                "the seeder cannot supply page 0x\(String(range.start, radix: 16)): it answered 'unmapped' \(answers) times while the layout still holds it; the migration is aborted and the source thawed")
+        }
     }
 
     private func apply(epoch: UInt64, layout newLayout: [Region]?, dirty: [AddressRange]) {

@@ -71,6 +71,10 @@ public enum PageRunKind: UInt8, Sendable {
     case zero = 1
     /// Not mapped in the source any more: no bytes follow.
     case unmapped = 2
+    /// Mapped, but nothing backs it (past the end of its file or shared
+    /// memory object): the source gets SIGBUS there, and so must the
+    /// destination. No bytes follow.
+    case hole = 3
 }
 
 // MARK: - Encoding helpers
@@ -377,8 +381,10 @@ public struct PagePart {
     }
 
     /// Builds a part from pages read into `data` (laid out as `ranges` in order):
-    /// all-zero pages become zero runs, unreadable ranges unmapped runs.
-    public static func build(ranges: [AddressRange], data: UnsafeRawBufferPointer, unmapped: [AddressRange]) -> [UInt8] {
+    /// all-zero pages become zero runs, unreadable ranges unmapped runs, and
+    /// `holes` (mapped but unbacked) hole runs.
+    public static func build(ranges: [AddressRange], data: UnsafeRawBufferPointer, unmapped: [AddressRange],
+                             holes: [AddressRange] = []) -> [UInt8] {
         var runs: [(AddressRange, PageRunKind, Int)] = []  // range, kind, offset in data
         var dataOffset = 0
         for range in ranges {
@@ -386,7 +392,9 @@ public struct PagePart {
             while page < range.end {
                 let offset = dataOffset + Int(page - range.start)
                 let kind: PageRunKind
-                if unmapped.contains(where: { $0.contains(page) }) {
+                if holes.contains(where: { $0.contains(page) }) {
+                    kind = .hole
+                } else if unmapped.contains(where: { $0.contains(page) }) {
                     kind = .unmapped
                 } else if isZeroPage(UnsafeRawBufferPointer(rebasing: data[offset..<offset + Int(pageSize)])) {
                     kind = .zero

@@ -340,25 +340,23 @@ public final class SeederService: Sendable {
         func flush() async throws {
             guard !batch.isEmpty else { return }
             let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<(batchPages * Int(pageSize))])
-            let vanished = try reading.shared {
+            let (vanished, holes) = try reading.shared {
                 // Only memory of the migration is read: pages outside the
                 // current layout's migratable regions (code, [vdso], anything
                 // unmapped since) are answered as unmapped, never read.
                 let migrated = state.withLock { $0.migrated }
                 let outside = Ranges.subtract(Ranges.merge(batch), migrated)
-                let vanished: [AddressRange]
-                if outside.isEmpty {
-                    vanished = try source.readPages(batch, into: view)
-                } else {
-                    vanished = try readInside(batch, migrated, into: view) + outside
-                }
+                let unreadable = outside.isEmpty ? try source.readPages(batch, into: view)
+                                                 : try readInside(batch, migrated, into: view)
+                let holes = try unbacked(unreadable)
                 state.withLock { s in
                     s.store.markSent(batch)
                     s.pagesSent += UInt64(batchPages)
                 }
-                return vanished
+                return (unreadable + outside, holes)
             }
-            let part = PagePart.build(ranges: batch, data: UnsafeRawBufferPointer(view), unmapped: vanished)
+            let part = PagePart.build(ranges: batch, data: UnsafeRawBufferPointer(view), unmapped: vanished,
+                                      holes: holes)
             batch.removeAll(keepingCapacity: true)
             batchPages = 0
             try await parts.send(part)
@@ -375,6 +373,15 @@ public final class SeederService: Sendable {
             }
         }
         try await flush()
+    }
+
+    /// The parts of `unreadable` that are still mapped as migratable memory:
+    /// pages nothing backs (past the end of a file or shared memory object),
+    /// where the process itself would get SIGBUS. The rest went away.
+    private func unbacked(_ unreadable: [AddressRange]) throws -> [AddressRange] {
+        guard !unreadable.isEmpty else { return [] }
+        let mapped = Ranges.merge(try ProcessMaps.read(pid: source.pid).filter { $0.kind == .migrate }.map(\.range))
+        return Ranges.intersect(Ranges.merge(unreadable), mapped)
     }
 
     /// Reads the parts of `batch` inside `migrated` to their places in
@@ -476,7 +483,9 @@ public final class SeederService: Sendable {
                 let end = min(range.end, start + UInt64(chunk))
                 let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<Int(end - start)])
                 let vanished = try source.readPages([AddressRange(start: start, end: end)], into: view)
-                guard vanished.isEmpty else {
+                // Holes (mapped, unbacked) count as zeros, as the image holds them;
+                // the reader zero-filled them.
+                guard Ranges.subtract(Ranges.merge(vanished), try unbacked(vanished)).isEmpty else {
                     throw RPCError(code: .badRequest, message: "range \(range) is not mapped in pid \(source.pid)")
                 }
                 hasher.update(UnsafeRawBufferPointer(view))
