@@ -9,6 +9,10 @@
 // the process that created it, so registering, UFFDIO_COPY (from a buffer
 // in *our* memory) and the fault messages all work from here while the
 // target runs; its threads block on missing pages exactly as ours would.
+// Because the target keeps no copy of the descriptor, a FaultGuardian, forked
+// before the regions are registered, keeps a second one: should we die
+// before post-copy ends, it poisons the missing pages instead of letting the
+// kernel drop the registration (and the program read zeros).
 // Kernel and capability: as TrackedProcess (ptrace rights over the target,
 // pidfd_getfd 5.6+), plus MissingFaultMemory's.
 #if canImport(Glibc)
@@ -80,11 +84,18 @@ extension MissingFaultMemory {
             throw SystemError(operation: "remote system call", target: "pid \(pid)", errno: ESRCH, hint: "\(error)")
         }
         let uffd = Userfaultfd(adopting: fd, target: "pid \(pid)")
-        _ = try uffd.enable([])
-        for mapping in mappings {
-            try uffd.registerMissing(AddressRange(start: mapping.local, end: mapping.local + mapping.source.length))
+        let local = mappings.map { AddressRange(start: $0.local, end: $0.local + $0.source.length) }
+        // Before anything is registered: there is never a moment when our death reads zeros.
+        let guardian = try FaultGuardian.spawn(holding: uffd, ranges: local)
+        do {
+            _ = try uffd.enable([])
+            for range in local { try uffd.registerMissing(range) }
+            return try MissingFaultMemory(uffd: uffd, mappings: mappings, owner: "pid \(pid)", faultTimeout: faultTimeout,
+                                          guardian: guardian, unmapper: { _ in })
+        } catch {
+            uffd.close()
+            guardian.dismiss()
+            throw error
         }
-        return try MissingFaultMemory(uffd: uffd, mappings: mappings, owner: "pid \(pid)", faultTimeout: faultTimeout,
-                                      unmapper: { _ in })
     }
 }
