@@ -129,7 +129,10 @@ private func placement(of main: AddressRange, whole: AddressRange, in target: In
     /// the seeder right after the freeze, ends the leecher with `signal`, and
     /// has the target load a page that never arrived. Returns what the target
     /// said (nil: it said nothing) and how it ended.
-    func loseTheLeecher(with signal: Int32) throws -> (answer: String?, targetExit: Int32?, leecherExit: Int32?, guardian: Int32?) {
+    /// With `touchFirst` the target touches the page before the leecher goes
+    /// (and blocks, the seeder being stopped).
+    func loseTheLeecher(with signal: Int32, touchFirst: Bool = false) throws
+        -> (answer: String?, targetExit: Int32?, leecherExit: Int32?, guardian: Int32?) {
         let source = try Memwriter(["--mib", "64", "--threads", "1", "--rate", "1000", "--pattern"])
         defer { source.stop() }
         let target = try Memwriter(["--mib", "1", "--no-write"])
@@ -172,6 +175,11 @@ private func placement(of main: AddressRange, whole: AddressRange, in target: In
             candidate -= 4096 * 97
         }
         let missing = try #require(page, "every page arrived before the seeder was stopped")
+        let peek = "peek 0x" + String(missing, radix: 16)
+        if touchFirst {
+            target.send(peek)
+            #expect((try? target.expect("peek", timeout: 0.3)) == nil, "the touch waits for its page")
+        }
         let leecherExit: Int32?
         if signal == SIGKILL {
             leecher.stop()
@@ -180,7 +188,7 @@ private func placement(of main: AddressRange, whole: AddressRange, in target: In
             kill(leecher.pid, signal)
             leecherExit = leecher.waitForExit(timeout: 30)
         }
-        target.send("peek 0x" + String(missing, radix: 16))
+        if !touchFirst { target.send(peek) }
         let answer = try? target.expect("peek", timeout: 10)
         let targetExit = answer == nil ? target.child.waitForExit(timeout: 10) : nil
         return (answer, targetExit, leecherExit, guardian)
@@ -192,6 +200,12 @@ private func placement(of main: AddressRange, whole: AddressRange, in target: In
         #expect(outcome.targetExit == 128 + SIGBUS, "the target's load of a missing page must raise SIGBUS")
         let guardian = try #require(outcome.guardian, "no guardian process beside the leecher")
         #expect(exits(guardian, within: 10), "the guardian exits once it has poisoned what was missing")
+    }
+
+    @Test func aTouchWaitingWhenTheLeecherIsKilledGetsSIGBUSNotZeros() throws {
+        let outcome = try loseTheLeecher(with: SIGKILL, touchFirst: true)
+        #expect(outcome.answer == nil, "the blocked toucher was woken onto zeros: \(outcome.answer ?? "")")
+        #expect(outcome.targetExit == 128 + SIGBUS, "the blocked toucher must be woken into SIGBUS")
     }
 
     @Test func aHungUpLeecherFailsInOrderAndPoisons() throws {
