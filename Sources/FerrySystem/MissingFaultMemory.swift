@@ -190,6 +190,9 @@ public final class MissingFaultMemory: @unchecked Sendable {
     static let mapFixedNoReplace: Int32 = 0x100000
 
     deinit {
+        // Another process's memory outlives us: dropped without `finish()`,
+        // it must not be left reading zeros where pages never arrived.
+        if guardian != nil && !isComplete { fail("post-copy was dropped before every page arrived") }
         stopHandler()
         uffd.close()
         guardian?.dismiss()
