@@ -46,6 +46,8 @@ public final class FaultGuardian: @unchecked Sendable {
         let bounds = ranges.flatMap { [$0.start, $0.end] }
         var control: Int32 = -1
         let pid = try uffd.withDescriptor { fd in
+            // SAFETY: `bounds` holds 2 * ranges.count values for the call; the
+            // child reads its own copy of them (fork), the parent none after.
             bounds.withUnsafeBufferPointer { ferry_guardian_spawn(fd, $0.baseAddress, ranges.count, &control) }
         }
         if pid < 0 {
