@@ -140,6 +140,10 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
             throw MigrationError.image("cannot reserve \(options.stagingReserve >> 30) GiB of address space to stage pages: "
                                        + "\(String(cString: strerror(errno))); lower LiveMemoryOptions.stagingReserve")
         }
+        // The post-copy guardian is a fork of this process (FaultGuardian.swift):
+        // copying the page tables of gigabytes of staged pages would delay the
+        // hand-over, and the guardian never reads them.
+        _ = madvise(pointer, Int(options.stagingReserve), MADV_DONTFORK)
         arena = pointer
     }
 

@@ -5,10 +5,16 @@
 // How: freeze the target (Freezer), make one of its threads execute
 // userfaultfd(O_CLOEXEC|O_NONBLOCK) and one mmap per region (RemoteSyscall,
 // the technique TrackedProcess.attach uses), copy the descriptor to us with
-// pidfd_getfd, make it close its copy, thaw. A userfaultfd acts on the mm of
+// pidfd_getfd, register the regions, make it close its copy, thaw (registered
+// before the thaw: no thread of the target can touch a region while it is
+// mapped but not registered, which would read zeros). A userfaultfd acts on the mm of
 // the process that created it, so registering, UFFDIO_COPY (from a buffer
 // in *our* memory) and the fault messages all work from here while the
 // target runs; its threads block on missing pages exactly as ours would.
+// Because the target keeps no copy of the descriptor, a FaultGuardian, forked
+// before the regions are registered, keeps a second one: should we die
+// before post-copy ends, it poisons the missing pages instead of letting the
+// kernel drop the registration (and the program read zeros).
 // Kernel and capability: as TrackedProcess (ptrace rights over the target,
 // pidfd_getfd 5.6+), plus MissingFaultMemory's.
 #if canImport(Glibc)
@@ -29,9 +35,9 @@ extension MissingFaultMemory {
         let ptrace = try PtraceThread()
         defer { ptrace.stop() }
         var mappings: [Mapping] = []
-        let fd: Int32
+        let held: (uffd: Userfaultfd, guardian: FaultGuardian)
         do {
-            fd = try ptrace.run { () throws -> Int32 in
+            held = try ptrace.run { () throws -> (Userfaultfd, FaultGuardian) in
                 let frozen = try Freezer.freeze(pid: pid)
                 defer { try? Freezer.thaw(frozen) }
                 let remote = try RemoteSyscall(frozen: frozen)
@@ -65,12 +71,26 @@ extension MissingFaultMemory {
                 let pidfd = ferry_pidfd_open(pid, 0)
                 if pidfd < 0 { throw SystemError(operation: "pidfd_open", target: "pid \(pid)", errno: errno) }
                 defer { close(pidfd) }
-                let local = ferry_pidfd_getfd(pidfd, remoteFD, 0)
-                if local < 0 {
+                let copied = ferry_pidfd_getfd(pidfd, remoteFD, 0)
+                if copied < 0 {
                     throw SystemError(operation: "pidfd_getfd", target: "pid \(pid)", errno: errno,
                                       hint: "needs ptrace rights over the target (root or CAP_SYS_PTRACE)")
                 }
-                return local
+                // Still frozen: the regions are registered (and guarded) before
+                // any thread of the target can touch them, so none reads zeros.
+                let uffd = Userfaultfd(adopting: copied, target: "pid \(pid)")
+                let local = mappings.map { AddressRange(start: $0.local, end: $0.local + $0.source.length) }
+                // Before anything is registered: never a moment when our death would read zeros.
+                let guardian = try FaultGuardian.spawn(holding: uffd, ranges: local)
+                do {
+                    _ = try uffd.enable([])
+                    for range in local { try uffd.registerMissing(range) }
+                } catch {
+                    uffd.close()
+                    guardian.dismiss()
+                    throw error
+                }
+                return (uffd, guardian)
             }
         } catch let error as FreezeError {
             throw SystemError(operation: "freezing for the remote system calls", target: "pid \(pid)",
@@ -79,12 +99,7 @@ extension MissingFaultMemory {
         } catch let error as RemoteSyscallError {
             throw SystemError(operation: "remote system call", target: "pid \(pid)", errno: ESRCH, hint: "\(error)")
         }
-        let uffd = Userfaultfd(adopting: fd, target: "pid \(pid)")
-        _ = try uffd.enable([])
-        for mapping in mappings {
-            try uffd.registerMissing(AddressRange(start: mapping.local, end: mapping.local + mapping.source.length))
-        }
-        return try MissingFaultMemory(uffd: uffd, mappings: mappings, owner: "pid \(pid)", faultTimeout: faultTimeout,
-                                      unmapper: { _ in })
+        return try MissingFaultMemory(uffd: held.uffd, mappings: mappings, owner: "pid \(pid)", faultTimeout: faultTimeout,
+                                      guardian: held.guardian, unmapper: { _ in })
     }
 }

@@ -23,6 +23,9 @@
 // used here because it applies to a whole descriptor and suppresses the
 // fault messages post-copy depends on. A fault waiting longer than
 // `faultTimeout` is poisoned alone; `fail(_:)` poisons every missing page.
+// For memory in another process, where our death would otherwise drop the
+// registration, a guardian process does the same when we die unasked
+// (FaultGuardian.swift).
 //
 // Kernel: MISSING mode on anonymous memory 4.3+, MAP_FIXED_NOREPLACE 4.17+,
 // UFFDIO_POISON 6.6+. Capability: none for our own process (user-mode-only
@@ -58,8 +61,8 @@ public enum MissingFaultMemoryError: Error, CustomStringConvertible, Sendable, E
 
 /// Regions of migrated memory filled by userfaultfd on first touch.
 ///
-/// `@unchecked Sendable` invariant: `mappings`, `uffd`, `owner` and
-/// `faultTimeout` are immutable after init; everything mutable (`bitmaps`,
+/// `@unchecked Sendable` invariant: `mappings`, `uffd`, `guardian`, `owner`
+/// and `faultTimeout` are immutable after init; everything mutable (`bitmaps`,
 /// `pending`, counters, `failure`, `onFault`, `handler`) is only touched
 /// under `lock`; the handler thread is joined before the descriptor closes.
 public final class MissingFaultMemory: @unchecked Sendable {
@@ -96,6 +99,9 @@ public final class MissingFaultMemory: @unchecked Sendable {
     /// How long a touched page may take before the toucher gets SIGBUS.
     public let faultTimeout: Duration
     let uffd: Userfaultfd
+    /// Holds a second copy of `uffd` for memory in another process, and
+    /// poisons what is missing if we die unasked (FaultGuardian.swift).
+    let guardian: FaultGuardian?
     /// Names the process holding the memory in errors: "our own process", "pid 4242".
     let owner: String
     /// Unmaps the regions (in whatever process holds them).
@@ -117,9 +123,10 @@ public final class MissingFaultMemory: @unchecked Sendable {
 
     public let totalPages: Int
 
-    init(uffd: Userfaultfd, mappings: [Mapping], owner: String, faultTimeout: Duration,
+    init(uffd: Userfaultfd, mappings: [Mapping], owner: String, faultTimeout: Duration, guardian: FaultGuardian? = nil,
          unmapper: @escaping @Sendable ([Mapping]) -> Void) throws {
         self.uffd = uffd
+        self.guardian = guardian
         self.mappings = mappings.sorted { $0.source.start < $1.source.start }
         self.owner = owner
         self.faultTimeout = faultTimeout
@@ -183,8 +190,12 @@ public final class MissingFaultMemory: @unchecked Sendable {
     static let mapFixedNoReplace: Int32 = 0x100000
 
     deinit {
+        // Another process's memory outlives us: dropped without `finish()`,
+        // it must not be left reading zeros where pages never arrived.
+        if guardian != nil && !isComplete { fail("post-copy was dropped before every page arrived") }
         stopHandler()
         uffd.close()
+        guardian?.dismiss()
         Glibc.close(stopPipe.read)
         Glibc.close(stopPipe.write)
     }
@@ -457,15 +468,20 @@ public final class MissingFaultMemory: @unchecked Sendable {
         _ = Glibc.read(stopPipe.read, &drain, 1)
     }
 
-    /// Ends post-copy: stops the handler and closes the descriptor, which
-    /// unregisters the regions; pages not installed by then are poisoned
-    /// first, so nothing reads zeros that the source did not hold. The
-    /// memory stays mapped and belongs to the program.
+    /// Ends post-copy: stops the handler, closes the descriptor and
+    /// dismisses the guardian (waiting for it to exit), which unregisters
+    /// the regions; pages not installed by then are poisoned first, so
+    /// nothing reads zeros that the source did not hold. The memory stays
+    /// mapped and belongs to the program.
     public func finish() {
         if !isComplete { fail("post-copy ended before every page arrived") }
         stopHandler()
         uffd.close()
+        guardian?.dismiss()
     }
+
+    /// The pid of the guardian process, for memory in another process.
+    public var guardianPid: Int32? { guardian?.pid }
 
     /// Unmaps the regions (once). Only for memory nobody touches any more.
     public func unmap() {

@@ -163,7 +163,9 @@ struct PullCommand: AsyncParsableCommand {
             }
             defer { if let into, sliceUs != nil { setSchedulerSlice(nil, threadsOf: into) } }
             let task = Task { try await leecher.run() }
-            let signals = SignalWatcher { _ in task.cancel() }
+            // SIGHUP too (a closed terminal or ssh session): an orderly end, in which
+            // pages that never arrived are poisoned rather than lost.
+            let signals = SignalWatcher([SIGINT, SIGTERM, SIGHUP]) { _ in task.cancel() }
             defer { signals.cancel() }
             let summary = try await task.value
             if let imageDirectory {

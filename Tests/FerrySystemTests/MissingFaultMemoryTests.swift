@@ -268,3 +268,37 @@ struct MissingFaultMemoryTests {
         #expect(memory.statistics.pagesPoisoned == 1)
     }
 }
+
+extension MissingFaultMemoryTests {
+    /// The comm (process name) of `pid`, nil once it is gone or a zombie.
+    private func liveName(_ pid: Int32) -> String? {
+        let fd = open("/proc/\(pid)/stat", O_RDONLY)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 512)
+        let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        let stat = n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : ""
+        guard let left = stat.firstIndex(of: "("), let right = stat.lastIndex(of: ")"), !stat.contains(") Z ") else { return nil }
+        return String(stat[stat.index(after: left)..<right])
+    }
+
+    @Test func memoryInAnotherProcessHasAGuardianUntilFinished() throws {
+        let child = try TestChild(pages: 4)
+        defer { child.process.kill() }
+        let region = testRegion(4, slot: 10)
+        let memory = try MissingFaultMemory.inProcess(pid: child.pid, regions: [region], faultTimeout: .seconds(10))
+        let guardian = try #require(memory.guardianPid)
+        // Named by itself once it runs.
+        var waited = 0
+        while liveName(guardian) != "ferry-guardian" && waited < 200 { usleep(5_000); waited += 1 }
+        #expect(liveName(guardian) == "ferry-guardian")
+        let data = [UInt8](repeating: 0x5A, count: Int(region.length))
+        try data.withUnsafeBytes { _ = try memory.install(region, data: $0) }
+        memory.finish()
+        #expect(liveName(guardian) == nil, "finish() dismissed and reaped the guardian")
+        // In our own process nothing can outlive us: no guardian.
+        let own = try MissingFaultMemory.inOwnProcess(regions: [testRegion(1, slot: 11)])
+        defer { own.unmap() }
+        #expect(own.guardianPid == nil)
+    }
+}

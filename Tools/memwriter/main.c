@@ -13,8 +13,9 @@
 //   touch <pages> <nanoseconds>         answer to "touch K" (every K-th page)
 //   count <writes>                      answer to "count"
 //   unmapped <P> <N>                    answer to "unmap P N" (pages of main)
+//   peek <nonzero bytes>                answer to "peek 0xADDR" (loads that page)
 //   done <writes>                       all writer threads reached --stop-after
-// Commands on stdin, one per line: go, sweep, touch K, count, unmap P N, quit. EOF on stdin is
+// Commands on stdin, one per line: go, sweep, touch K, count, unmap P N, peek 0xADDR, quit. EOF on stdin is
 // ignored (the process keeps running until killed), so it can run in the
 // background of a shell.
 //
@@ -350,6 +351,14 @@ int main(int argc, char **argv) {
                 say("unmap failed\n");
             else
                 say("unmapped %zu %zu\n", first, count);
+        }
+        else if (!strncmp(line, "peek ", 5)) {
+            // peek 0xADDR: load the page at ADDR (any mapping: migrated memory
+            // placed here by a leecher) and say how many of its bytes are not zero.
+            const volatile unsigned char *page = (const volatile unsigned char *)(strtoul(line + 5, NULL, 16) & ~(uintptr_t)(PAGE - 1));
+            size_t nonzero = 0;
+            for (size_t i = 0; i < PAGE; i++) nonzero += page[i] != 0;
+            say("peek %zu\n", nonzero);
         }
         else if (!strncmp(line, "quit", 4)) _exit(0);
     }

@@ -199,4 +199,7 @@ void ferry_tune_malloc_for_bulk(void);
 int ferry_nice_this_thread(int nice);
 int ferry_set_slice(int tid, uint64_t nanoseconds);
 
+// The post-copy guardian (guardian.c).
+#include "CFerryGuardian.h"
+
 #endif
