@@ -207,4 +207,30 @@ import FerryTestSupport
         let refused = try seeder.expect("{\"event\":\"refused\"")
         #expect(refused.contains("secret"))
     }
+
+    /// Issue 11 finding 8: `keygen -o FILE` followed a link planted at
+    /// FILE.pub, truncating its target and setting its mode to 644.
+    @Test func keygenRefusesALinkPlantedAtThePublicKeyFile() throws {
+        let dir = scratchDirectory("cli-keygen")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let victim = dir + "/victim"
+        FileManager.default.createFile(atPath: victim, contents: Data("precious\n".utf8),
+                                       attributes: [.posixPermissions: 0o600])
+        #expect(symlink(victim, dir + "/id.pub") == 0)
+        let keygen = try ChildProcess("/bin/sh", ["-c", "exec '\(builtExecutable("seeder"))' keygen -o \(dir)/id 2>&1"])
+        #expect(try keygen.expect("Error:").contains("\(dir)/id.pub: already exists; pass --force to replace it"))
+        #expect(keygen.waitForExit() != 0)
+        #expect(try String(contentsOfFile: victim, encoding: .utf8) == "precious\n")
+        #expect(try FileManager.default.attributesOfItem(atPath: victim)[.posixPermissions] as? Int == 0o600)
+        #expect(!FileManager.default.fileExists(atPath: dir + "/id"))
+
+        let forced = try ChildProcess(builtExecutable("seeder"), ["keygen", "-o", dir + "/id", "--force"])
+        #expect(try forced.readLine().hasPrefix("ferry-ed25519 "))
+        #expect(forced.waitForExit() == 0)
+        #expect(try String(contentsOfFile: victim, encoding: .utf8) == "precious\n")
+        #expect(try FileManager.default.attributesOfItem(atPath: victim)[.posixPermissions] as? Int == 0o600)
+        #expect(try FileManager.default.attributesOfItem(atPath: dir + "/id.pub")[.type] as? FileAttributeType == .typeRegular,
+                "--force replaces the link itself")
+    }
 }
