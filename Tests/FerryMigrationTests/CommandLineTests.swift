@@ -208,6 +208,29 @@ import FerryTestSupport
         #expect(refused.contains("secret"))
     }
 
+    /// Issue 11 finding 10: `--into PID` was checked only when post-copy
+    /// began, after the source had been frozen. A target we cannot attach to
+    /// is refused before connecting: the seeder sees nothing.
+    @Test func aBadIntoTargetIsRefusedBeforeConnecting() throws {
+        let source = try Memwriter(["--mib", "4", "--threads", "2", "--rate", "2000"])
+        defer { source.stop() }
+        let (seeder, address) = try startSeeder(pid: source.pid)
+        defer { seeder.stop() }
+        let threads = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(source.pid)/task").compactMap { Int32($0) }
+        let thread = try #require(threads.first { $0 != source.pid })
+        for (target, message) in [("999999", "cannot attach to pid 999999: no such process"),
+                                  ("\(thread)", "cannot attach to pid \(thread): it is a thread of process \(source.pid)"),
+                                  ("0", "cannot attach to pid 0: not a valid process id")] {
+            let leecher = try ChildProcess(builtExecutable("leecher"),
+                                           ["pull", address, "--secret-file", secretPath, "--into", target, "--json"])
+            let error = try leecher.expect("{\"event\":\"error\"", timeout: 10)
+            #expect(error.contains(message), "\(error)")
+            #expect(leecher.waitForExit() == 1)
+        }
+        #expect((try? seeder.readLine(timeout: 1)) == nil, "the leecher never connected")
+        #expect(try isRunning(source))
+    }
+
     /// Issue 11 finding 8: `keygen -o FILE` followed a link planted at
     /// FILE.pub, truncating its target and setting its mode to 644.
     @Test func keygenRefusesALinkPlantedAtThePublicKeyFile() throws {
