@@ -111,12 +111,12 @@ struct ServeCommand: AsyncParsableCommand {
                                              "tracker": .string(process.trackerKind.rawValue)],
                                text: "seeder: serving pid \(pid) on \(bound.endpoint) (tracker \(process.trackerKind.rawValue))")
                 Task {
-                    while true {
-                        guard let transport = try? await bound.accept() else { return }
-                        Task {
-                            await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)
-                        }
-                    }
+                    // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
+                    await bound.serveHandshakes(credentials: credentials, authenticated: { channel in
+                        await Self.serve(channel, service: service, reporter: reporter)
+                    }, refused: { peer, error in
+                        Self.refused(peer, error, reporter: reporter)
+                    })
                 }
             }
             let outcome = await service.outcome()
@@ -138,13 +138,22 @@ struct ServeCommand: AsyncParsableCommand {
         let peer = transport.peerDescription
         do {
             let channel = try await SecureChannel.server(over: transport, credentials: credentials)
-            reporter.event("connected", ["peer": .string(peer)], text: "seeder: leecher connected from \(peer)")
-            await service.serve(channel)
+            await serve(channel, service: service, reporter: reporter)
         } catch {
             transport.close()
-            reporter.event("refused", ["peer": .string(peer), "reason": .string("\(error)")],
-                           text: "seeder: refused \(peer): \(error)")
+            refused(peer, error, reporter: reporter)
         }
+    }
+
+    static func serve(_ channel: SecureChannel, service: SeederService, reporter: Reporter) async {
+        let peer = channel.peerDescription
+        reporter.event("connected", ["peer": .string(peer)], text: "seeder: leecher connected from \(peer)")
+        await service.serve(channel)
+    }
+
+    static func refused(_ peer: String, _ error: any Error, reporter: Reporter) {
+        reporter.event("refused", ["peer": .string(peer), "reason": .string("\(error)")],
+                       text: "seeder: refused \(peer): \(error)")
     }
 
     static func report(_ event: SeederEvent, _ reporter: Reporter) {

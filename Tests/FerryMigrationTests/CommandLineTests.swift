@@ -231,6 +231,37 @@ import FerryTestSupport
         #expect(try isRunning(source))
     }
 
+    /// Issue 11 finding 11: peers that connect and never finish the
+    /// handshake hold at most `maxPendingHandshakes` slots of the seeder;
+    /// the next leecher is told the seeder is busy instead of queueing.
+    @Test func aSeederCapsUnauthenticatedConnections() throws {
+        let child = try Memwriter(["--mib", "4"])
+        defer { child.stop() }
+        let (seeder, address) = try startSeeder(pid: child.pid)
+        defer { seeder.stop() }
+        let port = UInt16(address.split(separator: ":").last!)!
+        var idle: [Int32] = []
+        defer { idle.forEach { close($0) } }
+        for _ in 0..<WireLimits.maxPendingHandshakes {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_addr.s_addr = inet_addr("127.0.0.1")
+            sa.sin_port = port.bigEndian
+            let rc = withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            try #require(rc == 0, "cannot connect to the seeder: errno \(errno)")
+            idle.append(fd)
+        }
+        let leecher = try startLeecher(address, out: scratchDirectory("cli-busy"))
+        let error = try leecher.expect("{\"event\":\"error\"", timeout: 8)
+        #expect(error.contains("busy"), "\(error)")
+        #expect(leecher.waitForExit() == 1)
+        #expect(try seeder.expect("{\"event\":\"refused\"").contains("connections are already in their handshake"))
+        #expect(try isRunning(child), "the source was never touched")
+    }
+
     /// Issue 11 finding 8: `keygen -o FILE` followed a link planted at
     /// FILE.pub, truncating its target and setting its mode to 644.
     @Test func keygenRefusesALinkPlantedAtThePublicKeyFile() throws {
