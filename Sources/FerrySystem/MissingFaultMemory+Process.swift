@@ -31,7 +31,8 @@ extension MissingFaultMemory {
         var mappings: [Mapping] = []
         let fd: Int32
         do {
-            fd = try ptrace.run { () throws -> Int32 in
+            // Ctrl-C and the like wait until the target's registers are back (DeferredSignals.swift).
+            fd = try DeferredSignals.during { try ptrace.run { () throws -> Int32 in
                 let frozen = try Freezer.freeze(pid: pid)
                 defer { try? Freezer.thaw(frozen) }
                 let remote = try RemoteSyscall(frozen: frozen)
@@ -71,7 +72,7 @@ extension MissingFaultMemory {
                                       hint: "needs ptrace rights over the target (root or CAP_SYS_PTRACE)")
                 }
                 return local
-            }
+            } }
         } catch let error as FreezeError {
             throw SystemError(operation: "freezing for the remote system calls", target: "pid \(pid)",
                               errno: { if case .system(let s) = error { return s.errno }; return ESRCH }(),

@@ -195,7 +195,8 @@ public final class TrackedProcess: @unchecked Sendable {
     /// Creates a userfaultfd inside `pid` and returns our copy of it.
     private static func createUserfaultfd(pid: Int32, on ptrace: PtraceThread, allowUserModeOnly: Bool) throws -> Int32 {
         do {
-            return try ptrace.run {
+            // Ctrl-C and the like wait until the target's registers are back (DeferredSignals.swift).
+            return try DeferredSignals.during { try ptrace.run {
                 let frozen = try Freezer.freeze(pid: pid)
                 defer { try? Freezer.thaw(frozen) }
                 let remote = try RemoteSyscall(frozen: frozen)
@@ -222,7 +223,7 @@ public final class TrackedProcess: @unchecked Sendable {
                     throw AttachError.system(pid: pid, step: "pidfd_getfd", underlying: String(cString: strerror(errno)))
                 }
                 return local
-            }
+            } }
         } catch let error as FreezeError {
             switch error {
             case .processGone: throw AttachError.processExited(pid: pid)

@@ -68,17 +68,26 @@ struct ServeCommand: AsyncParsableCommand {
             // Check every address before touching the process.
             let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
             let listenEndpoint = try Endpoint(parsing: listen)
+            // Signals are handled from before the attach: one that arrives
+            // while the target runs a system call for us waits until its
+            // registers are back, and is then only recorded here.
+            let relay = SignalRelay()
+            let signals = SignalWatcher(Self.signals) { relay.receive($0) }
+            defer { signals.cancel() }
             let process = try TrackedProcess.attach(pid: pid, tracker: trackerKind)
+            if let signal = relay.pending {
+                try? process.detach()
+                throw MigrationError.seeder("interrupted by signal \(signal) while attaching; pid \(pid) was let go untouched and runs on")
+            }
             var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
             options.signingKey = try (signingKey ?? auth.key).map { try KeyPair.load(path: $0) }
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
             }
-            let signals = SignalWatcher { signal in
+            relay.connect { signal in
                 service.abandon("interrupted by signal \(signal)")
             }
-            defer { signals.cancel() }
 
             var listener: Listener? = nil
             if let hub = hubEndpoint {
@@ -132,6 +141,9 @@ struct ServeCommand: AsyncParsableCommand {
             }
         }
     }
+
+    /// The signals that end a migration cleanly.
+    static let signals = [SIGINT, SIGTERM, SIGHUP]
 
     static func accept(_ transport: FrameTransport, credentials: Credentials, service: SeederService,
                        reporter: Reporter) async {

@@ -231,6 +231,49 @@ import FerryTestSupport
         #expect(try isRunning(source))
     }
 
+    /// Each thread's blocked-signal mask (SigBlk of /proc/PID/task/TID/status).
+    func blockedMasks(_ pid: Int32) throws -> [Int32: String] {
+        var masks: [Int32: String] = [:]
+        for tid in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task").compactMap({ Int32($0) }) {
+            let status = try String(contentsOfFile: "/proc/\(pid)/task/\(tid)/status", encoding: .utf8)
+            masks[tid] = status.split(separator: "\n").first { $0.hasPrefix("SigBlk:") }.map(String.init)
+        }
+        return masks
+    }
+
+    /// The pid tracing `pid`, 0 when none (or nil once it is gone).
+    func tracer(of pid: Int32) -> Int32? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
+        return status.split(separator: "\n").first { $0.hasPrefix("TracerPid:") }
+            .flatMap { Int32($0.dropFirst(10).trimmingCharacters(in: .whitespaces)) }
+    }
+
+    /// Issue 11 finding 5: a seeder killed by Ctrl-C (or TERM, or HUP) while
+    /// it ran a system call inside the target left one of the target's
+    /// threads at a borrowed `syscall` instruction with changed registers and
+    /// every signal blocked. The signals are sent the moment the seeder
+    /// traces the target, when the attach's remote calls run.
+    @Test func signalsDuringAttachLeaveTheTargetIntact() throws {
+        let child = try Memwriter(["--mib", "4", "--threads", "2", "--rate", "2000"])
+        defer { child.stop() }
+        #expect(try isRunning(child))
+        let masks = try blockedMasks(child.pid)
+        for signal in Array(repeating: [SIGINT, SIGTERM, SIGHUP], count: 5).joined() {
+            let seeder = try ChildProcess(builtExecutable("seeder"),
+                                          ["serve", "\(child.pid)", "--listen", "127.0.0.1:0", "--secret-file", secretPath, "--json"])
+            defer { seeder.stop() }
+            let deadline = ChildProcess.now() + 10
+            while tracer(of: child.pid) == 0 && ChildProcess.now() < deadline {}
+            kill(seeder.pid, signal)
+            let code = seeder.waitForExit(timeout: 20)
+            #expect(code == 1, "signal \(signal) ends the seeder cleanly (exit 1), not by its default action: \(code.map(String.init) ?? "still running")")
+            #expect(tracer(of: child.pid) == 0)
+            #expect(try isRunning(child), "the target runs on after signal \(signal)")
+            let after = try blockedMasks(child.pid)
+            #expect(after == masks, "the target's signal masks are intact after signal \(signal): \(after), before \(masks)")
+        }
+    }
+
     /// Issue 11 finding 11: peers that connect and never finish the
     /// handshake hold at most `maxPendingHandshakes` slots of the seeder;
     /// the next leecher is told the seeder is busy instead of queueing.
