@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <string.h>
 #include <unistd.h>
@@ -151,6 +152,22 @@ int ferry_signals_catch(const int *signals, int count) {
         if (sigaction(signals[i], &action, NULL) != 0) return -1;
     }
     return ferry_caught_read_end;
+}
+
+int ferry_signal_default_action(int sig) {
+    struct sigaction fallback, saved;
+    memset(&fallback, 0, sizeof fallback);
+    fallback.sa_handler = SIG_DFL;
+    sigemptyset(&fallback.sa_mask);
+    if (sigaction(sig, &fallback, &saved) != 0) return -1;
+    sigset_t only, before;
+    sigemptyset(&only);
+    sigaddset(&only, sig);
+    pthread_sigmask(SIG_UNBLOCK, &only, &before);
+    /* Sent to this thread and not blocked: taken before raise returns. */
+    raise(sig);
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+    return sigaction(sig, &saved, NULL);
 }
 
 int ferry_signals_release(void) {

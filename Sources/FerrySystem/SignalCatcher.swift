@@ -59,6 +59,14 @@ public final class SignalCatcher: @unchecked Sendable {
         }
     }
 
+    /// Lets `signal` take its default action now, on the calling thread, as
+    /// if it had not been caught: for SIGTSTP, the process stops (unless its
+    /// process group is orphaned, where the kernel drops it) and this call
+    /// returns once it is continued. Catching resumes afterwards.
+    public static func takeDefaultAction(_ signal: Int32) {
+        _ = ferry_signal_default_action(signal)
+    }
+
     /// Stops calling the handler. The signals stay caught (and are dropped),
     /// so one that arrives while the process winds down does not end it
     /// half-way.

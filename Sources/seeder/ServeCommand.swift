@@ -38,7 +38,12 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Seconds a session survives a lost leecher.", valueName: "SECONDS"))
     var grace = "5"
 
-    @Option(name: .long, help: "Dirty tracker: async, sync or soft-dirty (default: the best this kernel has).")
+    @Option(name: .long, help: """
+        Dirty tracker: async, sync or soft-dirty (default: the best this kernel has, async on 6.7+). \
+        async and soft-dirty are safe to stop the seeder under. With sync the process waits on the \
+        seeder for each write it makes: a seeder stopped by SIGSTOP or a debugger hangs it until \
+        continued (Ctrl-Z is refused while sync tracks).
+        """)
     var tracker: String?
 
     @Option(name: .long, help: ArgumentHelp(
@@ -88,6 +93,10 @@ struct ServeCommand: AsyncParsableCommand {
             relay.connect { signal in
                 service.abandon("interrupted by signal \(signal)")
             }
+            // Ctrl-Z: the sync tracker makes the process wait on us for each
+            // write it makes, so a stopped seeder would hang it.
+            let stops = SignalWatcher([SIGTSTP]) { _ in Self.stopRequested(process, reporter: reporter) }
+            defer { stops.cancel() }
 
             var listener: Listener? = nil
             if let hub = hubEndpoint {
@@ -144,6 +153,20 @@ struct ServeCommand: AsyncParsableCommand {
 
     /// The signals that end a migration cleanly.
     static let signals = [SIGINT, SIGTERM, SIGHUP]
+
+    /// SIGTSTP (Ctrl-Z): stops the seeder as usual, unless the sync tracker
+    /// is tracking. Then every write of the process to a protected page
+    /// waits in the kernel until our fault handler answers, so a stopped
+    /// seeder would hang the process until continued: refuse, and say why.
+    /// (SIGSTOP and a debugger cannot be refused: see `--tracker`'s help.)
+    static func stopRequested(_ process: TrackedProcess, reporter: Reporter) {
+        if process.trackerKind == .sync && process.isTracking {
+            let message = "not stopping: with the sync tracker pid \(process.pid) waits on this seeder for each write it makes, and would hang while the seeder is stopped; Ctrl-C ends the migration and lets pid \(process.pid) run on"
+            reporter.event("notice", ["message": .string(message)], text: "seeder: \(message)")
+            return
+        }
+        SignalCatcher.takeDefaultAction(SIGTSTP)
+    }
 
     static func accept(_ transport: FrameTransport, credentials: Credentials, service: SeederService,
                        reporter: Reporter) async {

@@ -274,6 +274,49 @@ import FerryTestSupport
         }
     }
 
+    /// Issue 11 finding 6: under the sync tracker the process waits on the
+    /// seeder for each write to a protected page, so Ctrl-Z on the seeder
+    /// hung it. The seeder refuses to stop while sync tracks, and says why.
+    @Test func ctrlZOnASyncTrackingSeederDoesNotHangTheProcess() throws {
+        let child = try Memwriter(["--mib", "64", "--threads", "2", "--rate", "20000"])
+        defer { child.stop() }
+        let (seeder, address) = try startSeeder(pid: child.pid, ["--tracker", "sync"])
+        defer { seeder.stop() }
+        let out = scratchDirectory("cli-tstp")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let leecher = try startLeecher(address, out: out, ["--finalize-at", "100%", "--max-wait", "60"])
+        defer { leecher.stop() }
+        _ = try leecher.expect("{\"event\":\"connected\"", timeout: 60)     // after Track: every page is write-protected
+        // Hold the leecher still, so the migration stays in pre-copy (a
+        // completed one leaves the process stopped by --then stop).
+        kill(leecher.pid, SIGSTOP)
+        kill(seeder.pid, SIGTSTP)
+        usleep(300_000)
+        #expect(seeder.state != "T", "the seeder did not stop")
+        #expect((try? isRunning(child)) == true, "the process keeps writing")
+        let notice = try seeder.expect("{\"event\":\"notice\"", timeout: 10)
+        #expect(notice.contains("not stopping: with the sync tracker"), "\(notice)")
+    }
+
+    /// Under the async tracker nothing waits on the seeder: Ctrl-Z stops it
+    /// as usual, and SIGCONT continues it.
+    @Test func ctrlZStillStopsASeederUnderTheAsyncTracker() throws {
+        let child = try Memwriter(["--mib", "4", "--threads", "1", "--rate", "2000"])
+        defer { child.stop() }
+        let (seeder, _) = try startSeeder(pid: child.pid, ["--tracker", "async"])
+        defer { seeder.stop() }
+        kill(seeder.pid, SIGTSTP)
+        var state = seeder.state
+        for _ in 0..<100 where state != "T" { usleep(20_000); state = seeder.state }
+        #expect(state == "T", "Ctrl-Z stops the seeder")
+        #expect(try isRunning(child))
+        kill(seeder.pid, SIGCONT)
+        for _ in 0..<100 where state == "T" { usleep(20_000); state = seeder.state }
+        #expect(state != "T", "SIGCONT continues it")
+        kill(seeder.pid, SIGTERM)
+        #expect(seeder.waitForExit() == 1)
+    }
+
     /// Issue 11 finding 11: peers that connect and never finish the
     /// handshake hold at most `maxPendingHandshakes` slots of the seeder;
     /// the next leecher is told the seeder is busy instead of queueing.

@@ -139,6 +139,11 @@ int ferry_signals_release(void);
  * takes its default action afterwards. */
 int ferry_signals_catch(const int *signals, int count);
 
+/* Lets `sig` take its default action on the calling thread, now (for
+ * SIGTSTP: stop, unless the process group is orphaned), then puts the
+ * current disposition back. Returns 0, or -1 with errno. */
+int ferry_signal_default_action(int sig);
+
 // Typed ioctls: one per request so Swift never builds a request number.
 int ferry_uffdio_api(int fd, struct uffdio_api *api);
 int ferry_uffdio_register(int fd, struct uffdio_register *reg);
