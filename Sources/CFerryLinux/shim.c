@@ -2,6 +2,9 @@
 #define _GNU_SOURCE
 #include "CFerryLinux.h"
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <string.h>
 #include <unistd.h>
@@ -81,6 +84,105 @@ ssize_t ferry_process_vm_readv(pid_t pid, const struct iovec *local, unsigned lo
     return process_vm_readv(pid, local, liovcnt, remote, riovcnt, 0);
 }
 int ferry_tgkill(pid_t tgid, pid_t tid, int sig) { return (int)syscall(__NR_tgkill, tgid, tid, sig); }
+
+static const int ferry_deferred_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGTSTP };
+#define FERRY_DEFERRED_COUNT ((int)(sizeof(ferry_deferred_signals) / sizeof(ferry_deferred_signals[0])))
+static volatile sig_atomic_t ferry_deferred_caught[FERRY_DEFERRED_COUNT];
+static struct sigaction ferry_deferred_saved[FERRY_DEFERRED_COUNT];
+
+/* Async-signal-safe: one store. */
+static void ferry_deferred_handler(int sig) {
+    for (int i = 0; i < FERRY_DEFERRED_COUNT; i++) {
+        if (ferry_deferred_signals[i] == sig) ferry_deferred_caught[i] = 1;
+    }
+}
+
+int ferry_signals_defer(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = ferry_deferred_handler;
+    sigfillset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    for (int i = 0; i < FERRY_DEFERRED_COUNT; i++) {
+        ferry_deferred_caught[i] = 0;
+        if (sigaction(ferry_deferred_signals[i], &action, &ferry_deferred_saved[i]) != 0) {
+            int saved = errno;
+            for (int j = 0; j < i; j++) sigaction(ferry_deferred_signals[j], &ferry_deferred_saved[j], NULL);
+            errno = saved;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int ferry_caught_write_end = -1;
+static int ferry_caught_read_end = -1;
+
+/* Async-signal-safe: write(2) of one byte to a non-blocking pipe. */
+static void ferry_caught_handler(int sig) {
+    int saved = errno;
+    unsigned char byte = (unsigned char)sig;
+    if (ferry_caught_write_end >= 0) {
+        ssize_t ignored = write(ferry_caught_write_end, &byte, 1);
+        (void)ignored;
+    }
+    errno = saved;
+}
+
+int ferry_signals_catch(const int *signals, int count) {
+    if (ferry_caught_write_end < 0) {
+        int fds[2];
+        if (pipe2(fds, O_CLOEXEC) != 0) return -1;
+        if (fcntl(fds[1], F_SETFL, O_NONBLOCK) != 0) {
+            int saved = errno;
+            close(fds[0]);
+            close(fds[1]);
+            errno = saved;
+            return -1;
+        }
+        ferry_caught_read_end = fds[0];
+        ferry_caught_write_end = fds[1];
+    }
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = ferry_caught_handler;
+    sigfillset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    for (int i = 0; i < count; i++) {
+        if (sigaction(signals[i], &action, NULL) != 0) return -1;
+    }
+    return ferry_caught_read_end;
+}
+
+int ferry_signal_default_action(int sig) {
+    struct sigaction fallback, saved;
+    memset(&fallback, 0, sizeof fallback);
+    fallback.sa_handler = SIG_DFL;
+    sigemptyset(&fallback.sa_mask);
+    if (sigaction(sig, &fallback, &saved) != 0) return -1;
+    sigset_t only, before;
+    sigemptyset(&only);
+    sigaddset(&only, sig);
+    pthread_sigmask(SIG_UNBLOCK, &only, &before);
+    /* Sent to this thread and not blocked: taken before raise returns. */
+    raise(sig);
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+    return sigaction(sig, &saved, NULL);
+}
+
+int ferry_signals_release(void) {
+    int result = 0;
+    for (int i = 0; i < FERRY_DEFERRED_COUNT; i++) {
+        if (sigaction(ferry_deferred_signals[i], &ferry_deferred_saved[i], NULL) != 0) result = -1;
+    }
+    for (int i = 0; i < FERRY_DEFERRED_COUNT; i++) {
+        if (ferry_deferred_caught[i]) {
+            ferry_deferred_caught[i] = 0;
+            kill(getpid(), ferry_deferred_signals[i]);
+        }
+    }
+    return result;
+}
 
 int ferry_uffdio_api(int fd, struct uffdio_api *api) { return ioctl(fd, UFFDIO_API, api); }
 int ferry_uffdio_register(int fd, struct uffdio_register *reg) { return ioctl(fd, UFFDIO_REGISTER, reg); }

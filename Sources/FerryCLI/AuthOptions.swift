@@ -76,10 +76,12 @@ public struct AuthOptions: ParsableArguments {
             let directory = (path as NSString).deletingLastPathComponent
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
                                                     attributes: [.posixPermissions: 0o700])
-            let secret = try PreSharedSecret.generate()
-            guard FileManager.default.createFile(atPath: path, contents: Data((secret.text + "\n").utf8),
-                                                 attributes: [.posixPermissions: 0o600]) else {
-                throw ValidationError("cannot create the default secret file \(path); pass --secret-file")
+            do {
+                try PreSharedSecret.generate().save(path: path)
+            } catch is KeyFileError where FileManager.default.fileExists(atPath: path) {
+                // Another seeder made it first: read theirs below.
+            } catch {
+                throw ValidationError("cannot create the default secret file \(path) (\(error)); pass --secret-file")
             }
         }
         guard FileManager.default.fileExists(atPath: path) else {

@@ -9,7 +9,8 @@ public struct KeygenCommand: ParsableCommand {
         abstract: "Write a new key pair: FILE (private, mode 0600) and FILE.pub (one line to give to peers).",
         discussion: """
             Give the .pub line to the other side, which lists it in its --authorized file. \
-            Refuses to overwrite an existing key unless --force.
+            Refuses to overwrite an existing file (or a symbolic link) at FILE or FILE.pub unless --force, \
+            which replaces them without following links.
             """)
 
     @Option(name: .shortAndLong, help: ArgumentHelp("Private key file to write.", valueName: "FILE"))
@@ -24,12 +25,12 @@ public struct KeygenCommand: ParsableCommand {
     public init() {}
 
     public func run() throws {
-        if !force && FileManager.default.fileExists(atPath: output) {
-            throw ValidationError("\(output) already exists; pass --force to replace it")
-        }
+        // `save` refuses an existing file or link at FILE or FILE.pub
+        // without --force, and with it replaces them without following links.
         let pair = try KeyPair.generate()
         try pair.save(privatePath: output, publicPath: output + ".pub",
-                      comment: comment ?? "\(NSUserName())@\(ProcessInfo.processInfo.hostName)")
+                      comment: comment ?? "\(NSUserName())@\(ProcessInfo.processInfo.hostName)",
+                      replace: force)
         print(pair.publicKey.text)
     }
 }

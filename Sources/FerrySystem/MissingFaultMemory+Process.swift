@@ -37,7 +37,8 @@ extension MissingFaultMemory {
         var mappings: [Mapping] = []
         let held: (uffd: Userfaultfd, guardian: FaultGuardian)
         do {
-            held = try ptrace.run { () throws -> (Userfaultfd, FaultGuardian) in
+            // Ctrl-C and the like wait until the target's registers are back (DeferredSignals.swift).
+            held = try DeferredSignals.during { try ptrace.run { () throws -> (Userfaultfd, FaultGuardian) in
                 let frozen = try Freezer.freeze(pid: pid)
                 defer { try? Freezer.thaw(frozen) }
                 let remote = try RemoteSyscall(frozen: frozen)
@@ -91,7 +92,7 @@ extension MissingFaultMemory {
                     throw error
                 }
                 return (uffd, guardian)
-            }
+            } }
         } catch let error as FreezeError {
             throw SystemError(operation: "freezing for the remote system calls", target: "pid \(pid)",
                               errno: { if case .system(let s) = error { return s.errno }; return ESRCH }(),

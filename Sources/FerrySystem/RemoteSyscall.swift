@@ -9,6 +9,11 @@
 // over it. The result is read and the registers restored, so the thread
 // continues exactly where it was, including the restart of a system call it
 // was interrupted in. Nothing is written to the target's memory.
+// Until the registers are restored the thread depends on us: callers run
+// every frozen section that makes remote calls inside `DeferredSignals.during`,
+// so Ctrl-C and the like cannot end us half-way. SIGKILL still can: the
+// thread then resumes at the borrowed instruction with our registers and
+// every signal blocked (docs/user-guide.md § Signals).
 // Kernel: any with PTRACE_SINGLESTEP (x86_64; arm64 untested). Capability: as Ptrace.swift.
 #if canImport(Glibc)
 import Glibc

@@ -117,6 +117,27 @@ public final class TrackedProcess: @unchecked Sendable {
         try? detach()
     }
 
+    /// Checks, without stopping or tracing it, that `pid` is a process we
+    /// may attach to: the checks `attach` starts with, then the kernel's
+    /// ptrace access check itself. Opening /proc/PID/mem needs the same
+    /// PTRACE_MODE_ATTACH rights as PTRACE_SEIZE and pidfd_getfd (Yama's
+    /// ptrace_scope and LSMs included), so a refusal here is the refusal
+    /// attaching would meet later. For callers that must know before they
+    /// commit to anything, such as the leecher's `--into PID`, which freezes
+    /// the source long before it attaches to its target.
+    public static func checkAttachable(pid: Int32) throws {
+        try checkTarget(pid: pid)
+        let fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            switch errno {
+            case ENOENT, ESRCH: throw AttachError.noSuchProcess(pid: pid)
+            case EACCES, EPERM: throw AttachError.permissionDenied(pid: pid, operation: "opening /proc/\(pid)/mem")
+            default: throw AttachError.system(pid: pid, step: "opening /proc/\(pid)/mem", underlying: String(cString: strerror(errno)))
+            }
+        }
+        close(fd)
+    }
+
     /// Refuses targets we cannot or must not trace, with the reason.
     private static func checkTarget(pid: Int32) throws {
         guard pid > 0 else { throw AttachError.invalidPid(pid: pid) }
@@ -174,7 +195,8 @@ public final class TrackedProcess: @unchecked Sendable {
     /// Creates a userfaultfd inside `pid` and returns our copy of it.
     private static func createUserfaultfd(pid: Int32, on ptrace: PtraceThread, allowUserModeOnly: Bool) throws -> Int32 {
         do {
-            return try ptrace.run {
+            // Ctrl-C and the like wait until the target's registers are back (DeferredSignals.swift).
+            return try DeferredSignals.during { try ptrace.run {
                 let frozen = try Freezer.freeze(pid: pid)
                 defer { try? Freezer.thaw(frozen) }
                 let remote = try RemoteSyscall(frozen: frozen)
@@ -201,7 +223,7 @@ public final class TrackedProcess: @unchecked Sendable {
                     throw AttachError.system(pid: pid, step: "pidfd_getfd", underlying: String(cString: strerror(errno)))
                 }
                 return local
-            }
+            } }
         } catch let error as FreezeError {
             switch error {
             case .processGone: throw AttachError.processExited(pid: pid)

@@ -70,6 +70,8 @@ public enum HandshakeFailure: UInt8, Sendable, CustomStringConvertible {
     case badSignature = 8
     case timeout = 9
     case internalError = 10
+    /// The server already runs `WireLimits.maxPendingHandshakes` handshakes.
+    case busy = 11
     /// Local only, never sent: the peer closed the connection mid-handshake.
     case peerClosed = 0xF0
 
@@ -85,6 +87,7 @@ public enum HandshakeFailure: UInt8, Sendable, CustomStringConvertible {
         case .badSignature: return "bad signature"
         case .timeout: return "handshake timeout"
         case .internalError: return "internal error"
+        case .busy: return "too many connections in their handshake"
         case .peerClosed: return "peer closed"
         }
     }
@@ -163,6 +166,7 @@ enum Reject {
             detail = "\(peerRole) rejected the connection: the pre-shared secrets differ; check that both sides use the same --secret-file"
         case .unsupportedVersion: detail = "\(peerRole) does not support wire protocol version \(HandshakeConstants.version); upgrade one side"
         case .modeMismatch: detail = "\(peerRole) rejected the connection: it expects the other authentication mode (we offered \(mode.text))"
+        case .busy: detail = "\(peerRole) is busy: too many connections are in their handshake there; retry in a few seconds"
         default: detail = "\(peerRole) rejected the connection: \(code)"
         }
         let quoted = said.isEmpty ? "" : " (\(peerRole) says: \"\(said)\")"

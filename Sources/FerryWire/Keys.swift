@@ -65,10 +65,33 @@ public struct PreSharedSecret: Sendable {
         }
         guard var b = found else { throw KeyFileError(path: path, line: nil, problem: "no secret found; create one with `seeder secret > \(path)`") }
         defer { Sodium.wipe(&b) }
+        if Self.isWeak(b) {
+            throw KeyFileError(path: path, line: nil, problem: "the secret is not random (\(Set(b).count) distinct byte values, a random one has about 30); replace it with the output of `seeder secret`")
+        }
         try self.init(bytes: b)
     }
 
-    /// Loads a secret file; refuses files that group or others can read.
+    /// Fewest distinct byte values a secret read from a file may have. A
+    /// random 32-byte secret has about 30; one with fewer than 16 turns up
+    /// with probability below 10^-15, while all-zero, one repeated byte and
+    /// short repeated patterns (`0123…ef` four times) all fall under it.
+    public static let minimumDistinctBytes = 16
+
+    /// True for secrets nobody drew at random: all zero, one byte repeated,
+    /// a short pattern repeated.
+    static func isWeak(_ bytes: [UInt8]) -> Bool {
+        Set(bytes).count < minimumDistinctBytes
+    }
+
+    /// Writes the secret file (mode 0600). Refuses an existing file or a
+    /// symbolic link at `path` unless `replace`, which swaps in a new file
+    /// (a link is replaced, never followed).
+    public func save(path: String, replace: Bool = false) throws {
+        try KeyFiles.write(path, text + "\n", mode: 0o600, replace: replace)
+    }
+
+    /// Loads a secret file; refuses links, anything but a regular file, files
+    /// owned by others, files group or others can access, and weak secrets.
     public static func load(path: String) throws -> PreSharedSecret {
         let text = try KeyFiles.readPrivate(path)
         return try PreSharedSecret(text: text, path: path)
@@ -173,12 +196,26 @@ public struct KeyPair: Sendable {
         throw KeyFileError(path: path, line: nil, problem: "no private key found; create one with `seeder keygen` or `leecher keygen`")
     }
 
-    /// Writes the private key (mode 0600, created or replaced) and the public key line.
-    public func save(privatePath: String, publicPath: String, comment: String? = nil) throws {
-        try KeyFiles.write(privatePath, privateText + "\n", mode: 0o600)
+    /// Writes the private key (mode 0600) and the public key line (0644).
+    /// Without `replace`, refuses when either path exists, even as a
+    /// dangling symbolic link, and writes neither; with it, each file is
+    /// written beside its path and renamed over it, so a link planted at
+    /// either path is replaced, never followed.
+    public func save(privatePath: String, publicPath: String, comment: String? = nil, replace: Bool = false) throws {
         var pub = publicKey.text
         if let c = comment, !c.isEmpty { pub += " " + c }
-        try KeyFiles.write(publicPath, pub + "\n", mode: 0o644)
+        if !replace {
+            for path in [privatePath, publicPath] where KeyFiles.exists(path) {
+                throw KeyFileError(path: path, line: nil, problem: "already exists; pass --force to replace it")
+            }
+        }
+        try KeyFiles.write(privatePath, privateText + "\n", mode: 0o600, replace: replace)
+        do {
+            try KeyFiles.write(publicPath, pub + "\n", mode: 0o644, replace: replace)
+        } catch {
+            if !replace { _ = unlink(privatePath) }  // ours: created exclusively just above
+            throw error
+        }
     }
 
     /// An Ed25519 signature over `message`: the handshake's identity proof,
@@ -230,6 +267,10 @@ enum KeyFiles {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw KeyFileError(path: path, line: nil, problem: "cannot open: \(errnoText())") }
         defer { _ = Glibc.close(fd) }
+        return try read(fd: fd, path: path, limit: limit)
+    }
+
+    static func read(fd: Int32, path: String, limit: Int = 1 << 20) throws -> String {
         var out = [UInt8]()
         var buf = [UInt8](repeating: 0, count: 4096)
         while true {
@@ -243,21 +284,61 @@ enum KeyFiles {
         return String(decoding: out, as: UTF8.self)
     }
 
-    /// Reads a secret file, refusing it when group or others have any access (like ssh).
-    static func readPrivate(_ path: String) throws -> String {
+    /// True when something, even a dangling symbolic link, is at `path`.
+    static func exists(_ path: String) -> Bool {
         var st = stat()
-        guard stat(path, &st) == 0 else { throw KeyFileError(path: path, line: nil, problem: "cannot open: \(errnoText())") }
+        return lstat(path, &st) == 0
+    }
+
+    /// Reads a secret file, like ssh: refuses a symbolic link, anything but
+    /// a regular file, a file owned by someone other than us or root, and a
+    /// file group or others can access. The checks are made with `fstat` on
+    /// the descriptor that is then read, so the file cannot be swapped
+    /// between check and read.
+    static func readPrivate(_ path: String) throws -> String {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ELOOP {
+                throw KeyFileError(path: path, line: nil, problem: "is a symbolic link; a file holding a secret must be a regular file (pass the link's target)")
+            }
+            throw KeyFileError(path: path, line: nil, problem: "cannot open: \(errnoText())")
+        }
+        defer { _ = Glibc.close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw KeyFileError(path: path, line: nil, problem: "cannot stat: \(errnoText())") }
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            throw KeyFileError(path: path, line: nil, problem: "is not a regular file; a secret must be kept in a plain file")
+        }
+        let me = geteuid()
+        guard st.st_uid == me || st.st_uid == 0 else {
+            throw KeyFileError(path: path, line: nil, problem: "is owned by uid \(st.st_uid), not by us (uid \(me)) or root: its owner can read or replace the secret; run `chown \(me) \(path)`")
+        }
         let mode = st.st_mode & 0o777
         guard mode & 0o077 == 0 else {
             throw KeyFileError(path: path, line: nil, problem: "permissions \(String(mode, radix: 8)) are too open: the file holds a secret; run `chmod 600 \(path)`")
         }
-        return try read(path)
+        return try read(fd: fd, path: path)
     }
 
-    static func write(_ path: String, _ text: String, mode: mode_t) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
-        guard fd >= 0 else { throw KeyFileError(path: path, line: nil, problem: "cannot create: \(errnoText())") }
-        defer { _ = Glibc.close(fd) }
+    /// Writes a new file with `mode`. Without `replace` the file is created
+    /// exclusively (`O_EXCL`, which also refuses any symbolic link at
+    /// `path`). With `replace`, it is created exclusively under a temporary
+    /// name in the same directory and renamed over `path`: whatever was at
+    /// `path`, a link included, is replaced, and no link is followed.
+    static func write(_ path: String, _ text: String, mode: mode_t, replace: Bool = false) throws {
+        let target = replace ? try temporaryName(beside: path) : path
+        let fd = open(target, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
+        guard fd >= 0 else {
+            if errno == EEXIST {
+                throw KeyFileError(path: path, line: nil, problem: "already exists; pass --force to replace it")
+            }
+            throw KeyFileError(path: path, line: nil, problem: "cannot create: \(errnoText())")
+        }
+        var done = false
+        defer {
+            _ = Glibc.close(fd)
+            if !done { _ = unlink(target) }
+        }
         guard fchmod(fd, mode) == 0 else { throw KeyFileError(path: path, line: nil, problem: "cannot set mode \(String(mode, radix: 8)): \(errnoText())") }
         var bytes = Array(text.utf8)
         defer { Sodium.wipe(&bytes) }
@@ -267,5 +348,19 @@ enum KeyFiles {
             if n < 0 { if errno == EINTR { continue }; throw KeyFileError(path: path, line: nil, problem: "cannot write: \(errnoText())") }
             off += n
         }
+        guard fsync(fd) == 0 else { throw KeyFileError(path: path, line: nil, problem: "cannot write: \(errnoText())") }
+        if replace {
+            guard rename(target, path) == 0 else { throw KeyFileError(path: path, line: nil, problem: "cannot replace: \(errnoText())") }
+        }
+        done = true
+    }
+
+    /// `DIR/.NAME.XXXXXXXX`, a name beside `path` that is not in use yet.
+    static func temporaryName(beside path: String) throws -> String {
+        let slash = path.lastIndex(of: "/")
+        let dir = slash.map { String(path[...$0]) } ?? ""
+        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        let random = try Sodium.randomBytes(6).hexString
+        return "\(dir).\(name).\(random)"
     }
 }

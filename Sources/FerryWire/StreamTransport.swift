@@ -50,9 +50,13 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     /// How long a graceful close waits for queued writes to reach a peer that
     /// does not read, before closing anyway.
     static let closeLingerMilliseconds: UInt64 = 5_000
-    /// The limit before `setMaxIncomingFrameSize` is called: the protocol's
-    /// largest frame. The secure channel lowers it until the peer is authenticated.
-    static let defaultMaxIncomingFrameSize = WireLimits.maxFrame
+    /// The limit before `setMaxIncomingFrameSize` is called: the handshake's,
+    /// from the first byte read. Every stream carries a handshake first, and
+    /// reading starts as soon as the handles are attached, before anyone can
+    /// lower the limit: a larger default let an unauthenticated peer make us
+    /// allocate a whole frame of it. The secure channel raises it once the
+    /// peer is authenticated.
+    static let defaultMaxIncomingFrameSize = WireLimits.handshakeMaxFrame
 
     let loop: EventLoop
     public let peerDescription: String

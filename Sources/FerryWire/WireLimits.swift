@@ -12,6 +12,15 @@ public enum WireLimits {
     /// round trips; anything slower is holding a connection slot for free.
     public static let handshakeTimeout: Duration = .seconds(10)
 
+    /// Connections a listener lets run their handshake at the same time;
+    /// further ones get Reject(`busy`) and are closed at once. Each pending
+    /// handshake holds a socket, a libuv handle, a task and at most one
+    /// `handshakeMaxFrame` buffer (about 20 KiB all told), for up to
+    /// `handshakeTimeout`: 64 of them cost about 1 MiB, while an honest
+    /// seeder sees one leecher and a hub a few dozen connecting at once.
+    /// Authenticated connections do not count.
+    public static let maxPendingHandshakes = 64
+
     /// Largest RPC payload or streamed part (8 MiB): a page batch of "a few MiB"
     /// fits with room to spare, and a receiver never allocates more for one frame.
     public static let maxPayload = 8 << 20

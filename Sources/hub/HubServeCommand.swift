@@ -84,37 +84,33 @@ struct HubServeCommand: AsyncParsableCommand {
                 reporter.event("listening", ["address": .string("\(seeders.endpoint)"), "side": .string("seeders")],
                                text: "hub: seeders dial in at \(seeders.endpoint)")
                 Task {
-                    while let transport = try? await seeders.accept() {
-                        Task {
-                            do {
-                                let channel = try await SecureChannel.server(over: transport, credentials: upstreamCredentials)
-                                try await hub.acceptSeeder(channel)
-                            } catch {
-                                transport.close()
-                                reporter.event("refused", ["peer": .string(transport.peerDescription),
-                                                           "reason": .string("\(error)")],
-                                               text: "hub: refused seeder \(transport.peerDescription): \(error)")
-                            }
+                    // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
+                    await seeders.serveHandshakes(credentials: upstreamCredentials, authenticated: { channel in
+                        do {
+                            try await hub.acceptSeeder(channel)
+                        } catch {
+                            channel.close()
+                            Self.refused(channel.peerDescription, error, reporter, seeder: true)
                         }
-                    }
+                    }, refused: { peer, error in
+                        Self.refused(peer, error, reporter, seeder: true)
+                    })
                 }
             }
             let leechers = try await Listener.bind(try Endpoint(parsing: listen))
             reporter.event("listening", ["address": .string("\(leechers.endpoint)"), "side": .string("leechers")],
                            text: "hub: leechers connect at \(leechers.endpoint) (finalize \(policy.rawValue))")
-            while let transport = try? await leechers.accept() {
-                Task {
-                    do {
-                        let channel = try await SecureChannel.server(over: transport, credentials: leecherCredentials)
-                        await hub.serve(channel)
-                    } catch {
-                        transport.close()
-                        reporter.event("refused", ["peer": .string(transport.peerDescription), "reason": .string("\(error)")],
-                                       text: "hub: refused \(transport.peerDescription): \(error)")
-                    }
-                }
-            }
+            await leechers.serveHandshakes(credentials: leecherCredentials, authenticated: { channel in
+                await hub.serve(channel)
+            }, refused: { peer, error in
+                Self.refused(peer, error, reporter)
+            })
         }
+    }
+
+    static func refused(_ peer: String, _ error: any Error, _ reporter: Reporter, seeder: Bool = false) {
+        reporter.event("refused", ["peer": .string(peer), "reason": .string("\(error)")],
+                       text: "hub: refused \(seeder ? "seeder " : "")\(peer): \(error)")
     }
 
     static func report(_ event: HubEvent, _ reporter: Reporter) {

@@ -112,6 +112,10 @@ struct PullCommand: AsyncParsableCommand {
     func run() async throws {
         let reporter = Reporter(command: "leecher", json: output.json)
         try await runReporting(reporter) {
+            // The target of --into is attached only after Finalize, when the
+            // source is already frozen: refuse a target we could not attach
+            // to now, before connecting, so a typo costs the source nothing.
+            if let into { try TrackedProcess.checkAttachable(pid: into) }
             tuneAllocatorForBulkFrames()
             var options = LeecherOptions()
             options.policy = FinalizePolicy(cleanShare: try FinalizePolicy.parsePercent(finalizeAt),

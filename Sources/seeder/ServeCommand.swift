@@ -38,7 +38,12 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Seconds a session survives a lost leecher.", valueName: "SECONDS"))
     var grace = "5"
 
-    @Option(name: .long, help: "Dirty tracker: async, sync or soft-dirty (default: the best this kernel has).")
+    @Option(name: .long, help: """
+        Dirty tracker: async, sync or soft-dirty (default: the best this kernel has, async on 6.7+). \
+        async and soft-dirty are safe to stop the seeder under. With sync the process waits on the \
+        seeder for each write it makes: a seeder stopped by SIGSTOP or a debugger hangs it until \
+        continued (Ctrl-Z is refused while sync tracks).
+        """)
     var tracker: String?
 
     @Option(name: .long, help: ArgumentHelp(
@@ -68,17 +73,30 @@ struct ServeCommand: AsyncParsableCommand {
             // Check every address before touching the process.
             let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
             let listenEndpoint = try Endpoint(parsing: listen)
+            // Signals are handled from before the attach: one that arrives
+            // while the target runs a system call for us waits until its
+            // registers are back, and is then only recorded here.
+            let relay = SignalRelay()
+            let signals = SignalWatcher(Self.signals) { relay.receive($0) }
+            defer { signals.cancel() }
             let process = try TrackedProcess.attach(pid: pid, tracker: trackerKind)
+            if let signal = relay.pending {
+                try? process.detach()
+                throw MigrationError.seeder("interrupted by signal \(signal) while attaching; pid \(pid) was let go untouched and runs on")
+            }
             var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
             options.signingKey = try (signingKey ?? auth.key).map { try KeyPair.load(path: $0) }
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
             }
-            let signals = SignalWatcher { signal in
+            relay.connect { signal in
                 service.abandon("interrupted by signal \(signal)")
             }
-            defer { signals.cancel() }
+            // Ctrl-Z: the sync tracker makes the process wait on us for each
+            // write it makes, so a stopped seeder would hang it.
+            let stops = SignalWatcher([SIGTSTP]) { _ in Self.stopRequested(process, reporter: reporter) }
+            defer { stops.cancel() }
 
             var listener: Listener? = nil
             if let hub = hubEndpoint {
@@ -111,12 +129,12 @@ struct ServeCommand: AsyncParsableCommand {
                                              "tracker": .string(process.trackerKind.rawValue)],
                                text: "seeder: serving pid \(pid) on \(bound.endpoint) (tracker \(process.trackerKind.rawValue))")
                 Task {
-                    while true {
-                        guard let transport = try? await bound.accept() else { return }
-                        Task {
-                            await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)
-                        }
-                    }
+                    // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
+                    await bound.serveHandshakes(credentials: credentials, authenticated: { channel in
+                        await Self.serve(channel, service: service, reporter: reporter)
+                    }, refused: { peer, error in
+                        Self.refused(peer, error, reporter: reporter)
+                    })
                 }
             }
             let outcome = await service.outcome()
@@ -133,18 +151,44 @@ struct ServeCommand: AsyncParsableCommand {
         }
     }
 
+    /// The signals that end a migration cleanly.
+    static let signals = [SIGINT, SIGTERM, SIGHUP]
+
+    /// SIGTSTP (Ctrl-Z): stops the seeder as usual, unless the sync tracker
+    /// is tracking. Then every write of the process to a protected page
+    /// waits in the kernel until our fault handler answers, so a stopped
+    /// seeder would hang the process until continued: refuse, and say why.
+    /// (SIGSTOP and a debugger cannot be refused: see `--tracker`'s help.)
+    static func stopRequested(_ process: TrackedProcess, reporter: Reporter) {
+        if process.trackerKind == .sync && process.isTracking {
+            let message = "not stopping: with the sync tracker pid \(process.pid) waits on this seeder for each write it makes, and would hang while the seeder is stopped; Ctrl-C ends the migration and lets pid \(process.pid) run on"
+            reporter.event("notice", ["message": .string(message)], text: "seeder: \(message)")
+            return
+        }
+        SignalCatcher.takeDefaultAction(SIGTSTP)
+    }
+
     static func accept(_ transport: FrameTransport, credentials: Credentials, service: SeederService,
                        reporter: Reporter) async {
         let peer = transport.peerDescription
         do {
             let channel = try await SecureChannel.server(over: transport, credentials: credentials)
-            reporter.event("connected", ["peer": .string(peer)], text: "seeder: leecher connected from \(peer)")
-            await service.serve(channel)
+            await serve(channel, service: service, reporter: reporter)
         } catch {
             transport.close()
-            reporter.event("refused", ["peer": .string(peer), "reason": .string("\(error)")],
-                           text: "seeder: refused \(peer): \(error)")
+            refused(peer, error, reporter: reporter)
         }
+    }
+
+    static func serve(_ channel: SecureChannel, service: SeederService, reporter: Reporter) async {
+        let peer = channel.peerDescription
+        reporter.event("connected", ["peer": .string(peer)], text: "seeder: leecher connected from \(peer)")
+        await service.serve(channel)
+    }
+
+    static func refused(_ peer: String, _ error: any Error, reporter: Reporter) {
+        reporter.event("refused", ["peer": .string(peer), "reason": .string("\(error)")],
+                       text: "seeder: refused \(peer): \(error)")
     }
 
     static func report(_ event: SeederEvent, _ reporter: Reporter) {

@@ -8,12 +8,17 @@ import Testing
 @Suite struct TransportTests {
     // MARK: Helpers
 
-    /// A listener and a connected pair (client, server side).
+    /// A listener and a connected pair (client, server side). Streams start
+    /// at the handshake's frame limit; these raw pairs (no handshake) take
+    /// frames up to the protocol's largest, as a secure channel would.
     static func connectedPair(_ endpoint: Endpoint) async throws -> (Listener, FrameTransport, FrameTransport) {
         let listener = try await Listener.bind(endpoint)
         async let server = listener.accept()
         let client = try await Transports.connect(to: listener.endpoint, timeout: .seconds(5))
-        return (listener, client, try await server)
+        let accepted = try await server
+        client.setMaxIncomingFrameSize(WireLimits.maxFrame)
+        accepted.setMaxIncomingFrameSize(WireLimits.maxFrame)
+        return (listener, client, accepted)
     }
 
     static func pattern(_ n: Int, seed: UInt8) -> [UInt8] {
@@ -28,6 +33,9 @@ import Testing
 
     /// Sends frames one way and back, checking bytes and order.
     static func roundTrip(_ a: FrameTransport, _ b: FrameTransport, sizes: [Int]) async throws {
+        for t in [a, b] where sizes.contains(where: { $0 > WireLimits.handshakeMaxFrame }) {
+            t.setMaxIncomingFrameSize(max(WireLimits.maxFrame, sizes.max() ?? 0))
+        }
         async let echo: Void = {
             for _ in sizes {
                 guard let f = try await b.receive() else { Issue.record("early end of stream"); return }
@@ -540,6 +548,7 @@ import Testing
         Glibc.close(toChild[0])
         Glibc.close(fromChild[1])
         let t = StdioTransport.make(input: fromChild[0], output: toChild[1], peer: "cat", on: .shared)
+        t.setMaxIncomingFrameSize(WireLimits.maxFrame)
         for n in [1, 1000, 1 << 20] {
             let frame = Self.pattern(n, seed: 3)
             try await t.send(frame)

@@ -30,7 +30,7 @@ func readVectors(_ name: String) throws -> [String: String] {
 func writeVectors(_ name: String, header: String, _ entries: [(String, String)]) throws {
     var text = header.split(separator: "\n").map { "# " + $0 }.joined(separator: "\n") + "\n"
     for (k, v) in entries { text += "\(k) = \(v)\n" }
-    try KeyFiles.write("\(vectorDir)/\(name)", text, mode: 0o644)
+    try KeyFiles.write("\(vectorDir)/\(name)", text, mode: 0o644, replace: true)
 }
 
 func bytes(_ n: Int, from start: UInt8) -> [UInt8] { (0..<n).map { start &+ UInt8($0) } }

@@ -124,6 +124,26 @@ ssize_t ferry_process_vm_readv(pid_t pid, const struct iovec *local, unsigned lo
                                const struct iovec *remote, unsigned long riovcnt);
 int ferry_tgkill(pid_t tgid, pid_t tid, int sig);
 
+/* Deferring SIGINT, SIGTERM, SIGHUP and SIGTSTP while a remote system call
+ * runs (DeferredSignals.swift). `defer` installs a handler that only marks a
+ * signal caught, saving the previous dispositions; `release` restores them
+ * and sends each caught signal to this process again. Not reentrant: the
+ * caller serializes the two and counts nesting. Return 0, or -1 with errno. */
+int ferry_signals_defer(void);
+int ferry_signals_release(void);
+
+/* Catching signals synchronously (SignalCatcher.swift): installs a handler
+ * for each of `signals` that writes the signal's number, one byte, to a
+ * process-wide pipe, and returns the pipe's read end (blocking), or -1 with
+ * errno. The handler is in place when this returns, so no signal is lost or
+ * takes its default action afterwards. */
+int ferry_signals_catch(const int *signals, int count);
+
+/* Lets `sig` take its default action on the calling thread, now (for
+ * SIGTSTP: stop, unless the process group is orphaned), then puts the
+ * current disposition back. Returns 0, or -1 with errno. */
+int ferry_signal_default_action(int sig);
+
 // Typed ioctls: one per request so Swift never builds a request number.
 int ferry_uffdio_api(int fd, struct uffdio_api *api);
 int ferry_uffdio_register(int fd, struct uffdio_register *reg);
