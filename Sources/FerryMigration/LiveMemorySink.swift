@@ -116,6 +116,8 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     private var slots: [UInt64: UInt32] = [:]
     private var nextSlot: UInt32 = 0
     private static let zeroSlot = UInt32.max
+    /// A page nothing backs in the source: SIGBUS when touched.
+    private static let holeSlot = UInt32.max - 1
     /// Pages staged clean at Finalize, in runs, for the local fill.
     private var cleanRuns: [AddressRange] = []
     private var activeMemory: MissingFaultMemory?
@@ -161,7 +163,7 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
         var page = range.start
         while page < range.end {
             let slot: UInt32
-            if let existing = slots[page], existing != Self.zeroSlot {
+            if let existing = slots[page], existing != Self.zeroSlot, existing != Self.holeSlot {
                 slot = existing
             } else {
                 slot = nextSlot
@@ -173,6 +175,18 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
             }
             // SAFETY: the slot is inside the reservation (checked above); source is inside `data`.
             memcpy(arena + Int(UInt64(slot) * pageSize), data.baseAddress! + Int(page - range.start), Int(pageSize))
+            page += pageSize
+        }
+    }
+
+    public func storeHole(_ range: AddressRange) throws {
+        if let memory = activeMemory {
+            memory.installHole(range)
+            return
+        }
+        var page = range.start
+        while page < range.end {
+            slots[page] = Self.holeSlot
             page += pageSize
         }
     }
@@ -259,6 +273,9 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
             if slot == Self.zeroSlot {
                 while end < range.end, slots[end] == Self.zeroSlot { end += pageSize }
                 try memory.installZero(AddressRange(start: page, end: end))
+            } else if slot == Self.holeSlot {
+                while end < range.end, slots[end] == Self.holeSlot { end += pageSize }
+                memory.installHole(AddressRange(start: page, end: end))
             } else {
                 var next = slot + 1
                 while end < range.end, let s = slots[end], s == next { end += pageSize; next += 1 }

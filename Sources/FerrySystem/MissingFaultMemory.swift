@@ -389,6 +389,14 @@ public final class MissingFaultMemory: @unchecked Sendable {
         }
     }
 
+    /// Marks pages of `range` (source addresses) that nothing backs in the
+    /// source (past the end of its file): they raise SIGBUS when touched, as
+    /// they did there. Returns how many were marked.
+    @discardableResult
+    public func installHole(_ range: AddressRange) -> Int {
+        lock.withLock { poisonLocked(range) }
+    }
+
     // MARK: - Failing cleanly
 
     /// Poisons the missing pages of `range` (source addresses): each then
