@@ -339,7 +339,9 @@ final class HubMigration: Sendable {
     /// all leechers asking at the same time.
     private func syncUpstream() async throws {
         let task = state.withLock { s -> Task<Void, any Error>? in
-            guard s.phase == .tracking, s.upstreamFailure == nil else { return nil }
+            // Once Finalize is under way, its reply says everything a Sync
+            // would (and it waits for the Sync already in flight).
+            guard s.phase == .tracking, s.upstreamFailure == nil, s.finalizing == nil else { return nil }
             if let syncing = s.syncing { return syncing }
             if let last = s.lastSync, ContinuousClock.now - last < options.syncInterval { return nil }
             let epoch = s.layoutEpoch
@@ -364,21 +366,34 @@ final class HubMigration: Sendable {
     }
 
     /// Every page upstream reports written gets a new version: cached copies
-    /// and the copies leechers hold of it are stale from now on.
+    /// and the copies leechers hold of it are stale from now on. So does every
+    /// page of memory that appeared since the last layout (see below).
+    ///
+    /// Reports must be applied in the order upstream made them, and none may
+    /// be skipped: the layouts they carry are the only record of memory that
+    /// vanished and came back (`finalize` waits for the Sync in flight).
     private func applyUpstreamReport(epoch: UInt64, layout: [Region]?, dirty: [AddressRange], fromSync: Bool = false) {
         state.withLock { s in
-            // A Sync answered around the freeze says nothing the Finalize
-            // reply did not: applying it would bump versions (and re-fetch
-            // pages) for nothing, or put back an older layout.
-            if fromSync && s.finalizing != nil { return }
+            // Nothing upstream said before the freeze can follow its reply.
+            if fromSync && s.finalized != nil { return }
+            var changed: [AddressRange] = []
             if let layout {
+                // Memory that appeared, or whose backing changed, is new: what
+                // the hub cached or found unmapped at those addresses belongs
+                // to an earlier mapping. Upstream does not report it dirty:
+                // for the seeder, pages of a new mapping were never sent, so
+                // they cannot have been written since. (A heap that shrinks
+                // and grows back, a mapping unmapped and mapped again at the
+                // same address: without this the hub served the old bytes,
+                // or answered "unmapped" for a mapped page forever.)
+                changed = LayoutChange.diff(old: s.layout, new: layout).newlyDirty
                 s.layout = layout
                 s.layoutEpoch = epoch
             }
             // Only pages of the layout can be dirty: a wider range (a broken
             // or hostile seeder) would make the hub walk pages that do not exist.
             let migratable = Ranges.merge(s.layout.filter { $0.kind == .migrate }.map(\.range))
-            for range in Ranges.intersect(Ranges.merge(dirty), migratable) {
+            for range in Ranges.intersect(Ranges.merge(dirty + changed), migratable) {
                 var page = range.start
                 while page < range.end {
                     s.versions[page, default: 0] &+= 1
@@ -654,6 +669,10 @@ final class HubMigration: Sendable {
         }
         let mapped = pages.filter { page in covered.contains { $0.contains(page) } }
         try await ensureCached(mapped)
+        // Pages outside the layout are answered unmapped: a copy cached
+        // there is of memory that is gone (the leecher learns the layout
+        // from its next Sync).
+        let inLayout = Set(mapped)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: MigrationLimits.pagesPerPart * Int(pageSize),
                                                            alignment: Int(pageSize))
         defer { buffer.deallocate() }
@@ -667,7 +686,7 @@ final class HubMigration: Sendable {
             try cacheLock.withLock { _ in
                 for (i, page) in chunk.enumerated() {
                     let destination = buffer.baseAddress! + i * Int(pageSize)
-                    if let entry = cache.entry(page) {
+                    if inLayout.contains(page), let entry = cache.entry(page) {
                         if try !cache.load(entry, into: destination) { memset(destination, 0, Int(pageSize)) }
                         if options.tamper?.alterPage == page {
                             destination.storeBytes(of: destination.load(as: UInt8.self) ^ 0xFF, as: UInt8.self)
@@ -753,7 +772,11 @@ final class HubMigration: Sendable {
             case .manual: go = s.operatorSaidFinalize
             }
             if go {
+                let syncing = s.syncing
                 s.finalizing = Task { [link] in
+                    // A Sync in flight was answered before the freeze: its
+                    // report (a layout, at least) comes first.
+                    _ = try? await syncing?.value
                     let parts = try await link.callParts(.finalize, [])
                     let report = try DirtyReportCodec.decode(parts)
                     self.applyUpstreamReport(epoch: report.epoch, layout: report.layout, dirty: report.dirty)
