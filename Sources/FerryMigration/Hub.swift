@@ -268,6 +268,8 @@ final class HubMigration: Sendable {
         /// Set when every leecher left after the freeze and the hub told the
         /// seeder to abort (the source thaws): nothing more to serve.
         var abandoned: String? = nil
+        /// The seeder's answer to the hub's Abort of an abandoned migration.
+        var upstreamAborted: String? = nil
         /// Upstream Complete was started: leechers completing at the same
         /// time must not send it twice (the second would be refused).
         var completing = false
@@ -651,9 +653,28 @@ final class HubMigration: Sendable {
         case .abort:
             leecher.state.withLock { $0.attached = false }
             await leecherGone(leecher)
-            return OutcomeReply(message: "left migration '\(name)'; the other leechers go on").encode()
+            return OutcomeReply(message: leftMessage()).encode()
         case .hello, .track:
             throw RPCError(code: .badRequest, message: "\(method) was already answered on this connection")
+        }
+    }
+
+    /// The answer to a leecher's Abort: what becomes of the source.
+    private func leftMessage() -> String {
+        state.withLock { s in
+            let others = s.leechers.count
+            if let said = s.upstreamAborted {
+                return "left migration '\(name)' as the last leecher after the freeze, so the hub told the seeder to abort; the seeder said: \(said)"
+            }
+            if let failure = s.upstreamFailure {
+                return "left migration '\(name)'; \(failure) (a seeder left alone thaws the source after its grace period)"
+            }
+            if s.finalized != nil {
+                return "left migration '\(name)'; the source stays frozen for the \(others) other leecher(s)"
+            }
+            return others > 0
+                ? "left migration '\(name)' before the freeze; the source runs on, tracked for the \(others) other leecher(s)"
+                : "left migration '\(name)' before the freeze; the source runs on (the hub keeps tracking it for leechers to come)"
         }
     }
 
@@ -893,7 +914,9 @@ final class HubMigration: Sendable {
         case nil:
             return
         case .abort:
-            let said = (try? OutcomeReply.decode(try await link.call(.abort, [])).message) ?? "the seeder did not answer"
+            let said = (try? OutcomeReply.decode(try await link.call(.abort, [])).message)
+                ?? "the seeder did not answer; it thaws the source itself after its grace period"
+            state.withLock { $0.upstreamAborted = said }
             events(.abandoned(migration: name, message: said))
             await link.close()
             return

@@ -133,6 +133,52 @@ import FerryTestSupport
         }
     }
 
+    /// Issue 11: a leecher stopped by SIGTERM printed `CancellationError()`.
+    /// It says which signal, and what became of the source: after the
+    /// freeze, the seeder (directly, or through the hub, whose last leecher
+    /// left) thaws it, and the process writes on.
+    @Test(arguments: [false, true])
+    func aLeecherStoppedBySIGTERMSaysTheSourceWasThawed(throughHub: Bool) throws {
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let child = try Memwriter(["--mib", "32", "--threads", "1", "--rate", "2000", "--pattern"])
+        defer { child.stop() }
+        let seeder = try ChildProcess(builtExecutable("seeder"),
+                                      ["serve", "\(child.pid)", "--listen", "127.0.0.1:0", "--secret-file", secretPath,
+                                       "--grace", "2", "--json"])
+        defer { seeder.stop() }
+        var address = try Self.address(in: try seeder.expect("{\"event\":\"listening\""))
+        var hub: ChildProcess? = nil
+        defer { hub?.stop() }
+        if throughHub {
+            let relay = try ChildProcess(builtExecutable("hub"),
+                                         ["serve", "--upstream", address, "--listen", "127.0.0.1:0",
+                                          "--secret-file", secretPath, "--grace", "1", "--json"])
+            hub = relay
+            address = try Self.address(in: try relay.expect("{\"event\":\"listening\""))
+        }
+        // Freezes early and post-copies one page at a time: SIGTERM lands after the freeze.
+        let leecher = try ChildProcess(builtExecutable("leecher"),
+                                       ["pull", address, "--secret-file", secretPath, "--out", scratch + "/term",
+                                        "--finalize-at", "2%", "--in-flight", "1", "--batch-pages", "1", "--json"])
+        defer { leecher.stop() }
+        _ = try leecher.expect("{\"event\":\"finalized\"", timeout: 30)
+        kill(leecher.pid, SIGTERM)
+        let said = try leecher.firstLine(within: 10, prefixes: ["{\"event\":\"error\"", "{\"event\":\"complete\""])
+        #expect(said.contains("interrupted by SIGTERM; "), "\(said)")
+        #expect(said.contains("was thawed and runs on"), "\(said)")
+        #expect(!said.contains("CancellationError"))
+        #expect(leecher.waitForExit() == 1)
+        #expect(seeder.waitForExit() == 1, "the seeder ends with the aborted migration")
+        #expect(!FileManager.default.fileExists(atPath: scratch + "/term"))
+        // Thawed: the writer counts on.
+        child.send("count")
+        let before = try child.expect("count ")
+        Thread.sleep(forTimeInterval: 0.2)
+        child.send("count")
+        let after = try child.expect("count ")
+        #expect(UInt64(after.dropFirst(6))! > UInt64(before.dropFirst(6))!, "\(before) then \(after)")
+    }
+
     @Test func hubServeFinalizeManualWaitsForSIGUSR1() throws {
         defer { try? FileManager.default.removeItem(atPath: scratch) }
         let child = try Memwriter(["--mib", "8", "--threads", "1", "--rate", "2000", "--pattern"])
