@@ -263,7 +263,11 @@ final class HubMigration: Sendable {
         var upstreamCompleted: String? = nil
         var pagesFetched: UInt64 = 0
         var filling: Task<Void, Never>? = nil
-        /// Pages upstream said are not mapped, at the version asked: nothing to fetch.
+        /// Pages upstream said are not mapped in the frozen source, at the
+        /// version asked: nothing to fetch. (Before the freeze such an answer
+        /// is only true for a moment: a heap trimmed and grown back between
+        /// two scans looks unchanged to the next layout, so the page is asked
+        /// again each time.)
         var unmappedAt: [UInt64: UInt32] = [:]
         /// Set when every leecher left after the freeze and the hub told the
         /// seeder to abort (the source thaws): nothing more to serve.
@@ -490,7 +494,7 @@ final class HubMigration: Sendable {
 
     /// One upstream ReadAt; stores each page at the version it had when asked.
     private func fetch(_ ranges: [AddressRange], link: SessionLink) async throws {
-        let asked = state.withLock { s -> [UInt64: UInt32] in
+        let (asked, frozen) = state.withLock { s -> ([UInt64: UInt32], Bool) in
             var vs: [UInt64: UInt32] = [:]
             for range in ranges {
                 var page = range.start
@@ -499,7 +503,7 @@ final class HubMigration: Sendable {
                     page += pageSize
                 }
             }
-            return vs
+            return (vs, s.phase == .frozen)
         }
         defer {
             state.withLock { s in
@@ -527,6 +531,7 @@ final class HubMigration: Sendable {
                             case .zero:
                                 try cache.store(page, version: version, data: nil)
                             case .unmapped:
+                                cache.forget(page)
                                 unmapped.append(page)
                             }
                             fetched += 1
@@ -538,7 +543,9 @@ final class HubMigration: Sendable {
         }
         state.withLock { s in
             s.pagesFetched += fetched
-            for page in unmapped { s.unmappedAt[page] = asked[page] }
+            if frozen {
+                for page in unmapped { s.unmappedAt[page] = asked[page] }
+            }
         }
     }
 
