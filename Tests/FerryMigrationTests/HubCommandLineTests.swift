@@ -82,7 +82,7 @@ import FerryTestSupport
     @Test(arguments: [false, true], [1, 4])
     func aProcessWhoseMemoryChangesShapeMigratesThroughHubServe(seederDialsOut: Bool, leechers: Int) throws {
         defer { try? FileManager.default.removeItem(atPath: scratch) }
-        let child = try Memwriter(["--mib", "64", "--threads", "1", "--rate", "20000", "--sweep", "20000",
+        let child = try Memwriter(["--mib", "64", "--threads", "1", "--rate", "10000", "--sweep", "5000",
                                    "--zap", "--churn", "--heap-grow", "--heap-brk", "--heap-max", "4",
                                    "--shared", "4", "--memfd", "4", "--pattern"])
         defer { child.stop() }
