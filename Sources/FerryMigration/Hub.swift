@@ -673,6 +673,9 @@ final class HubMigration: Sendable {
             if let said = s.upstreamAborted {
                 return "left migration '\(name)' as the last leecher after the freeze, so the hub told the seeder to abort; the seeder said: \(said)"
             }
+            if let done = s.upstreamCompleted {
+                return "left migration '\(name)', which the other leechers completed: \(done)"
+            }
             if let failure = s.upstreamFailure {
                 return "left migration '\(name)'; \(failure) (a seeder left alone thaws the source after its grace period)"
             }
