@@ -263,11 +263,17 @@ final class HubMigration: Sendable {
         var upstreamCompleted: String? = nil
         var pagesFetched: UInt64 = 0
         var filling: Task<Void, Never>? = nil
-        /// Pages upstream said are not mapped, at the version asked: nothing to fetch.
+        /// Pages upstream said are not mapped in the frozen source, at the
+        /// version asked: nothing to fetch. (Before the freeze such an answer
+        /// is only true for a moment: a heap trimmed and grown back between
+        /// two scans looks unchanged to the next layout, so the page is asked
+        /// again each time.)
         var unmappedAt: [UInt64: UInt32] = [:]
         /// Set when every leecher left after the freeze and the hub told the
         /// seeder to abort (the source thaws): nothing more to serve.
         var abandoned: String? = nil
+        /// The seeder's answer to the hub's Abort of an abandoned migration.
+        var upstreamAborted: String? = nil
         /// Upstream Complete was started: leechers completing at the same
         /// time must not send it twice (the second would be refused).
         var completing = false
@@ -339,7 +345,9 @@ final class HubMigration: Sendable {
     /// all leechers asking at the same time.
     private func syncUpstream() async throws {
         let task = state.withLock { s -> Task<Void, any Error>? in
-            guard s.phase == .tracking, s.upstreamFailure == nil else { return nil }
+            // Once Finalize is under way, its reply says everything a Sync
+            // would (and it waits for the Sync already in flight).
+            guard s.phase == .tracking, s.upstreamFailure == nil, s.finalizing == nil else { return nil }
             if let syncing = s.syncing { return syncing }
             if let last = s.lastSync, ContinuousClock.now - last < options.syncInterval { return nil }
             let epoch = s.layoutEpoch
@@ -364,21 +372,34 @@ final class HubMigration: Sendable {
     }
 
     /// Every page upstream reports written gets a new version: cached copies
-    /// and the copies leechers hold of it are stale from now on.
+    /// and the copies leechers hold of it are stale from now on. So does every
+    /// page of memory that appeared since the last layout (see below).
+    ///
+    /// Reports must be applied in the order upstream made them, and none may
+    /// be skipped: the layouts they carry are the only record of memory that
+    /// vanished and came back (`finalize` waits for the Sync in flight).
     private func applyUpstreamReport(epoch: UInt64, layout: [Region]?, dirty: [AddressRange], fromSync: Bool = false) {
         state.withLock { s in
-            // A Sync answered around the freeze says nothing the Finalize
-            // reply did not: applying it would bump versions (and re-fetch
-            // pages) for nothing, or put back an older layout.
-            if fromSync && s.finalizing != nil { return }
+            // Nothing upstream said before the freeze can follow its reply.
+            if fromSync && s.finalized != nil { return }
+            var changed: [AddressRange] = []
             if let layout {
+                // Memory that appeared, or whose backing changed, is new: what
+                // the hub cached or found unmapped at those addresses belongs
+                // to an earlier mapping. Upstream does not report it dirty:
+                // for the seeder, pages of a new mapping were never sent, so
+                // they cannot have been written since. (A heap that shrinks
+                // and grows back, a mapping unmapped and mapped again at the
+                // same address: without this the hub served the old bytes,
+                // or answered "unmapped" for a mapped page forever.)
+                changed = LayoutChange.diff(old: s.layout, new: layout).newlyDirty
                 s.layout = layout
                 s.layoutEpoch = epoch
             }
             // Only pages of the layout can be dirty: a wider range (a broken
             // or hostile seeder) would make the hub walk pages that do not exist.
             let migratable = Ranges.merge(s.layout.filter { $0.kind == .migrate }.map(\.range))
-            for range in Ranges.intersect(Ranges.merge(dirty), migratable) {
+            for range in Ranges.intersect(Ranges.merge(dirty + changed), migratable) {
                 var page = range.start
                 while page < range.end {
                     s.versions[page, default: 0] &+= 1
@@ -473,7 +494,7 @@ final class HubMigration: Sendable {
 
     /// One upstream ReadAt; stores each page at the version it had when asked.
     private func fetch(_ ranges: [AddressRange], link: SessionLink) async throws {
-        let asked = state.withLock { s -> [UInt64: UInt32] in
+        let (asked, frozen) = state.withLock { s -> ([UInt64: UInt32], Bool) in
             var vs: [UInt64: UInt32] = [:]
             for range in ranges {
                 var page = range.start
@@ -482,7 +503,7 @@ final class HubMigration: Sendable {
                     page += pageSize
                 }
             }
-            return vs
+            return (vs, s.phase == .frozen)
         }
         defer {
             state.withLock { s in
@@ -514,6 +535,7 @@ final class HubMigration: Sendable {
                                 // there where the source gets SIGBUS.
                                 try cache.store(page, version: version, data: nil)
                             case .unmapped:
+                                cache.forget(page)
                                 unmapped.append(page)
                             }
                             fetched += 1
@@ -525,7 +547,9 @@ final class HubMigration: Sendable {
         }
         state.withLock { s in
             s.pagesFetched += fetched
-            for page in unmapped { s.unmappedAt[page] = asked[page] }
+            if frozen {
+                for page in unmapped { s.unmappedAt[page] = asked[page] }
+            }
         }
     }
 
@@ -640,9 +664,31 @@ final class HubMigration: Sendable {
         case .abort:
             leecher.state.withLock { $0.attached = false }
             await leecherGone(leecher)
-            return OutcomeReply(message: "left migration '\(name)'; the other leechers go on").encode()
+            return OutcomeReply(message: leftMessage()).encode()
         case .hello, .track:
             throw RPCError(code: .badRequest, message: "\(method) was already answered on this connection")
+        }
+    }
+
+    /// The answer to a leecher's Abort: what becomes of the source.
+    private func leftMessage() -> String {
+        state.withLock { s in
+            let others = s.leechers.count
+            if let said = s.upstreamAborted {
+                return "left migration '\(name)' as the last leecher after the freeze, so the hub told the seeder to abort; the seeder said: \(said)"
+            }
+            if let done = s.upstreamCompleted {
+                return "left migration '\(name)', which the other leechers completed: \(done)"
+            }
+            if let failure = s.upstreamFailure {
+                return "left migration '\(name)'; \(failure) (a seeder left alone thaws the source after its grace period)"
+            }
+            if s.finalized != nil {
+                return "left migration '\(name)'; the source stays frozen for the \(others) other leecher(s)"
+            }
+            return others > 0
+                ? "left migration '\(name)' before the freeze; the source runs on, tracked for the \(others) other leecher(s)"
+                : "left migration '\(name)' before the freeze; the source runs on (the hub keeps tracking it for leechers to come)"
         }
     }
 
@@ -658,6 +704,10 @@ final class HubMigration: Sendable {
         }
         let mapped = pages.filter { page in covered.contains { $0.contains(page) } }
         try await ensureCached(mapped)
+        // Pages outside the layout are answered unmapped: a copy cached
+        // there is of memory that is gone (the leecher learns the layout
+        // from its next Sync).
+        let inLayout = Set(mapped)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: MigrationLimits.pagesPerPart * Int(pageSize),
                                                            alignment: Int(pageSize))
         defer { buffer.deallocate() }
@@ -671,7 +721,7 @@ final class HubMigration: Sendable {
             try cacheLock.withLock { _ in
                 for (i, page) in chunk.enumerated() {
                     let destination = buffer.baseAddress! + i * Int(pageSize)
-                    if let entry = cache.entry(page) {
+                    if inLayout.contains(page), let entry = cache.entry(page) {
                         if try !cache.load(entry, into: destination) { memset(destination, 0, Int(pageSize)) }
                         if options.tamper?.alterPage == page {
                             destination.storeBytes(of: destination.load(as: UInt8.self) ^ 0xFF, as: UInt8.self)
@@ -757,7 +807,11 @@ final class HubMigration: Sendable {
             case .manual: go = s.operatorSaidFinalize
             }
             if go {
+                let syncing = s.syncing
                 s.finalizing = Task { [link] in
+                    // A Sync in flight was answered before the freeze: its
+                    // report (a layout, at least) comes first.
+                    _ = try? await syncing?.value
                     let parts = try await link.callParts(.finalize, [])
                     let report = try DirtyReportCodec.decode(parts)
                     self.applyUpstreamReport(epoch: report.epoch, layout: report.layout, dirty: report.dirty)
@@ -874,7 +928,9 @@ final class HubMigration: Sendable {
         case nil:
             return
         case .abort:
-            let said = (try? OutcomeReply.decode(try await link.call(.abort, [])).message) ?? "the seeder did not answer"
+            let said = (try? OutcomeReply.decode(try await link.call(.abort, [])).message)
+                ?? "the seeder did not answer; it thaws the source itself after its grace period"
+            state.withLock { $0.upstreamAborted = said }
             events(.abandoned(migration: name, message: said))
             await link.close()
             return

@@ -183,6 +183,8 @@ public final class Leecher {
                 throw error
             }
             if let expected { try verify(manifest, against: try await expected.value) }
+            // Interrupted before Complete: abort instead (below).
+            try Task.checkCancellation()
             let said: String
             if options.abortAtEnd {
                 said = try OutcomeReply.decode(try await link.call(.abort, [])).message
@@ -202,23 +204,42 @@ public final class Leecher {
         } catch {
             checksumCall?.cancel()
             live?.fail("\(error)")
+            // Cancelled (SIGINT, SIGTERM): say what became of the source, not
+            // "CancellationError()".
+            let cancelled = error is CancellationError || Task.isCancelled
+            var source = "nothing was tracked or frozen yet: the source runs on as before"
             if seeder != nil {
                 // Best effort: the source must run on. A seeder that cannot be
-                // reached thaws it itself after its grace period.
+                // reached thaws it itself after its grace period. (An
+                // unstructured task: it is not cancelled with this one.)
                 let link = self.link
-                let abort = Task { _ = try? await link.call(.abort, []) }
+                let abort = Task<String, any Error> {
+                    let reply = try await link.call(.abort, [])
+                    return try OutcomeReply.decode(reply).message
+                }
+                let limit = Self.abortTimeout
                 let timeout = Task {
-                    try? await Task.sleep(for: .seconds(2))
+                    try? await Task.sleep(for: limit)
                     abort.cancel()
                 }
-                _ = await abort.result
+                switch await abort.result {
+                case .success(let said):
+                    source = said
+                case .failure(let failure):
+                    let grace = Double(self.seeder?.graceMilliseconds ?? 5000) / 1000
+                    source = "the seeder did not take the abort (\(failure is CancellationError ? "no answer within \(limit)" : "\(failure)")); it thaws the source itself once we are gone for its grace period (\(grace) s)"
+                }
                 timeout.cancel()
             }
             await link.close()
             await priorityLink?.close()
+            if cancelled { throw MigrationInterrupted(source: source) }
             throw error
         }
     }
+
+    /// How long an abort may take once the migration failed or was cancelled.
+    static let abortTimeout: Duration = .seconds(2)
 
     /// Complete, once: if the reply was lost with the connection, the resumed
     /// session says whether it went through.
@@ -269,6 +290,10 @@ public final class Leecher {
         try await withThrowingTaskGroup(of: JobResult.self) { group in
             defer { group.cancelAll() }
             while true {
+                // Cancelled (SIGINT, SIGTERM): a call ended by cancellation
+                // may return what arrived so far rather than throw, so the
+                // loop asks itself instead of waiting for a failed job.
+                try Task.checkCancellation()
                 // Post-copy into live memory: always one task waiting for touched pages.
                 if listening && !listenerRunning, let priority = live?.priority {
                     listenerRunning = true

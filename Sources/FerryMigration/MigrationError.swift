@@ -21,3 +21,15 @@ public enum MigrationError: Error, CustomStringConvertible, Sendable, Equatable 
         }
     }
 }
+
+/// The leecher was cancelled (SIGINT, SIGTERM in `leecher pull`) and told
+/// the seeder to abort. The command line names the signal.
+public struct MigrationInterrupted: Error, CustomStringConvertible, Sendable, Equatable {
+    /// What became of the source: the seeder's (or hub's) answer to the
+    /// abort, or why there is none.
+    public let source: String
+
+    public init(source: String) { self.source = source }
+
+    public var description: String { "interrupted; \(source)" }
+}

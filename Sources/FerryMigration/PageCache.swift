@@ -18,6 +18,9 @@ final class PageCache: @unchecked Sendable {
         /// data never allocates a second slot for the same page.
         var slot: Int32
         var zero: Bool
+        /// Upstream answered "unmapped" since: nothing to serve (the slot
+        /// stays the page's, for when its address is mapped again).
+        var gone = false
     }
 
     private var entries: [UInt64: Entry] = [:]
@@ -52,7 +55,12 @@ final class PageCache: @unchecked Sendable {
         }
     }
 
-    func entry(_ page: UInt64) -> Entry? { entries[page] }
+    func entry(_ page: UInt64) -> Entry? { entries[page].flatMap { $0.gone ? nil : $0 } }
+
+    /// The page's memory is gone upstream: its copy must not be served.
+    func forget(_ page: UInt64) {
+        entries[page]?.gone = true
+    }
 
     /// Stores one page fetched at `version`.
     func store(_ page: UInt64, version: UInt32, data: UnsafeRawBufferPointer?) throws {

@@ -519,8 +519,11 @@ public final class SeederService: Sendable {
     }
 
     private func abortSession() throws -> OutcomeReply {
+        let frozen = state.withLock { $0.phase == .frozen }
         try source.release(then: .resume)
-        let message = "migration aborted by the leecher; pid \(source.pid) runs on as before"
+        let message = frozen
+            ? "migration aborted by the leecher; pid \(source.pid) was thawed and runs on as before"
+            : "migration aborted by the leecher before the freeze; pid \(source.pid) runs on as before, no longer tracked"
         finish(.aborted(message), abort: true)
         return OutcomeReply(message: message)
     }

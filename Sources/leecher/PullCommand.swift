@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Synchronization
 import FerryCLI
 import FerryMigration
 
@@ -169,9 +170,18 @@ struct PullCommand: AsyncParsableCommand {
             let task = Task { try await leecher.run() }
             // SIGHUP too (a closed terminal or ssh session): an orderly end, in which
             // pages that never arrived are poisoned rather than lost.
-            let signals = SignalWatcher([SIGINT, SIGTERM, SIGHUP]) { _ in task.cancel() }
+            let caught = Atomic<Int32>(0)
+            let signals = SignalWatcher([SIGINT, SIGTERM, SIGHUP]) { number in
+                caught.store(number, ordering: .relaxed)
+                task.cancel()
+            }
             defer { signals.cancel() }
-            let summary = try await task.value
+            let summary: LeecherSummary
+            do {
+                summary = try await task.value
+            } catch let interrupted as MigrationInterrupted {
+                throw Interrupted(signal: caught.load(ordering: .relaxed), source: interrupted.source)
+            }
             if let imageDirectory {
                 reporter.event("image", ["directory": .string(imageDirectory),
                                          "regions": .int(Int64(summary.manifest.regions.count))],
@@ -223,5 +233,22 @@ struct PullCommand: AsyncParsableCommand {
                                         "seeder": .string(said)],
                            text: String(format: "leecher: complete: %.1f MB in %.2f s; seeder: %@", Double(bytes) / 1e6, seconds, said))
         }
+    }
+}
+
+/// A pull ended by a signal: which one, and what became of the source.
+struct Interrupted: Error, CustomStringConvertible {
+    let signal: Int32
+    let source: String
+
+    var description: String {
+        let name = switch signal {
+        case SIGTERM: "SIGTERM"
+        case SIGINT: "SIGINT"
+        case SIGHUP: "SIGHUP"
+        case 0: "cancellation"
+        default: "signal \(signal)"
+        }
+        return "interrupted by \(name); \(source)"
     }
 }

@@ -31,6 +31,19 @@ import Testing
         #expect(cache.memoryBytes == Int(pageSize))
     }
 
+    /// A page upstream answered "unmapped" for is not served from its old
+    /// copy; mapped again, it takes its old slot.
+    @Test func aForgottenPageIsNotServedAndKeepsItsSlot() throws {
+        let cache = PageCache(memoryLimit: 4 * Int(pageSize), spillDirectory: NSTemporaryDirectory())
+        try page(0x11).withUnsafeBytes { try cache.store(0x1000, version: 3, data: $0) }
+        cache.forget(0x1000)
+        #expect(cache.entry(0x1000) == nil)
+        try page(0x22).withUnsafeBytes { try cache.store(0x1000, version: 4, data: $0) }
+        #expect(try load(cache, 0x1000) == page(0x22))
+        #expect(cache.entry(0x1000)?.version == 4)
+        #expect(cache.memoryBytes == Int(pageSize))
+    }
+
     @Test func pagesPastTheMemoryBoundSpillAndReadBack() throws {
         let cache = PageCache(memoryLimit: 2 * Int(pageSize), spillDirectory: NSTemporaryDirectory())
         for index in 0..<6 {

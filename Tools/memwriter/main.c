@@ -57,6 +57,9 @@ static size_t total_pages;
 
 static unsigned long opt_mib = 64, opt_shared = 0, opt_memfd = 0, opt_threads = 1;
 static unsigned long opt_rate = 0, opt_seed = 1, opt_stop_after = 0;
+static unsigned long opt_sweep = 0, opt_heap_max = 64;
+static int opt_heap_brk = 0;
+static int opt_sweep_on = 0;
 static int opt_huge = 0, opt_churn = 0, opt_heap_grow = 0, opt_zap = 0, opt_pattern = 0, opt_wait = 0, opt_no_write = 0;
 
 static atomic_ulong total_writes;
@@ -81,13 +84,19 @@ static void usage(FILE *to) {
         "  --mib N           private anonymous region of N MiB (default 64)\n"
         "  --shared N        also a MAP_SHARED anonymous region of N MiB, written too\n"
         "  --memfd N         also a memfd region of N MiB (MAP_SHARED), written too\n"
-        "  --threads T       writer threads (default 1)\n"
+        "  --threads T       random writer threads, 0 for none (default 1)\n"
         "  --rate W          writes per second per thread, 0 = as fast as possible (default 0)\n"
         "  --stop-after N    each thread stops after N writes; prints 'done <writes>'\n"
         "  --huge            ask for transparent huge pages on 'main' (MADV_HUGEPAGE)\n"
         "  --churn           a thread maps, writes and unmaps 1 MiB regions every 5 ms\n"
         "  --heap-grow       a thread grows the heap by 32 KiB every 5 ms (up to 64 MiB, then frees it)\n"
+        "  --heap-max N      with --heap-grow: free the heap once it holds N MiB (default 64)\n"
+        "  --heap-brk        with --heap-grow: grow the main heap (brk), which shrinks when\n"
+        "                    freed, so its top vanishes and comes back at the same addresses\n"
+        "                    (without it, the thread's own arena grows and never shrinks)\n"
         "  --zap             1 write in 16 first drops its page (madvise MADV_DONTNEED)\n"
+        "  --sweep P         a thread rewrites every page of every region in order, over\n"
+        "                    and over, P pages per second (0 = as fast as possible)\n"
         "  --pattern         fill every region with a checkable pattern before 'ready'\n"
         "  --seed S          random seed and pattern key (default 1)\n"
         "  --wait            start writing only after the stdin command 'go'\n"
@@ -224,15 +233,31 @@ static void *churner(void *arg) {
     return NULL;
 }
 
-#define HEAP_CHUNKS 2048 /* 2048 x 32 KiB = 64 MiB, then the heap is freed and grows again */
+static void *sweeper(void *arg) {
+    (void)arg;
+    // Word 2 of each page, in address order, region after region: the write
+    // pattern of a scan or a copying collector, which keeps a moving band of
+    // pages dirty instead of scattering writes.
+    uint64_t deadline = now_ns();
+    for (uint64_t pass = 1;; pass++) {
+        for (size_t page = 0; page < total_pages; page++) {
+            ((volatile uint64_t *)page_address(page))[2] = pass;
+            if (opt_sweep) pace(&deadline, opt_sweep);
+        }
+    }
+    return NULL;
+}
+
+#define HEAP_CHUNKS 2048 /* 2048 x 32 KiB = 64 MiB (the most --heap-max allows), then the heap is freed and grows again */
 static void *heap_grower(void *arg) {
     (void)arg;
     static uint8_t *chunks[HEAP_CHUNKS];
-    // 32 KiB stays below malloc's mmap threshold, so the main arena's heap grows (brk).
+    // 32 KiB stays below malloc's mmap threshold, so chunks come from an arena's heap.
     for (unsigned i = 0;; i++) {
-        unsigned slot = i % HEAP_CHUNKS;
+        unsigned slot = i % (unsigned)(opt_heap_max * 32);
         if (slot == 0 && chunks[0]) {
             for (unsigned k = 0; k < HEAP_CHUNKS; k++) { free(chunks[k]); chunks[k] = NULL; }
+            // Shrinks the brk heap (main arena) or releases pages of a thread arena.
             malloc_trim(0);
         }
         chunks[slot] = malloc(32 << 10);
@@ -258,6 +283,7 @@ static void start_writers(void) {
     for (unsigned long t = 0; t < opt_threads; t++) start_thread(writer, (void *)(uintptr_t)t);
     if (opt_churn) start_thread(churner, NULL);
     if (opt_heap_grow) start_thread(heap_grower, NULL);
+    if (opt_sweep_on) start_thread(sweeper, NULL);
 }
 
 static void touch(const char *command, size_t step) {
@@ -285,8 +311,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--stop-after")) { opt_stop_after = parse_number(a, v); i++; }
         else if (!strcmp(a, "--seed")) { opt_seed = parse_number(a, v); i++; }
         else if (!strcmp(a, "--churn")) opt_churn = 1;
+        else if (!strcmp(a, "--sweep")) { opt_sweep = parse_number(a, v); opt_sweep_on = 1; i++; }
         else if (!strcmp(a, "--huge")) opt_huge = 1;
         else if (!strcmp(a, "--heap-grow")) opt_heap_grow = 1;
+        else if (!strcmp(a, "--heap-max")) { opt_heap_max = parse_number(a, v); i++; }
+        else if (!strcmp(a, "--heap-brk")) opt_heap_brk = 1;
         else if (!strcmp(a, "--zap")) opt_zap = 1;
         else if (!strcmp(a, "--pattern")) opt_pattern = 1;
         else if (!strcmp(a, "--wait")) opt_wait = 1;
@@ -298,7 +327,10 @@ int main(int argc, char **argv) {
         }
     }
     if (opt_mib == 0) { fprintf(stderr, "memwriter: --mib must be at least 1\n"); return 2; }
-    if (opt_threads == 0 || opt_threads > 256) { fprintf(stderr, "memwriter: --threads must be 1..256\n"); return 2; }
+    if (opt_heap_max == 0 || opt_heap_max > 64) { fprintf(stderr, "memwriter: --heap-max must be 1..64\n"); return 2; }
+    // One arena for every thread: the heap grower's chunks come from brk.
+    if (opt_heap_brk) mallopt(M_ARENA_MAX, 1);
+    if (opt_threads > 256) { fprintf(stderr, "memwriter: --threads must be 0..256 (0: no random writers)\n"); return 2; }
 
     // A parent may have spawned us with signals blocked: unblock the ones we handle.
     sigset_t handled;
