@@ -396,10 +396,7 @@ final class HubMigration: Sendable {
                 s.layout = layout
                 s.layoutEpoch = epoch
             }
-            // Only pages of the layout can be dirty: a wider range (a broken
-            // or hostile seeder) would make the hub walk pages that do not exist.
-            let migratable = Ranges.merge(s.layout.filter { $0.kind == .migrate }.map(\.range))
-            for range in Ranges.intersect(Ranges.merge(dirty + changed), migratable) {
+            for range in Self.renewed(dirty + changed, layout: s.layout) {
                 var page = range.start
                 while page < range.end {
                     s.versions[page, default: 0] &+= 1
@@ -407,6 +404,15 @@ final class HubMigration: Sendable {
                 }
             }
         }
+    }
+
+    /// The pages of `ranges` that get a new version: only pages the layout
+    /// migrates can be dirty. A wider range, from a broken or hostile
+    /// seeder, would make the hub walk (and count versions for) pages that
+    /// do not exist: one range of 1 TiB is 268 million of them.
+    static func renewed(_ ranges: [AddressRange], layout: [Region]) -> [AddressRange] {
+        let migratable = Ranges.merge(layout.filter { $0.kind == .migrate }.map(\.range))
+        return Ranges.intersect(Ranges.merge(ranges), migratable)
     }
 
     /// Makes sure every page of `pages` is cached at its current version,

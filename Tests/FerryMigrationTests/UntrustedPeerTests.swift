@@ -32,6 +32,18 @@ private func decodeLayout(_ layout: [Region]) throws -> [Region] {
         }
     }
 
+    @Test func aHubRenewsOnlyPagesOfTheLayout() {
+        let layout = [region(0x1000, 0x3000), region(0x8000, 0x9000)]
+        // One range of 1 TiB from a hostile seeder: 268 million pages to walk.
+        let hostile = [AddressRange(start: 0, end: 1 << 40)]
+        let renewed = HubMigration.renewed(hostile, layout: layout)
+        #expect(renewed == [AddressRange(start: 0x1000, end: 0x3000), AddressRange(start: 0x8000, end: 0x9000)])
+        #expect(renewed.reduce(0) { $0 + $1.pageCount } == 3)
+        // Ranges that overlap each other or touch the layout's edges.
+        let ragged = [AddressRange(start: 0x2000, end: 0x5000), AddressRange(start: 0, end: 0x2000)]
+        #expect(HubMigration.renewed(ragged, layout: layout) == [AddressRange(start: 0x1000, end: 0x3000)])
+    }
+
     @Test func aReplyOverTheProtocolsLimitEndsTheCall() async throws {
         let (a, b) = InMemoryTransport.pair(names: ("leecher", "hostile-seeder"))
         let server = RPCServer(transport: b) { method, _, parts in

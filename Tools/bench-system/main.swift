@@ -225,6 +225,20 @@ func benchRead(mib: Int) throws {
     }
     let rawRate = Double(size) / raw / 1e9
     say("[process_vm_readv] raw, 1 MiB iovecs x256 per call: \(fixed(rawRate, 2)) GB/s\(verify(buffer, size))")
+    // The other path: pread of /proc/PID/mem in 1 MiB calls. It copies
+    // without pinning pages, so it never unshares copy-on-write pages
+    // (issue 15); PageReader takes it for everything it can.
+    let memFile = open("/proc/\(writer.pid)/mem", O_RDONLY | O_CLOEXEC)
+    guard memFile >= 0 else { throw BenchError("open /proc/\(writer.pid)/mem: errno \(errno)") }
+    defer { close(memFile) }
+    let preadTime = best {
+        for offset in stride(from: 0, to: size, by: 1 << 20) {
+            _ = pread(memFile, buffer.baseAddress! + offset, 1 << 20, off_t(writer.main.start) + off_t(offset))
+        }
+    }
+    let preadRate = Double(size) / preadTime / 1e9
+    say("[/proc/PID/mem] raw pread, 1 MiB per call: \(fixed(preadRate, 2)) GB/s, "
+        + "\(fixed(preadRate / rawRate * 100, 0)) % of raw process_vm_readv\(verify(buffer, size))")
     func ratios(_ rate: Double) -> String {
         "\(fixed(rate / copyRate * 100, 0)) % of warm memcpy, \(fixed(rate / coldRate * 100, 0)) % of fresh memcpy (target >= 70 %), "
             + "\(fixed(rate / rawRate * 100, 0)) % of raw process_vm_readv"
