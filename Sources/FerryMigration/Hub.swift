@@ -534,12 +534,10 @@ final class HubMigration: Sendable {
                                 let offset = run.dataOffset + Int(page - run.range.start)
                                 try cache.store(page, version: version,
                                                 data: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + Int(pageSize)]))
-                            case .zero, .hole:
-                                // Known limit: the cache keeps no hole marker, so a hub
-                                // relays a hole (a page past the end of its file) as a
-                                // zero page; it verifies, but the destination reads zeros
-                                // there where the source gets SIGBUS.
+                            case .zero:
                                 try cache.store(page, version: version, data: nil)
+                            case .hole:
+                                try cache.store(page, version: version, data: nil, hole: true)
                             case .unmapped:
                                 cache.forget(page)
                                 unmapped.append(page)
@@ -723,12 +721,14 @@ final class HubMigration: Sendable {
             index += chunk.count
             var ranges: [AddressRange] = []
             var unmapped: [AddressRange] = []
+            var holes: [AddressRange] = []
             var sentVersions: [(UInt64, UInt32)] = []
             try cacheLock.withLock { _ in
                 for (i, page) in chunk.enumerated() {
                     let destination = buffer.baseAddress! + i * Int(pageSize)
                     if inLayout.contains(page), let entry = cache.entry(page) {
                         if try !cache.load(entry, into: destination) { memset(destination, 0, Int(pageSize)) }
+                        if entry.hole { holes.append(AddressRange(start: page, end: page + pageSize)) }
                         if options.tamper?.alterPage == page {
                             destination.storeBytes(of: destination.load(as: UInt8.self) ^ 0xFF, as: UInt8.self)
                         }
@@ -748,7 +748,7 @@ final class HubMigration: Sendable {
                 for (page, version) in sentVersions { l.sent[page] = version }
             }
             let bytes = UnsafeRawBufferPointer(rebasing: buffer[..<(chunk.count * Int(pageSize))])
-            try await parts.send(PagePart.build(ranges: ranges, data: bytes, unmapped: unmapped))
+            try await parts.send(PagePart.build(ranges: ranges, data: bytes, unmapped: unmapped, holes: holes))
         }
     }
 

@@ -126,7 +126,7 @@ public final class ImageWriter: PageSink {
     private let worker: ImageWorker
     private var finished = false
     /// Pages stored as holes (rare: only pages past the end of a file).
-    private let holes = Mutex<Set<UInt64>>([])
+    private let holes = HolePages()
 
     /// Prepares to write an image to `directory`, which must not exist or be empty.
     public init(directory: String) throws {
@@ -180,26 +180,11 @@ public final class ImageWriter: PageSink {
     }
 
     public func storeHole(_ range: AddressRange) throws {
-        holes.withLock { holes in
-            for page in stride(from: range.start, to: range.end, by: Int(pageSize)) { holes.insert(page) }
-        }
+        holes.insert(range)
         try worker.submit(.zero(range), bytes: 0)
     }
 
-    /// Pages of `range` hold data now (a file grew under them): no longer holes.
-    private func backed(_ range: AddressRange) {
-        holes.withLock { holes in
-            guard !holes.isEmpty else { return }
-            for page in stride(from: range.start, to: range.end, by: Int(pageSize)) { holes.remove(page) }
-        }
-    }
-
-    /// The manifest's hole ranges of `entry`, or nil.
-    private static func holes(of entry: ManifestRegion, in pages: Set<UInt64>) -> [[UInt64]]? {
-        let inside = pages.filter { $0 >= entry.start && $0 < entry.end }.sorted()
-        guard !inside.isEmpty else { return nil }
-        return Ranges.fromPages(inside.map { $0 / pageSize }).map { [$0.start, $0.end] }
-    }
+    private func backed(_ range: AddressRange) { holes.backed(range) }
 
     public func adopt(layout: [Region]) {
         // A failure is kept and thrown by the next store or by `prepare`.
@@ -222,11 +207,11 @@ public final class ImageWriter: PageSink {
                         downtimeMilliseconds: Double?) async throws -> Manifest {
         let manifestPath = partial + "/manifest.json"
         return try await withCheckedThrowingContinuation { continuation in
-            let holePages = holes.withLock { $0 }
+            let holes = self.holes.snapshot()
             let writeManifest: @Sendable ([ManifestRegion]) throws -> Manifest = { found in
                 var entries = found
                 for index in entries.indices where entries[index].file != nil {
-                    entries[index].holes = Self.holes(of: entries[index], in: holePages)
+                    entries[index].holes = HolePages.manifestRanges(holes.filter { $0 >= entries[index].start && $0 < entries[index].end })
                 }
                 let manifest = Manifest(sourcePid: sourcePid, sourceHost: sourceHost, tracker: tracker,
                                         created: ISO8601DateFormatter().string(from: Date()),
@@ -274,6 +259,41 @@ public func imageChecksum(_ bytes: UnsafeRawBufferPointer) -> String {
 }
 
 private let sodiumReady: Bool = sodium_init() >= 0
+
+/// Pages a destination stored as holes (mapped in the source, but nothing
+/// backs them: past the end of a file), which a page that arrives with data
+/// later (the file grew) stops being. Rare, so cheap when empty.
+final class HolePages: Sendable {
+    private let pages = Mutex<Set<UInt64>>([])
+
+    func insert(_ range: AddressRange) {
+        pages.withLock { pages in
+            for page in stride(from: range.start, to: range.end, by: Int(pageSize)) { pages.insert(page) }
+        }
+    }
+
+    /// Pages of `range` hold data now: no longer holes.
+    func backed(_ range: AddressRange) {
+        pages.withLock { pages in
+            guard !pages.isEmpty else { return }
+            for page in stride(from: range.start, to: range.end, by: Int(pageSize)) { pages.remove(page) }
+        }
+    }
+
+    func snapshot() -> Set<UInt64> { pages.withLock { $0 } }
+
+    /// The hole pages of `start..<end`, as sorted ranges.
+    func ranges(from start: UInt64, to end: UInt64) -> [AddressRange] {
+        let inside = pages.withLock { $0.filter { $0 >= start && $0 < end } }
+        return Ranges.fromPages(inside.sorted().map { $0 / pageSize })
+    }
+
+    /// A manifest entry's `holes`: ranges of `pages`, or nil when there are none.
+    static func manifestRanges(_ pages: Set<UInt64>) -> [[UInt64]]? {
+        guard !pages.isEmpty else { return nil }
+        return Ranges.fromPages(pages.sorted().map { $0 / pageSize }).map { [$0.start, $0.end] }
+    }
+}
 
 /// Streaming BLAKE2b-256, the checksum of image regions and of the seeder's
 /// frozen memory, so the two can be compared.

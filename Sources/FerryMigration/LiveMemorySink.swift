@@ -120,6 +120,9 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     private static let holeSlot = UInt32.max - 1
     /// Pages staged clean at Finalize, in runs, for the local fill.
     private var cleanRuns: [AddressRange] = []
+    /// Pages installed (or staged) as holes: SIGBUS in this memory, zeros
+    /// in its checksum, as the seeder hashes them.
+    private let holes = HolePages()
     private var activeMemory: MissingFaultMemory?
     let priority = PriorityRequests()
 
@@ -156,6 +159,7 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     // MARK: - PageSink
 
     public func store(_ range: AddressRange, data: UnsafeRawBufferPointer) throws {
+        holes.backed(range)
         if let memory = activeMemory {
             try memory.install(range, data: data)
             return
@@ -180,6 +184,7 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     }
 
     public func storeHole(_ range: AddressRange) throws {
+        holes.insert(range)
         if let memory = activeMemory {
             memory.installHole(range)
             return
@@ -192,6 +197,7 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     }
 
     public func storeZero(_ range: AddressRange) throws {
+        holes.backed(range)
         if let memory = activeMemory {
             try memory.installZero(range)
             return
@@ -355,37 +361,56 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
                                        device: region.device, inode: region.inode, name: region.name,
                                        kind: region.kind.rawValue, file: nil, blake2b: nil)
             if region.kind == .migrate, region.end > region.start, let local = memory.localAddress(of: region.start) {
+                let holes = self.holes.ranges(from: region.start, to: region.end)
+                entry.holes = holes.isEmpty ? nil : holes.map { [$0.start, $0.end] }
+                // Hole pages raise SIGBUS here (and EIO through /proc): hashed as zeros, unread.
+                let holeOffsets = holes.map { AddressRange(start: $0.start - region.start, end: $0.end - region.start) }
                 entry.file = "memory:0x" + String(local, radix: 16)
                 if let pid = options.targetPid {
                     entry.file = "pid \(pid) memory:0x" + String(local, radix: 16)
-                    entry.blake2b = try Self.checksum(pid: pid, at: local, length: region.end - region.start)
-                } else {
-                    // SAFETY: the region is mapped here and every page of it installed (checked above).
-                    entry.blake2b = imageChecksum(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(local)),
-                                                                         count: Int(region.end - region.start)))
                 }
+                entry.blake2b = try Self.checksum(pid: options.targetPid, at: local, length: region.end - region.start,
+                                                  holes: holeOffsets)
             }
             return entry
         }
     }
 
-    /// BLAKE2b-256 of `length` bytes of process `pid` at `address`, read through /proc in 1 MiB steps.
-    private static func checksum(pid: Int32, at address: UInt64, length: UInt64) throws -> String {
-        let fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            throw MigrationError.image("cannot open /proc/\(pid)/mem to check the migrated memory: \(String(cString: strerror(errno)))")
+    /// BLAKE2b-256 of `length` bytes at `address`, in this process (`pid`
+    /// nil) or in process `pid` through /proc, in steps of at most 1 MiB;
+    /// the pages of `holes` (offsets from `address`) count as zeros.
+    private static func checksum(pid: Int32?, at address: UInt64, length: UInt64, holes: [AddressRange]) throws -> String {
+        var fd: Int32 = -1
+        if let pid {
+            fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else {
+                throw MigrationError.image("cannot open /proc/\(pid)/mem to check the migrated memory: \(String(cString: strerror(errno)))")
+            }
         }
-        defer { close(fd) }
+        defer { if fd >= 0 { close(fd) } }
         var hash = Blake2b256()
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        let zeros = [UInt8](repeating: 0, count: 1 << 20)
         var done: UInt64 = 0
+        var nextHole = 0
         while done < length {
-            let want = Int(min(UInt64(buffer.count), length - done))
-            let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(Int64(bitPattern: address + done))) }
-            guard got == want else {
-                throw MigrationError.image("cannot read pid \(pid)'s migrated memory at 0x\(String(address + done, radix: 16)) to check it")
+            while nextHole < holes.count, holes[nextHole].end <= done { nextHole += 1 }
+            let inHole = nextHole < holes.count && holes[nextHole].start <= done
+            let stop = inHole ? holes[nextHole].end : (nextHole < holes.count ? holes[nextHole].start : length)
+            let want = Int(min(UInt64(buffer.count), stop - done))
+            if inHole {
+                zeros.withUnsafeBytes { hash.update(UnsafeRawBufferPointer(rebasing: $0[0..<want])) }
+            } else if let pid {
+                let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(Int64(bitPattern: address + done))) }
+                guard got == want else {
+                    throw MigrationError.image("cannot read pid \(pid)'s migrated memory at 0x\(String(address + done, radix: 16)) to check it")
+                }
+                buffer.withUnsafeBytes { hash.update(UnsafeRawBufferPointer(rebasing: $0[0..<want])) }
+            } else {
+                // SAFETY: the region is mapped here and every page of it
+                // outside the holes installed (manifestRegions checked).
+                hash.update(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(address + done)), count: want))
             }
-            buffer.withUnsafeBytes { hash.update(UnsafeRawBufferPointer(rebasing: $0[0..<want])) }
             done += UInt64(want)
         }
         return hash.finish().hexString

@@ -18,6 +18,9 @@ final class PageCache: @unchecked Sendable {
         /// data never allocates a second slot for the same page.
         var slot: Int32
         var zero: Bool
+        /// Mapped upstream, but nothing backs it (past the end of its file):
+        /// served as a hole run, so the destination raises SIGBUS there too.
+        var hole = false
         /// Upstream answered "unmapped" since: nothing to serve (the slot
         /// stays the page's, for when its address is mapped again).
         var gone = false
@@ -62,11 +65,12 @@ final class PageCache: @unchecked Sendable {
         entries[page]?.gone = true
     }
 
-    /// Stores one page fetched at `version`.
-    func store(_ page: UInt64, version: UInt32, data: UnsafeRawBufferPointer?) throws {
+    /// Stores one page fetched at `version`: its bytes, or nil for an
+    /// all-zero page or (`hole`) a page nothing backs.
+    func store(_ page: UInt64, version: UInt32, data: UnsafeRawBufferPointer?, hole: Bool = false) throws {
         var slot = entries[page]?.slot ?? -1
         guard let data else {
-            entries[page] = Entry(version: version, slot: slot, zero: true)
+            entries[page] = Entry(version: version, slot: slot, zero: true, hole: hole)
             return
         }
         if slot == -1 {

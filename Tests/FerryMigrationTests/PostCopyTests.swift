@@ -22,16 +22,6 @@ final class SlowSource: ForwardingSource, @unchecked Sendable {
     }
 }
 
-/// `length` bytes of `pid`'s memory at `address`, read through /proc.
-private func sourceBytes(pid: Int32, at address: UInt64, length: Int) -> [UInt8]? {
-    let fd = open("/proc/\(pid)/mem", O_RDONLY)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var bytes = [UInt8](repeating: 0, count: length)
-    let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(address)) }
-    return n == length ? bytes : nil
-}
-
 /// The page at local address `local`, by plain loads (these fault).
 private func touch(_ local: UInt64) -> [UInt8] {
     // SAFETY: `local` is a page of the migrated memory, mapped for the test's duration.
@@ -72,7 +62,7 @@ private func touch(_ local: UInt64) -> [UInt8] {
         #expect(summary.seederSays.contains("stopped"))
         #expect(remoteAtHandover > 0, "some pages were still remote at the hand-over")
         var mismatched: [String] = []
-        for (page, bytes) in seen where sourceBytes(pid: child.pid, at: page, length: 4096) != bytes {
+        for (page, bytes) in seen where procMemory(pid: child.pid, at: page, length: 4096) != bytes {
             mismatched.append("0x" + String(page, radix: 16))
         }
         #expect(mismatched.isEmpty, "pages differing from the frozen source: \(mismatched.prefix(8))")
@@ -84,7 +74,7 @@ private func touch(_ local: UInt64) -> [UInt8] {
         for mapping in memory.mappings.prefix(6) {
             let length = Int(min(mapping.source.length, 1 << 20))
             let local = Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(mapping.local))!, count: length))
-            #expect(sourceBytes(pid: child.pid, at: mapping.source.start, length: length) == local)
+            #expect(procMemory(pid: child.pid, at: mapping.source.start, length: length) == local)
         }
         memory.unmap()
     }
@@ -135,7 +125,7 @@ private func touch(_ local: UInt64) -> [UInt8] {
         // A missing page now raises SIGBUS; even the kernel cannot read it for us: never zeros.
         let missing = memory.mappings.first { !memory.isInstalled($0.source.start) }
         if let missing {
-            #expect(sourceBytes(pid: getpid(), at: missing.local, length: 4096) == nil)
+            #expect(procMemory(pid: getpid(), at: missing.local, length: 4096) == nil)
         }
     }
 
@@ -159,16 +149,7 @@ private func touch(_ local: UInt64) -> [UInt8] {
         // Spot check one region through /proc: the destination holds the source's bytes.
         let mapping = try #require(memory.mappings.max { $0.source.length < $1.source.length })
         let length = Int(min(mapping.source.length, 1 << 20))
-        let here = try #require(procBytes(pid: destination.pid, at: mapping.local, length: length))
-        #expect(procBytes(pid: source.pid, at: mapping.source.start, length: length) == here)
+        let here = try #require(procMemory(pid: destination.pid, at: mapping.local, length: length))
+        #expect(procMemory(pid: source.pid, at: mapping.source.start, length: length) == here)
     }
-}
-
-private func procBytes(pid: Int32, at address: UInt64, length: Int) -> [UInt8]? {
-    let fd = open("/proc/\(pid)/mem", O_RDONLY)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var bytes = [UInt8](repeating: 0, count: length)
-    let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(Int64(bitPattern: address))) }
-    return n == length ? bytes : nil
 }
