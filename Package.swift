@@ -42,6 +42,8 @@ let package = Package(
         .executableTarget(name: "hub", dependencies: ["FerryCLI"]),
         // Workload generator used by tests and benchmarks (C, no runtime to disturb timings).
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
+        // A process whose main thread has exited while two threads write (issue 15, class 4).
+        .executableTarget(name: "deadleader", path: "Tools/deadleader"),
         // A TCP relay that drops its connections on command (reconnect tests).
         .executableTarget(name: "relay", path: "Tools/relay"),
         // Wire benchmark: transports, secure channel and RPC against baselines (Tools/bench-wire.sh).

@@ -1,0 +1,41 @@
+// A process whose main thread has exited while two threads write migrates
+// byte-exact (issue 15, class 4): before, attaching said "the process exited
+// while attaching" and there was no way in.
+import Foundation
+import Testing
+import FerryTestSupport
+@testable import FerryMigration
+
+@Suite(.serialized) struct DeadLeaderMigrationTests {
+    @Test(arguments: [TrackerKind.async, TrackerKind.sync])
+    func aProcessWhoseMainThreadExitedMigratesByteExact(tracker: TrackerKind) async throws {
+        let child = try DeadLeader(mib: 8, rate: 20000)
+        defer { child.stop() }
+        #expect(child.leaderState == "Z")
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: tracker)
+        let seeder = try await LoopbackSeeder(process: process)
+        defer { seeder.close() }
+        let out = scratchDirectory("deadleader-\(tracker.rawValue)")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: 0.95, maxWaitSeconds: 10)
+        let leecher = Leecher(connect: seeder.connector(), sink: try ImageWriter(directory: out), options: options)
+        let summary = try await leecher.run()
+        #expect(await seeder.service.outcome() == .completed("pid \(child.pid) is stopped and detached; kill it or resume it (kill -CONT) by hand"))
+        // Byte-exact against the stopped source, read through a live thread.
+        let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+        #expect(report.matches, "\(report)")
+        for (name, range) in child.regions {
+            #expect(summary.manifest.regions.contains { $0.file != nil && $0.start <= range.start && range.end <= $0.end },
+                    "\(name) \(range) is in the image")
+        }
+        // The writers' regions hold their non-zero data in the image.
+        let writer1 = try #require(child.regions["writer1"])
+        let entry = try #require(summary.manifest.regions.first { $0.start <= writer1.start && writer1.end <= $0.end })
+        let data = try Data(contentsOf: URL(fileURLWithPath: out + "/" + (entry.file ?? "")))
+        let offset = Int(writer1.start - entry.start)
+        let zeros = data[offset..<offset + Int(writer1.length)].withUnsafeBytes { $0.bindMemory(to: UInt64.self).filter { $0 == 0 }.count }
+        #expect(zeros == 0)
+        #expect(summary.bytesReceived >= writer1.length)
+    }
+}
