@@ -371,9 +371,11 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
 
     /// BLAKE2b-256 of `length` bytes of process `pid` at `address`, read through /proc in 1 MiB steps.
     private static func checksum(pid: Int32, at address: UInt64, length: UInt64) throws -> String {
-        let fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+        // Through a live thread when the target's main thread has exited.
+        let path = ThreadGroup.procDirectory(of: pid) + "/mem"
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
-            throw MigrationError.image("cannot open /proc/\(pid)/mem to check the migrated memory: \(String(cString: strerror(errno)))")
+            throw MigrationError.image("cannot open \(path) to check the migrated memory: \(String(cString: strerror(errno)))")
         }
         defer { close(fd) }
         var hash = Blake2b256()

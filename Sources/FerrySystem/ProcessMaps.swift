@@ -165,7 +165,8 @@ public enum ProcessMaps {
     private static let initialReadSize = 256 * 1024
 
     private static func readFile(pid: Int32) throws -> [UInt8] {
-        let path = "/proc/\(pid)/maps"
+        // Through a live thread when the leader has exited: its own maps read empty.
+        let path = ThreadGroup.procDirectory(of: pid) + "/maps"
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         if fd < 0 { throw mapError(pid: pid, errno: errno) }
         defer { close(fd) }
