@@ -38,4 +38,65 @@ import FerryTestSupport
         #expect(zeros == 0)
         #expect(summary.bytesReceived >= writer1.length)
     }
+
+    /// The command line: `seeder serve <tgid>` migrates it, `leecher verify
+    /// --pid <tgid>` checks it; naming a live thread points to the tgid.
+    @Test func theCommandsMigrateItByItsProcessId() throws {
+        let harness = try CLIHarness()
+        let child = try DeadLeader(mib: 8, rate: 5000)
+        defer { child.stop() }
+        let tid = try #require(child.liveThreads.first)
+        let refused = try ChildProcess(builtExecutable("seeder"),
+                                       ["serve", "\(tid)", "--listen", "127.0.0.1:0", "--secret-file", harness.secretPath, "--json"])
+        let error = try refused.expect("{\"event\":\"error\"")
+        #expect(error.contains("it is a thread of process \(child.pid), whose main thread has exited (attach to pid \(child.pid) instead"), "\(error)")
+        #expect(refused.waitForExit() != 0)
+
+        let (seeder, address) = try harness.startSeeder(pid: child.pid)
+        defer { seeder.stop() }
+        let out = scratchDirectory("cli-deadleader")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let leecher = try harness.startLeecher(address, out: out)
+        _ = try leecher.expect("{\"event\":\"complete\"", timeout: 60)
+        #expect(leecher.waitForExit() == 0)
+        #expect(seeder.waitForExit() == 0)
+        let verify = try ChildProcess(builtExecutable("leecher"), ["verify", out, "--pid", "\(child.pid)", "--json"])
+        #expect(try verify.expect("{\"event\":\"verified\"").contains("\"pid\":\(child.pid)"))
+        #expect(verify.waitForExit() == 0)
+    }
+
+    /// Post-copy into a live target whose main thread has exited: the
+    /// regions are mapped and the userfaultfd made through a live thread.
+    @Test func memoryIsPlacedIntoAProcessWhoseMainThreadExited() async throws {
+        let source = try Memwriter(["--mib", "8", "--threads", "2", "--rate", "20000", "--pattern"])
+        defer { source.stop() }
+        let destination = try DeadLeader(mib: 1, rate: 1000) // stands for a restored program
+        defer { destination.stop() }
+        try TrackedProcess.checkAttachable(pid: destination.pid)
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: source.pid))
+        defer { seeder.close() }
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: 0.5, maxWaitSeconds: 10)
+        var live = LiveMemoryOptions()
+        live.targetPid = destination.pid
+        let sink = try LiveMemorySink(options: live)
+        // Leecher verification reads the destination's memory (through a live
+        // thread) and compares it with the frozen source.
+        let summary = try await Leecher(connect: seeder.connector(), memory: sink, options: options).run()
+        let memory = try await sink.migratedMemory()
+        #expect(summary.manifest.regions.contains { $0.file?.hasPrefix("pid \(destination.pid)") == true })
+        #expect(memory.isComplete && memory.statistics.pagesPoisoned == 0)
+        let main = try #require(source.regions["main"])
+        let mapping = try #require(memory.mappings.first { $0.source.start <= main.start && main.end <= $0.source.end })
+        let reader = try PageReader(pid: destination.pid)
+        let sourceReader = try PageReader(pid: source.pid)
+        var here = [UInt8](repeating: 0, count: 1 << 20)
+        var there = [UInt8](repeating: 1, count: 1 << 20)
+        let offset = main.start - mapping.source.start
+        try here.withUnsafeMutableBytes {
+            _ = try reader.read([AddressRange(start: mapping.local + offset, end: mapping.local + offset + (1 << 20))], into: $0)
+        }
+        try there.withUnsafeMutableBytes { _ = try sourceReader.read([AddressRange(start: main.start, end: main.start + (1 << 20))], into: $0) }
+        #expect(here == there, "the destination holds the frozen source's bytes")
+    }
 }

@@ -75,6 +75,38 @@ struct DeadLeaderTests {
         #expect(!smapsFlags(child).contains("uw"), "no write-protected mapping remains")
     }
 
+    /// The main thread exits while Ferry holds the process: tracking, reads,
+    /// layout and freezing carry on through the threads that remain.
+    @Test(arguments: [TrackerKind.async, .sync])
+    func theLeaderExitingWhileAttachedChangesNothing(kind: TrackerKind) throws {
+        let child = try DeadLeader(mib: 2, leaderWaits: true)
+        defer { child.stop() }
+        #expect(child.leaderState != "Z")
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: kind)
+        defer { try? process.detach() }
+        try process.startTracking()
+        _ = try process.scanDirty()
+        try child.exitLeader()
+        usleep(100_000)
+        let writers = Ranges.merge(Array(child.regions.values))
+        #expect(!Ranges.intersect(try process.scanDirty(), writers).isEmpty)
+        let change = try process.refreshLayout()
+        #expect(Ranges.intersect(change.unmapped, writers).isEmpty, "\(change)")
+        try process.freeze()
+        _ = try process.scanDirty()
+        let size = Int(writers.reduce(0) { $0 + $1.length })
+        var first = [UInt8](repeating: 0, count: size)
+        var second = [UInt8](repeating: 1, count: size)
+        try first.withUnsafeMutableBytes { _ = try process.read(writers, into: $0) }
+        usleep(50_000)
+        try second.withUnsafeMutableBytes { _ = try process.read(writers, into: $0) }
+        #expect(first == second)
+        #expect(Ranges.intersect(try process.scanDirty(), writers).isEmpty)
+        try process.thaw()
+        try process.detach()
+        for tid in child.liveThreads { #expect(threadState(child.pid, tid) != "t", "thread \(tid) runs again") }
+    }
+
     @Test func namingALiveThreadPointsToTheProcess() throws {
         let child = try DeadLeader(mib: 1)
         defer { child.stop() }

@@ -15,9 +15,11 @@ public final class DeadLeader: @unchecked Sendable {
 
     public static var executable: String { builtExecutable("deadleader") }
 
-    /// Starts deadleader and waits until its main thread is a zombie and both writers run.
-    public init(mib: Int = 8, rate: Int = 20000) throws {
-        child = try ChildProcess(Self.executable, ["--mib", "\(mib)", "--rate", "\(rate)"])
+    /// Starts deadleader and waits until its main thread is a zombie and both
+    /// writers run; with `leaderWaits`, until both writers run, the main
+    /// thread waiting for `exitLeader()`.
+    public init(mib: Int = 8, rate: Int = 20000, leaderWaits: Bool = false) throws {
+        child = try ChildProcess(Self.executable, ["--mib", "\(mib)", "--rate", "\(rate)"] + (leaderWaits ? ["--leader-waits"] : []))
         while true {
             let line = try child.readLine()
             let fields = line.split(separator: " ")
@@ -47,6 +49,17 @@ public final class DeadLeader: @unchecked Sendable {
 
     /// The state letter of the leader (`Z` once its main thread has exited).
     public var leaderState: Character? { child.state }
+
+    /// With `leaderWaits`: makes the main thread call pthread_exit and waits until it is a zombie.
+    public func exitLeader() throws {
+        child.send("exit")
+        _ = try child.expect("leader exiting")
+        let deadline = ChildProcess.now() + 10
+        while leaderState != "Z" {
+            guard ChildProcess.now() < deadline else { throw TestFailure("the main thread of pid \(pid) did not exit") }
+            usleep(1000)
+        }
+    }
 
     public func stop() { child.stop() }
 }

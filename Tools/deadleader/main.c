@@ -14,8 +14,12 @@
 // Protocol on stdout (line based, flushed):
 //   region <name> 0x<start> 0x<end>     one per region, end exclusive
 //   pid <PID> ready                     the leader is a zombie and both writers run
+//                                       (with --leader-waits: both writers run)
+//   leader exiting                      with --leader-waits: answer to "exit"
 // Options: --mib N (per region, default 8), --rate W (writes a second per
-// thread, default 20000; 0 = as fast as possible).
+// thread, default 20000; 0 = as fast as possible), --leader-waits (the main
+// thread exits only when it reads the line "exit" on stdin, so a test can
+// attach first and see the leader go while Ferry holds the process).
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <inttypes.h>
@@ -40,6 +44,7 @@ struct writer {
 };
 
 static unsigned long opt_mib = 8, opt_rate = 20000;
+static int opt_leader_waits;
 static atomic_int started;
 static pid_t leader;
 
@@ -65,7 +70,7 @@ static char leader_state(void) {
 static void *write_loop(void *argument) {
     struct writer *w = argument;
     atomic_fetch_add(&started, 1);
-    if (w->number == 1) {
+    if (w->number == 1 && !opt_leader_waits) {
         // Announce readiness only once the leader is gone for good.
         while (leader_state() != 'Z') sleep_ns(1000000);
         printf("pid %d ready\n", (int)leader);
@@ -91,8 +96,9 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--mib") && i + 1 < argc) opt_mib = strtoul(argv[++i], NULL, 0);
         else if (!strcmp(argv[i], "--rate") && i + 1 < argc) opt_rate = strtoul(argv[++i], NULL, 0);
+        else if (!strcmp(argv[i], "--leader-waits")) opt_leader_waits = 1;
         else {
-            fprintf(stderr, "usage: deadleader [--mib N] [--rate WRITES_PER_SECOND]\n");
+            fprintf(stderr, "usage: deadleader [--mib N] [--rate WRITES_PER_SECOND] [--leader-waits]\n");
             return 2;
         }
     }
@@ -113,6 +119,14 @@ int main(int argc, char **argv) {
         if (pthread_create(&thread, NULL, write_loop, &writers[t]) != 0) { perror("pthread_create"); return 1; }
     }
     while (atomic_load(&started) < 2) sleep_ns(100000);
+    if (opt_leader_waits) {
+        printf("pid %d ready\n", (int)leader);
+        fflush(stdout);
+        char line[64];
+        while (fgets(line, sizeof line, stdin) && strcmp(line, "exit\n") != 0) {}
+        printf("leader exiting\n");
+        fflush(stdout);
+    }
     // The main thread leaves; the process lives on in its writers.
     pthread_exit(NULL);
 }
