@@ -39,32 +39,6 @@ import FerryTestSupport
         #expect(summary.bytesReceived >= writer1.length)
     }
 
-    /// The command line: `seeder serve <tgid>` migrates it, `leecher verify
-    /// --pid <tgid>` checks it; naming a live thread points to the tgid.
-    @Test func theCommandsMigrateItByItsProcessId() throws {
-        let harness = try CLIHarness()
-        let child = try DeadLeader(mib: 8, rate: 5000)
-        defer { child.stop() }
-        let tid = try #require(child.liveThreads.first)
-        let refused = try ChildProcess(builtExecutable("seeder"),
-                                       ["serve", "\(tid)", "--listen", "127.0.0.1:0", "--secret-file", harness.secretPath, "--json"])
-        let error = try refused.expect("{\"event\":\"error\"")
-        #expect(error.contains("it is a thread of process \(child.pid), whose main thread has exited (attach to pid \(child.pid) instead"), "\(error)")
-        #expect(refused.waitForExit() != 0)
-
-        let (seeder, address) = try harness.startSeeder(pid: child.pid)
-        defer { seeder.stop() }
-        let out = scratchDirectory("cli-deadleader")
-        defer { try? FileManager.default.removeItem(atPath: out) }
-        let leecher = try harness.startLeecher(address, out: out)
-        _ = try leecher.expect("{\"event\":\"complete\"", timeout: 60)
-        #expect(leecher.waitForExit() == 0)
-        #expect(seeder.waitForExit() == 0)
-        let verify = try ChildProcess(builtExecutable("leecher"), ["verify", out, "--pid", "\(child.pid)", "--json"])
-        #expect(try verify.expect("{\"event\":\"verified\"").contains("\"pid\":\(child.pid)"))
-        #expect(verify.waitForExit() == 0)
-    }
-
     /// Post-copy into a live target whose main thread has exited: the
     /// regions are mapped and the userfaultfd made through a live thread.
     @Test func memoryIsPlacedIntoAProcessWhoseMainThreadExited() async throws {
