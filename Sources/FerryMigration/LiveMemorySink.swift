@@ -372,8 +372,7 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     /// BLAKE2b-256 of `length` bytes of process `pid` at `address`, read through /proc in 1 MiB steps.
     private static func checksum(pid: Int32, at address: UInt64, length: UInt64) throws -> String {
         // Through a live thread when the target's main thread has exited.
-        let path = ThreadGroup.procDirectory(of: pid) + "/mem"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let (fd, path) = ThreadGroup.openProcFile("mem", of: pid, flags: O_RDONLY)
         guard fd >= 0 else {
             throw MigrationError.image("cannot open \(path) to check the migrated memory: \(String(cString: strerror(errno)))")
         }

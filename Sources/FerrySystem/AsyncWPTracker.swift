@@ -51,7 +51,7 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
         self.pid = pid
         self.zapScan = zapScan
         // Through a live thread when the leader has exited (ThreadGroup.swift).
-        let fd = open(ThreadGroup.procDirectory(of: pid) + "/pagemap", O_RDONLY | O_CLOEXEC)
+        let fd = ThreadGroup.openProcFile("pagemap", of: pid, flags: O_RDONLY).fd
         if fd < 0 {
             throw SystemError(operation: "open /proc/\(pid)/pagemap", target: "pid \(pid)", errno: errno,
                               hint: "run as root or grant CAP_SYS_PTRACE")

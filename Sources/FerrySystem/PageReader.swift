@@ -90,7 +90,7 @@ public final class PageReader: Sendable {
         vmTarget = Atomic(ThreadGroup.liveThread(of: pid) ?? pid)
         // The file holds the memory, not the thread: it stays readable when
         // the thread it was opened through exits while others run.
-        let fd = open(ThreadGroup.procDirectory(of: pid) + "/mem", O_RDONLY | O_CLOEXEC)
+        let fd = ThreadGroup.openProcFile("mem", of: pid, flags: O_RDONLY).fd
         if fd < 0 {
             let error = errno
             if error == ENOENT || error == ESRCH { throw PageReaderError.noSuchProcess(pid: pid) }

@@ -166,8 +166,7 @@ public enum ProcessMaps {
 
     private static func readFile(pid: Int32) throws -> [UInt8] {
         // Through a live thread when the leader has exited: its own maps read empty.
-        let path = ThreadGroup.procDirectory(of: pid) + "/maps"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd = ThreadGroup.openProcFile("maps", of: pid, flags: O_RDONLY).fd
         if fd < 0 { throw mapError(pid: pid, errno: errno) }
         defer { close(fd) }
         var capacity = initialReadSize

@@ -137,8 +137,7 @@ struct RemoteSyscall {
         let executable = regions.filter { $0.permissions.contains("x") && $0.name != "[vsyscall]" }
         let ordered = executable.filter { $0.name == "[vdso]" } + executable.filter { $0.name != "[vdso]" }
         // Through a live thread when the leader has exited (ThreadGroup.swift).
-        let path = ThreadGroup.procDirectory(of: pid) + "/mem"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let (fd, path) = ThreadGroup.openProcFile("mem", of: pid, flags: O_RDONLY)
         guard fd >= 0 else {
             throw RemoteSyscallError.system(SystemError(operation: "open \(path)", target: "pid \(pid)", errno: errno))
         }

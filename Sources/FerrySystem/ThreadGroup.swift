@@ -47,6 +47,26 @@ public enum ThreadGroup {
         return "/proc/\(pid)/task/\(live)"
     }
 
+    /// Opens the /proc file `name` (maps, mem, pagemap...) of `pid` through
+    /// `procDirectory(of:)`; returns the descriptor (-1 with errno set on
+    /// failure) and the path opened, for messages. When the live thread it
+    /// picked ends between the choice and the open, it picks again: that is
+    /// no failure of the process. (An open file holds the memory, not the
+    /// thread, so it stays good when its thread exits later.)
+    public static func openProcFile(_ name: String, of pid: Int32, flags: Int32) -> (fd: Int32, path: String) {
+        var path = procDirectory(of: pid) + "/" + name
+        for _ in 0..<8 {
+            let fd = open(path, flags | O_CLOEXEC)
+            if fd >= 0 { return (fd, path) }
+            let error = errno
+            guard error == ENOENT || error == ESRCH else { return (fd, path) }
+            let again = procDirectory(of: pid) + "/" + name
+            if again == path { errno = error; return (fd, path) }
+            path = again
+        }
+        return (open(path, flags | O_CLOEXEC), path)
+    }
+
     /// Copies descriptor `remoteFD` of process `pid` into this process:
     /// through the process's pidfd while its leader runs, else through a
     /// thread pidfd of `tid`, a live thread of it (the leader's descriptor

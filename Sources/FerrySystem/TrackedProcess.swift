@@ -128,8 +128,7 @@ public final class TrackedProcess: @unchecked Sendable {
     public static func checkAttachable(pid: Int32) throws {
         try checkTarget(pid: pid)
         // Through a live thread: the memory file of an exited leader says ESRCH.
-        let path = ThreadGroup.procDirectory(of: pid) + "/mem"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let (fd, path) = ThreadGroup.openProcFile("mem", of: pid, flags: O_RDONLY)
         guard fd >= 0 else {
             switch errno {
             case ENOENT, ESRCH: throw AttachError.noSuchProcess(pid: pid)
