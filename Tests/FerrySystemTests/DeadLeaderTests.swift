@@ -107,6 +107,29 @@ struct DeadLeaderTests {
         for tid in child.liveThreads { #expect(threadState(child.pid, tid) != "t", "thread \(tid) runs again") }
     }
 
+    /// The main thread exits *while* it is being frozen: seized but never
+    /// reporting its stop, since a zombie leader with live threads is not
+    /// waitable. The freeze must neither hang nor fail.
+    @Test func theLeaderExitingDuringAFreezeNeitherHangsNorFails() throws {
+        for round in 0..<120 {
+            let child = try DeadLeader(mib: 1, rate: 1000, leaderWaits: true)
+            defer { child.stop() }
+            let process = try TrackedProcess.attach(pid: child.pid, tracker: .async)
+            defer { try? process.detach() }
+            child.send("exit")
+            // Spread the freezes over the leader's exit.
+            usleep(UInt32(round % 40) * 50)
+            try process.freeze()
+            try process.thaw()
+            try child.exitLeaderAndWait()
+            try process.freeze()
+            try process.thaw()
+            try process.detach()
+            usleep(20_000)
+            for tid in child.liveThreads { #expect(threadState(child.pid, tid) != "t", "round \(round): thread \(tid) runs again") }
+        }
+    }
+
     @Test func namingALiveThreadPointsToTheProcess() throws {
         let child = try DeadLeader(mib: 1)
         defer { child.stop() }

@@ -53,6 +53,11 @@ public final class DeadLeader: @unchecked Sendable {
     /// With `leaderWaits`: makes the main thread call pthread_exit and waits until it is a zombie.
     public func exitLeader() throws {
         child.send("exit")
+        try exitLeaderAndWait()
+    }
+
+    /// Sends nothing (`send("exit")` was sent): waits until the main thread is a zombie.
+    public func exitLeaderAndWait() throws {
         _ = try child.expect("leader exiting")
         let deadline = ChildProcess.now() + 10
         while leaderState != "Z" {
@@ -61,5 +66,6 @@ public final class DeadLeader: @unchecked Sendable {
         }
     }
 
+    public func send(_ command: String) { child.send(command) }
     public func stop() { child.stop() }
 }
