@@ -42,8 +42,6 @@ let package = Package(
         .executableTarget(name: "hub", dependencies: ["FerryCLI"]),
         // Workload generator used by tests and benchmarks (C, no runtime to disturb timings).
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
-        // A process whose main thread has exited while two threads write (issue 15, class 4).
-        .executableTarget(name: "deadleader", path: "Tools/deadleader"),
         // A TCP relay that drops its connections on command (reconnect tests).
         .executableTarget(name: "relay", path: "Tools/relay"),
         // Wire benchmark: transports, secure channel and RPC against baselines (Tools/bench-wire.sh).
@@ -63,6 +61,8 @@ let package = Package(
         .executableTarget(name: "ferry-bench-bookkeeping", dependencies: ["FerryMigration"], path: "Tools/bench-bookkeeping"),
         // Migration benchmark: seeder and leecher processes under load, against stop-and-copy and the link (issue 10).
         .executableTarget(name: "ferry-bench-migrate", dependencies: ["FerryTestSupport"], path: "Tools/bench-migrate"),
+        // A process whose main thread has exited while two threads write (issue 15, class 4).
+        .executableTarget(name: "deadleader", path: "Tools/deadleader"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),
