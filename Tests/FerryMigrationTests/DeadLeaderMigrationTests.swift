@@ -39,6 +39,30 @@ import FerryTestSupport
         #expect(summary.bytesReceived >= writer1.length)
     }
 
+    /// The main thread exits in the middle of the migration: the seeder
+    /// carries on through the threads that remain.
+    @Test func theMainThreadExitingDuringTheMigrationChangesNothing() async throws {
+        let child = try DeadLeader(mib: 32, rate: 20000, leaderWaits: true)
+        defer { child.stop() }
+        let process = try TrackedProcess.attach(pid: child.pid, tracker: .async)
+        let seeder = try await LoopbackSeeder(process: process)
+        defer { seeder.close() }
+        let out = scratchDirectory("deadleader-midway")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: 0.99, maxWaitSeconds: 10)
+        let leecher = Leecher(connect: seeder.connector(), sink: try ImageWriter(directory: out), options: options)
+        let run = Task { try await leecher.run() }
+        try await Task.sleep(for: .milliseconds(50))
+        try child.exitLeader()
+        let summary = try await run.value
+        #expect(child.leaderState == "Z")
+        #expect(await seeder.service.outcome() == .completed("pid \(child.pid) is stopped and detached; kill it or resume it (kill -CONT) by hand"))
+        let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+        #expect(report.matches, "\(report)")
+        #expect(summary.bytesReceived >= 64 << 20)
+    }
+
     /// Post-copy into a live target whose main thread has exited: the
     /// regions are mapped and the userfaultfd made through a live thread.
     @Test func memoryIsPlacedIntoAProcessWhoseMainThreadExited() async throws {

@@ -130,6 +130,24 @@ struct DeadLeaderTests {
         }
     }
 
+    /// The leader's own status names no tracer once it has exited: the
+    /// check reads a live thread's instead.
+    @Test func aTracedProcessWhoseMainThreadExitedIsRefusedAsTraced() throws {
+        let child = try DeadLeader(mib: 1)
+        defer { child.stop() }
+        let first = try TrackedProcess.attach(pid: child.pid)
+        defer { try? first.detach() }
+        try first.freeze()
+        do {
+            let second = try TrackedProcess.attach(pid: child.pid)
+            try? second.detach()
+            Issue.record("attached twice")
+        } catch {
+            #expect("\(error)".contains("already traced by pid \(getpid())"), "\(error)")
+        }
+        try first.thaw()
+    }
+
     @Test func namingALiveThreadPointsToTheProcess() throws {
         let child = try DeadLeader(mib: 1)
         defer { child.stop() }
