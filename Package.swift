@@ -61,6 +61,8 @@ let package = Package(
         .executableTarget(name: "ferry-bench-bookkeeping", dependencies: ["FerryMigration"], path: "Tools/bench-bookkeeping"),
         // Migration benchmark: seeder and leecher processes under load, against stop-and-copy and the link (issue 10).
         .executableTarget(name: "ferry-bench-migrate", dependencies: ["FerryTestSupport"], path: "Tools/bench-migrate"),
+        // A process whose main thread has exited while two threads write (issue 15, class 4).
+        .executableTarget(name: "deadleader", path: "Tools/deadleader"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

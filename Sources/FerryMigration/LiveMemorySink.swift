@@ -382,9 +382,11 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     private static func checksum(pid: Int32?, at address: UInt64, length: UInt64, holes: [AddressRange]) throws -> String {
         var fd: Int32 = -1
         if let pid {
-            fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+            // Through a live thread when the target's main thread has exited.
+            let (opened, path) = ThreadGroup.openProcFile("mem", of: pid, flags: O_RDONLY)
+            fd = opened
             guard fd >= 0 else {
-                throw MigrationError.image("cannot open /proc/\(pid)/mem to check the migrated memory: \(String(cString: strerror(errno)))")
+                throw MigrationError.image("cannot open \(path) to check the migrated memory: \(String(cString: strerror(errno)))")
             }
         }
         defer { if fd >= 0 { close(fd) } }

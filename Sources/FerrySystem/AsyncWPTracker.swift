@@ -50,7 +50,8 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
         self.uffd = uffd
         self.pid = pid
         self.zapScan = zapScan
-        let fd = open("/proc/\(pid)/pagemap", O_RDONLY | O_CLOEXEC)
+        // Through a live thread when the leader has exited (ThreadGroup.swift).
+        let fd = ThreadGroup.openProcFile("pagemap", of: pid, flags: O_RDONLY).fd
         if fd < 0 {
             throw SystemError(operation: "open /proc/\(pid)/pagemap", target: "pid \(pid)", errno: errno,
                               hint: "run as root or grant CAP_SYS_PTRACE")

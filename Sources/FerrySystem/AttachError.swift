@@ -13,8 +13,9 @@ public enum AttachError: Error, CustomStringConvertible, Sendable {
     case ownProcess(pid: Int32)
     /// The pid is a kernel thread: it has no user memory.
     case kernelThread(pid: Int32, name: String)
-    /// The pid is a thread of another process, not a process.
-    case notThreadGroupLeader(pid: Int32, process: Int32)
+    /// The pid is a thread of another process, not a process. `leaderExited`:
+    /// that process's main thread has exited (its other threads run on).
+    case notThreadGroupLeader(pid: Int32, process: Int32, leaderExited: Bool = false)
     /// ptrace or pidfd_getfd was refused.
     case permissionDenied(pid: Int32, operation: String)
     /// Another tracer (a debugger, strace, another seeder) holds the process.
@@ -44,7 +45,10 @@ public enum AttachError: Error, CustomStringConvertible, Sendable {
             return "cannot attach to pid \(pid): that is this process itself (a process cannot trace itself; run the seeder as a separate process)"
         case .kernelThread(let pid, let name):
             return "cannot attach to pid \(pid) (\(name)): it is a kernel thread with no user memory (pick a user-space process)"
-        case .notThreadGroupLeader(let pid, let process):
+        case .notThreadGroupLeader(let pid, let process, let leaderExited):
+            if leaderExited {
+                return "cannot attach to pid \(pid): it is a thread of process \(process), whose main thread has exited (attach to pid \(process) instead: Ferry reaches its memory through the threads still running)"
+            }
             return "cannot attach to pid \(pid): it is a thread of process \(process) (attach to pid \(process) instead)"
         case .permissionDenied(let pid, let operation):
             return "cannot trace pid \(pid): \(operation): operation not permitted (run as root or grant CAP_SYS_PTRACE; check kernel.yama.ptrace_scope)"

@@ -95,8 +95,12 @@ enum Freezer {
                         continue // an exiting thread cannot be traced, and will never run again
                     }
                 }
-                for tid in interrupted {
-                    switch try Ptrace.waitStop(tid, pid: pid) {
+                // The leader last, by polling: it may be exiting, and a
+                // leader that turns zombie while others run is never waitable
+                // (Ptrace.waitLeaderStop). By then it has usually stopped.
+                for tid in interrupted.filter({ $0 != pid }) + interrupted.filter({ $0 == pid }) {
+                    let waited = tid == pid ? try Ptrace.waitLeaderStop(pid) : try Ptrace.waitStop(tid, pid: pid)
+                    switch waited {
                     case .stopped(let stop): stops[tid] = stop
                     case .gone: break
                     }
@@ -108,7 +112,8 @@ enum Freezer {
             // Threads seized but not yet reported: detach fails with ESRCH until
             // they stop, so wait for their stop first.
             for tid in attached where stops[tid] == nil {
-                if case .stopped(let stop) = (try? Ptrace.waitStop(tid, pid: pid)) ?? .gone {
+                let waited = tid == pid ? try? Ptrace.waitLeaderStop(pid) : try? Ptrace.waitStop(tid, pid: pid)
+                if case .stopped(let stop) = waited ?? .gone {
                     try? Ptrace.detach(tid, pid: pid, stop: stop)
                 }
             }

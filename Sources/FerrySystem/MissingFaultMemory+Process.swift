@@ -69,13 +69,15 @@ extension MissingFaultMemory {
                 }
                 let remoteFD = Int32(created)
                 defer { _ = try? remote.call(Int(ferry_syscall_number_close()), UInt64(remoteFD)) }
-                let pidfd = ferry_pidfd_open(pid, 0)
-                if pidfd < 0 { throw SystemError(operation: "pidfd_open", target: "pid \(pid)", errno: errno) }
-                defer { close(pidfd) }
-                let copied = ferry_pidfd_getfd(pidfd, remoteFD, 0)
-                if copied < 0 {
-                    throw SystemError(operation: "pidfd_getfd", target: "pid \(pid)", errno: errno,
-                                      hint: "needs ptrace rights over the target (root or CAP_SYS_PTRACE)")
+                // Through the borrowed thread when the target's main thread has exited (ThreadGroup.swift).
+                let copied: Int32
+                switch ThreadGroup.copyDescriptor(remoteFD, of: pid, through: remote.tid) {
+                case .success(let local): copied = local
+                case .failure(var error):
+                    if error.operation == "pidfd_getfd" && error.hint == nil {
+                        error.hint = "needs ptrace rights over the target (root or CAP_SYS_PTRACE)"
+                    }
+                    throw error
                 }
                 // Still frozen: the regions are registered (and guarded) before
                 // any thread of the target can touch them, so none reads zeros.

@@ -21,9 +21,13 @@
 // read no longer exists (unmapped, or the VMA shrank): it is zero-filled in
 // the buffer and *reported* in `PageReadResult.vanished`, never passed off as
 // a page of zeros, so the caller can treat the range as unmapped.
+//
+// A process whose main thread has exited is read through a live thread:
+// /proc/PID/task/TID/mem and process_vm_readv(TID) (ThreadGroup.swift).
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 
 /// The outcome of a read: how many bytes were laid out and which ranges could not be read.
 public struct PageReadResult: Sendable, Equatable {
@@ -69,6 +73,9 @@ public final class PageReader: Sendable {
     /// /proc/PID/mem opened read-only, or -1 when it could not be opened.
     /// Owned by this reader: closed exactly once, in deinit.
     private let memFD: Int32
+    /// The thread process_vm_readv names: the pid, or a live thread of it
+    /// once its leader has exited; moved on when that thread ends.
+    private let vmTarget: Atomic<Int32>
 
     /// Remote iovecs per process_vm_readv call: the kernel's UIO_MAXIOV.
     public static let maxIovecs = 1024
@@ -80,7 +87,10 @@ public final class PageReader: Sendable {
     /// /proc/PID/mem only disables the fallback.
     public init(pid: Int32) throws {
         self.pid = pid
-        let fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+        vmTarget = Atomic(ThreadGroup.liveThread(of: pid) ?? pid)
+        // The file holds the memory, not the thread: it stays readable when
+        // the thread it was opened through exits while others run.
+        let fd = ThreadGroup.openProcFile("mem", of: pid, flags: O_RDONLY).fd
         if fd < 0 {
             let error = errno
             if error == ENOENT || error == ESRCH { throw PageReaderError.noSuchProcess(pid: pid) }
@@ -255,13 +265,15 @@ public final class PageReader: Sendable {
             // SAFETY: `local` covers `length` bytes of the caller's buffer;
             // `remote` holds `count` initialized iovecs; the function pointer
             // has process_vm_readv's C signature.
-            let n = Self.processVMReadv!(pid, &local, 1, remote.baseAddress, UInt(count), 0)
+            let n = Self.processVMReadv!(vmTarget.load(ordering: .relaxed), &local, 1, remote.baseAddress, UInt(count), 0)
             if n >= 0 { return .read(n) }
             let error = errno
             switch error {
             case EINTR: continue
             case EFAULT: return .read(0) // the first byte is not readable: settled below
-            case ESRCH: throw PageReaderError.noSuchProcess(pid: pid)
+            case ESRCH:
+                if retarget() { continue }
+                throw PageReaderError.noSuchProcess(pid: pid)
             case EPERM, EACCES, ENOSYS:
                 // Refused (ptrace policy, seccomp, old kernel): try /proc/PID/mem.
                 if memFD < 0 { throw PageReaderError.permissionDenied(pid: pid) }
@@ -280,10 +292,21 @@ public final class PageReader: Sendable {
         while true {
             // SAFETY: `local` covers `length` bytes of the caller's buffer; the
             // function pointer has process_vm_readv's C signature.
-            let n = processVMReadv(pid, &local, 1, &remote, 1, 0)
+            let n = processVMReadv(vmTarget.load(ordering: .relaxed), &local, 1, &remote, 1, 0)
             if n >= 0 { return n }
+            if errno == ESRCH && retarget() { continue }
             if errno != EINTR { return 0 }
         }
+    }
+
+    /// After ESRCH: points process_vm_readv at another live thread of the
+    /// process (the one it named has exited, or the leader did). False when
+    /// no other thread runs.
+    private func retarget() -> Bool {
+        let current = vmTarget.load(ordering: .relaxed)
+        guard let live = ThreadGroup.liveThread(of: pid), live != current else { return false }
+        vmTarget.store(live, ordering: .relaxed)
+        return true
     }
 
     /// Reads the iovecs in order through /proc/PID/mem; returns the bytes

@@ -165,8 +165,8 @@ public enum ProcessMaps {
     private static let initialReadSize = 256 * 1024
 
     private static func readFile(pid: Int32) throws -> [UInt8] {
-        let path = "/proc/\(pid)/maps"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        // Through a live thread when the leader has exited: its own maps read empty.
+        let fd = ThreadGroup.openProcFile("maps", of: pid, flags: O_RDONLY).fd
         if fd < 0 { throw mapError(pid: pid, errno: errno) }
         defer { close(fd) }
         var capacity = initialReadSize

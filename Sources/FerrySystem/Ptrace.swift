@@ -131,10 +131,36 @@ enum Ptrace {
     /// Waits until `tid` reports a stop or ends.
     static func waitStop(_ tid: Int32, pid: Int32) throws -> TraceeWait {
         var status: Int32 = 0
-        let waited = try checkedCall("waitpid", on: "thread \(tid) of pid \(pid)") {
+        _ = try checkedCall("waitpid", on: "thread \(tid) of pid \(pid)") {
             waitpid(tid, &status, ferry_wall())
         }
-        _ = waited
+        return try decode(status, tid: tid)
+    }
+
+    /// Waits for the stop of the leader `pid`, which may be exiting: a
+    /// leader that becomes a zombie while other threads run on reports
+    /// neither a stop nor its exit (the kernel delays a group leader's exit
+    /// until the group is empty), so a blocking wait would never return.
+    /// Polls instead, and answers `.gone` once the leader is a zombie.
+    static func waitLeaderStop(_ pid: Int32) throws -> TraceeWait {
+        var status: Int32 = 0
+        while true {
+            let waited = try checkedCall("waitpid", on: "the leader of pid \(pid)") {
+                waitpid(pid, &status, ferry_wall() | WNOHANG)
+            }
+            if waited == pid { return try decode(status, tid: pid) }
+            if Freezer.isExiting(pid, pid: pid) {
+                // Still traced, but it never runs again: the kernel lets go of
+                // it when our ptrace thread ends (or it is reaped).
+                return .gone
+            }
+            // The stop is normally microseconds away: a short pause, no spin.
+            var pause = timespec(tv_sec: 0, tv_nsec: 20_000)
+            nanosleep(&pause, nil)
+        }
+    }
+
+    private static func decode(_ status: Int32, tid: Int32) throws -> TraceeWait {
         if ferry_wifexited(status) != 0 || ferry_wifsignaled(status) != 0 { return .gone }
         guard ferry_wifstopped(status) != 0 else { return .gone }
         let signal = ferry_wstopsig(status)

@@ -49,7 +49,9 @@ struct RemoteSyscall {
     let instruction: UInt64
 
     /// Picks the thread to borrow (one in a plain interrupt stop if any, the
-    /// leader first) and finds a syscall instruction.
+    /// leader first) and finds a syscall instruction. A leader that has
+    /// exited was never stopped (the freezer skips zombies), so another
+    /// thread is borrowed then.
     init(frozen: FrozenProcess) throws {
         pid = frozen.pid
         let ordered = frozen.threads.keys.sorted { a, b in a == frozen.pid ? true : (b == frozen.pid ? false : a < b) }
@@ -134,9 +136,10 @@ struct RemoteSyscall {
         do { regions = try ProcessMaps.read(pid: pid) } catch { throw RemoteSyscallError.processGone(pid: pid) }
         let executable = regions.filter { $0.permissions.contains("x") && $0.name != "[vsyscall]" }
         let ordered = executable.filter { $0.name == "[vdso]" } + executable.filter { $0.name != "[vdso]" }
-        let fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+        // Through a live thread when the leader has exited (ThreadGroup.swift).
+        let (fd, path) = ThreadGroup.openProcFile("mem", of: pid, flags: O_RDONLY)
         guard fd >= 0 else {
-            throw RemoteSyscallError.system(SystemError(operation: "open /proc/\(pid)/mem", target: "pid \(pid)", errno: errno))
+            throw RemoteSyscallError.system(SystemError(operation: "open \(path)", target: "pid \(pid)", errno: errno))
         }
         defer { close(fd) }
         let chunk = 1 << 16

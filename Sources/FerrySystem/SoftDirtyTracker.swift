@@ -69,7 +69,7 @@ final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
     /// `rearm` says: each written page is still reported at least once.
     func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan {
         try lock.withLock {
-            let fd = open("/proc/\(pid)/pagemap", O_RDONLY | O_CLOEXEC)
+            let fd = ThreadGroup.openProcFile("pagemap", of: pid, flags: O_RDONLY).fd
             if fd < 0 { throw SystemError(operation: "open /proc/\(pid)/pagemap", target: "pid \(pid)", errno: errno) }
             defer { Glibc.close(fd) }
             var pages: [UInt64] = []
@@ -95,7 +95,7 @@ final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
     }
 
     private func clearRefs() throws {
-        let fd = open("/proc/\(pid)/clear_refs", O_WRONLY | O_CLOEXEC)
+        let fd = ThreadGroup.openProcFile("clear_refs", of: pid, flags: O_WRONLY).fd
         if fd < 0 { throw SystemError(operation: "open /proc/\(pid)/clear_refs", target: "pid \(pid)", errno: errno) }
         defer { Glibc.close(fd) }
         var four: UInt8 = UInt8(ascii: "4")

@@ -127,12 +127,13 @@ public final class TrackedProcess: @unchecked Sendable {
     /// the source long before it attaches to its target.
     public static func checkAttachable(pid: Int32) throws {
         try checkTarget(pid: pid)
-        let fd = open("/proc/\(pid)/mem", O_RDONLY | O_CLOEXEC)
+        // Through a live thread: the memory file of an exited leader says ESRCH.
+        let (fd, path) = ThreadGroup.openProcFile("mem", of: pid, flags: O_RDONLY)
         guard fd >= 0 else {
             switch errno {
             case ENOENT, ESRCH: throw AttachError.noSuchProcess(pid: pid)
-            case EACCES, EPERM: throw AttachError.permissionDenied(pid: pid, operation: "opening /proc/\(pid)/mem")
-            default: throw AttachError.system(pid: pid, step: "opening /proc/\(pid)/mem", underlying: String(cString: strerror(errno)))
+            case EACCES, EPERM: throw AttachError.permissionDenied(pid: pid, operation: "opening \(path)")
+            default: throw AttachError.system(pid: pid, step: "opening \(path)", underlying: String(cString: strerror(errno)))
             }
         }
         close(fd)
@@ -153,7 +154,9 @@ public final class TrackedProcess: @unchecked Sendable {
         }
         let name = String(fields["Name"] ?? "?")
         if let tgid = fields["Tgid"].flatMap({ Int32($0) }), tgid != pid {
-            throw AttachError.notThreadGroupLeader(pid: pid, process: tgid)
+            // The tgid is the way in even when its main thread has exited
+            // (ThreadGroup.swift): say so, since that is when people try a thread.
+            throw AttachError.notThreadGroupLeader(pid: pid, process: tgid, leaderExited: ThreadGroup.leaderHasExited(tgid))
         }
         if fields["Kthread"] == "1" { throw AttachError.kernelThread(pid: pid, name: name) }
         if let stat = readProcFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") {
@@ -163,7 +166,17 @@ public final class TrackedProcess: @unchecked Sendable {
             if rest.count > 6, let flags = UInt64(rest[6]), flags & pfKthread != 0 {
                 throw AttachError.kernelThread(pid: pid, name: name)
             }
-            if rest.first == "Z" { throw AttachError.processExited(pid: pid) }
+            // A zombie leader whose other threads run on is a live process:
+            // it is reached through one of them (ThreadGroup.swift).
+            if rest.first == "Z" {
+                guard let live = ThreadGroup.liveThread(of: pid) else { throw AttachError.processExited(pid: pid) }
+                // The leader's status names no tracer of the others.
+                if let text = readProcFile("/proc/\(pid)/task/\(live)/status") {
+                    for line in text.split(separator: "\n") where line.hasPrefix("TracerPid:") {
+                        fields["TracerPid"] = line.dropFirst(10).drop { $0 == " " || $0 == "\t" }
+                    }
+                }
+            }
         }
         if let tracer = fields["TracerPid"].flatMap({ Int32($0) }), tracer != 0 {
             // TracerPid names the tracing thread; people know its process.
@@ -212,17 +225,16 @@ public final class TrackedProcess: @unchecked Sendable {
                 if result < 0 { throw AttachError.userfaultfdRefused(pid: pid, errno: Int32(-result)) }
                 let remoteFD = Int32(result)
                 defer { _ = try? remote.call(Int(ferry_syscall_number_close()), UInt64(remoteFD)) }
-                let pidfd = ferry_pidfd_open(pid, 0)
-                if pidfd < 0 {
-                    throw AttachError.system(pid: pid, step: "pidfd_open", underlying: String(cString: strerror(errno)))
+                // Through the borrowed thread when the leader has exited (ThreadGroup.swift).
+                switch ThreadGroup.copyDescriptor(remoteFD, of: pid, through: remote.tid) {
+                case .success(let local):
+                    return local
+                case .failure(let error):
+                    if error.operation == "pidfd_getfd" && error.errno == EPERM {
+                        throw AttachError.permissionDenied(pid: pid, operation: "pidfd_getfd")
+                    }
+                    throw AttachError.system(pid: pid, step: error.operation, underlying: "\(error)")
                 }
-                defer { close(pidfd) }
-                let local = ferry_pidfd_getfd(pidfd, remoteFD, 0)
-                if local < 0 {
-                    if errno == EPERM { throw AttachError.permissionDenied(pid: pid, operation: "pidfd_getfd") }
-                    throw AttachError.system(pid: pid, step: "pidfd_getfd", underlying: String(cString: strerror(errno)))
-                }
-                return local
             } }
         } catch let error as FreezeError {
             switch error {
@@ -266,11 +278,10 @@ public final class TrackedProcess: @unchecked Sendable {
         }
     }
 
-    /// True when the process no longer exists or is a zombie.
+    /// True when the process no longer exists or is a zombie: no thread of
+    /// it runs (a zombie leader whose other threads run on is alive).
     private var processIsGone: Bool {
-        guard let stat = Self.readProcFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return true }
-        let state = stat[stat.index(after: close)...].split(separator: " ").first
-        return state == "Z" || state == "X"
+        ThreadGroup.liveThread(of: pid) == nil
     }
 
     // MARK: - Tracking

@@ -373,4 +373,30 @@ import FerryTestSupport
         #expect(try FileManager.default.attributesOfItem(atPath: dir + "/id.pub")[.type] as? FileAttributeType == .typeRegular,
                 "--force replaces the link itself")
     }
+
+    /// Issue 15 class 4: a process whose main thread has exited. `seeder
+    /// serve <tgid>` migrates it, `leecher verify --pid <tgid>` checks it;
+    /// naming one of its live threads points to the tgid.
+    @Test func aProcessWhoseMainThreadExitedMigratesByItsProcessId() throws {
+        let child = try DeadLeader(mib: 8, rate: 5000)
+        defer { child.stop() }
+        let tid = try #require(child.liveThreads.first)
+        let refused = try ChildProcess(builtExecutable("seeder"),
+                                       ["serve", "\(tid)", "--listen", "127.0.0.1:0", "--secret-file", secretPath, "--json"])
+        let error = try refused.expect("{\"event\":\"error\"")
+        #expect(error.contains("it is a thread of process \(child.pid), whose main thread has exited (attach to pid \(child.pid) instead"), "\(error)")
+        #expect(refused.waitForExit() != 0)
+
+        let (seeder, address) = try startSeeder(pid: child.pid)
+        defer { seeder.stop() }
+        let out = scratchDirectory("cli-deadleader")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let leecher = try startLeecher(address, out: out)
+        _ = try leecher.expect("{\"event\":\"complete\"", timeout: 60)
+        #expect(leecher.waitForExit() == 0)
+        #expect(seeder.waitForExit() == 0)
+        let verify = try ChildProcess(builtExecutable("leecher"), ["verify", out, "--pid", "\(child.pid)", "--json"])
+        #expect(try verify.expect("{\"event\":\"verified\"").contains("\"pid\":\(child.pid)"))
+        #expect(verify.waitForExit() == 0)
+    }
 }
