@@ -354,6 +354,7 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
             var entry = ManifestRegion(start: region.start, end: region.end, prot: region.permissions, offset: region.offset,
                                        device: region.device, inode: region.inode, name: region.name,
                                        kind: region.kind.rawValue, file: nil, blake2b: nil)
+            if region.isHugetlb { entry.pageSize = region.pageSize }
             if region.kind == .migrate, region.end > region.start, let local = memory.localAddress(of: region.start) {
                 entry.file = "memory:0x" + String(local, radix: 16)
                 if let pid = options.targetPid {

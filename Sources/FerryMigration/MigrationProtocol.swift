@@ -15,7 +15,9 @@ public enum MigrationMethod: UInt16, Sendable, CaseIterable {
 
 /// Limits of the migration protocol, checked before anything is allocated.
 public enum MigrationLimits {
-    public static let version: UInt16 = 2
+    public static let version: UInt16 = 3
+    /// Page shifts a region may announce: 4 KiB pages up to 1 GiB hugetlb pages.
+    public static let pageShifts: ClosedRange<UInt8> = 12...30
     /// Pages one ReadAt may ask for (4 MiB): big enough to amortize a round
     /// trip, small enough that one lost request costs little to ask again.
     public static let maxPagesPerRead = 1024
@@ -105,6 +107,7 @@ extension WireWriter {
             u64(r.inode)
             text(r.name)
             u8(r.kind == .migrate ? 0 : r.kind == .recordOnly ? 1 : 2)
+            u8(UInt8(r.pageSize.trailingZeroBitCount))
         }
     }
 }
@@ -166,11 +169,20 @@ extension WireReader {
             case 2: kind = .skip
             case let other: throw WireDecodeError("unknown region kind \(other)")
             }
+            // log2 of the region's page size: 12 (4 KiB) up to 30 (1 GiB hugetlb pages).
+            let shift = try u8("page shift")
+            guard MigrationLimits.pageShifts.contains(shift) else {
+                throw WireDecodeError("region 0x\(String(start, radix: 16)) has page shift \(shift), allowed \(MigrationLimits.pageShifts)")
+            }
+            let regionPageSize = UInt64(1) << shift
+            guard start % regionPageSize == 0, end % regionPageSize == 0 else {
+                throw WireDecodeError("region 0x\(String(start, radix: 16))-0x\(String(end, radix: 16)) is not aligned to its \(regionPageSize >> 10) KiB pages")
+            }
             if let previous = out.last, start < previous.end {
                 throw WireDecodeError("region 0x\(String(start, radix: 16))-0x\(String(end, radix: 16)) overlaps or precedes 0x\(String(previous.start, radix: 16))-0x\(String(previous.end, radix: 16)): a layout is sorted and without overlaps")
             }
             out.append(Region(range: AddressRange(start: start, end: end), permissions: permissions, offset: offset,
-                              device: device, inode: inode, name: name, kind: kind))
+                              device: device, inode: inode, name: name, kind: kind, pageSize: regionPageSize))
         }
         let migratable = out.reduce(UInt64(0)) { $0 + ($1.kind == .migrate ? $1.range.length : 0) }
         guard migratable <= MigrationLimits.maxMigratableBytes else {
