@@ -24,6 +24,11 @@ public enum MigrationLimits {
     /// Pages per streamed part of a ReadAt reply (1 MiB of data): the secure
     /// channel seals parts independently, so parts keep both cores busy.
     public static let pagesPerPart = 256
+    /// Pages of one part holding a hugetlb page whole (2 MiB): the seeder
+    /// re-protects a huge page only when it reads all of it at once, so it
+    /// never splits one across parts. Larger huge pages (1 GiB) are read in
+    /// 4 KiB pieces and stay dirty until the freeze.
+    public static let hugePagesPerPart = 512
     /// Bytes one connection may hold for ReadAt requests being answered (a
     /// page buffer and a built part each, 2 MiB): 24 requests read at once,
     /// the rest wait. With the RPC send queue's 16 MiB, a peer that stops
@@ -31,6 +36,14 @@ public enum MigrationLimits {
     public static let readBudgetPerConnection = 48 << 20
     /// What one ReadAt holds while it reads and sends a part.
     static let readAtHolds = 2 * pagesPerPart * Int(pageSize)
+    /// What a ReadAt touching huge pages of `hugePagesPerPart` holds.
+    static let hugeReadAtHolds = 2 * hugePagesPerPart * Int(pageSize)
+
+    /// The migrated hugetlb regions of `layout` whose huge pages fit one part,
+    /// ascending: the ones read (and requested) whole.
+    static func wholeHugePages(in layout: [Region]) -> [Region] {
+        layout.filter { $0.kind == .migrate && $0.isHugetlb && $0.pageSize <= UInt64(hugePagesPerPart) * pageSize }
+    }
     /// Ranges in one request or one streamed part of a range list.
     public static let maxRangesPerMessage = 65_536
     /// Regions in a layout: the kernel's default vm.max_map_count is 65,530.
