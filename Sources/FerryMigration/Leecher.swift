@@ -154,6 +154,7 @@ public final class Leecher {
             layout = reply.layout
             layoutEpoch = reply.layoutEpoch
             store = PageStore(layout: layout)
+            if live != nil { try LiveMemorySink.checkSupported(layout) }
             sink.adopt(layout: layout)
             events(.connected(peer: await link.peer, pid: reply.pid, host: reply.host,
                               tracker: reply.tracker, regions: layout.count, pages: store.totalPages))

@@ -60,3 +60,78 @@ import FerryTestSupport
         #expect(again.regions.filter { $0.pageSize == Self.hugePage }.count == 3)
     }
 }
+
+/// The page size in the layout (protocol version 3) and the refusal of live memory.
+@Suite struct HugePageLayoutTests {
+    static let huge = Region(range: AddressRange(start: 0x7f00_0000_0000, end: 0x7f00_0040_0000), permissions: "rw-p",
+                             offset: 0, device: "00:11", inode: 7, name: "/anon_hugepage (deleted)", kind: .migrate,
+                             pageSize: 2 << 20)
+    static let plain = Region(range: AddressRange(start: 0x7f00_0040_0000, end: 0x7f00_0040_3000), permissions: "rw-p",
+                              offset: 0, device: "00:00", inode: 0, name: "", kind: .migrate)
+
+    func headWithLayout(_ layout: [Region]) -> [[UInt8]] {
+        DirtyReportCodec.parts(epoch: 2, layout: layout, dirty: [], rate: 0, freeze: 0)
+    }
+
+    @Test func theLayoutCarriesEachRegionsPageSize() throws {
+        let decoded = try DirtyReportCodec.decode(headWithLayout([Self.huge, Self.plain]))
+        #expect(decoded.layout == [Self.huge, Self.plain])
+        #expect(decoded.layout?.map(\.pageSize) == [2 << 20, 4096])
+    }
+
+    @Test func aPageShiftOutOfRangeOrAMisalignedHugeRegionIsRefused() throws {
+        for shift: UInt8 in [0, 11, 31, 63] {
+            var parts = headWithLayout([Self.huge])
+            parts[0][parts[0].count - 1] = shift
+            #expect(throws: WireDecodeError.self, "shift \(shift)") { try DirtyReportCodec.decode(parts) }
+        }
+        var misaligned = Self.huge
+        misaligned.range = AddressRange(start: Self.huge.start + 4096, end: Self.huge.end)
+        #expect(throws: WireDecodeError.self) { try DirtyReportCodec.decode(headWithLayout([misaligned])) }
+    }
+
+    @Test func liveMemoryRefusesHugetlbRegionsByName() throws {
+        #expect(throws: Never.self) { try LiveMemorySink.checkSupported([Self.plain]) }
+        do {
+            try LiveMemorySink.checkSupported([Self.plain, Self.huge])
+            Issue.record("a hugetlb region was accepted")
+        } catch {
+            let text = "\(error)"
+            #expect(text.contains("0x7f0000000000-0x7f0000400000") && text.contains("/anon_hugepage")
+                    && text.contains("2048 KiB") && text.contains("--out"), "\(text)")
+        }
+    }
+}
+
+extension HugePagesTests {
+    /// `--into` (live memory) refuses a source with huge pages right after
+    /// Track, before anything is pulled or frozen: the source runs on.
+    @Test func postCopyIntoLiveMemoryRefusesHugePagesAndTheSourceRunsOn() async throws {
+        let pool = HugePagePool(pages: 4)
+        defer { pool.restore() }
+        if let reason = pool.unavailable {
+            print("skipped: \(reason)")
+            return
+        }
+        let process = try Hugemem(["--private", "2", "--pause-us", "1000"])
+        defer { process.stop() }
+        try #require(process.refused == nil, "\(process.refused ?? "")")
+        let tracked = try TrackedProcess.attach(pid: process.pid)
+        let seeder = try await LoopbackSeeder(process: tracked)
+        defer { seeder.close() }
+        let leecher = Leecher(connect: seeder.connector(), memory: try LiveMemorySink(), options: LeecherOptions())
+        do {
+            _ = try await leecher.run()
+            Issue.record("live memory took a hugetlb region")
+        } catch {
+            #expect("\(error)".contains("hugetlb memory in 2048 KiB pages"), "\(error)")
+        }
+        // Not frozen, not stopped: it still answers and still writes.
+        process.send("count")
+        let first = try process.expect("count")
+        try await Task.sleep(for: .milliseconds(50))
+        process.send("count")
+        let second = try process.expect("count")
+        #expect(first != second, "\(first) / \(second)")
+    }
+}

@@ -2,34 +2,48 @@
 // hugemem workload (Tools/hugemem) that maps memory from it.
 import FerrySystem
 import Glibc
+import Synchronization
 
 /// Grows the pool of 2 MiB huge pages for one test and puts it back after.
-public final class HugePagePool: @unchecked Sendable {
-    // @unchecked: written only in init; one test owns it.
+/// Tests of several suites may hold pools at once (they run in parallel in
+/// one process): the first records `vm.nr_hugepages`, each grows it by what
+/// it needs, the last puts the recorded value back.
+public final class HugePagePool: Sendable {
     private static let control = "/proc/sys/vm/nr_hugepages"
-    private let previous: Int
+    private static let holders = Mutex<(count: Int, original: Int)>((0, 0))
+    private let held = Atomic<Bool>(false)
     /// Why the pool could not be had (nil when it is ready).
-    public private(set) var unavailable: String? = nil
+    public let unavailable: String?
 
     /// Makes at least `pages` free 2 MiB pages available, growing
     /// `vm.nr_hugepages` when needed (root only).
     public init(pages: Int) {
-        previous = Self.readInt(Self.control) ?? 0
         guard geteuid() == 0 else {
             unavailable = "setting vm.nr_hugepages needs root"
             return
         }
-        let free = Self.meminfo("HugePages_Free") ?? 0
-        if free < pages { Self.write(Self.control, String(previous + pages - free)) }
-        let now = Self.meminfo("HugePages_Free") ?? 0
-        if now < pages {
-            unavailable = "the kernel gave \(now) of \(pages) huge pages of 2 MiB (vm.nr_hugepages; memory too fragmented?)"
+        held.store(true, ordering: .relaxed)
+        let now = Self.holders.withLock { holders -> Int in
+            let current = Self.readInt(Self.control) ?? 0
+            if holders.count == 0 { holders.original = current }
+            holders.count += 1
+            let free = Self.meminfo("HugePages_Free") ?? 0
+            if free < pages { Self.write(Self.control, String(current + pages - free)) }
+            return Self.meminfo("HugePages_Free") ?? 0
         }
+        unavailable = now < pages
+            ? "the kernel gave \(now) of \(pages) huge pages of 2 MiB (vm.nr_hugepages; memory too fragmented?)" : nil
     }
 
-    /// Puts `vm.nr_hugepages` back as it was.
+    /// Puts `vm.nr_hugepages` back as it was, once the last pool is done.
     public func restore() {
-        if (Self.readInt(Self.control) ?? previous) != previous { Self.write(Self.control, String(previous)) }
+        guard held.exchange(false, ordering: .relaxed) else { return }
+        Self.holders.withLock { holders in
+            holders.count -= 1
+            if holders.count == 0 && Self.readInt(Self.control) != holders.original {
+                Self.write(Self.control, String(holders.original))
+            }
+        }
     }
 
     public static func meminfo(_ field: String) -> Int? {
