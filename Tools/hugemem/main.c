@@ -15,7 +15,9 @@
 //   pid <PID> ready                     last line of the start-up block
 //   nohuge <what> <errno text>          the kernel could not give the pages (exit 3)
 //   count <writes>                      answer to the stdin command "count"
-// Commands on stdin, one per line: count, quit.
+//   poked 0x<address>                   answer to "poke 0xADDR": 8 bytes written there
+// Commands on stdin, one per line: count, poke 0xADDR, quit.
+// With --writer 0 the writer thread is not started (only pokes write).
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -73,7 +75,7 @@ static void *writer(void *unused) {
 }
 
 int main(int argc, char **argv) {
-    unsigned long page_kib = 2048, private_pages = 0, shm_pages = 0, memfd_pages = 0;
+    unsigned long page_kib = 2048, private_pages = 0, shm_pages = 0, memfd_pages = 0, writer_on = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
         unsigned long value = strtoul(argv[i + 1], NULL, 0);
         if (!strcmp(argv[i], "--page-kib")) page_kib = value;
@@ -81,6 +83,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--shm")) shm_pages = value;
         else if (!strcmp(argv[i], "--memfd")) memfd_pages = value;
         else if (!strcmp(argv[i], "--pause-us")) pause_us = value;
+        else if (!strcmp(argv[i], "--writer")) writer_on = value;
         else { fprintf(stderr, "hugemem: unknown option %s\n", argv[i]); return 2; }
     }
     size_t huge = (size_t)page_kib * 1024;
@@ -118,12 +121,18 @@ int main(int argc, char **argv) {
                (void *)(regions[i].base + regions[i].length));
     }
     pthread_t thread;
-    if (pthread_create(&thread, NULL, writer, NULL) != 0) { perror("pthread_create"); return 1; }
+    if (writer_on && pthread_create(&thread, NULL, writer, NULL) != 0) { perror("pthread_create"); return 1; }
     printf("pid %d ready\n", getpid());
     fflush(stdout);
     char line[256];
     while (fgets(line, sizeof line, stdin)) {
         if (!strncmp(line, "count", 5)) { printf("count %lu\n", atomic_load(&writes)); fflush(stdout); }
+        else if (!strncmp(line, "poke ", 5)) {
+            uint64_t *where = (uint64_t *)(uintptr_t)strtoull(line + 5, NULL, 16);
+            *(volatile uint64_t *)where = atomic_fetch_add(&writes, 1) + 1;
+            printf("poked %p\n", (void *)where);
+            fflush(stdout);
+        }
         else if (!strncmp(line, "quit", 4)) return 0;
     }
     for (;;) pause();
