@@ -53,7 +53,8 @@ import FerryTestSupport
         }
         // Ordinary regions keep the manifest's page size (no field).
         #expect(summary.manifest.regions.filter { $0.pageSize != nil }.count == 3)
-        // The writer kept writing until the freeze.
+        // The writer kept writing until the freeze: whole huge pages were dirty then.
+        #expect(summary.dirtyPagesAtFinalize >= 512, "\(summary.dirtyPagesAtFinalize) dirty pages at Finalize")
         let report = try ImageVerifier.compare(directory: out, pid: process.pid)
         #expect(report.matches, "\(report)")
         let again = try Manifest.load(directory: out)
