@@ -5,7 +5,9 @@
 // (recorded only), and which belong to the kernel or to a device (skipped).
 // Kernel: any Linux; the `[vvar_vclock]` name appears from 6.12 on.
 // Capability: reading another user's maps needs PTRACE_MODE_READ on the
-// target (same user, or root / CAP_SYS_PTRACE).
+// target (same user, or root / CAP_SYS_PTRACE). Telling hugetlb memory
+// apart through /proc/PID/map_files needs CAP_SYS_ADMIN (or
+// CAP_CHECKPOINT_RESTORE); without it /proc/PID/smaps answers, more slowly.
 //
 // The whole file is read with a few large read(2) calls (the kernel's seq_file
 // fills the caller's buffer as far as it can, so a large buffer sees one
