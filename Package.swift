@@ -42,6 +42,8 @@ let package = Package(
         .executableTarget(name: "hub", dependencies: ["FerryCLI"]),
         // Workload generator used by tests and benchmarks (C, no runtime to disturb timings).
         .executableTarget(name: "memwriter", path: "Tools/memwriter"),
+        // A process whose memory is in huge pages (MAP_HUGETLB, SHM_HUGETLB, MFD_HUGETLB), written while it runs.
+        .executableTarget(name: "hugemem", path: "Tools/hugemem"),
         // A TCP relay that drops its connections on command (reconnect tests).
         .executableTarget(name: "relay", path: "Tools/relay"),
         // Wire benchmark: transports, secure channel and RPC against baselines (Tools/bench-wire.sh).

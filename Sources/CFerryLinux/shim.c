@@ -12,6 +12,7 @@
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <sys/user.h>
 #include <sys/wait.h>
 #if defined(__aarch64__)
@@ -312,4 +313,14 @@ int ferry_set_slice(int tid, uint64_t nanoseconds) {
     attr.sched_nice = getpriority(PRIO_PROCESS, (id_t)(tid ? tid : syscall(SYS_gettid)));
     attr.sched_runtime = nanoseconds;
     return (int)syscall(SYS_sched_setattr, tid, &attr, 0);
+}
+
+#ifndef HUGETLBFS_MAGIC
+#define HUGETLBFS_MAGIC 0x958458f6
+#endif
+
+int64_t ferry_hugetlbfs_page_size(const char *path) {
+    struct statfs info;
+    if (statfs(path, &info) != 0) return -1;
+    return info.f_type == HUGETLBFS_MAGIC ? (int64_t)info.f_bsize : 0;
 }

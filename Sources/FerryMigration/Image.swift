@@ -69,6 +69,15 @@ public struct ManifestRegion: Codable, Sendable, Equatable {
     /// Ranges `[start, end)` of the region that nothing backs in the source
     /// (past the end of its file): zeros in the file, SIGBUS when touched.
     public var holes: [[UInt64]]? = nil
+    /// Bytes per page of a hugetlb region (2 MiB, 1 GiB): the destination
+    /// must map it with pages of this size. Absent for ordinary memory,
+    /// whose pages are the manifest's `page_size`.
+    public var pageSize: UInt64? = nil
+
+    enum CodingKeys: String, CodingKey {
+        case start, end, prot, offset, device, inode, name, kind, file, blake2b, holes
+        case pageSize = "page_size"
+    }
 }
 
 /// `manifest.json`.

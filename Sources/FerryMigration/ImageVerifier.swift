@@ -35,6 +35,15 @@ public enum ImageVerifier {
             report.problems.append("migratable regions differ: image has \(describe(coverage(imageRanges))), process has \(describe(coverage(processRanges)))")
         }
 
+        // A hugetlb region restored in 4 KiB pages would not be the same memory.
+        let processPageSizes = Dictionary(maps.map { ($0.start, $0.pageSize) }, uniquingKeysWith: { first, _ in first })
+        for region in manifest.regions where region.file != nil {
+            let recorded = region.pageSize ?? manifest.pageSize
+            if let actual = processPageSizes[region.start], actual != recorded {
+                report.problems.append("region 0x\(String(region.start, radix: 16)) has \(actual >> 10) KiB pages in the process, the image records \(recorded >> 10) KiB")
+            }
+        }
+
         let chunk = 1 << 20
         let fromProcess = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
         let fromFile = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)

@@ -84,7 +84,12 @@ public final class Leecher {
 
     private var seeder: TrackReply? = nil
     private var store = PageStore(layout: [])
-    private var layout: [Region] = []
+    private var layout: [Region] = [] {
+        didSet { hugePages = MigrationLimits.wholeHugePages(in: layout) }
+    }
+    /// Hugetlb regions of `layout` whose pages fit one ReadAt, ascending:
+    /// requests take their huge pages whole, so the seeder can re-arm them.
+    private var hugePages: [Region] = []
     private var layoutEpoch: UInt64 = 0
     private var bytesReceived: UInt64 = 0
     private var dirtyRate: Double = 0
@@ -149,6 +154,7 @@ public final class Leecher {
             layout = reply.layout
             layoutEpoch = reply.layoutEpoch
             store = PageStore(layout: layout)
+            if live != nil { try LiveMemorySink.checkSupported(layout) }
             sink.adopt(layout: layout)
             events(.connected(peer: await link.peer, pid: reply.pid, host: reply.host,
                               tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
@@ -444,12 +450,25 @@ public final class Leecher {
         let maxHeat = options.policy.hotAfter
         var batch: [AddressRange] = []
         var pages = 0
-        let limit = min(pagesLimit ?? options.pagesPerRequest ?? sizer.pages, MigrationLimits.maxPagesPerRead)
+        var limit = min(pagesLimit ?? options.pagesPerRequest ?? sizer.pages, MigrationLimits.maxPagesPerRead)
+        var hugeIndex = 0
         while cursor < queue.count && pages < limit {
             let range = queue[cursor]
             var page = range.start
             var taken = range.end
             while page < range.end && pages < limit {
+                // A huge page starting here goes whole into one request (the
+                // seeder re-protects only huge pages read whole): into this
+                // one when it fits or the request is empty, else the next.
+                if !hugePages.isEmpty, let huge = Self.hugePage(at: page, in: hugePages, from: &hugeIndex),
+                   huge.start == page, huge.end <= range.end {
+                    let unit = Int(huge.length / pageSize)
+                    if pages > 0 && pages + unit > limit {
+                        queue[cursor].start = page
+                        return batch
+                    }
+                    limit = max(limit, pages + unit)
+                }
                 if let state = store.state(at: page), Self.wanted.contains(state),
                    !(precopy && state == .dirty && store.dirtyReportCount(at: page) > maxHeat) {
                     if let last = batch.last, last.end == page {
@@ -469,6 +488,17 @@ public final class Leecher {
             }
         }
         return batch.isEmpty ? nil : batch
+    }
+
+    /// The huge page of `regions` (sorted hugetlb regions) containing
+    /// `address`, if any; `index` remembers where the last lookup ended.
+    static func hugePage(at address: UInt64, in regions: [Region], from index: inout Int) -> AddressRange? {
+        if index >= regions.count || regions[index].start > address { index = 0 }
+        while index < regions.count && regions[index].end <= address { index += 1 }
+        guard index < regions.count, regions[index].range.contains(address) else { return nil }
+        let size = regions[index].pageSize
+        let start = address & ~(size - 1)
+        return AddressRange(start: start, end: start + size)
     }
 
     /// Stores a ReadAt reply. Returns true when pages turned out unmapped (the layout moved).

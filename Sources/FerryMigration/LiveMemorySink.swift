@@ -214,7 +214,22 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     /// Called by the leecher right after Finalize: maps the final layout's
     /// migrated regions, starts fault handling and the local fill of the
     /// `clean` pages (held, and not written since), and hands the memory out.
+    /// Refuses a layout live memory cannot hold: hugetlb regions would have
+    /// to be mapped with huge pages of their size (MAP_HUGETLB) and filled
+    /// in whole huge pages, which the missing-fault memory does not do yet.
+    /// Checked when the leecher learns the layout (before pulling, so the
+    /// source runs on untouched) and again on the final layout.
+    static func checkSupported(_ layout: [Region]) throws {
+        guard let region = layout.first(where: { $0.kind == .migrate && $0.isHugetlb }) else { return }
+        let name = region.name.isEmpty ? "anonymous" : region.name
+        throw MigrationError.badArgument(
+            "post-copy into live memory cannot take region \(region.range) (\(name)): it is hugetlb memory in "
+            + "\(region.pageSize >> 10) KiB pages, which would have to be mapped with MAP_HUGETLB of that size, "
+            + "and live memory maps 4 KiB pages only; migrate this process into an image (--out), which records the page size")
+    }
+
     func activate(layout: [Region], clean: [AddressRange]) throws -> MissingFaultMemory {
+        try Self.checkSupported(layout)
         let regions = layout.filter { $0.kind == .migrate && $0.range.length > 0 }.map(\.range)
         let memory = try options.targetPid.map {
             try MissingFaultMemory.inProcess(pid: $0, regions: regions, faultTimeout: options.faultTimeout)
@@ -360,6 +375,7 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
             var entry = ManifestRegion(start: region.start, end: region.end, prot: region.permissions, offset: region.offset,
                                        device: region.device, inode: region.inode, name: region.name,
                                        kind: region.kind.rawValue, file: nil, blake2b: nil)
+            if region.isHugetlb { entry.pageSize = region.pageSize }
             if region.kind == .migrate, region.end > region.start, let local = memory.localAddress(of: region.start) {
                 let holes = self.holes.ranges(from: region.start, to: region.end)
                 entry.holes = holes.isEmpty ? nil : holes.map { [$0.start, $0.end] }

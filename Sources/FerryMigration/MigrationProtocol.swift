@@ -15,13 +15,20 @@ public enum MigrationMethod: UInt16, Sendable, CaseIterable {
 
 /// Limits of the migration protocol, checked before anything is allocated.
 public enum MigrationLimits {
-    public static let version: UInt16 = 2
+    public static let version: UInt16 = 3
+    /// Page shifts a region may announce: 4 KiB pages up to 1 GiB hugetlb pages.
+    public static let pageShifts: ClosedRange<UInt8> = 12...30
     /// Pages one ReadAt may ask for (4 MiB): big enough to amortize a round
     /// trip, small enough that one lost request costs little to ask again.
     public static let maxPagesPerRead = 1024
     /// Pages per streamed part of a ReadAt reply (1 MiB of data): the secure
     /// channel seals parts independently, so parts keep both cores busy.
     public static let pagesPerPart = 256
+    /// Pages of one part holding a hugetlb page whole (2 MiB): the seeder
+    /// re-protects a huge page only when it reads all of it at once, so it
+    /// never splits one across parts. Larger huge pages (1 GiB) are read in
+    /// 4 KiB pieces and stay dirty until the freeze.
+    public static let hugePagesPerPart = 512
     /// Bytes one connection may hold for ReadAt requests being answered (a
     /// page buffer and a built part each, 2 MiB): 24 requests read at once,
     /// the rest wait. With the RPC send queue's 16 MiB, a peer that stops
@@ -29,6 +36,14 @@ public enum MigrationLimits {
     public static let readBudgetPerConnection = 48 << 20
     /// What one ReadAt holds while it reads and sends a part.
     static let readAtHolds = 2 * pagesPerPart * Int(pageSize)
+    /// What a ReadAt touching huge pages of `hugePagesPerPart` holds.
+    static let hugeReadAtHolds = 2 * hugePagesPerPart * Int(pageSize)
+
+    /// The migrated hugetlb regions of `layout` whose huge pages fit one part,
+    /// ascending: the ones read (and requested) whole.
+    static func wholeHugePages(in layout: [Region]) -> [Region] {
+        layout.filter { $0.kind == .migrate && $0.isHugetlb && $0.pageSize <= UInt64(hugePagesPerPart) * pageSize }
+    }
     /// Ranges in one request or one streamed part of a range list.
     public static let maxRangesPerMessage = 65_536
     /// Regions in a layout: the kernel's default vm.max_map_count is 65,530.
@@ -105,6 +120,7 @@ extension WireWriter {
             u64(r.inode)
             text(r.name)
             u8(r.kind == .migrate ? 0 : r.kind == .recordOnly ? 1 : 2)
+            u8(UInt8(r.pageSize.trailingZeroBitCount))
         }
     }
 }
@@ -166,11 +182,20 @@ extension WireReader {
             case 2: kind = .skip
             case let other: throw WireDecodeError("unknown region kind \(other)")
             }
+            // log2 of the region's page size: 12 (4 KiB) up to 30 (1 GiB hugetlb pages).
+            let shift = try u8("page shift")
+            guard MigrationLimits.pageShifts.contains(shift) else {
+                throw WireDecodeError("region 0x\(String(start, radix: 16)) has page shift \(shift), allowed \(MigrationLimits.pageShifts)")
+            }
+            let regionPageSize = UInt64(1) << shift
+            guard start % regionPageSize == 0, end % regionPageSize == 0 else {
+                throw WireDecodeError("region 0x\(String(start, radix: 16))-0x\(String(end, radix: 16)) is not aligned to its \(regionPageSize >> 10) KiB pages")
+            }
             if let previous = out.last, start < previous.end {
                 throw WireDecodeError("region 0x\(String(start, radix: 16))-0x\(String(end, radix: 16)) overlaps or precedes 0x\(String(previous.start, radix: 16))-0x\(String(previous.end, radix: 16)): a layout is sorted and without overlaps")
             }
             out.append(Region(range: AddressRange(start: start, end: end), permissions: permissions, offset: offset,
-                              device: device, inode: inode, name: name, kind: kind))
+                              device: device, inode: inode, name: name, kind: kind, pageSize: regionPageSize))
         }
         let migratable = out.reduce(UInt64(0)) { $0 + ($1.kind == .migrate ? $1.range.length : 0) }
         guard migratable <= MigrationLimits.maxMigratableBytes else {

@@ -395,6 +395,7 @@ final class RegionFiles {
                 start: region.start, end: region.end, prot: region.permissions, offset: region.offset,
                 device: region.device, inode: region.inode, name: region.name, kind: region.kind.rawValue,
                 file: nil, blake2b: nil)
+            if region.isHugetlb { entry.pageSize = region.pageSize }
             if region.kind == .migrate {
                 let name = String(format: "regions/%04d-%llx.bin", index, region.start)
                 let path = (directory as NSString).deletingLastPathComponent + "/" + name

@@ -55,8 +55,13 @@ public final class SeederService: Sendable {
         var ownerAlive = false
         var store = PageStore(layout: [])
         var layout: [Region] = [] {
-            didSet { migrated = Ranges.merge(layout.filter { $0.kind == .migrate }.map(\.range)) }
+            didSet {
+                migrated = Ranges.merge(layout.filter { $0.kind == .migrate }.map(\.range))
+                hugePages = MigrationLimits.wholeHugePages(in: layout)
+            }
         }
+        /// Hugetlb regions whose huge pages a part holds whole (ReadAt).
+        var hugePages: [Region] = []
         /// The migratable ranges of `layout`, merged: all that ReadAt and
         /// Checksum may read.
         var migrated: [AddressRange] = []
@@ -226,8 +231,11 @@ public final class SeederService: Sendable {
             throw RPCError(code: .internalError, message: "unreachable: \(known) is handled before the owner check")
         case .readAt:
             let request = try ReadRequest.decode(payload)
-            try await connection.readBudget.withBytes(MigrationLimits.readAtHolds) {
-                try await readAt(request, parts)
+            let huge = state.withLock { s in
+                s.hugePages.filter { region in request.ranges.contains { $0.start < region.end && region.start < $0.end } }
+            }
+            try await connection.readBudget.withBytes(huge.isEmpty ? MigrationLimits.readAtHolds : MigrationLimits.hugeReadAtHolds) {
+                try await readAt(request, huge: huge, parts)
             }
             return []
         case .sync:
@@ -327,13 +335,17 @@ public final class SeederService: Sendable {
         return reply.encode()
     }
 
-    private func readAt(_ request: ReadRequest, _ parts: RPCPartWriter) async throws {
+    /// Answers ReadAt; `huge` are the hugetlb regions it touches whose huge
+    /// pages a part holds whole.
+    private func readAt(_ request: ReadRequest, huge: [Region], _ parts: RPCPartWriter) async throws {
         // Read part by part: each part is re-armed, read and marked sent while
         // holding `reading` shared, so no scan (which holds it alone) can fall
         // between re-arming a page and marking it sent, while reads of
-        // several requests run at once.
+        // several requests run at once. A huge page asked for whole is never
+        // split across parts: only a huge page read whole is re-armed.
+        let capacity = huge.isEmpty ? MigrationLimits.pagesPerPart : MigrationLimits.hugePagesPerPart
         let buffer = UnsafeMutableRawBufferPointer.allocate(
-            byteCount: MigrationLimits.pagesPerPart * Int(pageSize), alignment: Int(pageSize))
+            byteCount: capacity * Int(pageSize), alignment: Int(pageSize))
         defer { buffer.deallocate() }
         var batch: [AddressRange] = []
         var batchPages = 0
@@ -364,12 +376,31 @@ public final class SeederService: Sendable {
         for range in request.ranges {
             var start = range.start
             while start < range.end {
-                let room = MigrationLimits.pagesPerPart - batchPages
-                let take = min(UInt64(room), (range.end - start) / pageSize)
+                if let region = huge.first(where: { $0.range.contains(start) }) {
+                    let size = region.pageSize
+                    if start % size == 0 && start + size <= range.end {
+                        // A whole huge page: one unit, in this part if it fits, else in the next.
+                        let unit = Int(size / pageSize)
+                        if batchPages + unit > capacity { try await flush() }
+                        batch.append(AddressRange(start: start, end: start + size))
+                        batchPages += unit
+                        start += size
+                        if batchPages >= MigrationLimits.pagesPerPart { try await flush() }
+                        continue
+                    }
+                }
+                let room = max(0, MigrationLimits.pagesPerPart - batchPages)
+                // Ordinary pages stop at the next huge page, which is taken whole above.
+                var stop = range.end
+                if let next = huge.first(where: { $0.end > start && $0.start < range.end }) {
+                    let boundary = next.start > start ? next.start : (start + next.pageSize - 1) & ~(next.pageSize - 1)
+                    if boundary > start && boundary < stop { stop = boundary }
+                }
+                let take = min(UInt64(room), (stop - start) / pageSize)
                 batch.append(AddressRange(start: start, end: start + take * pageSize))
                 batchPages += Int(take)
                 start += take * pageSize
-                if batchPages == MigrationLimits.pagesPerPart { try await flush() }
+                if batchPages >= MigrationLimits.pagesPerPart { try await flush() }
             }
         }
         try await flush()

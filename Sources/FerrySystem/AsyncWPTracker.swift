@@ -29,15 +29,19 @@ import Glibc
 #endif
 internal import CFerryLinux
 
-/// `@unchecked Sendable` invariant: all stored properties are immutable; the
-/// descriptors are owned by `Userfaultfd` (its own lock) and `pagemap`
-/// (closed once, in `close()` under `closeLock`).
+/// `@unchecked Sendable` invariant: all stored properties are immutable
+/// except `pagemap` (closed once, in `close()` under `closeLock`) and
+/// `hugePages` (only touched under `hugeLock`); the uffd descriptor is owned
+/// by `Userfaultfd` (its own lock).
 final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
     let kind = TrackerKind.async
     private let uffd: Userfaultfd
     private let pid: Int32
     private let closeLock = Lock()
     private var pagemap: Int32
+    private let hugeLock = Lock()
+    /// The hugetlb ranges registered, so protection requests are cut and aligned to their pages.
+    private var hugePages = HugePageMap()
 
     /// page_region entries per PAGEMAP_SCAN call: 4096 x 24 bytes = 96 KiB,
     /// enough for a badly fragmented GiB in a few calls.
@@ -68,23 +72,23 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
         uffd.close()
     }
 
-    func track(_ range: AddressRange) throws {
+    func track(_ range: AddressRange, pageSize: UInt64) throws {
         try uffd.register(range)
         try uffd.writeProtect(range, protect: true)
+        hugeLock.withLock { hugePages.add(range, size: pageSize) }
     }
 
     func rearm(_ ranges: [AddressRange]) throws {
-        for range in ranges {
+        let map = hugeLock.withLock { hugePages }
+        for range in map.split(ranges) {
             do { try uffd.writeProtect(range, protect: true) } catch let error as SystemError where error.errno == ENOENT {
                 // Some mapping in the range is not registered (replaced or
                 // unmapped meanwhile). The kernel protected the mappings
                 // before it and stopped: protect the rest page by page.
                 // Pages left unprotected read as written to every scan, and
                 // a replaced mapping is found by the scan: nothing is missed.
-                var page = range.start
-                while page < range.end {
-                    try? uffd.writeProtect(AddressRange(start: page, end: page + pageSize), protect: true)
-                    page += pageSize
+                for page in map.pages(of: range) {
+                    try? uffd.writeProtect(page, protect: true)
                 }
             }
         }
@@ -92,6 +96,7 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
 
     func untrack(_ range: AddressRange) throws {
         try uffd.unregister(range)
+        hugeLock.withLock { hugePages.remove(range) }
     }
 
     func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan {
@@ -123,7 +128,8 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
                 // Reported first, protected second: a write in between is in
                 // the copy the caller makes after this scan. Without rearm
                 // they stay empty and reported until read.
-                for piece in zapped where rearm {
+                let map = hugeLock.withLock { hugePages }
+                for piece in map.split(zapped) where rearm {
                     do { try uffd.writeProtect(piece, protect: true) } catch let error as SystemError where error.errno == ENOENT {
                         continue
                     }

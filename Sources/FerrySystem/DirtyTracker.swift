@@ -21,6 +21,15 @@
 // watched once the destination holds a copy of it, and `rearm` happens
 // exactly when a copy is made; the process then pays one fault per page per
 // copy sent, however often the seeder scans.
+//
+// Hugetlb regions (2 MiB or 1 GiB pages) are protected, unprotected and
+// scanned by the kernel only in whole pages of their size: UFFDIO_WRITEPROTECT
+// refuses (EINVAL) any request that touches a hugetlb mapping unless the
+// request's start and length are multiples of that size, even when most of
+// it lies in ordinary memory next to it. So trackers cut every request at
+// hugetlb boundaries (`HugePageMap.split`), a write reports the whole huge
+// page dirty, and owners pass `rearm` only whole huge pages (a partly copied
+// huge page keeps its dirty state: see TrackedProcess.rearm).
 
 /// Which tracker to use. `nil` in `TrackedProcess.attach` picks the best available.
 public enum TrackerKind: String, CaseIterable, Sendable {
@@ -53,9 +62,10 @@ public struct DirtyScan: Sendable, Equatable {
 /// to call from several threads; `scan` calls are serialized by the owner.
 public protocol DirtyTracker: AnyObject, Sendable {
     var kind: TrackerKind { get }
-    /// Registers `range` (within one mapping) and write-protects it. Throws
+    /// Registers `range` (within one mapping whose pages are `pageSize`
+    /// bytes; `range` is aligned to them) and write-protects it. Throws
     /// when the kernel refuses the mapping; the caller then lists it as unprotectable.
-    func track(_ range: AddressRange) throws
+    func track(_ range: AddressRange, pageSize: UInt64) throws
     /// Re-protects registered ranges that are about to be copied.
     func rearm(_ ranges: [AddressRange]) throws
     /// Pages of `ranges` written since the last rearm, or since the last
@@ -68,8 +78,78 @@ public protocol DirtyTracker: AnyObject, Sendable {
 }
 
 extension DirtyTracker {
+    /// Tracks ordinary (4 KiB page) memory.
+    func track(_ range: AddressRange) throws { try track(range, pageSize: FerrySystem.pageSize) }
+
     /// Written pages since the last scan or rearm, re-protected: exact per-interval write sets.
     func scan(_ ranges: [AddressRange]) throws -> DirtyScan { try scan(ranges, rearm: true) }
+}
+
+/// The hugetlb ranges a tracker watches and their page sizes: everything
+/// else has 4 KiB pages. A plain value; each tracker keeps one under its lock.
+struct HugePageMap: Sendable {
+    /// Disjoint, sorted by start; each range aligned to its size.
+    private var entries: [(range: AddressRange, size: UInt64)] = []
+
+    var isEmpty: Bool { entries.isEmpty }
+
+    mutating func add(_ range: AddressRange, size: UInt64) {
+        guard size > pageSize else { return }
+        remove(range)
+        entries.append((range, size))
+        entries.sort { $0.range.start < $1.range.start }
+    }
+
+    mutating func remove(_ range: AddressRange) {
+        guard !entries.isEmpty else { return }
+        entries = entries.flatMap { entry in
+            Ranges.subtract([entry.range], [range]).map { (range: $0, size: entry.size) }
+        }
+    }
+
+    /// The page size at `address`.
+    func size(at address: UInt64) -> UInt64 {
+        for entry in entries where entry.range.contains(address) { return entry.size }
+        return pageSize
+    }
+
+    /// The page containing `address`, in the size of the memory there.
+    func page(at address: UInt64) -> AddressRange {
+        let size = size(at: address)
+        let start = address & ~(size - 1)
+        return AddressRange(start: start, end: start + size)
+    }
+
+    /// `ranges` cut at the edges of hugetlb ranges, so no piece mixes page
+    /// sizes; hugetlb pieces rounded outwards to whole huge pages (callers
+    /// that must not widen a request align it inwards first).
+    func split(_ ranges: [AddressRange]) -> [AddressRange] {
+        guard !entries.isEmpty else { return ranges }
+        var result: [AddressRange] = []
+        for range in ranges {
+            var cursor = range.start
+            for entry in entries where entry.range.end > cursor && entry.range.start < range.end {
+                if entry.range.start > cursor { result.append(AddressRange(start: cursor, end: entry.range.start)) }
+                let inside = AddressRange(start: max(cursor, entry.range.start), end: min(range.end, entry.range.end))
+                result.append(inside.aligned(outwardTo: entry.size))
+                cursor = inside.end
+            }
+            if cursor < range.end { result.append(AddressRange(start: cursor, end: range.end)) }
+        }
+        return result
+    }
+
+    /// `range` split into the pages of the memory it covers, for page-by-page fallbacks.
+    func pages(of range: AddressRange) -> [AddressRange] {
+        var result: [AddressRange] = []
+        var address = range.start
+        while address < range.end {
+            let page = page(at: address)
+            result.append(page)
+            address = page.end
+        }
+        return result
+    }
 }
 
 /// Sorted, merged range arithmetic. Inputs need not be sorted unless stated.

@@ -5,7 +5,9 @@
 // (recorded only), and which belong to the kernel or to a device (skipped).
 // Kernel: any Linux; the `[vvar_vclock]` name appears from 6.12 on.
 // Capability: reading another user's maps needs PTRACE_MODE_READ on the
-// target (same user, or root / CAP_SYS_PTRACE).
+// target (same user, or root / CAP_SYS_PTRACE). Telling hugetlb memory
+// apart through /proc/PID/map_files needs CAP_SYS_ADMIN (or
+// CAP_CHECKPOINT_RESTORE); without it /proc/PID/smaps answers, more slowly.
 //
 // The whole file is read with a few large read(2) calls (the kernel's seq_file
 // fills the caller's buffer as far as it can, so a large buffer sees one
@@ -14,6 +16,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+internal import CFerryLinux
 
 /// An error reading a process's memory map. Each message says what failed,
 /// on which pid, and what to do.
@@ -66,9 +69,72 @@ public enum ProcessMaps {
     ///
     /// Known limit: RELRO pages (`r--p` file mappings that the loader wrote
     /// before making them read-only) are classified record-only by this rule.
+    ///
+    /// Hugetlb memory (`MAP_HUGETLB`, `SHM_HUGETLB`, `MFD_HUGETLB`, files on
+    /// hugetlbfs) is classified like the shmem or file mapping it looks like,
+    /// and gets its page size in `Region.pageSize` (see `hugePageSizes`).
     public static func read(pid: Int32) throws -> [Region] {
-        let bytes = try readFile(pid: pid)
-        return try parse(bytes, pid: pid)
+        let bytes = try readFile(pid: pid, file: "maps")
+        var regions = try parse(bytes, pid: pid)
+        try findHugePages(in: &regions, pid: pid)
+        return regions
+    }
+
+    // MARK: - Huge pages
+
+    /// Sets `pageSize` of the hugetlb regions among `regions`.
+    ///
+    /// Every hugetlb mapping is a file on a hugetlbfs mount (the kernel's
+    /// own, unnamed ones for `/anon_hugepage`, `/SYSV…` and `/memfd:…`), and
+    /// the maps line of such a file shows a pseudo file system's device
+    /// (major 0). For those candidates only, one statfs(2) per device of
+    /// `/proc/PID/map_files/START-END` tells hugetlbfs (f_type) and its page
+    /// size (f_bsize). That needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE; without
+    /// it, `/proc/PID/smaps` (`KernelPageSize`) answers, at the cost of a walk
+    /// of the process's page tables, paid only when a candidate exists.
+    static func findHugePages(in regions: inout [Region], pid: Int32) throws {
+        var sizes: [String: UInt64] = [:]
+        var smaps: [UInt64: UInt64]? = nil
+        for index in regions.indices {
+            let region = regions[index]
+            guard region.kind != .skip, region.device.hasPrefix("00:"), region.name.hasPrefix("/") else { continue }
+            if let known = sizes[region.device] {
+                regions[index].pageSize = known
+                continue
+            }
+            // Through a live thread when the leader has exited (its map_files is empty).
+            let link = ThreadGroup.procDirectory(of: pid) + "/map_files/\(String(region.start, radix: 16))-\(String(region.end, radix: 16))"
+            let found = ferry_hugetlbfs_page_size(link)
+            if found >= 0 {
+                let size = found > 0 ? UInt64(found) : FerrySystem.pageSize
+                sizes[region.device] = size
+                regions[index].pageSize = size
+                continue
+            }
+            // Not allowed to follow map_files (or the mapping went away):
+            // ask smaps, once per read.
+            if smaps == nil { smaps = try kernelPageSizes(pid: pid) }
+            regions[index].pageSize = smaps?[region.start] ?? FerrySystem.pageSize
+        }
+    }
+
+    /// `KernelPageSize` of every mapping in `/proc/PID/smaps`, by start address.
+    static func kernelPageSizes(pid: Int32) throws -> [UInt64: UInt64] {
+        let text = try readFile(pid: pid, file: "smaps")
+        var result: [UInt64: UInt64] = [:]
+        var current: UInt64? = nil
+        for line in text.split(separator: UInt8(ascii: "\n")) {
+            if let dash = line.firstIndex(of: UInt8(ascii: "-")), line.first.map({ $0 != UInt8(ascii: "K") }) ?? false,
+               let start = UInt64(String(decoding: line[line.startIndex..<dash], as: UTF8.self), radix: 16) {
+                current = start
+                continue
+            }
+            let prefix = Array("KernelPageSize:".utf8)
+            guard let start = current, line.starts(with: prefix) else { continue }
+            let digits = line.dropFirst(prefix.count).filter { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+            if let kib = UInt64(String(decoding: digits, as: UTF8.self)) { result[start] = kib * 1024 }
+        }
+        return result
     }
 
     /// Parses the text of a maps file. Exposed for tests of odd lines.
@@ -164,9 +230,9 @@ public enum ProcessMaps {
     /// Initial read size: a process with a few thousand mappings fits.
     private static let initialReadSize = 256 * 1024
 
-    private static func readFile(pid: Int32) throws -> [UInt8] {
-        // Through a live thread when the leader has exited: its own maps read empty.
-        let fd = ThreadGroup.openProcFile("maps", of: pid, flags: O_RDONLY).fd
+    private static func readFile(pid: Int32, file: String) throws -> [UInt8] {
+        // Through a live thread when the leader has exited: its own files read empty.
+        let fd = ThreadGroup.openProcFile(file, of: pid, flags: O_RDONLY).fd
         if fd < 0 { throw mapError(pid: pid, errno: errno) }
         defer { close(fd) }
         var capacity = initialReadSize

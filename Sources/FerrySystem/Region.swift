@@ -45,10 +45,17 @@ public struct Region: Hashable, Sendable, Codable {
     /// The path or pseudo-name (`[heap]`, `[stack]`), empty for anonymous memory.
     public var name: String
     public var kind: RegionKind
+    /// The size of the pages the kernel maps this region with: `pageSize`
+    /// (4 KiB) except for hugetlb memory (`MAP_HUGETLB`, `SHM_HUGETLB`,
+    /// `MFD_HUGETLB`, hugetlbfs files), whose pages are 2 MiB or 1 GiB. The
+    /// kernel write-protects, scans and maps such a region only in whole
+    /// pages of this size (see `hugePages(within:)`).
+    public var pageSize: UInt64
 
     public init(range: AddressRange, permissions: String, offset: UInt64, device: String,
-                inode: UInt64, name: String, kind: RegionKind) {
+                inode: UInt64, name: String, kind: RegionKind, pageSize: UInt64 = FerrySystem.pageSize) {
         self.range = range
+        self.pageSize = pageSize
         self.permissions = permissions
         self.offset = offset
         self.device = device
@@ -61,4 +68,21 @@ public struct Region: Hashable, Sendable, Codable {
     public var end: UInt64 { range.end }
     public var isWritable: Bool { permissions.dropFirst().first == "w" }
     public var isShared: Bool { permissions.last == "s" }
+    /// True for hugetlb memory: pages larger than `FerrySystem.pageSize`.
+    public var isHugetlb: Bool { pageSize > FerrySystem.pageSize }
+}
+
+extension AddressRange {
+    /// The whole pages of `size` (a power of two) inside this range, or nil
+    /// when none fits: what may be write-protected of a hugetlb region.
+    public func aligned(inwardTo size: UInt64) -> AddressRange? {
+        let start = (self.start + size - 1) & ~(size - 1)
+        let end = self.end & ~(size - 1)
+        return start < end ? AddressRange(start: start, end: end) : nil
+    }
+
+    /// This range rounded outwards to pages of `size` (a power of two).
+    public func aligned(outwardTo size: UInt64) -> AddressRange {
+        AddressRange(start: start & ~(size - 1), end: (end + size - 1) & ~(size - 1))
+    }
 }

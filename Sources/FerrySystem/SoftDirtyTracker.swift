@@ -49,7 +49,13 @@ final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
         return entry & softDirtyBit != 0
     }
 
-    func track(_ range: AddressRange) throws {
+    func track(_ range: AddressRange, pageSize: UInt64) throws {
+        // The kernel keeps no soft-dirty bit for hugetlb pages: such a
+        // region is refused, so its owner sends it in full after the freeze.
+        if pageSize > FerrySystem.pageSize {
+            throw SystemError(operation: "soft-dirty tracking", target: "pid \(pid) at \(range)", errno: EINVAL,
+                              hint: "hugetlb pages carry no soft-dirty bit; the region is sent after the freeze")
+        }
         // clear_refs resets the whole process: do it once, at the first range.
         // Ranges registered later are reported dirty in full by the owner.
         try lock.withLock {

@@ -21,12 +21,19 @@
 // resolved with the zero page. EVENT_REMOVE marks zapped pages dirty, since
 // they now read as zeros. munmap (EVENT_UNMAP) marks the range lost, so a
 // mapping placed at the same address is registered again by the owner.
+//
+// Hugetlb ranges are registered for write-protection only: their missing
+// faults could not be resolved with the zero page (UFFDIO_ZEROPAGE is for
+// 4 KiB memory), and they need no missing mode, since file-backed memory
+// (hugetlbfs is a file system) carries protection in pte markers even where
+// no page is present. A write fault there records and unprotects the whole
+// huge page.
 // Kernel: 5.7+. Capability: as Userfaultfd.swift.
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// `@unchecked Sendable` invariant: `dirtyPages`, `lostRanges` and
+/// `@unchecked Sendable` invariant: `dirtyPages`, `lostRanges`, `hugePages` and
 /// `handlerError` are only touched under `lock`; the other properties are
 /// immutable after init; the handler thread is joined before `uffd` closes.
 final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
@@ -36,6 +43,8 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     private let lock = Lock()
     private var dirtyPages = Set<UInt64>()
     private var lostRanges: [AddressRange] = []
+    /// The hugetlb ranges registered: faults there dirty and unprotect whole huge pages.
+    private var hugePages = HugePageMap()
     private var handlerError: Error?
     private var handler: pthread_t?
     /// Written once by `close` to end the handler's poll.
@@ -71,13 +80,20 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         uffd.close()
     }
 
-    func track(_ range: AddressRange) throws {
-        do {
-            try uffd.register(range, missing: true)
-        } catch let error as SystemError where error.errno == EINVAL {
-            // Missing mode is for anonymous memory (shmem needs a feature we
-            // do not ask for); shared pages keep their contents when zapped.
+    func track(_ range: AddressRange, pageSize: UInt64) throws {
+        if pageSize > FerrySystem.pageSize {
+            // Hugetlb: write-protection only (see the file comment). Known
+            // before the first fault can come, so the handler aligns it.
             try uffd.register(range)
+            lock.withLock { hugePages.add(range, size: pageSize) }
+        } else {
+            do {
+                try uffd.register(range, missing: true)
+            } catch let error as SystemError where error.errno == EINVAL {
+                // Missing mode is for anonymous memory (shmem needs a feature we
+                // do not ask for); shared pages keep their contents when zapped.
+                try uffd.register(range)
+            }
         }
         try uffd.writeProtect(range, protect: true)
     }
@@ -110,7 +126,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     /// protected is recorded as written: unprotected, its next write would
     /// raise no fault, and a copy of it must not count as current.
     private func protect(_ ranges: [AddressRange], prepare: () -> Void) throws {
-        var remaining = ranges[...]
+        var remaining = lock.withLock { hugePages.split(ranges) }[...]
         var prepared = false
         var attempts = 0
         while true {
@@ -123,12 +139,11 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
                         return true
                     } catch let error as SystemError where error.errno == ENOENT {
                         remaining.removeFirst()
-                        if range.length > pageSize {
-                            let pages = stride(from: range.start, to: range.end, by: Int(pageSize))
-                                .map { AddressRange(start: $0, end: $0 + pageSize) }
+                        let pages = hugePages.pages(of: range)
+                        if pages.count > 1 {
                             remaining = (pages + remaining)[...]
                         } else {
-                            dirtyPages.insert(range.start / pageSize)
+                            insertDirty(range)
                         }
                         continue
                     }
@@ -151,6 +166,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         // Faults recorded in the range belong to the tracking that ended.
         lock.withLock {
             dirtyPages = dirtyPages.filter { !range.contains($0 * pageSize) }
+            hugePages.remove(range)
         }
     }
 
@@ -175,6 +191,11 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         // once, and watched again from the next `rearm` (the owner keeps them dirty).
         if rearm { try protect(taken) {} }
         return DirtyScan(dirty: taken, lost: Ranges.intersect(Ranges.merge(lost), ranges))
+    }
+
+    /// Records every 4 KiB page of `range` as written. The caller holds `lock`.
+    private func insertDirty(_ range: AddressRange) {
+        for page in (range.start / pageSize)..<(range.end / pageSize) { dirtyPages.insert(page) }
     }
 
     /// The handler thread: poll, record, unprotect (which wakes the writer).
@@ -232,17 +253,18 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         // reason: a scan may have taken them since.
         do {
             for address in retry {
-                dirtyPages.insert((address & ~1) / pageSize)
+                insertDirty(hugePages.page(at: address & ~1))
                 if address & 1 == 0 { unprotect.append(address) } else { missing.append(address & ~1) }
             }
             for event in events {
                 switch event {
                 case .pageFault(let address, let writeProtect):
-                    dirtyPages.insert(address / pageSize)
-                    if writeProtect { unprotect.append(address) } else { missing.append(address) }
+                    // A hugetlb fault dirties (and unprotects) its whole huge page.
+                    let page = hugePages.page(at: address)
+                    insertDirty(page)
+                    if writeProtect { unprotect.append(page.start) } else { missing.append(address) }
                 case .remove(let range):
-                    let aligned = Ranges.pageAligned(range)
-                    for page in (aligned.start / pageSize)..<(aligned.end / pageSize) { dirtyPages.insert(page) }
+                    for piece in hugePages.split([Ranges.pageAligned(range)]) { insertDirty(piece) }
                 case .unmap(let range):
                     lostRanges.append(Ranges.pageAligned(range))
                 case .remap(_, let to, let length):
@@ -254,7 +276,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
             // Unprotect after recording: the writer wakes and writes only now.
             for address in unprotect {
                 do {
-                    try uffd.writeProtect(AddressRange(start: address, end: address + pageSize), protect: false, waitWhileBusy: false)
+                    try uffd.writeProtect(hugePages.page(at: address), protect: false, waitWhileBusy: false)
                 } catch let error as SystemError where error.errno == EAGAIN {
                     again.append(address)
                 } catch let error as SystemError where error.errno == ENOENT {

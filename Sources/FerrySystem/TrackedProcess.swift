@@ -300,7 +300,7 @@ public final class TrackedProcess: @unchecked Sendable {
             var refused: [Region] = []
             for region in current where region.kind == .migrate && region.range.length > 0 {
                 do {
-                    try tracker.track(region.range)
+                    try tracker.track(region.range, pageSize: region.pageSize)
                     registered.append(region.range)
                 } catch {
                     refused.append(region)
@@ -357,15 +357,24 @@ public final class TrackedProcess: @unchecked Sendable {
         var newlyTracked: [AddressRange] = []
         var refused: [Region] = []
         for region in current where region.kind == .migrate {
-            for piece in Ranges.intersect([region.range], Ranges.merge(ranges)) {
-                do { try tracker.track(piece); newlyTracked.append(piece) } catch { refused.append(region) }
+            for piece in Self.pieces(of: region, in: Ranges.merge(ranges)) {
+                do { try tracker.track(piece, pageSize: region.pageSize); newlyTracked.append(piece) } catch { refused.append(region) }
             }
         }
         lock.withLock {
             tracked = Ranges.merge(Ranges.subtract(tracked, Ranges.merge(ranges)) + newlyTracked)
             _unprotectable += refused
         }
-        return Ranges.merge(ranges)
+        return Ranges.merge(ranges + newlyTracked)
+    }
+
+    /// The parts of `region` inside `ranges` (merged), as the tracker must
+    /// register them: whole pages of the region's size (a hugetlb region is
+    /// aligned to its pages, so rounding outwards stays inside it).
+    private static func pieces(of region: Region, in ranges: [AddressRange]) -> [AddressRange] {
+        let inside = Ranges.intersect([region.range], ranges)
+        guard region.isHugetlb else { return inside }
+        return Ranges.merge(inside.map { $0.aligned(outwardTo: region.pageSize) })
     }
 
     /// Re-arms protection on `ranges` before copying them, then reads them in
@@ -393,16 +402,31 @@ public final class TrackedProcess: @unchecked Sendable {
     /// Re-protects the tracked parts of `ranges` before they are copied.
     /// Only whole pages count as sent: a partly read page keeps its dirty
     /// state, since re-protecting it would hide writes to the part not copied.
+    ///
+    /// In a hugetlb region a page is a huge page: only the huge pages that
+    /// `ranges` cover whole are re-protected. A huge page read in part is
+    /// reported dirty in full by the next scan (`pendingDirty`), since the
+    /// copy of its other part, made earlier, may be stale and nothing
+    /// watches it: the caller marks the part it read sent, and the next
+    /// scan, which cannot come before that (the seeder holds its read lock
+    /// across both), takes it back. Readers that want hugetlb pages to turn
+    /// clean read them whole.
     private func rearm(_ ranges: [AddressRange]) throws {
-        let (trackedNow, isTracking) = lock.withLock { (tracked, tracking) }
+        let (trackedNow, isTracking, regions) = lock.withLock { (tracked, tracking, _regions) }
         guard isTracking else { return }
-        let whole = ranges.compactMap { range -> AddressRange? in
-            let start = (range.start + pageSize - 1) & ~(pageSize - 1)
-            let end = range.end & ~(pageSize - 1)
-            return start < end ? AddressRange(start: start, end: end) : nil
+        var whole = Ranges.merge(ranges.compactMap { $0.aligned(inwardTo: pageSize) })
+        var partial: [AddressRange] = []
+        for region in regions where region.isHugetlb && region.kind == .migrate {
+            let inside = Ranges.intersect(whole, [region.range])
+            guard !inside.isEmpty else { continue }
+            let aligned = inside.compactMap { $0.aligned(inwardTo: region.pageSize) }
+            partial += Ranges.subtract(inside, aligned).map { $0.aligned(outwardTo: region.pageSize) }
+            whole = Ranges.merge(Ranges.subtract(whole, [region.range]) + aligned)
         }
-        let rearm = Ranges.intersect(Ranges.merge(whole), trackedNow)
+        let rearm = Ranges.intersect(whole, trackedNow)
         if !rearm.isEmpty { try tracker.rearm(rearm) }
+        let stale = Ranges.intersect(Ranges.merge(partial), trackedNow)
+        if !stale.isEmpty { lock.withLock { pendingDirty = Ranges.merge(pendingDirty + stale) } }
     }
 
     /// Re-reads the maps. New and grown migrate parts are registered and
@@ -434,8 +458,8 @@ public final class TrackedProcess: @unchecked Sendable {
             var refused: [Region] = []
             if isTracking && !change.newlyDirty.isEmpty {
                 for region in current where region.kind == .migrate {
-                    for piece in Ranges.intersect([region.range], change.newlyDirty) {
-                        do { try tracker.track(piece); newlyTracked.append(piece) } catch { refused.append(region) }
+                    for piece in Self.pieces(of: region, in: change.newlyDirty) {
+                        do { try tracker.track(piece, pageSize: region.pageSize); newlyTracked.append(piece) } catch { refused.append(region) }
                     }
                 }
             }

@@ -14,6 +14,12 @@ struct ServeCommand: AsyncParsableCommand {
             as --then says (default: stopped, never destroyed). If the leecher goes away \
             after the freeze for longer than --grace, the process is thawed and runs on.
 
+            Migrated: private memory (anonymous, heap, stacks, writable private file \
+            mappings) and shared memory no file holds (shared anonymous, memfd, System V, \
+            /dev/shm), in 4 KiB pages or in huge pages (MAP_HUGETLB, SHM_HUGETLB, \
+            MFD_HUGETLB: tracked and sent in whole 2 MiB or 1 GiB pages, their size \
+            recorded in the layout). Read-only and shared file mappings are recorded, not copied.
+
             Exit status: 0 when the migration completed, 1 otherwise.
             """)
 

@@ -370,3 +370,32 @@ final class CuttableConnector: Sendable {
         } throws: { "\($0)".contains("was abandoned") }
     }
 }
+
+extension HubTests {
+    /// Huge pages through a hub to two leechers: the layout's page size
+    /// travels through, and every image equals the stopped source.
+    @Test func hugetlbMemoryUnderWritesMigratesThroughTheHub() async throws {
+        let pool = HugePagePool(pages: 12)
+        defer { pool.restore() }
+        if let reason = pool.unavailable {
+            print("skipped: \(reason)")
+            return
+        }
+        let child = try Hugemem(["--private", "4", "--shm", "2", "--memfd", "2", "--pause-us", "50"])
+        defer { child.stop() }
+        try #require(child.refused == nil, "\(child.refused ?? "")")
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid))
+        defer { seeder.close() }
+        let hub = try await LoopbackHub(options: HubOptions(), secret: seeder.secret)
+        defer { hub.close() }
+        try await hub.hub.addUpstream(connect: seeder.connector())
+        let outs = try await pullThrough(hub, name: "hubhuge", delays: [0, 0])
+        defer { for out in outs { try? FileManager.default.removeItem(atPath: out) } }
+        for out in outs {
+            let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+            #expect(report.matches, "\(out): \(report)")
+            let manifest = try Manifest.load(directory: out)
+            #expect(manifest.regions.filter { $0.pageSize == 2 << 20 }.count == 3, "\(out)")
+        }
+    }
+}

@@ -219,6 +219,11 @@ void ferry_tune_malloc_for_bulk(void);
 int ferry_nice_this_thread(int nice);
 int ferry_set_slice(int tid, uint64_t nanoseconds);
 
+/// The page size of the hugetlbfs file at `path` (statfs: f_type is
+/// HUGETLBFS_MAGIC, f_bsize the huge page size); 0 when the file is on
+/// another file system; -1 with errno when statfs fails.
+int64_t ferry_hugetlbfs_page_size(const char *path);
+
 // The post-copy guardian (guardian.c).
 #include "CFerryGuardian.h"
 
