@@ -43,9 +43,11 @@ static void guardian_close_others(int keep1, int keep2) {
     }
 }
 
-/// Poisons the pages of [start, end) that are not present. UFFDIO_POISON
-/// stops at the first present page: EEXIST when it is the first (skip it),
-/// EAGAIN with `updated` bytes done otherwise (go on after them).
+/// Poisons the pages of [start, end) that are not present, in pages of
+/// `page` bytes (hugetlb memory is poisoned only in whole huge pages, at
+/// their alignment). UFFDIO_POISON stops at the first present page: EEXIST
+/// when it is the first (skip it), EAGAIN with `updated` bytes done
+/// otherwise (go on after them).
 static void guardian_poison(int uffd, uint64_t start, uint64_t end, uint64_t page) {
     uint64_t address = start;
     int busy = 0;
@@ -68,7 +70,7 @@ static void guardian_poison(int uffd, uint64_t start, uint64_t end, uint64_t pag
     }
 }
 
-static void guardian_main(int uffd, int control, const uint64_t *ranges, size_t range_count, uint64_t page) {
+static void guardian_main(int uffd, int control, const uint64_t *ranges, size_t range_count) {
     // Out of the leecher's process group and session: a hangup of its
     // terminal or a signal to its group must not take the guardian with it.
     setsid();
@@ -93,16 +95,15 @@ static void guardian_main(int uffd, int control, const uint64_t *ranges, size_t 
     ssize_t n;
     do n = read(control, &byte, 1); while (n < 0 && errno == EINTR);
     if (n == 1) _exit(0);  // dismissed: the parent ended post-copy in order
-    for (size_t i = 0; i < range_count; i++) guardian_poison(uffd, ranges[2 * i], ranges[2 * i + 1], page);
+    for (size_t i = 0; i < range_count; i++) guardian_poison(uffd, ranges[3 * i], ranges[3 * i + 1], ranges[3 * i + 2]);
     _exit(0);
 }
 
 pid_t ferry_guardian_spawn(int uffd, const uint64_t *ranges, size_t range_count, int *control) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) return -1;
-    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
     pid_t pid = fork();
-    if (pid == 0) guardian_main(uffd, fds[0], ranges, range_count, page);
+    if (pid == 0) guardian_main(uffd, fds[0], ranges, range_count);
     int saved = errno;
     close(fds[0]);
     if (pid < 0) {

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -323,4 +324,13 @@ int64_t ferry_hugetlbfs_page_size(const char *path) {
     struct statfs info;
     if (statfs(path, &info) != 0) return -1;
     return info.f_type == HUGETLBFS_MAGIC ? (int64_t)info.f_bsize : 0;
+}
+
+#ifndef MAP_HUGE_SHIFT
+#define MAP_HUGE_SHIFT 26
+#endif
+
+int ferry_map_hugetlb_flags(uint64_t page_size) {
+    if (page_size <= (uint64_t)sysconf(_SC_PAGESIZE)) return 0;
+    return MAP_HUGETLB | (__builtin_ctzll(page_size) << MAP_HUGE_SHIFT);
 }

@@ -15,7 +15,8 @@
 // The guardian is a fork without exec that runs only system calls (C, in
 // CFerryLinux's guardian.c). It knows the regions from its copy of the
 // parent's memory, not which pages arrived: UFFDIO_POISON refuses present
-// pages (EEXIST), so it poisons exactly the pages that are still empty.
+// pages (EEXIST), so it poisons exactly the pages that are still empty
+// (hugetlb memory in whole huge pages, the only unit the kernel takes).
 // A page the program itself emptied after it arrived (MADV_DONTNEED), which
 // would read zeros at the source too, then raises SIGBUS instead.
 //
@@ -41,12 +42,14 @@ public final class FaultGuardian: @unchecked Sendable {
         self.control = control
     }
 
-    /// Forks a guardian over `ranges` (addresses in the descriptor's process).
-    static func spawn(holding uffd: Userfaultfd, ranges: [AddressRange]) throws -> FaultGuardian {
-        let bounds = ranges.flatMap { [$0.start, $0.end] }
+    /// Forks a guardian over `ranges` (addresses in the descriptor's
+    /// process, each with the size of the pages mapped there: it poisons
+    /// hugetlb memory in whole huge pages).
+    static func spawn(holding uffd: Userfaultfd, ranges: [(AddressRange, pageSize: UInt64)]) throws -> FaultGuardian {
+        let bounds = ranges.flatMap { [$0.0.start, $0.0.end, $0.pageSize] }
         var control: Int32 = -1
         let pid = try uffd.withDescriptor { fd in
-            // SAFETY: `bounds` holds 2 * ranges.count values for the call; the
+            // SAFETY: `bounds` holds 3 * ranges.count values for the call; the
             // child reads its own copy of them (fork), the parent none after.
             bounds.withUnsafeBufferPointer { ferry_guardian_spawn(fd, $0.baseAddress, ranges.count, &control) }
         }

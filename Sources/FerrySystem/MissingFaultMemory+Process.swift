@@ -32,6 +32,14 @@ extension MissingFaultMemory {
     /// only ends post-copy.
     public static func inProcess(pid: Int32, regions: [AddressRange],
                                  faultTimeout: Duration = .seconds(30)) throws -> MissingFaultMemory {
+        try inProcess(pid: pid, areas: regions.map { Area($0) }, faultTimeout: faultTimeout)
+    }
+
+    /// `inProcess(pid:regions:)` for areas of any page size: hugetlb areas
+    /// are mapped inside the target with MAP_HUGETLB of theirs (from its
+    /// hugetlb pool, which is this host's) and filled in whole huge pages.
+    public static func inProcess(pid: Int32, areas: [Area],
+                                 faultTimeout: Duration = .seconds(30)) throws -> MissingFaultMemory {
         let ptrace = try PtraceThread()
         defer { ptrace.stop() }
         var mappings: [Mapping] = []
@@ -44,8 +52,9 @@ extension MissingFaultMemory {
                 let remote = try RemoteSyscall(frozen: frozen)
                 let mmapNumber = Int(ferry_syscall_number_mmap())
                 let protection = UInt64(PROT_READ | PROT_WRITE)
-                let flags = UInt64(MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
-                for region in regions where region.length > 0 {
+                for area in areas where area.range.length > 0 {
+                    let region = area.range
+                    let flags = UInt64(mapFlags(area))
                     var result = try remote.call(mmapNumber, region.start, region.length, protection,
                                                  flags | UInt64(mapFixedNoReplace), UInt64(bitPattern: -1), 0)
                     if result >= 0 && UInt64(result) != region.start {
@@ -58,9 +67,11 @@ extension MissingFaultMemory {
                     }
                     if result < 0 && result > -4096 {
                         throw SystemError(operation: "mmap \(region.length) bytes by remote system call", target: "pid \(pid) for region \(region)",
-                                          errno: Int32(-result), hint: "the target lacks address space or memory for the migrated regions")
+                                          errno: Int32(-result),
+                                          hint: area.isHugetlb ? mapHint(area, Int32(-result))
+                                                               : "the target lacks address space or memory for the migrated regions")
                     }
-                    mappings.append(Mapping(source: region, local: UInt64(bitPattern: Int64(result))))
+                    mappings.append(Mapping(source: region, local: UInt64(bitPattern: Int64(result)), pageSize: area.pageSize))
                 }
                 let created = try remote.call(Int(ferry_syscall_number_userfaultfd()), UInt64(O_CLOEXEC | O_NONBLOCK))
                 if created < 0 {
@@ -84,7 +95,7 @@ extension MissingFaultMemory {
                 let uffd = Userfaultfd(adopting: copied, target: "pid \(pid)")
                 let local = mappings.map { AddressRange(start: $0.local, end: $0.local + $0.source.length) }
                 // Before anything is registered: never a moment when our death would read zeros.
-                let guardian = try FaultGuardian.spawn(holding: uffd, ranges: local)
+                let guardian = try FaultGuardian.spawn(holding: uffd, ranges: zip(local, mappings).map { ($0, $1.pageSize) })
                 do {
                     _ = try uffd.enable([])
                     for range in local { try uffd.registerMissing(range) }

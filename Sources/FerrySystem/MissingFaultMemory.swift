@@ -15,6 +15,18 @@
 // concurrent faults on one page become one callback. The kernel's EEXIST
 // (a page present that we did not install) is counted, never overwritten.
 //
+// Hugetlb regions (2 MiB and 1 GiB pages) are mapped with MAP_HUGETLB of
+// their page size, and the kernel fills them only in whole huge pages:
+// UFFDIO_COPY and UFFDIO_POISON take whole, aligned huge pages, and
+// UFFDIO_ZEROPAGE not at all. Pages still arrive 4 KiB at a time (the
+// protocol's unit), so the 4 KiB pages of a huge page gather in a staging
+// buffer of its size (zero filled: zero pages only mark their place), and
+// the huge page is installed with one UFFDIO_COPY when the last one has
+// arrived. A fault anywhere in a huge page is reported once, at the huge
+// page's start, so its whole page is fetched at once; a timeout or a
+// failure poisons whole huge pages. The bitmap stays one bit per 4 KiB page;
+// the bits of a huge page are set together.
+//
 // Failure: a page that cannot be fetched must never read as zeros (which is
 // what unregistering or closing the descriptor would give). Such pages are
 // resolved with UFFDIO_POISON (kernel 6.6+): a poison marker, so the blocked
@@ -27,8 +39,10 @@
 // registration, a guardian process does the same when we die unasked
 // (FaultGuardian.swift).
 //
-// Kernel: MISSING mode on anonymous memory 4.3+, MAP_FIXED_NOREPLACE 4.17+,
-// UFFDIO_POISON 6.6+. Capability: none for our own process (user-mode-only
+// Kernel: MISSING mode on anonymous memory 4.3+ (hugetlb 4.11+),
+// MAP_FIXED_NOREPLACE 4.17+, UFFDIO_POISON 6.6+ (hugetlb included); huge
+// pages need free pages of their size in the pool (vm.nr_hugepages, or
+// /sys/kernel/mm/hugepages/hugepages-<size>kB/nr_hugepages). Capability: none for our own process (user-mode-only
 // descriptors suffice); see Userfaultfd.swift for another process.
 #if canImport(Glibc)
 import Glibc
@@ -63,22 +77,81 @@ public enum MissingFaultMemoryError: Error, CustomStringConvertible, Sendable, E
 ///
 /// `@unchecked Sendable` invariant: `mappings`, `uffd`, `guardian`, `owner`
 /// and `faultTimeout` are immutable after init; everything mutable (`bitmaps`,
-/// `pending`, counters, `failure`, `onFault`, `handler`) is only touched
-/// under `lock`; the handler thread is joined before the descriptor closes.
+/// `staged`, `pending`, counters, `failure`, `onFault`, `handler`) is only
+/// touched under `lock`; the handler thread is joined before the descriptor closes.
 public final class MissingFaultMemory: @unchecked Sendable {
-    /// One region: where it was at the source and where it is here.
+    /// A region to map: its source range and the size of the pages to map
+    /// it with (`FerrySystem.pageSize`, or a hugetlb page size to which the
+    /// range is aligned).
+    public struct Area: Sendable, Equatable {
+        public var range: AddressRange
+        public var pageSize: UInt64
+        public init(_ range: AddressRange, pageSize: UInt64 = FerrySystem.pageSize) {
+            self.range = range
+            self.pageSize = pageSize
+        }
+        public var isHugetlb: Bool { pageSize > FerrySystem.pageSize }
+    }
+
+    /// One region: where it was at the source and where it is here, and
+    /// the size of the pages it is mapped and filled with.
     public struct Mapping: Sendable, Equatable {
         public let source: AddressRange
         public let local: UInt64
+        public let pageSize: UInt64
+        init(source: AddressRange, local: UInt64, pageSize: UInt64 = FerrySystem.pageSize) {
+            self.source = source
+            self.local = local
+            self.pageSize = pageSize
+        }
         public var atSourceAddress: Bool { source.start == local }
+        public var isHugetlb: Bool { pageSize > FerrySystem.pageSize }
         func localAddress(of source: UInt64) -> UInt64 { local + (source - self.source.start) }
+    }
+
+    /// The 4 KiB pages of one huge page, gathered until the last arrives.
+    /// Not Sendable: lives in `staged`, under `lock`.
+    private struct HugeStage {
+        /// `size` bytes of anonymous memory, zero filled by the kernel.
+        let buffer: UnsafeMutableRawPointer
+        let size: UInt64
+        private var arrived: [UInt64]
+        private(set) var count = 0
+
+        init(size: UInt64, owner: String) throws {
+            // SAFETY: a fresh private mapping, owned by this stage until `release`.
+            let pointer = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            guard pointer != MAP_FAILED, let pointer else {
+                throw SystemError(operation: "mmap \(size >> 10) KiB to stage a huge page", target: owner, errno: errno,
+                                  hint: "not enough memory to gather a huge page before installing it")
+            }
+            buffer = pointer
+            self.size = size
+            arrived = Array(repeating: 0, count: Int(size / FerrySystem.pageSize + 63) / 64)
+        }
+
+        var isComplete: Bool { count == Int(size / FerrySystem.pageSize) }
+
+        /// Marks 4 KiB page `index` arrived; false when it had already.
+        mutating func mark(_ index: Int) -> Bool {
+            let bit: UInt64 = 1 << UInt64(index & 63)
+            guard arrived[index >> 6] & bit == 0 else { return false }
+            arrived[index >> 6] |= bit
+            count += 1
+            return true
+        }
+
+        func release() { munmap(buffer, Int(size)) }
     }
 
     /// Counters for tests and benchmarks.
     public struct Statistics: Sendable, Equatable {
-        /// Pages installed with UFFDIO_COPY / UFFDIO_ZEROPAGE.
+        /// Pages installed with UFFDIO_COPY / UFFDIO_ZEROPAGE (4 KiB pages;
+        /// hugetlb pages count their 4 KiB pages as copied).
         public var pagesCopied = 0
         public var pagesZeroed = 0
+        /// Huge pages installed whole (one UFFDIO_COPY each).
+        public var hugePagesCopied = 0
         /// ioctls issued to install (one per contiguous run).
         public var installCalls = 0
         /// Pages offered again after they were installed: skipped, never re-installed.
@@ -111,8 +184,11 @@ public final class MissingFaultMemory: @unchecked Sendable {
     /// Installed (or poisoned) pages, one bit a page, per mapping.
     private var bitmaps: [[UInt64]]
     private var installedCount = 0
-    /// Touched pages (source addresses) waiting for data, with the first touch's time.
+    /// Touched pages (source addresses; a huge page by its start) waiting
+    /// for data, with the first touch's time.
     private var pending: [UInt64: ContinuousClock.Instant] = [:]
+    /// Huge pages partly arrived, by source address.
+    private var staged: [UInt64: HugeStage] = [:]
     private var stats = Statistics()
     private var failure: MissingFaultMemoryError?
     private var onFault: (@Sendable (UInt64) -> Void)?
@@ -144,6 +220,12 @@ public final class MissingFaultMemory: @unchecked Sendable {
     /// and elsewhere otherwise, and registers them for missing faults.
     /// Faults block until `start(onFault:)` and an install resolve them.
     public static func inOwnProcess(regions: [AddressRange], faultTimeout: Duration = .seconds(30)) throws -> MissingFaultMemory {
+        try inOwnProcess(areas: regions.map { Area($0) }, faultTimeout: faultTimeout)
+    }
+
+    /// `inOwnProcess(regions:)` for areas of any page size: hugetlb areas
+    /// are mapped with MAP_HUGETLB of theirs and filled in whole huge pages.
+    public static func inOwnProcess(areas: [Area], faultTimeout: Duration = .seconds(30)) throws -> MissingFaultMemory {
         let uffd = try Userfaultfd.forOwnProcess()
         _ = try uffd.enable([])
         var mappings: [Mapping] = []
@@ -152,10 +234,10 @@ public final class MissingFaultMemory: @unchecked Sendable {
             for mapping in mappings { _ = munmap(UnsafeMutableRawPointer(bitPattern: UInt(mapping.local)), Int(mapping.source.length)) }
         }
         do {
-            for region in regions where region.length > 0 {
-                let local = try mapAnonymous(region)
-                mappings.append(Mapping(source: region, local: local))
-                try uffd.registerMissing(AddressRange(start: local, end: local + region.length))
+            for area in areas where area.range.length > 0 {
+                let local = try mapAnonymous(area)
+                mappings.append(Mapping(source: area.range, local: local, pageSize: area.pageSize))
+                try uffd.registerMissing(AddressRange(start: local, end: local + area.range.length))
             }
             return try MissingFaultMemory(uffd: uffd, mappings: mappings, owner: "our own process",
                                           faultTimeout: faultTimeout, unmapper: unmapAll)
@@ -166,9 +248,10 @@ public final class MissingFaultMemory: @unchecked Sendable {
     }
 
     /// MAP_FIXED_NOREPLACE at the source address, anywhere when taken.
-    private static func mapAnonymous(_ region: AddressRange) throws -> UInt64 {
+    private static func mapAnonymous(_ area: Area) throws -> UInt64 {
+        let region = area.range
         let length = Int(region.length)
-        let flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+        let flags = mapFlags(area)
         let wanted = UnsafeMutableRawPointer(bitPattern: UInt(region.start))
         // SAFETY: NOREPLACE never touches an existing mapping; a result elsewhere
         // (kernels before 4.17 treat the address as a hint) is unmapped again.
@@ -180,10 +263,27 @@ public final class MissingFaultMemory: @unchecked Sendable {
         // SAFETY: a fresh mapping wherever the kernel chooses.
         let anywhere = mmap(nil, length, PROT_READ | PROT_WRITE, flags, -1, 0)
         guard anywhere != MAP_FAILED, let anywhere else {
-            throw SystemError(operation: "mmap \(length) bytes", target: "region \(region) in our own process", errno: errno,
-                              hint: "not enough address space or memory for the migrated regions")
+            let error = errno
+            throw SystemError(operation: "mmap \(length) bytes", target: "region \(region) in our own process", errno: error,
+                              hint: mapHint(area, error))
         }
         return UInt64(UInt(bitPattern: anywhere))
+    }
+
+    /// Private anonymous memory; hugetlb in the area's page size, reserved
+    /// at once (no MAP_NORESERVE), so a pool too small fails the mmap here
+    /// rather than an install later.
+    static func mapFlags(_ area: Area) -> Int32 {
+        area.isHugetlb ? MAP_PRIVATE | MAP_ANONYMOUS | ferry_map_hugetlb_flags(area.pageSize)
+                       : MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+    }
+
+    /// What to do when mapping `area` failed with `error`.
+    static func mapHint(_ area: Area, _ error: Int32) -> String {
+        guard area.isHugetlb else { return "not enough address space or memory for the migrated regions" }
+        let kib = area.pageSize >> 10
+        return "the hugetlb pool lacks \(area.range.length / area.pageSize) free pages of \(kib) KiB for this region: "
+            + "raise /sys/kernel/mm/hugepages/hugepages-\(kib)kB/nr_hugepages (vm.nr_hugepages for the default size)"
     }
 
     /// MAP_FIXED_NOREPLACE (Linux 4.17), spelled out: older glibc headers lack it.
@@ -194,6 +294,7 @@ public final class MissingFaultMemory: @unchecked Sendable {
         // it must not be left reading zeros where pages never arrived.
         if guardian != nil && !isComplete { fail("post-copy was dropped before every page arrived") }
         stopHandler()
+        for stage in staged.values { stage.release() }
         uffd.close()
         guardian?.dismiss()
         Glibc.close(stopPipe.read)
@@ -261,11 +362,13 @@ public final class MissingFaultMemory: @unchecked Sendable {
     /// Installs whole pages at source range `range` (`data.count == range.length`).
     /// Pages already installed are skipped, never copied again; a page that
     /// was touched wakes its toucher. Pages outside every region are ignored.
-    /// Returns the number of pages newly installed.
+    /// In hugetlb regions the pages are staged until their huge page is
+    /// whole, then installed with it. Returns the number of pages newly
+    /// installed (4 KiB pages).
     @discardableResult
     public func install(_ range: AddressRange, data: UnsafeRawBufferPointer) throws -> Int {
         precondition(UInt64(data.count) == range.length, "page data does not match its range")
-        return try installRuns(range) { local, offset, length, done in
+        return try installRuns(range, data: data) { local, offset, length, done in
             var copy = uffdio_copy(dst: local, src: UInt64(UInt(bitPattern: data.baseAddress!)) + offset,
                                    len: length, mode: 0, copy: 0)
             // SAFETY: `src` points into `data`, which holds `length` bytes from `offset`;
@@ -276,10 +379,11 @@ public final class MissingFaultMemory: @unchecked Sendable {
         } count: { stats.pagesCopied += $0 }
     }
 
-    /// Installs all-zero pages at source range `range` with the zero page.
+    /// Installs all-zero pages at source range `range` with the zero page
+    /// (staged as zeros in hugetlb regions, which have no zero page).
     @discardableResult
     public func installZero(_ range: AddressRange) throws -> Int {
-        try installRuns(range) { local, _, length, done in
+        try installRuns(range, data: nil) { local, _, length, done in
             var zero = uffdio_zeropage(range: uffdio_range(start: local, len: length), mode: 0, zeropage: 0)
             // SAFETY: `local..<local+length` is inside a mapping we registered; the kernel only writes `zeropage`.
             let result = try uffd.withDescriptor { fd in ferry_uffdio_zeropage(fd, &zero) }
@@ -291,8 +395,9 @@ public final class MissingFaultMemory: @unchecked Sendable {
     /// Runs `ioctl(local, offsetInRange, length, &bytesDone) -> errno` for each
     /// contiguous run of pages of `range` not installed yet, under `lock`.
     /// EAGAIN (the map is changing) is retried from where it stopped; EEXIST
-    /// (present already) marks the page and moves past it.
-    private func installRuns(_ range: AddressRange,
+    /// (present already) marks the page and moves past it. Hugetlb regions
+    /// take `data` (nil: zeros) into their huge pages' stages instead.
+    private func installRuns(_ range: AddressRange, data: UnsafeRawBufferPointer?,
                              _ ioctl: (UInt64, UInt64, UInt64, inout UInt64) throws -> Int32,
                              count: (Int) -> Void) throws -> Int {
         try lock.withLock {
@@ -302,6 +407,12 @@ public final class MissingFaultMemory: @unchecked Sendable {
                 guard let (m, first) = locateOrNext(address, limit: range.end) else { break }
                 let mapping = mappings[m]
                 let stop = min(range.end, mapping.source.end)
+                if mapping.isHugetlb {
+                    installed += try stageLocked(m, from: max(address, mapping.source.start), to: stop,
+                                                 data: data.map { ($0, range.start) })
+                    address = stop
+                    continue
+                }
                 let pages = Int((stop - max(address, mapping.source.start)) / pageSize)
                 var i = first
                 while i < first + pages {
@@ -358,6 +469,98 @@ public final class MissingFaultMemory: @unchecked Sendable {
         }
     }
 
+    /// Stages the 4 KiB pages `from..<to` of hugetlb mapping `m` (`data`
+    /// holds them at offset `page - dataStart`; nil: zeros) and installs
+    /// each huge page whose pages are all there. Caller holds `lock`.
+    /// Returns the 4 KiB pages newly installed.
+    private func stageLocked(_ m: Int, from: UInt64, to: UInt64,
+                             data: (bytes: UnsafeRawBufferPointer, start: UInt64)?) throws -> Int {
+        let mapping = mappings[m]
+        let size = mapping.pageSize
+        var installed = 0
+        var page = from
+        while page < to {
+            let huge = page & ~(size - 1)
+            let end = min(to, huge + size)
+            defer { page = end }
+            if bit(m, Int((huge - mapping.source.start) / pageSize)) {
+                stats.pagesAlreadyInstalled += Int((end - page) / pageSize)
+                continue
+            }
+            var stage = try staged[huge] ?? HugeStage(size: size, owner: owner)
+            // Every copy of a page after Finalize holds the same bytes (the
+            // frozen source's), so a page staged again is simply written again.
+            // SAFETY: `page..<end` lies inside this huge page's buffer, and
+            // inside `data` (the caller's range covers it).
+            if let data {
+                memcpy(stage.buffer + Int(page - huge), data.bytes.baseAddress! + Int(page - data.start), Int(end - page))
+            } else {
+                memset(stage.buffer + Int(page - huge), 0, Int(end - page))
+            }
+            var index = Int((page - huge) / pageSize)
+            for _ in 0..<Int((end - page) / pageSize) {
+                if !stage.mark(index) { stats.pagesAlreadyInstalled += 1 }
+                index += 1
+            }
+            guard stage.isComplete else {
+                staged[huge] = stage
+                continue
+            }
+            staged[huge] = nil
+            defer { stage.release() }
+            installed += try copyHugeLocked(m, huge, from: stage.buffer)
+        }
+        return installed
+    }
+
+    /// Installs the huge page at source address `huge` of mapping `m` with
+    /// one UFFDIO_COPY from `buffer` (its whole size). Caller holds `lock`.
+    private func copyHugeLocked(_ m: Int, _ huge: UInt64, from buffer: UnsafeMutableRawPointer) throws -> Int {
+        let mapping = mappings[m]
+        let local = mapping.localAddress(of: huge)
+        let pages = Int(mapping.pageSize / pageSize)
+        let first = Int((huge - mapping.source.start) / pageSize)
+        var attempts = 0
+        while true {
+            var copy = uffdio_copy(dst: local, src: UInt64(UInt(bitPattern: buffer)), len: mapping.pageSize, mode: 0, copy: 0)
+            stats.installCalls += 1
+            // SAFETY: `src` is a stage of `len` bytes; `dst` a whole huge page of a mapping we registered.
+            let result = try uffd.withDescriptor { fd in ferry_uffdio_copy(fd, &copy) }
+            let error = result < 0 ? errno : 0
+            if error == 0 || copy.copy == Int64(mapping.pageSize) {
+                setBits(m, first, pages)
+                stats.pagesCopied += pages
+                stats.hugePagesCopied += 1
+                pending[huge] = nil
+                return pages
+            }
+            switch error {
+            case EAGAIN:
+                attempts += 1
+                if attempts > Userfaultfd.busyRetries {
+                    throw SystemError(operation: "UFFDIO_COPY of a huge page", target: "\(owner) at 0x\(String(huge, radix: 16))",
+                                      errno: EAGAIN, hint: "the memory map kept changing")
+                }
+                usleep(attempts < 10 ? 0 : 100)
+            case EEXIST:
+                // Present without us: keep it, never overwrite; wake anyone waiting on it.
+                stats.kernelAlreadyPresent += 1
+                setBits(m, first, pages)
+                pending[huge] = nil
+                try? uffd.wake(AddressRange(start: local, end: local + mapping.pageSize))
+                return 0
+            default:
+                let kib = mapping.pageSize >> 10
+                throw SystemError(operation: "installing a huge page of \(kib) KiB",
+                                  target: "\(owner) at 0x\(String(huge, radix: 16)) (local 0x\(String(local, radix: 16)))",
+                                  errno: error,
+                                  hint: error == ENOENT ? "the region was unmapped by its program"
+                                      : error == ENOMEM ? "no free huge page of \(kib) KiB in the pool "
+                                                          + "(/sys/kernel/mm/hugepages/hugepages-\(kib)kB/nr_hugepages)" : nil)
+            }
+        }
+    }
+
     private func locateOrNext(_ address: UInt64, limit: UInt64) -> (Int, Int)? {
         var low = 0, high = mappings.count
         while low < high {
@@ -405,26 +608,32 @@ public final class MissingFaultMemory: @unchecked Sendable {
     private func poisonLocked(_ range: AddressRange) -> Int {
         var poisoned = 0
         var address = range.start
-        while address < range.end, let (m, first) = locateOrNext(address, limit: range.end) {
+        while address < range.end, let (m, _) = locateOrNext(address, limit: range.end) {
             let mapping = mappings[m]
             let stop = min(range.end, mapping.source.end)
-            let pages = Int((stop - max(address, mapping.source.start)) / pageSize)
-            for i in first..<first + pages where !bit(m, i) {
+            // In units of the mapping's pages: hugetlb memory is poisoned in whole huge pages.
+            let unit = mapping.pageSize
+            let from = max(address, mapping.source.start) & ~(unit - 1)
+            let first = Int((from - mapping.source.start) / pageSize)
+            let pages = Int(((stop + unit - 1) & ~(unit - 1)) - from) / Int(pageSize)
+            let step = Int(unit / pageSize)
+            for i in stride(from: first, to: first + pages, by: step) where !bit(m, i) {
                 let source = mapping.source.start + UInt64(i) * pageSize
                 let local = mapping.localAddress(of: source)
-                var request = uffdio_poison(range: uffdio_range(start: local, len: pageSize), mode: 0, updated: 0)
+                var request = uffdio_poison(range: uffdio_range(start: local, len: unit), mode: 0, updated: 0)
                 var attempts = 0
                 while true {
-                    // SAFETY: one page inside a mapping we registered; the kernel only writes `updated`.
+                    // SAFETY: one page of the mapping's size inside a mapping we registered; the kernel only writes `updated`.
                     let result = (try? uffd.withDescriptor { fd in ferry_uffdio_poison(fd, &request) }) ?? -1
                     if result == 0 || errno == EEXIST { break }
                     attempts += 1
                     if errno != EAGAIN || attempts > 1000 { break }
                     usleep(100)
                 }
-                setBits(m, i, 1)
+                setBits(m, i, step)
                 pending[source] = nil
-                poisoned += 1
+                staged.removeValue(forKey: source)?.release()
+                poisoned += step
             }
             address = stop
         }
@@ -449,7 +658,8 @@ public final class MissingFaultMemory: @unchecked Sendable {
     // MARK: - Faults
 
     /// Starts the handler thread: each touched missing page is reported once
-    /// to `onFault` (source address, page aligned), from the handler thread;
+    /// to `onFault` (source address, aligned to the page size of its mapping:
+    /// a huge page is reported by its start), from the handler thread;
     /// `onFault` should return quickly (queue a fetch, or install at once).
     public func start(onFault: @escaping @Sendable (UInt64) -> Void) throws {
         try lock.withLock {
@@ -539,13 +749,17 @@ public final class MissingFaultMemory: @unchecked Sendable {
         let callback: (@Sendable (UInt64) -> Void)? = lock.withLock {
             let now = ContinuousClock.now
             for event in events {
-                guard case .pageFault(let local, _) = event else { continue }
+                guard case .pageFault(let address, _) = event else { continue }
                 stats.faults += 1
-                guard let source = sourceAddress(of: local), let (m, i) = locate(source) else { continue }
+                guard let touched = sourceAddress(of: address), let mapping = self.mapping(containing: touched) else { continue }
+                // The page of the mapping's size: a huge page is fetched and installed whole.
+                let source = touched & ~(mapping.pageSize - 1)
+                guard let (m, i) = locate(source) else { continue }
+                let local = mapping.localAddress(of: source)
                 if bit(m, i) {
                     // Installed between the touch and our read: the install woke it.
                     stats.faultsAlreadyResolved += 1
-                    try? uffd.wake(AddressRange(start: local, end: local + pageSize))
+                    try? uffd.wake(AddressRange(start: local, end: local + mapping.pageSize))
                 } else if pending[source] != nil {
                     stats.faultsCoalesced += 1
                 } else {

@@ -115,3 +115,31 @@ public final class Hugemem: @unchecked Sendable {
     public func expect(_ prefix: String, timeout: Double = 20) throws -> String { try child.expect(prefix, timeout: timeout) }
     public func stop() { child.stop() }
 }
+
+/// The KernelPageSize, in KiB, of the mapping of `pid` that starts at
+/// `start`, from /proc/PID/smaps (2048 for memory in 2 MiB huge pages); nil
+/// when no mapping starts there.
+public func kernelPageKiB(pid: Int32, start: UInt64) -> Int? {
+    let fd = open("/proc/\(pid)/smaps", O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    // A /proc file says its size is 0: read to its end.
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n <= 0 { break }
+        bytes += chunk[0..<n]
+    }
+    var inside = false
+    for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+        let fields = line.split(separator: " ")
+        let bounds = fields.first?.split(separator: "-") ?? []
+        if bounds.count == 2, let first = UInt64(bounds[0], radix: 16), UInt64(bounds[1], radix: 16) != nil {
+            inside = first == start
+        } else if inside, fields.first == "KernelPageSize:", fields.count >= 2 {
+            return Int(fields[1])
+        }
+    }
+    return nil
+}

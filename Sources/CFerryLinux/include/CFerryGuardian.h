@@ -11,9 +11,11 @@
 /// (close-on-exec). A byte written to it dismisses the guardian: it exits
 /// and drops its copy. End of file (every copy of the write end closed: the
 /// caller died, however) makes it poison with UFFDIO_POISON every page of
-/// `ranges` (`range_count` pairs of page-aligned [start, end) addresses in
-/// the uffd's process) that is not present, then exit. Returns the guardian's
-/// pid, or -1 with errno set.
+/// `ranges` that is not present, then exit. `ranges` holds `range_count`
+/// triples: [start, end) addresses in the uffd's process and the size of
+/// the pages mapped there (the base page, or a hugetlb page size, to which
+/// start and end are aligned: hugetlb memory is poisoned in whole huge
+/// pages). Returns the guardian's pid, or -1 with errno set.
 pid_t ferry_guardian_spawn(int uffd, const uint64_t *ranges, size_t range_count, int *control);
 
 #endif

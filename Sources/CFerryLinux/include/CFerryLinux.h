@@ -224,6 +224,11 @@ int ferry_set_slice(int tid, uint64_t nanoseconds);
 /// another file system; -1 with errno when statfs fails.
 int64_t ferry_hugetlbfs_page_size(const char *path);
 
+/// The mmap flags for anonymous memory in huge pages of `page_size` bytes
+/// (a power of two above the base page): MAP_HUGETLB with the size in the
+/// MAP_HUGE_SHIFT bits (MAP_HUGE_2MB, MAP_HUGE_1GB); 0 for the base page.
+int ferry_map_hugetlb_flags(uint64_t page_size);
+
 // The post-copy guardian (guardian.c).
 #include "CFerryGuardian.h"
 
