@@ -85,8 +85,14 @@ public final class Leecher {
     private var seeder: TrackReply? = nil
     private var store = PageStore(layout: [])
     private var layout: [Region] = [] {
-        didSet { hugePages = MigrationLimits.wholeHugePages(in: layout) }
+        didSet {
+            hugePages = MigrationLimits.wholeHugePages(in: layout)
+            hugetlbRegions = layout.filter { $0.kind == .migrate && $0.isHugetlb }
+        }
     }
+    /// Every hugetlb region of `layout`, ascending: a touch in live memory
+    /// fetches its whole huge page.
+    private var hugetlbRegions: [Region] = []
     /// Hugetlb regions of `layout` whose pages fit one ReadAt, ascending:
     /// requests take their huge pages whole, so the seeder can re-arm them.
     private var hugePages: [Region] = []
@@ -154,7 +160,7 @@ public final class Leecher {
             layout = reply.layout
             layoutEpoch = reply.layoutEpoch
             store = PageStore(layout: layout)
-            if live != nil { try LiveMemorySink.checkSupported(layout) }
+            if live != nil { try LiveMemorySink.checkHugePages(layout) }
             sink.adopt(layout: layout)
             events(.connected(peer: await link.peer, pid: reply.pid, host: reply.host,
                               tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
@@ -263,7 +269,8 @@ public final class Leecher {
     // MARK: - Pulling
 
     private enum JobResult: Sendable {
-        case read([AddressRange], [[UInt8]], Duration)
+        /// A ReadAt reply; `touch`: asked for touched pages, out of the background order.
+        case read([AddressRange], [[UInt8]], Duration, touch: Bool = false)
         case sync([[UInt8]], Duration)
         case failed([AddressRange], any Error)
         case syncFailed(any Error)
@@ -287,7 +294,6 @@ public final class Leecher {
         var listening = !precopy && live != nil
         var listenerRunning = false
         var touchesInFlight = 0
-        var touchBatches = Set<UInt64>()
         /// Rounds of the heuristic's order begun since a batch was last
         /// issued: a second one in a row means pre-copy has nothing it may
         /// send (hot pages wait), so it waits for the next dirty report.
@@ -326,7 +332,7 @@ public final class Leecher {
                         do {
                             let began = ContinuousClock.now
                             let parts = try await link.callParts(.readAt, payload)
-                            return .read(batch, parts, ContinuousClock.now - began)
+                            return .read(batch, parts, ContinuousClock.now - began, touch: false)
                         } catch {
                             return .failed(batch, error)
                         }
@@ -379,37 +385,39 @@ public final class Leecher {
                     let lane = companionRefused ? link : (priorityLink ?? link)
                     // Jump the queue: one small ReadAt per touched page, even when a
                     // background batch holds it already (that batch may be queued behind
-                    // others; the page is installed by whichever reply lands first).
-                    for page in pages where store.state(at: page) != nil && store.state(at: page) != .clean {
-                        let batch = [AddressRange(start: page, end: page + pageSize)]
-                        if store.state(at: page) != .inFlight && store.state(at: page) != .inFlightStale {
+                    // others; the page is installed by whichever reply lands first). A
+                    // touched huge page comes whole (what it lacks: live memory stages
+                    // the pages it holds clean), in requests of at most the read limit.
+                    for page in pages {
+                        for batch in touchRequests(page) {
                             store.markRequested(batch)
-                        }
-                        readsInFlight += 1
-                        touchesInFlight += 1
-                        touchBatches.insert(page)
-                        let payload = ReadRequest(ranges: batch).encode()
-                        group.addTask { [link] in
-                            let began = ContinuousClock.now
-                            do {
-                                return .read(batch, try await lane.callParts(.readAt, payload), ContinuousClock.now - began)
-                            } catch where lane !== link {
-                                // A peer without companion connections: the main link still works.
+                            readsInFlight += 1
+                            touchesInFlight += 1
+                            let payload = ReadRequest(ranges: batch).encode()
+                            group.addTask { [link] in
+                                let began = ContinuousClock.now
                                 do {
-                                    return .read(batch, try await link.callParts(.readAt, payload), ContinuousClock.now - began)
+                                    return .read(batch, try await lane.callParts(.readAt, payload), ContinuousClock.now - began,
+                                                 touch: true)
+                                } catch where lane !== link {
+                                    // A peer without companion connections: the main link still works.
+                                    do {
+                                        return .read(batch, try await link.callParts(.readAt, payload), ContinuousClock.now - began,
+                                                     touch: true)
+                                    } catch {
+                                        return .failed(batch, error)
+                                    }
                                 } catch {
                                     return .failed(batch, error)
                                 }
-                            } catch {
-                                return .failed(batch, error)
                             }
                         }
                     }
                     // Empty: the requests were closed (the migration is ending); stop listening.
                     if pages.isEmpty { listening = false }
-                case .read(let batch, let parts, let took):
+                case .read(let batch, let parts, let took, let touch):
                     readsInFlight -= 1
-                    if batch.count == 1, batch[0].length == pageSize, touchBatches.remove(batch[0].start) != nil {
+                    if touch {
                         touchesInFlight -= 1 // a touched page: not a sample for the batch sizer
                     } else {
                         sizer.observe(pages: batch.reduce(0) { $0 + Int($1.pageCount) }, took: took)
@@ -488,6 +496,38 @@ public final class Leecher {
             }
         }
         return batch.isEmpty ? nil : batch
+    }
+
+    /// The ReadAt requests for a page touched in live memory (reported at
+    /// the start of its page, a huge page's in hugetlb regions): the pages
+    /// of it not held clean, in requests of at most `maxPagesPerRead` pages.
+    /// None for an address outside the layout.
+    private func touchRequests(_ page: UInt64) -> [[AddressRange]] {
+        var index = 0
+        let unit = hugetlbRegions.isEmpty ? nil : Self.hugePage(at: page, in: hugetlbRegions, from: &index)
+        let range = unit ?? AddressRange(start: page, end: page + pageSize)
+        var requests: [[AddressRange]] = []
+        var batch: [AddressRange] = []
+        var pages = 0
+        var address = range.start
+        while address < range.end {
+            if let state = store.state(at: address), state != .clean {
+                if pages == MigrationLimits.maxPagesPerRead {
+                    requests.append(batch)
+                    batch = []
+                    pages = 0
+                }
+                if let last = batch.last, last.end == address {
+                    batch[batch.count - 1].end = address + pageSize
+                } else {
+                    batch.append(AddressRange(start: address, end: address + pageSize))
+                }
+                pages += 1
+            }
+            address += pageSize
+        }
+        if !batch.isEmpty { requests.append(batch) }
+        return requests
     }
 
     /// The huge page of `regions` (sorted hugetlb regions) containing

@@ -11,6 +11,11 @@
 // installs the remote pages as they arrive, and a touch of a page that is
 // not there yet is installed from the stage at once if it was held clean, or
 // becomes a priority request that jumps the leecher's background queue.
+//
+// Hugetlb regions are mapped with huge pages of their size and filled only
+// in whole huge pages (MissingFaultMemory gathers the 4 KiB pages of each
+// until the last arrives). A touch anywhere in a huge page stages the pages
+// of it held clean and asks the leecher for the rest of it at once.
 import Foundation
 import FerrySystem
 import Synchronization
@@ -214,33 +219,47 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
     /// Called by the leecher right after Finalize: maps the final layout's
     /// migrated regions, starts fault handling and the local fill of the
     /// `clean` pages (held, and not written since), and hands the memory out.
-    /// Refuses a layout live memory cannot hold: hugetlb regions would have
-    /// to be mapped with huge pages of their size (MAP_HUGETLB) and filled
-    /// in whole huge pages, which the missing-fault memory does not do yet.
+    /// Hugetlb regions are mapped with huge pages of their size, from this
+    /// host's pool.
+    ///
     /// Checked when the leecher learns the layout (before pulling, so the
-    /// source runs on untouched) and again on the final layout.
-    static func checkSupported(_ layout: [Region]) throws {
-        guard let region = layout.first(where: { $0.kind == .migrate && $0.isHugetlb }) else { return }
-        let name = region.name.isEmpty ? "anonymous" : region.name
-        throw MigrationError.badArgument(
-            "post-copy into live memory cannot take region \(region.range) (\(name)): it is hugetlb memory in "
-            + "\(region.pageSize >> 10) KiB pages, which would have to be mapped with MAP_HUGETLB of that size, "
-            + "and live memory maps 4 KiB pages only; migrate this process into an image (--out), which records the page size")
+    /// source runs on untouched): the pool must have a free huge page of its
+    /// size for each huge page of the hugetlb regions, or the mapping would
+    /// fail only after the freeze. (The kernel's own reservation at mmap time
+    /// is the final word; this is the early, friendly form of it.)
+    static func checkHugePages(_ layout: [Region], pool: (UInt64) -> Int? = HugetlbPool.available(pageSize:)) throws {
+        var needed: [UInt64: UInt64] = [:]
+        for region in layout where region.kind == .migrate && region.isHugetlb {
+            needed[region.pageSize, default: 0] += region.range.length / region.pageSize
+        }
+        for (size, count) in needed.sorted(by: { $0.key < $1.key }) {
+            guard let free = pool(size), UInt64(max(0, free)) < count else { continue }
+            let kib = size >> 10
+            let regions = layout.filter { $0.kind == .migrate && $0.pageSize == size }
+                .map { "\($0.range) (\($0.name.isEmpty ? "anonymous" : $0.name))" }
+            throw MigrationError.badArgument(
+                "post-copy into live memory needs \(count) free huge pages of \(kib) KiB for the hugetlb regions "
+                + "\(regions.joined(separator: ", ")), and this host's pool has \(free): raise "
+                + "/sys/kernel/mm/hugepages/hugepages-\(kib)kB/nr_hugepages by at least \(count - UInt64(max(0, free))) "
+                + "(vm.nr_hugepages for the default size) and migrate again; nothing was frozen")
+        }
     }
 
     func activate(layout: [Region], clean: [AddressRange]) throws -> MissingFaultMemory {
-        try Self.checkSupported(layout)
-        let regions = layout.filter { $0.kind == .migrate && $0.range.length > 0 }.map(\.range)
+        let areas = layout.filter { $0.kind == .migrate && $0.range.length > 0 }
+            .map { MissingFaultMemory.Area($0.range, pageSize: $0.pageSize) }
         let memory = try options.targetPid.map {
-            try MissingFaultMemory.inProcess(pid: $0, regions: regions, faultTimeout: options.faultTimeout)
-        } ?? MissingFaultMemory.inOwnProcess(regions: regions, faultTimeout: options.faultTimeout)
+            try MissingFaultMemory.inProcess(pid: $0, areas: areas, faultTimeout: options.faultTimeout)
+        } ?? MissingFaultMemory.inOwnProcess(areas: areas, faultTimeout: options.faultTimeout)
         cleanRuns = clean
         activeMemory = memory
         let priority = self.priority
         try memory.start { [weak self] page in
             guard let self else { return }
-            // Held clean: install it now, no network. Otherwise the puller fetches it first.
-            if (try? self.installStaged(AddressRange(start: page, end: page + pageSize), into: memory)) ?? false { return }
+            // Held clean: install it now, no network. Otherwise the puller fetches
+            // it (what it lacks of a huge page) first.
+            let unit = memory.mapping(containing: page)?.pageSize ?? pageSize
+            if (try? self.installHeldClean(AddressRange(start: page, end: page + unit), into: memory)) ?? false { return }
             priority.push(page)
         }
         let thread = Foundation.Thread { [self] in
@@ -307,6 +326,24 @@ public final class LiveMemorySink: PageSink, @unchecked Sendable {
             page = end
         }
         return true
+    }
+
+    /// Installs (stages, in a huge page) the pages of `range` held clean;
+    /// returns whether they were all of it.
+    private func installHeldClean(_ range: AddressRange, into memory: MissingFaultMemory) throws -> Bool {
+        if range.length == pageSize { return try installStaged(range, into: memory) }
+        var low = 0, high = cleanRuns.count
+        while low < high {
+            let mid = (low + high) / 2
+            if cleanRuns[mid].end <= range.start { low = mid + 1 } else { high = mid }
+        }
+        var held: UInt64 = 0
+        while low < cleanRuns.count && cleanRuns[low].start < range.end {
+            let part = AddressRange(start: max(range.start, cleanRuns[low].start), end: min(range.end, cleanRuns[low].end))
+            if try installStaged(part, into: memory) { held += part.length }
+            low += 1
+        }
+        return held == range.length
     }
 
     /// Whether one run of `cleanRuns` (sorted, disjoint) covers all of `range`.

@@ -62,7 +62,7 @@ import FerryTestSupport
     }
 }
 
-/// The page size in the layout (protocol version 3) and the refusal of live memory.
+/// The page size in the layout (protocol version 3) and live memory's check of the pool.
 @Suite struct HugePageLayoutTests {
     static let huge = Region(range: AddressRange(start: 0x7f00_0000_0000, end: 0x7f00_0040_0000), permissions: "rw-p",
                              offset: 0, device: "00:11", inode: 7, name: "/anon_hugepage (deleted)", kind: .migrate,
@@ -91,48 +91,177 @@ import FerryTestSupport
         #expect(throws: WireDecodeError.self) { try DirtyReportCodec.decode(headWithLayout([misaligned])) }
     }
 
-    @Test func liveMemoryRefusesHugetlbRegionsByName() throws {
-        #expect(throws: Never.self) { try LiveMemorySink.checkSupported([Self.plain]) }
+    /// Live memory maps hugetlb regions from this host's pool: a pool too
+    /// small is refused right after Track, naming the regions, the pages
+    /// missing and the knob, while nothing is frozen yet.
+    @Test func liveMemoryRefusesAHugePagePoolTooSmallByName() throws {
+        #expect(throws: Never.self) { try LiveMemorySink.checkHugePages([Self.plain], pool: { _ in 0 }) }
+        #expect(throws: Never.self) { try LiveMemorySink.checkHugePages([Self.plain, Self.huge], pool: { _ in 2 }) }
+        // A pool the kernel does not have (or cannot be read): the mmap decides.
+        #expect(throws: Never.self) { try LiveMemorySink.checkHugePages([Self.huge], pool: { _ in nil }) }
         do {
-            try LiveMemorySink.checkSupported([Self.plain, Self.huge])
-            Issue.record("a hugetlb region was accepted")
+            try LiveMemorySink.checkHugePages([Self.plain, Self.huge], pool: { $0 == 2 << 20 ? 1 : 99 })
+            Issue.record("a pool of 1 huge page was taken for a region of 2")
         } catch {
             let text = "\(error)"
             #expect(text.contains("0x7f0000000000-0x7f0000400000") && text.contains("/anon_hugepage")
-                    && text.contains("2048 KiB") && text.contains("--out"), "\(text)")
+                    && text.contains("needs 2 free huge pages of 2048 KiB") && text.contains("has 1")
+                    && text.contains("hugepages-2048kB/nr_hugepages by at least 1") && text.contains("nothing was frozen"),
+                    "\(text)")
         }
     }
 }
 
+/// The page at local address `local` of this process, by plain loads (these fault).
+private func touch(_ local: UInt64) -> [UInt8] {
+    // SAFETY: `local` is a page of the migrated memory, mapped for the test's duration.
+    Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(local))!, count: 4096))
+}
+
+/// Post-copy into live memory (`leecher pull --into`, LiveMemorySink) of
+/// hugetlb memory: mapped with huge pages of the source's size, installed in
+/// whole huge pages, byte-exact against the frozen source; and when the
+/// seeder vanishes, the huge pages that never arrived raise SIGBUS. Before,
+/// live memory refused hugetlb regions right after Track.
 extension HugePagesTests {
-    /// `--into` (live memory) refuses a source with huge pages right after
-    /// Track, before anything is pulled or frozen: the source runs on.
-    @Test func postCopyIntoLiveMemoryRefusesHugePagesAndTheSourceRunsOn() async throws {
-        let pool = HugePagePool(pages: 4)
+    /// Source 8 + 4 + 4 huge pages, the destination as many again, and room
+    /// for the reads of pages hugemem has not touched (it fills them first).
+    static let liveArguments = ["--private", "8", "--shm", "4", "--memfd", "4", "--pause-us", "50"]
+    static let livePool = 40
+
+    /// Migrates hugemem under writes into live memory of this process
+    /// (`target` nil) or of `target`; in this process a reader touches
+    /// random pages of the huge regions right at the hand-over. Everything
+    /// must match the frozen source byte for byte.
+    func migrateHugemem(into target: Memwriter?) async throws {
+        let pool = HugePagePool(pages: Self.livePool)
         defer { pool.restore() }
         if let reason = pool.unavailable {
             print("skipped: \(reason)")
             return
         }
-        let process = try Hugemem(["--private", "2", "--pause-us", "1000"])
+        let process = try Hugemem(Self.liveArguments)
         defer { process.stop() }
         try #require(process.refused == nil, "\(process.refused ?? "")")
-        let tracked = try TrackedProcess.attach(pid: process.pid)
-        let seeder = try await LoopbackSeeder(process: tracked)
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: process.pid))
         defer { seeder.close() }
-        let leecher = Leecher(connect: seeder.connector(), memory: try LiveMemorySink(), options: LeecherOptions())
-        do {
-            _ = try await leecher.run()
-            Issue.record("live memory took a hugetlb region")
-        } catch {
-            #expect("\(error)".contains("hugetlb memory in 2048 KiB pages"), "\(error)")
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: 0.5, maxWaitSeconds: 3)
+        var live = LiveMemoryOptions()
+        live.targetPid = target?.pid
+        let sink = try LiveMemorySink(options: live)
+        let leecher = Leecher(connect: seeder.connector(), memory: sink, options: options)
+        let running = Task { try await leecher.run() }
+        let memory = try await sink.migratedMemory()
+        let huge = memory.mappings.filter(\.isHugetlb)
+        #expect(huge.count == 3 && huge.allSatisfy { $0.pageSize == Self.hugePage }, "\(memory.mappings.filter(\.isHugetlb))")
+        // Right at the hand-over, in this process: random pages of the huge regions, on a plain thread (touches block it).
+        var seen: [(UInt64, [UInt8])] = []
+        if target == nil {
+            seen = await withCheckedContinuation { continuation in
+                Foundation.Thread.detachNewThread {
+                    var generator = SystemRandomNumberGenerator()
+                    var seen: [(UInt64, [UInt8])] = []
+                    for _ in 0..<200 {
+                        let mapping = huge[Int.random(in: 0..<huge.count, using: &generator)]
+                        let page = mapping.source.start + UInt64.random(in: 0..<mapping.source.pageCount, using: &generator) * 4096
+                        seen.append((page, touch(mapping.local + (page - mapping.source.start))))
+                    }
+                    continuation.resume(returning: seen)
+                }
+            }
         }
-        // Not frozen, not stopped: it still answers and still writes.
-        process.send("count")
-        let first = try process.expect("count")
-        try await Task.sleep(for: .milliseconds(50))
-        process.send("count")
-        let second = try process.expect("count")
-        #expect(first != second, "\(first) / \(second)")
+        // The leecher verified every region against the frozen source's checksum before Complete.
+        let summary = try await running.value
+        #expect(summary.seederSays.contains("stopped"))
+        #expect(summary.dirtyPagesAtFinalize >= 512, "\(summary.dirtyPagesAtFinalize) dirty pages at Finalize")
+        for (name, range) in process.regions {
+            let region = try #require(summary.manifest.regions.first { $0.start == range.start }, "\(name)")
+            #expect(region.pageSize == Self.hugePage && region.blake2b != nil, "\(name): \(region)")
+        }
+        var mismatched: [String] = []
+        for (page, bytes) in seen where procMemory(pid: process.pid, at: page, length: 4096) != bytes {
+            mismatched.append("0x" + String(page, radix: 16))
+        }
+        #expect(mismatched.isEmpty, "touched pages differing from the frozen source: \(mismatched.prefix(8))")
+        // Every huge region whole, byte for byte, and in huge pages of its size where it now lives.
+        let owner = target?.pid ?? getpid()
+        for mapping in huge {
+            let source = procMemory(pid: process.pid, at: mapping.source.start, length: Int(mapping.source.length))
+            let here = procMemory(pid: owner, at: mapping.local, length: Int(mapping.source.length))
+            #expect(source != nil && source == here, "region \(mapping.source) differs from the frozen source")
+            #expect(kernelPageKiB(pid: owner, start: mapping.local) == 2048, "region \(mapping.source) is not in 2 MiB pages")
+        }
+        let stats = memory.statistics
+        let hugeTotal = huge.reduce(0) { $0 + Int($1.source.length / Self.hugePage) }
+        #expect(stats.hugePagesCopied + stats.kernelAlreadyPresent == hugeTotal, "every huge page installed once, whole: \(stats)")
+        #expect(stats.pagesPoisoned == 0 && stats.kernelAlreadyPresent == 0, "\(stats)")
+        if target == nil { memory.unmap() }
+    }
+
+    @Test func hugetlbMemoryUnderWritesMigratesIntoLiveMemoryOfThisProcess() async throws {
+        try await migrateHugemem(into: nil)
+    }
+
+    @Test func hugetlbMemoryUnderWritesMigratesIntoAnotherProcess() async throws {
+        let destination = try Memwriter(["--mib", "1"]) // stands for a restored program
+        defer { destination.stop() }
+        try await migrateHugemem(into: destination)
+    }
+
+    /// The seeder vanishes the moment Finalize returns: post-copy fails in
+    /// order, and every huge page that had not arrived raises SIGBUS, whole;
+    /// none reads zeros, none is half filled.
+    @Test func aVanishedSeederLeavesHugePagesThatNeverArrivedRaisingSIGBUS() async throws {
+        let pool = HugePagePool(pages: Self.livePool)
+        defer { pool.restore() }
+        if let reason = pool.unavailable {
+            print("skipped: \(reason)")
+            return
+        }
+        let process = try Hugemem(Self.liveArguments)
+        defer { process.stop() }
+        try #require(process.refused == nil, "\(process.refused ?? "")")
+        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: process.pid), then: .resume,
+                                              grace: .milliseconds(800))
+        defer { seeder.close() }
+        guard case .tcp(_, let seederPort) = seeder.listener.endpoint else { throw TestFailure("no port") }
+        let relay = try Relay(to: "127.0.0.1:\(seederPort)")
+        defer { relay.stop() }
+        let port = relay.port
+        let secret = seeder.secret
+        var options = LeecherOptions()
+        options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
+        let sink = try LiveMemorySink()
+        let leecher = Leecher(connect: {
+            let transport = try await Transports.connect(to: .tcp(host: "127.0.0.1", port: port))
+            return try await SecureChannel.client(over: transport, credentials: .preSharedSecret(secret))
+        }, memory: sink, options: options) { event in
+            if case .finalized = event { relay.stop(); seeder.close() }
+        }
+        await #expect {
+            _ = try await leecher.run()
+        } throws: { error in
+            "\(error)".contains("seeder")
+        }
+        let memory = try await sink.migratedMemory()
+        defer { memory.unmap() }
+        guard case .abandoned(_, let poisoned) = memory.failureReason else {
+            Issue.record("expected post-copy abandoned, got \(String(describing: memory.failureReason))")
+            return
+        }
+        let huge = memory.mappings.filter(\.isHugetlb)
+        #expect(poisoned > 0)
+        // Each huge page is whole or unreadable (first and last 4 KiB page alike); at least one is unreadable.
+        var unreadable = 0
+        for mapping in huge {
+            for start in stride(from: mapping.local, to: mapping.local + mapping.source.length, by: Int(Self.hugePage)) {
+                let first = procMemory(pid: getpid(), at: start, length: 4096)
+                let last = procMemory(pid: getpid(), at: start + Self.hugePage - 4096, length: 4096)
+                #expect((first == nil) == (last == nil), "a huge page half there at 0x\(String(start, radix: 16))")
+                if first == nil { unreadable += 1 }
+            }
+        }
+        #expect(unreadable > 0, "every huge page had arrived before the seeder vanished")
     }
 }
