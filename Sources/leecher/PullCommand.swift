@@ -50,7 +50,7 @@ struct PullCommand: AsyncParsableCommand {
     var out = "ferry-image"
 
     @Option(name: .long, help: ArgumentHelp(
-        "Instead of an image, place the memory into this running process on this host (for example a restored program), mapped at the source's addresses where free; it may use the memory as soon as Finalize returns, and owns it afterwards (docs/postcopy.md). Not for sources with huge pages (hugetlb): refused before anything is pulled; use --out.",
+        "Instead of an image, place the memory into this running process on this host (for example a restored program), mapped at the source's addresses where free; it may use the memory as soon as Finalize returns, and owns it afterwards (docs/postcopy.md). Huge pages (hugetlb) are mapped with pages of their size and filled whole; this host needs free huge pages for them, checked before anything is pulled.",
         valueName: "PID"))
     var into: Int32?
 
