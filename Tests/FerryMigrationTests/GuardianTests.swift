@@ -246,3 +246,64 @@ private func placement(of main: AddressRange, whole: AddressRange, in target: In
         #expect(try target.expect("peek").split(separator: " ").last != "0")
     }
 }
+
+/// Hugetlb memory (issue 15, class 2): the guardian poisons in whole huge
+/// pages, the only unit the kernel takes there, so a huge page that never
+/// arrived raises SIGBUS in the target anywhere in it.
+extension GuardianTests {
+    @Test func aKilledLeecherLeavesMissingHugePagesRaisingSIGBUSNotZeros() throws {
+        let hugePage: UInt64 = 2 << 20
+        // 8 huge pages for the source, 8 for the target, and room for reads of untouched pages.
+        let pool = HugePagePool(pages: 24)
+        defer { pool.restore() }
+        if let reason = pool.unavailable {
+            print("skipped: \(reason)")
+            return
+        }
+        let source = try Hugemem(["--private", "8", "--pause-us", "1000"])
+        defer { source.stop() }
+        try #require(source.refused == nil, "\(source.refused ?? "")")
+        let main = try #require(source.regions["private"])
+        let target = try Memwriter(["--mib", "1", "--no-write"])
+        defer { target.stop() }
+        let (seeder, address) = try startSeeder(pid: source.pid)
+        defer {
+            kill(seeder.pid, SIGCONT)
+            seeder.stop()
+        }
+        let leecher = try ChildProcess(builtExecutable("leecher"),
+                                       ["pull", address, "--secret-file", secretPath, "--into", "\(target.pid)",
+                                        "--finalize-at", "0%", "--json"])
+        defer { leecher.stop() }
+        _ = try leecher.expect("{\"event\":\"finalized\"", timeout: 60)
+        kill(seeder.pid, SIGSTOP)
+        var placed: Int64? = nil
+        let deadline = ChildProcess.now() + 10
+        while placed == nil && ChildProcess.now() < deadline {
+            placed = placement(of: main, whole: main, in: target.pid, registered: true)
+            if placed == nil { usleep(10_000) }
+        }
+        let delta = try #require(placed, "the hugetlb region never appeared registered in the target")
+        let local = AddressRange(start: UInt64(bitPattern: Int64(bitPattern: main.start) + delta),
+                                 end: UInt64(bitPattern: Int64(bitPattern: main.end) + delta))
+        #expect(kernelPageKiB(pid: target.pid, start: local.start) == 2048, "the target's region is not in 2 MiB pages")
+        let guardian = children(of: leecher.pid, named: "ferry-guardian").first
+        // A huge page that has not arrived (the fill runs from the start): the last one still missing.
+        var missing: UInt64? = nil
+        var candidate = local.end - hugePage
+        while candidate >= local.start && missing == nil {
+            if isPresent(target.pid, candidate) == false { missing = candidate }
+            candidate -= hugePage
+        }
+        let huge = try #require(missing, "every huge page arrived before the seeder was stopped")
+        leecher.stop()
+        // A load in the middle of it, not at its start: the whole huge page was poisoned.
+        target.send("peek 0x" + String(huge + 300 * 4096 + 8, radix: 16))
+        let answer = try? target.expect("peek", timeout: 10)
+        #expect(answer == nil, "the target read a huge page that never arrived: \(answer ?? "")")
+        #expect((answer == nil ? target.child.waitForExit(timeout: 10) : nil) == 128 + SIGBUS,
+                "the target's load of a missing huge page must raise SIGBUS")
+        let guardianPid = try #require(guardian, "no guardian process beside the leecher")
+        #expect(exits(guardianPid, within: 10), "the guardian exits once it has poisoned what was missing")
+    }
+}
