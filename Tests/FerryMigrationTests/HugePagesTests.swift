@@ -265,3 +265,68 @@ extension HugePagesTests {
         #expect(unreadable > 0, "every huge page had arrived before the seeder vanished")
     }
 }
+
+/// 1 GiB huge pages into live memory: one huge page larger than any ReadAt
+/// (262,144 pages), mapped with MAP_HUGE_1GB in the target, installed once
+/// whole; a touch at the hand-over waits for all of it and sees the source.
+extension HugePagesTests {
+    @Test func aOneGiBHugePageMigratesIntoAnotherProcess() async throws {
+        let gib: UInt64 = 1 << 30
+        // One for the source, one for the destination.
+        let pool = HugePagePool(pages: 2, pageKiB: 1 << 20)
+        defer { pool.restore() }
+        if let reason = pool.unavailable {
+            print("skipped: \(reason)")
+            return
+        }
+        let process = try Hugemem(["--page-kib", "1048576", "--private", "1", "--pause-us", "1000"])
+        defer { process.stop() }
+        try #require(process.refused == nil, "\(process.refused ?? "")")
+        let range = try #require(process.regions["private"])
+        let destination = try Memwriter(["--mib", "1"]) // stands for a restored program
+        defer { destination.stop() }
+        let tracked = try TrackedProcess.attach(pid: process.pid)
+        #expect(tracked.regions.first { $0.start == range.start }?.pageSize == gib)
+        let seeder = try await LoopbackSeeder(process: tracked)
+        defer { seeder.close() }
+        var options = LeecherOptions()
+        // A 1 GiB page is never read whole before the freeze: all of it comes by post-copy.
+        options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
+        var live = LiveMemoryOptions()
+        live.targetPid = destination.pid
+        // The touch waits for all 1 GiB: a debug build on two shared cores took 26 s.
+        live.faultTimeout = .seconds(300)
+        let sink = try LiveMemorySink(options: live)
+        let running = Task { try await Leecher(connect: seeder.connector(), memory: sink, options: options).run() }
+        let memory = try await sink.migratedMemory()
+        let mapping = try #require(memory.mappings.first { $0.source == range })
+        #expect(mapping.pageSize == gib)
+        #expect(kernelPageKiB(pid: destination.pid, start: mapping.local) == 1 << 20, "not in a 1 GiB page")
+        // The destination loads a page in the middle of it right away: it waits for the whole huge page.
+        let offset: UInt64 = 700 << 20
+        destination.send("peek 0x" + String(mapping.local + offset, radix: 16))
+        let answer = try destination.expect("peek", timeout: 300)
+        let summary = try await running.value
+        #expect(summary.seederSays.contains("stopped"))
+        let region = try #require(summary.manifest.regions.first { $0.start == range.start })
+        #expect(region.pageSize == gib && region.blake2b != nil)
+        let expected = try #require(procMemory(pid: process.pid, at: range.start + offset, length: 4096))
+        #expect(answer == "peek \(expected.filter { $0 != 0 }.count)")
+        // Byte for byte, in 64 MiB steps.
+        var differing: [UInt64] = []
+        for step in stride(from: UInt64(0), to: gib, by: 64 << 20) {
+            let source = procMemory(pid: process.pid, at: range.start + step, length: 64 << 20)
+            let here = procMemory(pid: destination.pid, at: mapping.local + step, length: 64 << 20)
+            guard let source, let here else {
+                differing.append(step)
+                continue
+            }
+            // memcmp: comparing arrays element by element takes seconds per step in a debug build.
+            let same = source.withUnsafeBytes { a in here.withUnsafeBytes { b in memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0 } }
+            if !same { differing.append(step) }
+        }
+        #expect(differing.isEmpty, "64 MiB steps differing from the frozen source at offsets \(differing.prefix(4))")
+        let stats = memory.statistics
+        #expect(stats.hugePagesCopied == 1 && stats.pagesPoisoned == 0 && stats.kernelAlreadyPresent == 0, "\(stats)")
+    }
+}

@@ -1,47 +1,65 @@
-// Huge pages for tests: the kernel's hugetlb pool (vm.nr_hugepages) and the
-// hugemem workload (Tools/hugemem) that maps memory from it.
+// Huge pages for tests: the kernel's hugetlb pools (vm.nr_hugepages, and the
+// pool of each size in sysfs) and the hugemem workload (Tools/hugemem) that
+// maps memory from them.
 import FerrySystem
 import Glibc
 import Synchronization
 
-/// Grows the pool of 2 MiB huge pages for one test and puts it back after.
-/// Tests of several suites may hold pools at once (they run in parallel in
-/// one process): the first records `vm.nr_hugepages`, each grows it by what
-/// it needs, the last puts the recorded value back.
+/// Grows the pool of huge pages of one size (2 MiB unless told) for one
+/// test and puts it back after. Tests of several suites may hold pools at
+/// once (they run in parallel in one process): per size, the first records
+/// the pool's size, each grows it by what it needs, the last puts the
+/// recorded value back.
 public final class HugePagePool: Sendable {
-    private static let control = "/proc/sys/vm/nr_hugepages"
-    private static let holders = Mutex<(count: Int, original: Int)>((0, 0))
+    private static let holders = Mutex<[Int: (count: Int, original: Int)]>([:])
     private let held = Atomic<Bool>(false)
+    private let pageKiB: Int
     /// Why the pool could not be had (nil when it is ready).
     public let unavailable: String?
 
-    /// Makes at least `pages` free 2 MiB pages available, growing
-    /// `vm.nr_hugepages` when needed (root only).
-    public init(pages: Int) {
+    /// /sys/kernel/mm/hugepages/hugepages-<size>kB/ (its nr_hugepages is
+    /// vm.nr_hugepages for the default size).
+    private static func directory(_ kib: Int) -> String { "/sys/kernel/mm/hugepages/hugepages-\(kib)kB/" }
+
+    /// Makes at least `pages` free huge pages of `pageKiB` KiB available,
+    /// growing the pool when needed (root only).
+    public init(pages: Int, pageKiB: Int = 2048) {
+        self.pageKiB = pageKiB
+        let size = pageKiB >= 1 << 20 ? "\(pageKiB >> 20) GiB" : "\(pageKiB >> 10) MiB"
         guard geteuid() == 0 else {
-            unavailable = "setting vm.nr_hugepages needs root"
+            unavailable = "setting the pool of \(size) huge pages needs root"
+            return
+        }
+        let directory = Self.directory(pageKiB)
+        guard Self.readInt(directory + "nr_hugepages") != nil else {
+            unavailable = "this kernel has no huge pages of \(size) (\(directory))"
             return
         }
         held.store(true, ordering: .relaxed)
         let now = Self.holders.withLock { holders -> Int in
-            let current = Self.readInt(Self.control) ?? 0
-            if holders.count == 0 { holders.original = current }
-            holders.count += 1
-            let free = Self.meminfo("HugePages_Free") ?? 0
-            if free < pages { Self.write(Self.control, String(current + pages - free)) }
-            return Self.meminfo("HugePages_Free") ?? 0
+            let current = Self.readInt(directory + "nr_hugepages") ?? 0
+            var holder = holders[pageKiB] ?? (0, current)
+            if holder.count == 0 { holder.original = current }
+            holder.count += 1
+            holders[pageKiB] = holder
+            let free = Self.readInt(directory + "free_hugepages") ?? 0
+            if free < pages { Self.write(directory + "nr_hugepages", String(current + pages - free)) }
+            return Self.readInt(directory + "free_hugepages") ?? 0
         }
         unavailable = now < pages
-            ? "the kernel gave \(now) of \(pages) huge pages of 2 MiB (vm.nr_hugepages; memory too fragmented?)" : nil
+            ? "the kernel gave \(now) of \(pages) huge pages of \(size) (\(directory)nr_hugepages; memory too fragmented?)" : nil
     }
 
-    /// Puts `vm.nr_hugepages` back as it was, once the last pool is done.
+    /// Puts the pool back as it was, once the last holder of its size is done.
     public func restore() {
         guard held.exchange(false, ordering: .relaxed) else { return }
+        let control = Self.directory(pageKiB) + "nr_hugepages"
         Self.holders.withLock { holders in
-            holders.count -= 1
-            if holders.count == 0 && Self.readInt(Self.control) != holders.original {
-                Self.write(Self.control, String(holders.original))
+            guard var holder = holders[pageKiB] else { return }
+            holder.count -= 1
+            holders[pageKiB] = holder
+            if holder.count == 0 && Self.readInt(control) != holder.original {
+                Self.write(control, String(holder.original))
             }
         }
     }
