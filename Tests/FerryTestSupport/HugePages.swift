@@ -8,8 +8,9 @@ import Synchronization
 /// Grows the pool of huge pages of one size (2 MiB unless told) for one
 /// test and puts it back after. Tests of several suites may hold pools at
 /// once (they run in parallel in one process): per size, the first records
-/// the pool's size, each grows it by what it needs, the last puts the
-/// recorded value back.
+/// the pool's size, each grows it by all it needs (not by what is free at
+/// that moment: pages free then may be another holder's, not used yet),
+/// the last puts the recorded value back.
 public final class HugePagePool: Sendable {
     private static let holders = Mutex<[Int: (count: Int, original: Int)]>([:])
     private let held = Atomic<Bool>(false)
@@ -42,8 +43,7 @@ public final class HugePagePool: Sendable {
             if holder.count == 0 { holder.original = current }
             holder.count += 1
             holders[pageKiB] = holder
-            let free = Self.readInt(directory + "free_hugepages") ?? 0
-            if free < pages { Self.write(directory + "nr_hugepages", String(current + pages - free)) }
+            Self.write(directory + "nr_hugepages", String(current + pages))
             return Self.readInt(directory + "free_hugepages") ?? 0
         }
         unavailable = now < pages
