@@ -487,7 +487,8 @@ public final class MissingFaultMemory: @unchecked Sendable {
                 stats.pagesAlreadyInstalled += Int((end - page) / pageSize)
                 continue
             }
-            var stage = try staged[huge] ?? HugeStage(size: size, owner: owner)
+            // Taken out while it changes, so its bitmap is not copied on write.
+            var stage = try staged.removeValue(forKey: huge) ?? HugeStage(size: size, owner: owner)
             // Every copy of a page after Finalize holds the same bytes (the
             // frozen source's), so a page staged again is simply written again.
             // SAFETY: `page..<end` lies inside this huge page's buffer, and
@@ -506,7 +507,6 @@ public final class MissingFaultMemory: @unchecked Sendable {
                 staged[huge] = stage
                 continue
             }
-            staged[huge] = nil
             defer { stage.release() }
             installed += try copyHugeLocked(m, huge, from: stage.buffer)
         }
