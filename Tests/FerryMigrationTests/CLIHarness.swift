@@ -138,8 +138,12 @@ func exits(_ pid: Int32, within timeout: Double) -> Bool {
 /// Where `main` (the source's region `whole`) lies in `target`, as the
 /// distance to add to a source address; nil while not mapped (or, with
 /// `registered`, not registered for missing faults).
-func placement(of main: AddressRange, whole: AddressRange, in target: Int32, registered: Bool) -> Int64? {
-    let mappings = smaps(target).filter { !registered || $0.flags.contains("um") }
+/// Mappings in `before` (the target's own, listed before the migration)
+/// are not taken for the migrated region: a large reservation of the
+/// target's (a malloc arena) can cover the source's addresses.
+func placement(of main: AddressRange, whole: AddressRange, in target: Int32, registered: Bool,
+               before: [AddressRange] = []) -> Int64? {
+    let mappings = smaps(target).filter { (!registered || $0.flags.contains("um")) && !before.contains($0.range) }
     // At the source's addresses when free there (then merged with its neighbours), elsewhere otherwise.
     if mappings.contains(where: { $0.range.contains(main.start) && $0.range.contains(main.end - 1) }) { return 0 }
     if let moved = mappings.first(where: { $0.range.length == whole.length }) {

@@ -171,14 +171,18 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         // and in the checksum and Complete cells, less: what matters there
         // is where the fault lands, not how much moves.
         let mib = switch (cell.phase, cell.destination) {
-        case (_, .into), (.checksum, _), (.complete, _): 64
+        case (.postcopy, .into), (.checksum, _), (.complete, _): 64
         case (.postcopy, _): 256
+        // Pre-copy must outlast the first progress event (250 ms): 64 MiB
+        // could be pulled, finalized and placed before it.
         default: 128
         }
         let child = try Memwriter(["--mib", "\(mib)", "--threads", "2", "--rate", "5000", "--pattern"])
         defer { child.stop() }
         let target = cell.destination == .into ? try Memwriter(["--mib", "1", "--no-write"]) : nil
         defer { target?.stop() }
+        // The target's own mappings: what the migration adds is what differs.
+        let targetMaps = target.map { smaps($0.pid).map(\.range) } ?? []
 
         // The seeder, and the hub in front of it when the chain has one.
         var hub: ChildProcess? = nil
@@ -234,10 +238,16 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         }
         defer { leecher.stop() }
 
+        print("fault-matrix: \(cell.testDescription): source \(child.pid), seeder \(seeder.pid), hub \(hub?.pid ?? 0), relay \(relay.child.pid), leecher \(leecher.pid), target \(target?.pid ?? 0)")
         // Wait for the phase.
         switch cell.phase {
         case .handshake: break
-        case .precopy: _ = try leecher.expect("{\"event\":\"progress\"", timeout: 30)
+        case .precopy:
+            _ = try leecher.expect("{\"event\":\"progress\"", timeout: 30)
+            // Still in pre-copy: nothing said of finalizing yet.
+            while let line = try? leecher.readLine(timeout: 0.001) {
+                #expect(!line.hasPrefix("{\"event\":\"finalizing\""), "pre-copy ended before the fault: \(line)")
+            }
         case .finalize: _ = try leecher.expect("{\"event\":\"finalizing\"", timeout: 30)
         case .postcopy: _ = try leecher.expect("{\"event\":\"finalized\"", timeout: 30)
         case .checksum: _ = try leecher.expect("{\"event\":\"verifying\"", timeout: 60)
@@ -321,7 +331,7 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
             _ = try leecher.expect("{\"event\":\"complete\"", timeout: 90)
             #expect(leecher.waitForExit() == 0)
             if let target {
-                try expectPlaced(main: main, source: child, target: target)
+                try expectPlaced(main: main, source: child, target: target, before: targetMaps)
             } else {
                 let report = try ImageVerifier.compare(directory: out, pid: child.pid)
                 #expect(report.matches, "\(report)")
@@ -348,7 +358,8 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
             #expect(try harness.isRunning(child), "the source must run on")
             #expect(!FileManager.default.fileExists(atPath: out + "/manifest.json"), "an image was left behind")
             if let target {
-                result = try expectNoZeros(main: main, source: child, frozen: frozen, target: target, leecher: leecher)
+                result = try expectNoZeros(main: main, source: child, frozen: frozen, target: target, before: targetMaps,
+                                           leecher: leecher)
             } else {
                 result = "failed as stated"
             }
@@ -382,17 +393,19 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
     }
 
     /// Where the source's region `main` lies in `target`, and its whole mapping.
-    func placed(main: AddressRange, source: Memwriter, target: Memwriter, registered: Bool) throws -> AddressRange? {
+    func placed(main: AddressRange, source: Memwriter, target: Memwriter, before: [AddressRange]) throws -> AddressRange? {
         let whole = try #require(try ProcessMaps.read(pid: source.pid).first { $0.range.contains(main.start) }?.range)
-        guard let delta = placement(of: main, whole: whole, in: target.pid, registered: registered) else { return nil }
+        guard let delta = placement(of: main, whole: whole, in: target.pid, registered: false, before: before) else {
+            return nil
+        }
         return AddressRange(start: UInt64(bitPattern: Int64(bitPattern: main.start) + delta),
                             end: UInt64(bitPattern: Int64(bitPattern: main.end) + delta))
     }
 
     /// A completed `--into`: the target holds the source's bytes (the source
     /// is left stopped), every one of them, and no range stays registered.
-    func expectPlaced(main: AddressRange, source: Memwriter, target: Memwriter) throws {
-        let region = try #require(try placed(main: main, source: source, target: target, registered: false),
+    func expectPlaced(main: AddressRange, source: Memwriter, target: Memwriter, before: [AddressRange]) throws {
+        let region = try #require(try placed(main: main, source: source, target: target, before: before),
                                   "the migrated region is not in the target")
         let expected = try #require(bytes(source.pid, at: main.start, length: Int(main.length)))
         let got = try #require(bytes(target.pid, at: region.start, length: Int(region.length)))
@@ -407,16 +420,17 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
     /// fault came before the hand-over) the target is left as it was.
     /// Returns what it found.
     func expectNoZeros(main: AddressRange, source: Memwriter, frozen: [UInt8]?, target: Memwriter,
-                       leecher: ChildProcess) throws -> String {
+                       before: [AddressRange], leecher: ChildProcess) throws -> String {
         // A failing leecher poisons what never arrived before it exits; a
         // killed one leaves that to its guardian.
         _ = leecher.waitForExit(timeout: 10)
-        guard let region = try placed(main: main, source: source, target: target, registered: false) else {
+        guard let region = try placed(main: main, source: source, target: target, before: before) else {
             target.send("count")
             #expect((try? target.expect("count", timeout: 5)) != nil, "the target must run on untouched")
             return "nothing placed in the target"
         }
-        let frozen = try #require(frozen, "the target holds the region, yet the source was not read while frozen")
+        let added = smaps(target.pid).filter { !before.contains($0.range) }.map { "\($0.range) \($0.range.length) \($0.flags)" }
+        let frozen = try #require(frozen, "the target holds the region \(region) (main \(main)), yet the source was not read while frozen; added: \(added)")
         var arrived = 0, poisoned = 0, zeros = 0, differ = 0
         var firstPoisoned: UInt64? = nil
         for offset in stride(from: 0, to: Int(region.length), by: 4096) {
