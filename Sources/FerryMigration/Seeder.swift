@@ -178,7 +178,7 @@ public final class SeederService: Sendable {
         let waiting = state.withLock { s -> Bool in
             if s.owner == owner, case .completed = s.outcome {
                 s.completionUnconfirmed = !inOrder
-                return false
+                return !inOrder
             }
             guard s.owner == owner, s.outcome == nil else { return false }
             s.ownerAlive = false
@@ -202,6 +202,10 @@ public final class SeederService: Sendable {
             guard s.outcome == nil else { return false }
             s.outcome = outcome
             s.phase = abort ? .aborted : .completed
+            // The owning connection was lost while Complete was being applied
+            // (before the outcome was set, so `connectionEnded` took it for a
+            // live session's): the reply cannot have reached the leecher.
+            if !abort && !s.ownerAlive { s.completionUnconfirmed = true }
             return true
         }
         guard first else { return }
