@@ -175,8 +175,8 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         let harness = try CLIHarness()
         // Pre-copy: writers keep pre-copy going (a 100 % share is never
         // reached, so it ends by the policy's other rules after some rounds).
-        // Post-copy: everything moves after the freeze (0 %). Into a target,
-        // and in the checksum and Complete cells, less: what matters there
+        // Post-copy: everything moves after the freeze (0 %). Into a target
+        // in post-copy, and in the Complete cells, less: what matters there
         // is where the fault lands, not how much moves.
         let mib = switch (cell.phase, cell.destination) {
         case (.postcopy, .into), (.complete, _): 64
@@ -294,8 +294,8 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         case .hub: seeder
         case .seeder, .link: nil
         }
-        // The checksum phase: the fault must land before `verified`, while
-        // the checksum call is in flight or the leecher compares.
+        // The checksum phase: whether the fault landed before `verified`
+        // (the checksum call in flight, or the leecher comparing) is recorded.
         var verifiedBeforeFault = false
         if cell.phase == .checksum {
             while let line = try? leecher.readLine(timeout: 0.001) {
