@@ -100,6 +100,11 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         FaultCell(role: .leecher, fault: .stop, phase: phase, expected: .completes, destination: .into),
     ] } + [
         FaultCell(role: .seeder, fault: .stall, phase: .precopy, expected: .completes),
+        FaultCell(role: .seeder, fault: .stall, phase: .postcopy, expected: .completes),
+        FaultCell(role: .hub, fault: .stop, phase: .precopy, expected: .completes, chain: .via),
+        FaultCell(role: .hub, fault: .stop, phase: .postcopy, expected: .completes, chain: .via),
+        FaultCell(role: .leecher, fault: .stop, phase: .finalize, expected: .completes),
+        FaultCell(role: .link, fault: .cut, phase: .finalize, expected: .completes),
         FaultCell(role: .leecher, fault: .kill, phase: .finalize, expected: .failsSourceRunsOn),
         FaultCell(role: .seeder, fault: .kill, phase: .finalize, expected: .failsSourceRunsOn),
         FaultCell(role: .leecher, fault: .kill, phase: .finalize, expected: .failsSourceRunsOn, destination: .into),
