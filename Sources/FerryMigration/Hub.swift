@@ -151,7 +151,7 @@ public final class HubService: Sendable {
         let connection = HubConnection(peer: transport.peerDescription)
         let reason = await answerRPCs(on: transport) { [self] method, payload, parts in
             try await self.handle(method, payload, parts, connection)
-        }
+        }.reason
         if !connection.companion.load(ordering: .acquiring),
            let (migration, leecher) = connection.binding.withLock({ $0 }) {
             migration.leecherDisconnected(leecher, reason: reason)

@@ -51,6 +51,10 @@ public enum LeecherEvent: Sendable {
     case finalized(downtimeMilliseconds: Double, freezeMilliseconds: Double, dirtyPages: UInt64, remotePages: Int)
     case reconnecting(attempt: Int, reason: String)
     case resumed(phase: String)
+    /// Every page is held: the checksum phase begins (the image, or the
+    /// live memory, is hashed and compared with the frozen source's
+    /// checksums). Nothing is confirmed to the seeder until it ends.
+    case verifying(pages: Int)
     case verified(regions: Int)
     case complete(bytes: UInt64, seconds: Double, seederSays: String)
 }
@@ -180,6 +184,7 @@ public final class Leecher {
                 _ = try live.activate(layout: layout, clean: store.ranges(in: [.clean]))
             }
             try await pull(precopy: false)
+            if options.verify { events(.verifying(pages: store.totalPages)) }
             var manifest = Manifest(sourcePid: reply.pid, sourceHost: reply.host, tracker: reply.tracker,
                                     created: "", downtimeMilliseconds: downtime, regions: [])
             do {
@@ -260,7 +265,12 @@ public final class Leecher {
             return try OutcomeReply.decode(try await link.call(.complete, [])).message
         } catch {
             if await link.phase == .completed { return "completed (confirmed after reconnecting)" }
-            throw error
+            // The image is verified, but the source is not ours: whether the
+            // seeder applied Complete cannot be known. Say so, so the user
+            // checks the source rather than trusts a half-told story.
+            guard error is MigrationError, let seeder else { throw error }
+            throw MigrationError.connectionLost(
+                "the seeder did not confirm Complete (\(error)); the image was verified but is not kept, since the source may run on: if Complete reached the seeder, pid \(seeder.pid) on \(seeder.host) is left as its --then says (stopped by default: resume it with kill -CONT), otherwise the seeder thaws it")
         }
     }
 

@@ -70,6 +70,9 @@ public final class SeederService: Sendable {
         /// Wall-clock time of the freeze, Unix milliseconds (signed with the checksums).
         var frozenAtMilliseconds: UInt64 = 0
         var outcome: SeederOutcome? = nil
+        /// Completed, and the owner's last connection failed rather than
+        /// hung up: the leecher may not have the Complete reply (see `drain`).
+        var completionUnconfirmed = false
         var dirtyRate = RateMeter()
         var pagesSent: UInt64 = 0
     }
@@ -88,9 +91,22 @@ public final class SeederService: Sendable {
 
     /// After the outcome: waits (at most `limit`) for the leecher to close its
     /// connection, so the last reply is delivered before the process exits.
+    /// Then, if the session completed but its leecher's connection failed
+    /// (it did not hang up in order), waits up to the grace period more for
+    /// the leecher to resume: the Complete reply may have been lost with the
+    /// connection, and only a resumed session tells the leecher that the
+    /// source is now its to own. Exiting at once made that leecher fail and
+    /// drop a verified image while the source was left stopped (or killed,
+    /// with `--then kill`): the fault matrix's "link cut in Complete" cell.
+    /// Keep the listener open until this returns.
     public func drain(limit: Duration = .seconds(2)) async {
         let deadline = ContinuousClock.now + limit
         while connectionCount > 0 && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        let resumeDeadline = ContinuousClock.now + options.grace
+        while connectionCount > 0 || state.withLock({ $0.completionUnconfirmed }),
+              ContinuousClock.now < resumeDeadline {
             try? await Task.sleep(for: .milliseconds(10))
         }
     }
@@ -125,10 +141,10 @@ public final class SeederService: Sendable {
             openConnections.subtract(1, ordering: .relaxed)
         }
         let connection = Connection()
-        let reason = await answerRPCs(on: transport) { [self] method, payload, parts in
+        let end = await answerRPCs(on: transport) { [self] method, payload, parts in
             try await self.handle(method, payload, parts, connection)
         }
-        connectionEnded(connection, peer: transport.peerDescription, reason: reason)
+        connectionEnded(connection, peer: transport.peerDescription, reason: end.reason, inOrder: end.inOrder)
     }
 
     /// Serves through a hub the seeder dials (`--via`, for NAT): keeps one
@@ -161,10 +177,14 @@ public final class SeederService: Sendable {
         let readBudget = ByteBudget(bytes: MigrationLimits.readBudgetPerConnection)
     }
 
-    private func connectionEnded(_ connection: Connection, peer: String, reason: String) {
+    private func connectionEnded(_ connection: Connection, peer: String, reason: String, inOrder: Bool) {
         let owner = connection.owner.load(ordering: .acquiring)
         guard owner != 0 else { return }
         let waiting = state.withLock { s -> Bool in
+            if s.owner == owner, case .completed = s.outcome {
+                s.completionUnconfirmed = !inOrder
+                return !inOrder
+            }
             guard s.owner == owner, s.outcome == nil else { return false }
             s.ownerAlive = false
             return true
@@ -187,6 +207,10 @@ public final class SeederService: Sendable {
             guard s.outcome == nil else { return false }
             s.outcome = outcome
             s.phase = abort ? .aborted : .completed
+            // The owning connection was lost while Complete was being applied
+            // (before the outcome was set, so `connectionEnded` took it for a
+            // live session's): the reply cannot have reached the leecher.
+            if !abort && !s.ownerAlive { s.completionUnconfirmed = true }
             return true
         }
         guard first else { return }
@@ -562,16 +586,17 @@ public final class SeederService: Sendable {
 
 /// Answers RPCs on `transport` until the peer goes; returns why it ended.
 /// The seeder and the hub serve their callers this way.
-func answerRPCs(on transport: FrameTransport, with handler: @escaping RPCServer.Handler) async -> String {
+func answerRPCs(on transport: FrameTransport, with handler: @escaping RPCServer.Handler) async
+    -> (reason: String, inOrder: Bool) {
     let server = RPCServer(transport: transport, handler: handler)
-    var reason = "connection closed"
+    var end = (reason: "connection closed", inOrder: true)
     do {
         try await server.run()
     } catch {
-        reason = "\(error)"
+        end = ("\(error)", false)
     }
     transport.close()
-    return reason
+    return end
 }
 
 /// Pages per second over the last few seconds.

@@ -225,6 +225,9 @@ struct PullCommand: AsyncParsableCommand {
                            text: "leecher: connection lost (\(reason)); reconnecting, attempt \(attempt)")
         case .resumed(let phase):
             reporter.event("resumed", ["phase": .string(phase)], text: "leecher: resumed the session (\(phase))")
+        case .verifying(let pages):
+            reporter.event("verifying", ["pages": .int(Int64(pages))],
+                           text: "leecher: all \(pages) pages held; checking them against the frozen source")
         case .verified(let regions):
             reporter.event("verified", ["regions": .int(Int64(regions))],
                            text: "leecher: all \(regions) regions match the frozen source (BLAKE2b)")

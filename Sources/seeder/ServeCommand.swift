@@ -144,8 +144,10 @@ struct ServeCommand: AsyncParsableCommand {
                 }
             }
             let outcome = await service.outcome()
-            listener?.close()
+            // Listening on while draining: a leecher whose Complete reply was
+            // lost with its connection resumes to learn the outcome.
             await service.drain()
+            listener?.close()
             switch outcome {
             case .completed(let message):
                 reporter.event("complete", ["pid": .int(Int64(pid)), "pages_sent": .int(Int64(service.pagesSent)),

@@ -50,20 +50,26 @@ import FerryTestSupport
         return try child.expect("count") != before
     }
 
-    @Test func aCompleteMigrationExitsZeroAndTheImageVerifies() throws {
-        let child = try Memwriter(["--mib", "16", "--threads", "2", "--rate", "5000", "--pattern"])
-        defer { child.stop() }
-        let (seeder, address) = try startSeeder(pid: child.pid)
+    /// `seeder serve PID` and `leecher pull --out` as processes: both exit 0,
+    /// and `leecher verify --pid` finds the image equal to the stopped source.
+    func migrateAndVerify(pid: Int32, name: String) throws {
+        let (seeder, address) = try startSeeder(pid: pid)
         defer { seeder.stop() }
-        let out = scratchDirectory("cli-ok")
+        let out = scratchDirectory(name)
         defer { try? FileManager.default.removeItem(atPath: out) }
         let leecher = try startLeecher(address, out: out)
         _ = try leecher.expect("{\"event\":\"complete\"", timeout: 60)
         #expect(leecher.waitForExit() == 0)
         #expect(seeder.waitForExit() == 0)
-        let verify = try ChildProcess(builtExecutable("leecher"), ["verify", out, "--pid", "\(child.pid)", "--json"])
-        #expect(try verify.expect("{\"event\":\"verified\"").contains("\"pid\":\(child.pid)"))
+        let verify = try ChildProcess(builtExecutable("leecher"), ["verify", out, "--pid", "\(pid)", "--json"])
+        #expect(try verify.expect("{\"event\":\"verified\"").contains("\"pid\":\(pid)"))
         #expect(verify.waitForExit() == 0)
+    }
+
+    @Test func aCompleteMigrationExitsZeroAndTheImageVerifies() throws {
+        let child = try Memwriter(["--mib", "16", "--threads", "2", "--rate", "5000", "--pattern"])
+        defer { child.stop() }
+        try migrateAndVerify(pid: child.pid, name: "cli-ok")
     }
 
     @Test func aSeederOnStandardInputAndOutputThroughExec() throws {
@@ -387,16 +393,6 @@ import FerryTestSupport
         #expect(error.contains("it is a thread of process \(child.pid), whose main thread has exited (attach to pid \(child.pid) instead"), "\(error)")
         #expect(refused.waitForExit() != 0)
 
-        let (seeder, address) = try startSeeder(pid: child.pid)
-        defer { seeder.stop() }
-        let out = scratchDirectory("cli-deadleader")
-        defer { try? FileManager.default.removeItem(atPath: out) }
-        let leecher = try startLeecher(address, out: out)
-        _ = try leecher.expect("{\"event\":\"complete\"", timeout: 60)
-        #expect(leecher.waitForExit() == 0)
-        #expect(seeder.waitForExit() == 0)
-        let verify = try ChildProcess(builtExecutable("leecher"), ["verify", out, "--pid", "\(child.pid)", "--json"])
-        #expect(try verify.expect("{\"event\":\"verified\"").contains("\"pid\":\(child.pid)"))
-        #expect(verify.waitForExit() == 0)
+        try migrateAndVerify(pid: child.pid, name: "cli-deadleader")
     }
 }

@@ -1,6 +1,7 @@
 // Real child processes for tests: started with posix_spawn, spoken to line
 // by line over pipes, killed and reaped exactly once. The workload generator
 // and the relay in Tools/ are both driven this way.
+import FerrySystem
 import Glibc
 
 public struct TestFailure: Error, CustomStringConvertible {
@@ -162,5 +163,31 @@ public final class ChildProcess: @unchecked Sendable {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+}
+
+extension ChildProcess {
+    /// Reads the start-up block the workloads in Tools/ print: `region NAME
+    /// 0xSTART 0xEND` lines, then `pid N ready`. A line `endsEarly` accepts
+    /// (a workload that cannot run here says why) ends the block too and is
+    /// returned; any other line is an error naming `program`.
+    public func readStartupBlock(_ program: String, endsEarly: (String) -> Bool = { _ in false })
+        throws -> (regions: [String: AddressRange], early: String?) {
+        var regions: [String: AddressRange] = [:]
+        while true {
+            let line = try readLine()
+            let fields = line.split(separator: " ")
+            if fields.count == 4, fields[0] == "region",
+               let start = UInt64(fields[2].dropFirst(2), radix: 16), let end = UInt64(fields[3].dropFirst(2), radix: 16) {
+                regions[String(fields[1])] = AddressRange(start: start, end: end)
+            } else if fields.count == 3, fields[0] == "pid", fields[2] == "ready" {
+                guard Int32(fields[1]) == pid else { throw TestFailure("\(program) said \(line), expected pid \(pid)") }
+                return (regions, nil)
+            } else if endsEarly(line) {
+                return (regions, line)
+            } else {
+                throw TestFailure("unexpected \(program) line: \(line)")
+            }
+        }
     }
 }

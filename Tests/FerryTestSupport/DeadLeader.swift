@@ -20,19 +20,7 @@ public final class DeadLeader: @unchecked Sendable {
     /// thread waiting for `exitLeader()`.
     public init(mib: Int = 8, rate: Int = 20000, leaderWaits: Bool = false) throws {
         child = try ChildProcess(Self.executable, ["--mib", "\(mib)", "--rate", "\(rate)"] + (leaderWaits ? ["--leader-waits"] : []))
-        while true {
-            let line = try child.readLine()
-            let fields = line.split(separator: " ")
-            if fields.count == 4, fields[0] == "region",
-               let start = UInt64(fields[2].dropFirst(2), radix: 16), let end = UInt64(fields[3].dropFirst(2), radix: 16) {
-                regions[String(fields[1])] = AddressRange(start: start, end: end)
-            } else if fields.count == 3, fields[0] == "pid", fields[2] == "ready" {
-                guard Int32(fields[1]) == child.pid else { throw TestFailure("deadleader said \(line), expected pid \(child.pid)") }
-                break
-            } else {
-                throw TestFailure("unexpected deadleader line: \(line)")
-            }
-        }
+        regions = try child.readStartupBlock("deadleader").regions
     }
 
     /// The thread ids of the process other than the exited leader.

@@ -112,21 +112,9 @@ public final class Hugemem: @unchecked Sendable {
     /// Starts hugemem with `arguments` and reads its start-up block.
     public init(_ arguments: [String]) throws {
         child = try ChildProcess(Self.executable, arguments)
-        while true {
-            let line = try child.readLine()
-            let fields = line.split(separator: " ")
-            if fields.count == 4, fields[0] == "region",
-               let start = UInt64(fields[2].dropFirst(2), radix: 16), let end = UInt64(fields[3].dropFirst(2), radix: 16) {
-                regions[String(fields[1])] = AddressRange(start: start, end: end)
-            } else if fields.count == 3, fields[0] == "pid", fields[2] == "ready" {
-                break
-            } else if fields.first == "nohuge" {
-                refused = line
-                break
-            } else {
-                throw TestFailure("unexpected hugemem line: \(line)")
-            }
-        }
+        let block = try child.readStartupBlock("hugemem") { $0.hasPrefix("nohuge") }
+        regions = block.regions
+        refused = block.early
     }
 
     public func send(_ command: String) { child.send(command) }

@@ -17,19 +17,7 @@ public final class Memwriter: @unchecked Sendable {
     /// Starts memwriter with `arguments` and reads its start-up block up to `pid N ready`.
     public init(_ arguments: [String]) throws {
         child = try ChildProcess(Self.executable, arguments)
-        while true {
-            let line = try child.readLine()
-            let fields = line.split(separator: " ")
-            if fields.count == 4, fields[0] == "region",
-               let start = UInt64(fields[2].dropFirst(2), radix: 16), let end = UInt64(fields[3].dropFirst(2), radix: 16) {
-                regions[String(fields[1])] = AddressRange(start: start, end: end)
-            } else if fields.count == 3, fields[0] == "pid", fields[2] == "ready" {
-                guard Int32(fields[1]) == child.pid else { throw TestFailure("memwriter said \(line), expected pid \(child.pid)") }
-                break
-            } else {
-                throw TestFailure("unexpected memwriter line: \(line)")
-            }
-        }
+        regions = try child.readStartupBlock("memwriter").regions
     }
 
     public func send(_ command: String) { child.send(command) }

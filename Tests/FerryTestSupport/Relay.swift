@@ -1,13 +1,18 @@
 // The relay in Tools/relay: forwards TCP to a target and cuts every
-// connection on command, so tests can drop a migration's link mid-flight.
+// connection on command, so tests can drop a migration's link mid-flight;
+// it can also delay every byte, and hold one direction (stop reading it)
+// to play a peer that keeps its connection but stops reading.
 import Glibc
 
 public final class Relay: Sendable {
     public let child: ChildProcess
     public let port: UInt16
 
-    public init(to target: String) throws {
-        child = try ChildProcess(builtExecutable("relay"), ["--listen", "0", "--to", target])
+    /// With `delayMilliseconds`, every byte waits that long in each direction.
+    public init(to target: String, delayMilliseconds: Int = 0) throws {
+        child = try ChildProcess(builtExecutable("relay"),
+                                 ["--listen", "0", "--to", target]
+                                     + (delayMilliseconds > 0 ? ["--delay-ms", "\(delayMilliseconds)"] : []))
         let line = try child.expect("relay listening")
         guard let port = UInt16(line.split(separator: " ").last ?? "") else {
             throw TestFailure("relay said \(line)")
@@ -25,6 +30,22 @@ public final class Relay: Sendable {
     public func refuse(_ count: Int) {
         child.send("refuse \(count)")
         _ = try? child.expect("refusing", timeout: 5)
+    }
+
+    /// Which way bytes stop: `down` is what the target sends to the client
+    /// (the client stops reading), `up` what the client sends.
+    public enum Direction: String, Sendable { case up, down }
+
+    /// Stops reading `direction` in every connection, until `release()`.
+    public func hold(_ direction: Direction) {
+        child.send("hold \(direction.rawValue)")
+        _ = try? child.expect("holding", timeout: 5)
+    }
+
+    /// Forwards both directions again.
+    public func release() {
+        child.send("release")
+        _ = try? child.expect("released", timeout: 5)
     }
 
     public func stop() { child.stop() }

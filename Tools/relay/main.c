@@ -16,6 +16,12 @@
 //   drop      close every relayed connection now (both sides see a reset)
 //   refuse N  also refuse the next N incoming connections
 //   count     print "connections <accepted> <open>"
+//   hold down stop forwarding what the target sends (to the client), in
+//             every connection, new ones included: the relay stops reading
+//             that socket, so the target's send buffer fills as if the
+//             client had stopped reading while keeping its connection
+//   hold up   the same for what the client sends (to the target)
+//   release   forward both directions again; prints "released"
 //   quit      exit
 // Bytes are forwarded unchanged; the relay knows nothing of Ferry's frames,
 // so a cut can land anywhere, mid-frame included.
@@ -63,6 +69,8 @@ static long accepted;
 static int refuse_next;
 static char buffer[BUFFER];
 static uint64_t delay_ns;
+// "hold up" / "hold down": the relay reads nothing from that side.
+static int hold_up, hold_down;
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -166,9 +174,9 @@ static int flush(struct queue *q, int to, uint64_t now) {
 }
 
 // Delay mode: poll events for the socket that reads into `in` and writes out of `out`.
-static short wanted(const struct queue *in, const struct queue *out, uint64_t now) {
+static short wanted(const struct queue *in, const struct queue *out, uint64_t now, int held) {
     short events = 0;
-    if (!in->eof && in->bytes < DELAY_QUEUE_MAX) events |= POLLIN;
+    if (!held && !in->eof && in->bytes < DELAY_QUEUE_MAX) events |= POLLIN;
     if (out->head && out->head->due_ns <= now) events |= POLLOUT;
     return events;
 }
@@ -201,7 +209,7 @@ int main(int argc, char **argv) {
             }
             delay_ns = (uint64_t)ms * 1000000ULL;
         } else if (!strcmp(argv[i], "--help")) {
-            puts("usage: relay --listen PORT --to HOST:PORT [--delay-ms N]   (stdin: drop | refuse N | count | quit)");
+            puts("usage: relay --listen PORT --to HOST:PORT [--delay-ms N]   (stdin: drop | refuse N | hold up|down | release | count | quit)");
             return 0;
         } else {
             fprintf(stderr, "relay: unknown argument %s (try --help)\n", argv[i]);
@@ -246,8 +254,10 @@ int main(int argc, char **argv) {
         uint64_t now = now_ns();
         for (int i = 0; i < pair_count; i++) {
             struct pair *p = &pairs[i];
-            fds[n++] = (struct pollfd){.fd = p->a, .events = delay_ns ? wanted(&p->ab, &p->ba, now) : POLLIN};
-            fds[n++] = (struct pollfd){.fd = p->b, .events = delay_ns ? wanted(&p->ba, &p->ab, now) : POLLIN};
+            fds[n++] = (struct pollfd){.fd = p->a, .events = delay_ns ? wanted(&p->ab, &p->ba, now, hold_up)
+                                                                   : hold_up ? 0 : POLLIN};
+            fds[n++] = (struct pollfd){.fd = p->b, .events = delay_ns ? wanted(&p->ba, &p->ab, now, hold_down)
+                                                                   : hold_down ? 0 : POLLIN};
         }
         if (poll(fds, n, delay_ns ? next_due_ms(now) : -1) < 0) {
             if (errno == EINTR) continue;
@@ -272,6 +282,15 @@ int main(int argc, char **argv) {
                 } else if (!strncmp(line, "refuse ", 7)) {
                     refuse_next = atoi(line + 7);
                     puts("refusing");
+                } else if (!strcmp(line, "hold down")) {
+                    hold_down = 1;
+                    puts("holding down");
+                } else if (!strcmp(line, "hold up")) {
+                    hold_up = 1;
+                    puts("holding up");
+                } else if (!strcmp(line, "release")) {
+                    hold_up = hold_down = 0;
+                    puts("released");
                 } else if (!strcmp(line, "count")) {
                     printf("connections %ld %d\n", accepted, pair_count);
                 } else if (!strcmp(line, "quit")) {
@@ -312,6 +331,15 @@ int main(int argc, char **argv) {
         for (int i = (polled < pair_count ? polled : pair_count) - 1; i >= 0; i--) {
             struct pollfd *a = &fds[2 + 2 * i], *b = &fds[3 + 2 * i];
             if (a->fd != pairs[i].a) continue;
+            // A held side is not read (events 0 still report an error or a
+            // hang-up, and reading would forward held bytes): a side that
+            // fails while held ends its pair, rather than wake poll forever.
+            if ((hold_up && (a->revents & (POLLERR | POLLHUP))) || (hold_down && (b->revents & (POLLERR | POLLHUP)))) {
+                cut(i);
+                continue;
+            }
+            if (hold_up) a->revents &= POLLOUT;
+            if (hold_down) b->revents &= POLLOUT;
             if (delay_ns) {
                 struct pair *p = &pairs[i];
                 int failed = 0;
