@@ -18,7 +18,8 @@
 // Hugetlb regions (2 MiB and 1 GiB pages) are mapped with MAP_HUGETLB of
 // their page size, and the kernel fills them only in whole huge pages:
 // UFFDIO_COPY and UFFDIO_POISON take whole, aligned huge pages, and
-// UFFDIO_ZEROPAGE not at all. Pages still arrive 4 KiB at a time (the
+// UFFDIO_ZEROPAGE not at all (registering a hugetlb range does not offer
+// it, and it fails with EINVAL: checked on 6.18). Pages still arrive 4 KiB at a time (the
 // protocol's unit), so the 4 KiB pages of a huge page gather in a staging
 // buffer of its size (zero filled: zero pages only mark their place), and
 // the huge page is installed with one UFFDIO_COPY when the last one has
@@ -42,8 +43,9 @@
 // Kernel: MISSING mode on anonymous memory 4.3+ (hugetlb 4.11+),
 // MAP_FIXED_NOREPLACE 4.17+, UFFDIO_POISON 6.6+ (hugetlb included); huge
 // pages need free pages of their size in the pool (vm.nr_hugepages, or
-// /sys/kernel/mm/hugepages/hugepages-<size>kB/nr_hugepages). Capability: none for our own process (user-mode-only
-// descriptors suffice); see Userfaultfd.swift for another process.
+// /sys/kernel/mm/hugepages/hugepages-<size>kB/nr_hugepages). Capability:
+// none for our own process (user-mode-only descriptors suffice); see
+// Userfaultfd.swift for another process.
 #if canImport(Glibc)
 import Glibc
 #endif
