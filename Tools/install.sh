@@ -112,18 +112,24 @@ unit_dir=${unit_dir:-$prefix/lib/systemd/system}
 destdir=${destdir%/}
 
 # Can we write there? Find the deepest existing ancestor of each target
-# directory and check it before building anything.
+# directory and try to create a file in it, before building anything (a
+# permission test alone says yes to root on a read-only file system).
 writable() {
-    local dir=$1
+    local dir=$1 probe
     while [[ ! -e $dir ]]; do dir=$(dirname "$dir"); done
-    [[ -d $dir && -w $dir ]] || { echo "$dir"; return 1; }
+    [[ -d $dir ]] && probe=$(mktemp -p "$dir" .ferry-install-probe.XXXXXX 2>/dev/null) \
+        || { echo "$dir"; return 1; }
+    rm -f "$probe"
 }
 targets=("$destdir$prefix")
 ((with_unit)) && targets+=("$destdir$unit_dir" "$destdir$sysconfdir")
 for target in "${targets[@]}"; do
     if ! blocked=$(writable "$target"); then
         if [[ -d $blocked ]]; then
-            die "cannot install into $target: $blocked is not writable by $(id -un) (run as root, or choose a PREFIX you own such as ~/.local)"
+            if ((EUID == 0)); then
+                die "cannot install into $target: $blocked is not writable, even by root (a read-only file system?); choose another PREFIX"
+            fi
+            die "cannot install into $target: $blocked is not writable by $(id -un) (run as root, or choose a PREFIX you own such as \$HOME/.local)"
         fi
         die "cannot install into $target: $blocked exists and is not a directory"
     fi

@@ -1,0 +1,274 @@
+// Tools/install.sh as an administrator runs it, into a temporary prefix,
+// with the binaries this test run built (`--from`): every man page renders
+// with `man -l`, the bash completion completes `leecher pull --fi`, the unit
+// passes `systemd-analyze verify`, and the unit's own command line, with its
+// configuration file and credentials laid out as systemd lays them out,
+// starts the hub as an unprivileged user. Tools/test.sh installs man-db,
+// groff and systemd first; a test whose tool is missing says so and is skipped.
+import Foundation
+import Testing
+import FerryTestSupport
+
+@Suite struct InstallTests {
+    /// The repository: three levels above this file.
+    static let sourceRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent().path
+    static let script = sourceRoot + "/Tools/install.sh"
+    /// Where `swift build` put the commands and ferry-manual.
+    static let binDirectory = (builtExecutable("hub") as NSString).deletingLastPathComponent
+    static let tools = ["seeder", "leecher", "hub"]
+
+    /// One installation shared by the tests, removed when the process exits.
+    static let prefix = "/tmp/ferry-install-test-\(getpid())"
+    static let installation = Task<String, any Error> {
+        atexit { try? FileManager.default.removeItem(atPath: InstallTests.prefix) }
+        let result = try await run(script, ["--from", binDirectory, prefix])
+        guard result.status == 0 else {
+            throw TestFailure("install.sh --from \(binDirectory) \(prefix) exited \(result.status): \(result.error)")
+        }
+        return prefix
+    }
+
+    static func has(_ command: String) -> Bool {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        return path.split(separator: ":").contains { access("\($0)/\(command)", X_OK) == 0 }
+    }
+
+    @Test func installsCommandsPagesCompletionsAndUnit() async throws {
+        let prefix = try await Self.installation.value
+        var expected: [(String, Int)] = []
+        for tool in Self.tools {
+            expected += [("bin/\(tool)", 0o755), ("share/man/man1/\(tool).1", 0o644),
+                         ("share/bash-completion/completions/\(tool)", 0o644),
+                         ("share/zsh/site-functions/_\(tool)", 0o644),
+                         ("share/fish/vendor_completions.d/\(tool).fish", 0o644)]
+        }
+        expected += [("share/man/man1/leecher-pull.1", 0o644), ("share/man/man1/seeder-serve.1", 0o644),
+                     ("share/man/man1/hub-serve.1", 0o644), ("lib/systemd/system/ferry-hub.service", 0o644),
+                     ("etc/ferry/hub.env", 0o644), ("etc/ferry/hub", 0o700)]
+        for (path, mode) in expected {
+            let attributes = try? FileManager.default.attributesOfItem(atPath: prefix + "/" + path)
+            #expect(attributes != nil, "install.sh did not install \(path)")
+            if let attributes {
+                #expect((attributes[.posixPermissions] as? Int) == mode,
+                        "\(path) has mode \(String((attributes[.posixPermissions] as? Int) ?? 0, radix: 8)), not \(String(mode, radix: 8))")
+            }
+        }
+        let zsh = try String(contentsOfFile: prefix + "/share/zsh/site-functions/_leecher", encoding: .utf8)
+        #expect(zsh.hasPrefix("#compdef leecher"), "the zsh completion does not start with #compdef leecher")
+        let fish = try String(contentsOfFile: prefix + "/share/fish/vendor_completions.d/leecher.fish", encoding: .utf8)
+        #expect(fish.contains("complete -c leecher"), "the fish completion does not complete leecher")
+        let unit = try String(contentsOfFile: prefix + "/lib/systemd/system/ferry-hub.service", encoding: .utf8)
+        #expect(unit.range(of: "@[A-Z_]+@", options: .regularExpression) == nil, "the unit keeps a template placeholder")
+        #expect(unit.contains("ExecStart=\(prefix)/bin/hub serve "))
+        #expect(unit.contains("LoadCredential=secret:\(prefix)/etc/ferry/hub/secret"))
+        #expect(unit.contains("DynamicUser=yes"))
+    }
+
+    @Test(.enabled(if: InstallTests.has("man"), "man-db is not installed (Tools/setup.sh man-db groff-base)"))
+    func everyManPageRendersWithoutWarnings() async throws {
+        let prefix = try await Self.installation.value
+        let directory = prefix + "/share/man/man1"
+        let pages = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".1") }.sorted()
+        // A page per command and per subcommand: seeder 4, leecher 4, hub 3, and the three commands.
+        #expect(pages.count >= 14, "only \(pages)")
+        for page in pages {
+            let name = String(page.dropLast(2))
+            let result = try await Self.run("/usr/bin/env", ["man", "--warnings", "-l", directory + "/" + page],
+                                            environment: ["LANG": "C", "LC_ALL": "C", "MANWIDTH": "80", "MANPAGER": "cat"])
+            #expect(result.status == 0, "man -l \(page) exited \(result.status): \(result.error)")
+            #expect(result.error.isEmpty, "man -l \(page) warned: \(result.error)")
+            #expect(result.output.hasPrefix(name.uppercased() + "(1)"), "\(page) renders without its title: \(result.output.prefix(200))")
+            for section in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS"] {
+                #expect(result.output.contains("\n" + section + "\n"), "\(page) has no \(section) section")
+            }
+        }
+        let pull = try await Self.run("/usr/bin/env", ["man", "-l", directory + "/leecher-pull.1"],
+                                      environment: ["LANG": "C", "LC_ALL": "C", "MANWIDTH": "80"])
+        #expect(pull.output.contains("--finalize-at PCT"), "leecher-pull(1) does not describe --finalize-at")
+        #expect(pull.output.contains("Default: 95%."), "leecher-pull(1) does not give --finalize-at's default")
+    }
+
+    @Test func bashCompletesFinalizeAt() async throws {
+        let prefix = try await Self.installation.value
+        // What bash does on TAB after `leecher pull --fi`: the function the
+        // script registers with `complete -F`, called with the words so far.
+        let probe = """
+            source "$1"
+            spec=$(complete -p leecher) || exit 3
+            function=${spec#*-F }; function=${function%% *}
+            COMP_LINE='leecher pull --fi'; COMP_POINT=${#COMP_LINE}
+            COMP_WORDS=(leecher pull --fi); COMP_CWORD=2
+            "$function" leecher --fi pull
+            printf '%s\\n' "${COMPREPLY[@]}"
+            """
+        let result = try await Self.run("/bin/bash", ["--norc", "--noprofile", "-c", probe, "probe",
+                                                      prefix + "/share/bash-completion/completions/leecher"],
+                                        environment: ["PATH": prefix + "/bin:/usr/bin:/bin"])
+        #expect(result.status == 0, "the completion probe exited \(result.status): \(result.error)")
+        #expect(result.output.split(separator: "\n").contains("--finalize-at"),
+                "`leecher pull --fi` completes to \(result.output.debugDescription), not --finalize-at")
+    }
+
+    @Test(.enabled(if: InstallTests.has("systemd-analyze"), "systemd-analyze is not installed (Tools/setup.sh systemd)"))
+    func unitVerifiesInBothAuthModes() async throws {
+        let prefix = try await Self.installation.value
+        try await verify(unit: prefix + "/lib/systemd/system/ferry-hub.service", manPath: prefix + "/share/man")
+        // Key mode, into a prefix of its own.
+        let keys = "/tmp/ferry-install-test-keys-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: keys) }
+        let install = try await Self.run(Self.script, ["--from", Self.binDirectory, "--hub-auth", "keys", keys])
+        #expect(install.status == 0, "install.sh --hub-auth keys exited \(install.status): \(install.error)")
+        let unit = try String(contentsOfFile: keys + "/lib/systemd/system/ferry-hub.service", encoding: .utf8)
+        #expect(unit.contains("LoadCredential=key:\(keys)/etc/ferry/hub/key\nLoadCredential=authorized:\(keys)/etc/ferry/hub/authorized\n"))
+        #expect(unit.contains("--key ${CREDENTIALS_DIRECTORY}/key --authorized ${CREDENTIALS_DIRECTORY}/authorized"))
+        try await verify(unit: keys + "/lib/systemd/system/ferry-hub.service", manPath: keys + "/share/man")
+    }
+
+    /// `systemd-analyze verify` checks the directives, that ExecStart is
+    /// executable, and (with MANPATH) that the Documentation= pages exist.
+    func verify(unit: String, manPath: String) async throws {
+        let result = try await Self.run("/usr/bin/env", ["systemd-analyze", "verify", "--man=yes", unit],
+                                        environment: ["MANPATH": manPath, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""])
+        #expect(result.status == 0, "systemd-analyze verify \(unit) exited \(result.status): \(result.error)")
+        #expect(result.error.isEmpty && result.output.isEmpty,
+                "systemd-analyze verify \(unit) complained: \(result.error)\(result.output)")
+    }
+
+    @Test(.enabled(if: getuid() == 0 && InstallTests.has("setpriv"), "needs root and setpriv (util-linux) to run the hub as another user"))
+    func unitCommandStartsTheHubAsAnUnprivilegedUser() async throws {
+        let prefix = try await Self.installation.value
+        let unit = try String(contentsOfFile: prefix + "/lib/systemd/system/ferry-hub.service", encoding: .utf8)
+        var environment = try Self.environmentFile(prefix + "/etc/ferry/hub.env")
+        #expect(environment["FERRY_HUB_LISTEN"]?.isEmpty == false, "hub.env sets no FERRY_HUB_LISTEN")
+        // The configured addresses, on ports the kernel picks (tests run side by side).
+        for (name, value) in environment {
+            environment[name] = value.replacingOccurrences(of: #":\d+\b"#, with: ":0", options: .regularExpression)
+        }
+        // The credentials as systemd passes them: a directory only the
+        // service's user can enter, files it owns, mode 0400.
+        let nobody: uid_t = 65534
+        let credentials = "/tmp/ferry-install-credentials-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: credentials) }
+        try FileManager.default.createDirectory(atPath: credentials, withIntermediateDirectories: false)
+        let secret = try await Self.run(prefix + "/bin/hub", ["secret"])
+        FileManager.default.createFile(atPath: credentials + "/secret", contents: Data(secret.output.utf8))
+        for path in [credentials + "/secret", credentials] {
+            #expect(chown(path, nobody, gid_t(nobody)) == 0)
+        }
+        #expect(chmod(credentials + "/secret", 0o400) == 0 && chmod(credentials, 0o500) == 0)
+        environment["CREDENTIALS_DIRECTORY"] = credentials
+
+        let command = try Self.execStart(unit, environment: environment)
+        #expect(command.first == prefix + "/bin/hub", "ExecStart runs \(command.first ?? "nothing")")
+        let hub = try ChildProcess("/usr/bin/setpriv",
+                                   ["--reuid=\(nobody)", "--regid=\(nobody)", "--clear-groups", "--no-new-privs"]
+                                   + command + ["--json"])
+        defer { hub.stop() }
+        // Both sides listening: the leechers' (--listen) and, by hub.env's
+        // default, the seeders' (--seeders-listen).
+        let first = try hub.expect("{\"event\":\"listening\"", timeout: 30)
+        let second = try hub.expect("{\"event\":\"listening\"", timeout: 30)
+        #expect((first + second).contains("\"side\":\"leechers\"") && (first + second).contains("\"side\":\"seeders\""))
+    }
+
+    @Test func refusesBadInputClearly() async throws {
+        func expectRefusal(_ arguments: [String], status: Int32, saying words: String) async throws {
+            let result = try await Self.run(Self.script, arguments)
+            #expect(result.status == status, "install.sh \(arguments) exited \(result.status), not \(status)")
+            #expect(result.error.contains(words), "install.sh \(arguments) said \(result.error.debugDescription)")
+        }
+        try await expectRefusal([], status: 64, saying: "no PREFIX given")
+        try await expectRefusal(["relative/prefix"], status: 64, saying: "PREFIX must be an absolute path")
+        try await expectRefusal(["--frobnicate", "/tmp/x"], status: 64, saying: "unknown option --frobnicate")
+        try await expectRefusal(["--hub-auth", "password", "/tmp/x"], status: 64, saying: "--hub-auth takes 'secret' or 'keys'")
+        try await expectRefusal(["--from", "/nonexistent-ferry-build", "/tmp/x"], status: 1, saying: "is not a directory")
+        try await expectRefusal(["/proc/ferry/usr"], status: 1, saying: "cannot install into /proc/ferry/usr: /proc is not writable")
+        try await expectRefusal([Self.script + "/usr"], status: 1, saying: "exists and is not a directory")
+        if getuid() == 0 && Self.has("setpriv") {
+            // A prefix the user may not write to: root's, as nobody.
+            let result = try await Self.run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups",
+                                                                 "/bin/bash", Self.script, "/usr/ferry-install-test"])
+            #expect(result.status == 1)
+            #expect(result.error.contains("cannot install into /usr/ferry-install-test: /usr is not writable by nobody (run as root"),
+                    "as nobody, install.sh said \(result.error.debugDescription)")
+        }
+        let help = try await Self.run(Self.script, ["--help"])
+        #expect(help.status == 0 && help.output.hasPrefix("usage: Tools/install.sh") && help.output.contains("--from DIR"))
+    }
+
+    // MARK: - Helpers
+
+    /// `KEY=VALUE` lines as systemd's EnvironmentFile= reads them (comments,
+    /// blank lines, and values in double quotes).
+    static func environmentFile(_ path: String) throws -> [String: String] {
+        var environment: [String: String] = [:]
+        for line in try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n") {
+            let text = line.trimmingCharacters(in: .whitespaces)
+            guard !text.isEmpty, !text.hasPrefix("#"), let equals = text.firstIndex(of: "=") else { continue }
+            var value = String(text[text.index(after: equals)...])
+            if value.count >= 2, value.hasPrefix("\""), value.hasSuffix("\"") { value = String(value.dropFirst().dropLast()) }
+            environment[String(text[..<equals])] = value
+        }
+        return environment
+    }
+
+    /// The unit's ExecStart= as systemd expands it: `${NAME}` is one word,
+    /// `$NAME` is split at whitespace.
+    static func execStart(_ unit: String, environment: [String: String]) throws -> [String] {
+        guard let line = unit.split(separator: "\n").first(where: { $0.hasPrefix("ExecStart=") }) else {
+            throw TestFailure("the unit has no ExecStart=")
+        }
+        var words: [String] = []
+        for word in line.dropFirst("ExecStart=".count).split(separator: " ") {
+            if word.hasPrefix("$") && !word.hasPrefix("${") {
+                words += (environment[String(word.dropFirst())] ?? "").split(separator: " ").map(String.init)
+                continue
+            }
+            var expanded = String(word)
+            for (name, value) in environment { expanded = expanded.replacingOccurrences(of: "${\(name)}", with: value) }
+            #expect(!expanded.contains("${"), "ExecStart uses a variable nothing sets: \(expanded)")
+            words.append(expanded)
+        }
+        return words
+    }
+
+    struct Result: Sendable {
+        var status: Int32
+        var output: String
+        var error: String
+    }
+
+    /// Runs a program to its end on a thread of its own (never on the
+    /// cooperative pool), with `environment` added to ours.
+    static func run(_ path: String, _ arguments: [String], environment: [String: String] = [:]) async throws -> Result {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread {
+                do {
+                    let process = Process()
+                    process.executableURL = URL(fileURLWithPath: path)
+                    process.arguments = arguments
+                    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+                    let output = Pipe()
+                    let errorFile = FileManager.default.temporaryDirectory
+                        .appendingPathComponent("ferry-install-test-\(UUID().uuidString)")
+                    FileManager.default.createFile(atPath: errorFile.path, contents: nil)
+                    defer { try? FileManager.default.removeItem(at: errorFile) }
+                    let errorHandle = try FileHandle(forWritingTo: errorFile)
+                    process.standardOutput = output
+                    process.standardError = errorHandle
+                    process.standardInput = FileHandle.nullDevice
+                    try process.run()
+                    let data = output.fileHandleForReading.readDataToEndOfFile()
+                    process.waitUntilExit()
+                    try errorHandle.close()
+                    let error = (try? String(contentsOf: errorFile, encoding: .utf8)) ?? ""
+                    continuation.resume(returning: Result(status: process.terminationStatus,
+                                                          output: String(decoding: data, as: UTF8.self), error: error))
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }.start()
+        }
+    }
+}
