@@ -6,6 +6,7 @@ set -euo pipefail
 
 tools=(seeder leecher hub)
 me=install.sh
+here=$(cd "$(dirname "$0")" && pwd)   # Tools/
 
 usage() {
     cat <<'EOF'
@@ -140,7 +141,7 @@ if [[ -n $from ]]; then
     [[ -d $from ]] || die "--from $from is not a directory (pass what \`swift build --show-bin-path\` prints)"
     bin=$(cd "$from" && pwd)
 else
-    cd "$(dirname "$0")/.."
+    cd "$here/.."
     command -v swift >/dev/null || die "swift is not on PATH: install the Swift toolchain, or pass --from DIR with built binaries"
     Tools/setup.sh
     for product in "${tools[@]}" ferry-manual; do
@@ -193,7 +194,6 @@ for tool in "${tools[@]}"; do
 done
 
 if ((with_unit)); then
-    here=$(cd "$(dirname "$0")" && pwd)
     if [[ $hub_auth == secret ]]; then
         credentials="LoadCredential=secret:$sysconfdir/ferry/hub/secret"
         auth='--secret-file ${CREDENTIALS_DIRECTORY}/secret'
@@ -220,12 +220,17 @@ LoadCredential=authorized:$sysconfdir/ferry/hub/authorized"
     install -d -m 0700 "$config/hub"
     echo "  $config/hub/ (credentials, root only)"
     if [[ $hub_auth == secret ]]; then
-        [[ -e $config/hub/secret ]] || missing="$prefix/bin/hub secret > $sysconfdir/ferry/hub/secret"
+        [[ -e $config/hub/secret ]] || missing="(umask 077; $prefix/bin/hub secret > $sysconfdir/ferry/hub/secret)"
     else
-        [[ -e $config/hub/key ]] || missing="$prefix/bin/hub keygen -o $sysconfdir/ferry/hub/key"
+        [[ -e $config/hub/key && -e $config/hub/authorized ]] \
+            || missing="$prefix/bin/hub keygen -o $sysconfdir/ferry/hub/key, and the public keys it accepts in $sysconfdir/ferry/hub/authorized"
     fi
     if [[ -n ${missing:-} ]]; then
         echo "$me: the service needs its credentials before it starts: $missing" >&2
     fi
 fi
-echo "$me: done. Add $prefix/bin to PATH and $prefix/share/man to MANPATH if they are not there." >&2
+echo "$me: done." >&2
+case ":$PATH:" in
+    *":$prefix/bin:"*) ;;
+    *) echo "$me: $prefix/bin is not in PATH; add it (man finds the pages through PATH as well)" >&2 ;;
+esac
