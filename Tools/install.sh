@@ -118,9 +118,12 @@ destdir=${destdir%/}
 writable() {
     local dir=$1 probe
     while [[ ! -e $dir ]]; do dir=$(dirname "$dir"); done
-    [[ -d $dir ]] && probe=$(mktemp -p "$dir" .ferry-install-probe.XXXXXX 2>/dev/null) \
-        || { echo "$dir"; return 1; }
-    rm -f "$probe"
+    if [[ -d $dir ]] && probe=$(mktemp -p "$dir" .ferry-install-probe.XXXXXX 2>/dev/null); then
+        rm -f "$probe"
+    else
+        echo "$dir"
+        return 1
+    fi
 }
 targets=("$destdir$prefix")
 ((with_unit)) && targets+=("$destdir$unit_dir" "$destdir$sysconfdir")
@@ -194,6 +197,8 @@ for tool in "${tools[@]}"; do
 done
 
 if ((with_unit)); then
+    # ${CREDENTIALS_DIRECTORY} is for systemd to expand, at each start.
+    # shellcheck disable=SC2016
     if [[ $hub_auth == secret ]]; then
         credentials="LoadCredential=secret:$sysconfdir/ferry/hub/secret"
         auth='--secret-file ${CREDENTIALS_DIRECTORY}/secret'

@@ -145,7 +145,9 @@ enum ManualPage {
         if argument.isPositional {
             roff.raw(Roff.italic(argument.value) + (argument.isRepeating ? " ..." : ""))
         } else {
-            let names = (argument.names ?? []).map { Roff.bold($0.spelled) }.joined(separator: ", ")
+            // Short names first, as in most pages: -o, --output FILE.
+            let ordered = (argument.names ?? []).filter { $0.kind == "short" } + (argument.names ?? []).filter { $0.kind != "short" }
+            let names = ordered.map { Roff.bold($0.spelled) }.joined(separator: ", ")
             roff.raw(names + (argument.takesValue ? " " + Roff.italic(argument.value) : "")
                      + (argument.isRepeating ? " ..." : ""))
         }
