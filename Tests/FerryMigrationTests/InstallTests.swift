@@ -88,6 +88,10 @@ import FerryTestSupport
                                       environment: ["LANG": "C", "LC_ALL": "C", "MANWIDTH": "80"])
         #expect(pull.output.contains("--finalize-at PCT"), "leecher-pull(1) does not describe --finalize-at")
         #expect(pull.output.contains("Default: 95%."), "leecher-pull(1) does not give --finalize-at's default")
+        // `man leecher pull` finds the subcommand's page, as `man git commit` does.
+        let found = try await Self.run("/usr/bin/env", ["man", "-w", "leecher", "pull"],
+                                       environment: ["MANPATH": prefix + "/share/man"])
+        #expect(found.output == directory + "/leecher-pull.1\n", "man -w leecher pull found \(found.output.debugDescription) \(found.error)")
     }
 
     @Test func bashCompletesFinalizeAt() async throws {
