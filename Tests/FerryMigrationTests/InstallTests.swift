@@ -131,13 +131,19 @@ import FerryTestSupport
     }
 
     /// `systemd-analyze verify` checks the directives, that ExecStart is
-    /// executable, and (with MANPATH) that the Documentation= pages exist.
+    /// executable, and (with MANPATH) that the Documentation= pages exist;
+    /// `systemd-analyze security` scores the sandbox.
     func verify(unit: String, manPath: String) async throws {
         let result = try await Self.run("/usr/bin/env", ["systemd-analyze", "verify", "--man=yes", unit],
                                         environment: ["MANPATH": manPath, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""])
         #expect(result.status == 0, "systemd-analyze verify \(unit) exited \(result.status): \(result.error)")
         #expect(result.error.isEmpty && result.output.isEmpty,
                 "systemd-analyze verify \(unit) complained: \(result.error)\(result.output)")
+        // The hardening: systemd's own exposure score, 0 (locked down) to 10,
+        // must stay in its "OK" band (1.4 when this test was written).
+        let security = try await Self.run("/usr/bin/env", ["systemd-analyze", "security", "--offline=yes", "--threshold=20",
+                                                           "--no-pager", unit])
+        #expect(security.status == 0, "the unit's exposure rose above 2.0: \(security.output.split(separator: "\n").last ?? "")")
     }
 
     @Test(.enabled(if: getuid() == 0 && InstallTests.has("setpriv"), "needs root and setpriv (util-linux) to run the hub as another user"))
