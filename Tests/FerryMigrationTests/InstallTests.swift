@@ -197,9 +197,15 @@ import FerryTestSupport
         try await expectRefusal(["/proc/ferry/usr"], status: 1, saying: "cannot install into /proc/ferry/usr: /proc is not writable")
         try await expectRefusal([Self.script + "/usr"], status: 1, saying: "exists and is not a directory")
         if getuid() == 0 && Self.has("setpriv") {
-            // A prefix the user may not write to: root's, as nobody.
+            // A prefix the user may not write to: root's, as nobody. A copy
+            // of the script, which nobody may read wherever the tree is.
+            let copy = "/tmp/ferry-install-test-\(getpid()).sh"
+            try? FileManager.default.removeItem(atPath: copy)
+            try FileManager.default.copyItem(atPath: Self.script, toPath: copy)
+            defer { try? FileManager.default.removeItem(atPath: copy) }
+            #expect(chmod(copy, 0o755) == 0)
             let result = try await Self.run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups",
-                                                                 "/bin/bash", Self.script, "/usr/ferry-install-test"])
+                                                                 "/bin/bash", copy, "/usr/ferry-install-test"])
             #expect(result.status == 1)
             #expect(result.error.contains("cannot install into /usr/ferry-install-test: /usr is not writable by nobody (run as root"),
                     "as nobody, install.sh said \(result.error.debugDescription)")
