@@ -94,6 +94,44 @@ import FerryTestSupport
         #expect(found.output == directory + "/leecher-pull.1\n", "man -w leecher pull found \(found.output.debugDescription) \(found.error)")
     }
 
+    /// Text roff would take for requests or escapes, examples, lists, a
+    /// titled option group and a hidden flag, as a command could describe them.
+    static let trickyTool = #"""
+        {"serializationVersion":0,"command":{"commandName":"tricky","abstract":"A tool with \\ backslashes and \"quotes\".","discussion":".starts with a dot\n'starts with a quote\n\nA paragraph with `code` and a \\fB escape.\n\n  indented example --flag\n  .dot in example\n\n- first item\n- second item\n  continued","subcommands":[{"commandName":"run","superCommands":["tricky"],"abstract":"Run it.","arguments":[{"kind":"option","shouldDisplay":true,"sectionTitle":"Bandwidth","isOptional":true,"isRepeating":false,"parsingStrategy":"default","names":[{"kind":"long","name":"max-rate"}],"preferredName":{"kind":"long","name":"max-rate"},"valueName":"RATE","defaultValue":"inf","abstract":"Cap the rate.","discussion":"Second paragraph.\n\nThird."},{"kind":"flag","shouldDisplay":true,"isOptional":true,"isRepeating":false,"parsingStrategy":"default","names":[{"kind":"long","name":"fast"},{"kind":"short","name":"f"}],"preferredName":{"kind":"long","name":"fast"},"abstract":"Go fast."},{"kind":"option","shouldDisplay":true,"isOptional":false,"isRepeating":true,"parsingStrategy":"default","names":[{"kind":"long","name":"mode"}],"preferredName":{"kind":"long","name":"mode"},"valueName":"mode","allValues":["a","b"],"allValueDescriptions":{"a":"the a mode","b":"the b mode"},"abstract":"Mode."},{"kind":"positional","shouldDisplay":true,"isOptional":true,"isRepeating":true,"parsingStrategy":"default","valueName":"file","abstract":"Files."},{"kind":"flag","shouldDisplay":false,"isOptional":true,"isRepeating":false,"parsingStrategy":"default","names":[{"kind":"long","name":"hidden"}],"abstract":"Hidden."}]}]}}
+        """#
+
+    @Test(.enabled(if: InstallTests.has("man"), "man-db is not installed (Tools/setup.sh man-db groff-base)"))
+    func manualGeneratorKeepsTextVerbatim() async throws {
+        let directory = "/tmp/ferry-manual-test-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try Self.trickyTool.write(toFile: directory + "/tricky.json", atomically: false, encoding: .utf8)
+        let generated = try await Self.run(builtExecutable("ferry-manual"),
+                                           ["--output-directory", directory, directory + "/tricky.json"])
+        #expect(generated.status == 0, "ferry-manual exited \(generated.status): \(generated.error)")
+        #expect(generated.output == "\(directory)/tricky.1\n\(directory)/tricky-run.1\n")
+        func render(_ page: String) async throws -> String {
+            let result = try await Self.run("/usr/bin/env", ["man", "--warnings", "-l", directory + "/" + page],
+                                            environment: ["LANG": "C", "LC_ALL": "C", "MANWIDTH": "80"])
+            #expect(result.status == 0 && result.error.isEmpty, "man -l \(page): \(result.error)")
+            // Words as the reader sees them, whatever the line breaks.
+            return result.output.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        }
+        let tool = try await render("tricky.1")
+        for text in [#"tricky - A tool with \ backslashes and "quotes"."#, ".starts with a dot 'starts with a quote",
+                     #"A paragraph with code and a \fB escape."#, "indented example --flag .dot in example",
+                     "o first item o second item continued", "run Run it. See tricky-run(1)."] {
+            #expect(tool.contains(text), "tricky(1) lacks \(text.debugDescription): \(tool)")
+        }
+        let run = try await render("tricky-run.1")
+        for text in ["tricky run [--max-rate RATE] [--fast] --mode mode ... [file ...]",
+                     "ARGUMENTS file ... Files.", "OPTIONS -f, --fast Go fast. --mode mode ... Mode. a: the a mode b: the b mode",
+                     "Bandwidth --max-rate RATE Cap the rate. Second paragraph. Third. Default: inf.", "SEE ALSO tricky(1)"] {
+            #expect(run.contains(text), "tricky-run(1) lacks \(text.debugDescription): \(run)")
+        }
+        #expect(!run.contains("hidden"), "a hidden flag is on the page")
+    }
+
     @Test func bashCompletesFinalizeAt() async throws {
         let prefix = try await Self.installation.value
         // What bash does on TAB after `leecher pull --fi`: the function the
