@@ -24,7 +24,9 @@ Installs Ferry under PREFIX (an absolute path, e.g. /usr/local):
   SYSCONFDIR/ferry/hub.env             its listen address and options (kept if present)
   SYSCONFDIR/ferry/hub/                root-only directory for its credentials
 
-Without --from it builds release binaries first (swift build -c release).
+Without --from it builds release binaries first, with the Swift runtime linked
+in (swift build -c release --static-swift-stdlib, in .build-install): they run
+on hosts without the Swift toolchain, given libsodium23 and libuv1.
 
 options:
   --from DIR          install the binaries already built in DIR (what
@@ -147,16 +149,24 @@ else
     cd "$here/.."
     command -v swift >/dev/null || die "swift is not on PATH: install the Swift toolchain, or pass --from DIR with built binaries"
     Tools/setup.sh
+    # The Swift runtime linked in, so the commands run on hosts without the
+    # toolchain; in a build directory of its own, so that these flags do not
+    # rebuild everything in .build/release each time.
+    build=(swift build -c release --static-swift-stdlib --scratch-path .build-install)
     for product in "${tools[@]}" ferry-manual; do
-        echo "$me: building $product (release)" >&2
-        swift build -c release --product "$product" >&2
+        echo "$me: building $product (release, Swift runtime linked statically)" >&2
+        "${build[@]}" --product "$product" >&2
     done
-    bin=$(swift build -c release --show-bin-path)
+    bin=$("${build[@]}" --show-bin-path)
 fi
 for tool in "${tools[@]}" ferry-manual; do
     [[ -x $bin/$tool ]] || die "$bin/$tool is missing or not executable (build it with \`swift build --product $tool\`, or \`swift build\` for all)"
 done
 version=$("$bin/leecher" --version 2>/dev/null) || die "$bin/leecher --version failed: is it a Ferry build for this machine?"
+runtime=$(ldd "$bin/hub" 2>/dev/null | awk '$1 == "libswiftCore.so" { print $3 }')
+if [[ -n $runtime ]]; then
+    echo "$me: note: these binaries load the Swift runtime from $(dirname "$runtime"); they run only where that toolchain is (without --from, install.sh links it in)" >&2
+fi
 
 root=$destdir$prefix
 work=$(mktemp -d)
