@@ -29,6 +29,17 @@ import FerryTestSupport
         return prefix
     }
 
+    /// The same with `--hub-auth keys`, for the unit's key mode.
+    static let keysPrefix = "/tmp/ferry-install-test-keys-\(getpid())"
+    static let keysInstallation = Task<String, any Error> {
+        atexit { try? FileManager.default.removeItem(atPath: InstallTests.keysPrefix) }
+        let result = try await run(script, ["--from", binDirectory, "--hub-auth", "keys", keysPrefix])
+        guard result.status == 0 else {
+            throw TestFailure("install.sh --hub-auth keys \(keysPrefix) exited \(result.status): \(result.error)")
+        }
+        return keysPrefix
+    }
+
     static func has(_ command: String) -> Bool {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
         return path.split(separator: ":").contains { access("\($0)/\(command)", X_OK) == 0 }
@@ -158,10 +169,7 @@ import FerryTestSupport
         let prefix = try await Self.installation.value
         try await verify(unit: prefix + "/lib/systemd/system/ferry-hub.service", manPath: prefix + "/share/man")
         // Key mode, into a prefix of its own.
-        let keys = "/tmp/ferry-install-test-keys-\(getpid())"
-        defer { try? FileManager.default.removeItem(atPath: keys) }
-        let install = try await Self.run(Self.script, ["--from", Self.binDirectory, "--hub-auth", "keys", keys])
-        #expect(install.status == 0, "install.sh --hub-auth keys exited \(install.status): \(install.error)")
+        let keys = try await Self.keysInstallation.value
         let unit = try String(contentsOfFile: keys + "/lib/systemd/system/ferry-hub.service", encoding: .utf8)
         #expect(unit.contains("LoadCredential=key:\(keys)/etc/ferry/hub/key\nLoadCredential=authorized:\(keys)/etc/ferry/hub/authorized\n"))
         #expect(unit.contains("--key ${CREDENTIALS_DIRECTORY}/key --authorized ${CREDENTIALS_DIRECTORY}/authorized"))
@@ -184,9 +192,10 @@ import FerryTestSupport
         #expect(security.status == 0, "the unit's exposure rose above 2.0: \(security.output.split(separator: "\n").last ?? "")")
     }
 
-    @Test(.enabled(if: getuid() == 0 && InstallTests.has("setpriv"), "needs root and setpriv (util-linux) to run the hub as another user"))
-    func unitCommandStartsTheHubAsAnUnprivilegedUser() async throws {
-        let prefix = try await Self.installation.value
+    @Test(.enabled(if: getuid() == 0 && InstallTests.has("setpriv"), "needs root and setpriv (util-linux) to run the hub as another user"),
+          arguments: ["secret", "keys"])
+    func unitCommandStartsTheHubAsAnUnprivilegedUser(auth: String) async throws {
+        let prefix = try await (auth == "keys" ? Self.keysInstallation : Self.installation).value
         let unit = try String(contentsOfFile: prefix + "/lib/systemd/system/ferry-hub.service", encoding: .utf8)
         var environment = try Self.environmentFile(prefix + "/etc/ferry/hub.env")
         #expect(environment["FERRY_HUB_LISTEN"]?.isEmpty == false, "hub.env sets no FERRY_HUB_LISTEN")
@@ -195,17 +204,29 @@ import FerryTestSupport
             environment[name] = value.replacingOccurrences(of: #":\d+\b"#, with: ":0", options: .regularExpression)
         }
         // The credentials as systemd passes them: a directory only the
-        // service's user can enter, files it owns, mode 0400.
+        // service's user can enter, files it owns, mode 0400, named as the
+        // unit's LoadCredential= lines name them.
         let nobody: uid_t = 65534
-        let credentials = "/tmp/ferry-install-credentials-\(getpid())"
+        let credentials = "/tmp/ferry-install-credentials-\(auth)-\(getpid())"
+        try? FileManager.default.removeItem(atPath: credentials)
         defer { try? FileManager.default.removeItem(atPath: credentials) }
         try FileManager.default.createDirectory(atPath: credentials, withIntermediateDirectories: false)
-        let secret = try await Self.run(prefix + "/bin/hub", ["secret"])
-        #expect(FileManager.default.createFile(atPath: credentials + "/secret", contents: Data(secret.output.utf8)))
-        for path in [credentials + "/secret", credentials] {
-            #expect(chown(path, nobody, gid_t(nobody)) == 0)
+        let names = unit.split(separator: "\n").filter { $0.hasPrefix("LoadCredential=") }
+            .map { String($0.dropFirst("LoadCredential=".count).prefix { $0 != ":" }) }
+        if auth == "keys" {
+            #expect(names == ["key", "authorized"])
+            let keygen = try await Self.run(prefix + "/bin/hub", ["keygen", "-o", credentials + "/key"])
+            #expect(keygen.status == 0, "hub keygen: \(keygen.error)")
+            try FileManager.default.moveItem(atPath: credentials + "/key.pub", toPath: credentials + "/authorized")
+        } else {
+            #expect(names == ["secret"])
+            let secret = try await Self.run(prefix + "/bin/hub", ["secret"])
+            #expect(FileManager.default.createFile(atPath: credentials + "/secret", contents: Data(secret.output.utf8)))
         }
-        #expect(chmod(credentials + "/secret", 0o400) == 0 && chmod(credentials, 0o500) == 0)
+        for name in names {
+            #expect(chown(credentials + "/" + name, nobody, gid_t(nobody)) == 0 && chmod(credentials + "/" + name, 0o400) == 0)
+        }
+        #expect(chown(credentials, nobody, gid_t(nobody)) == 0 && chmod(credentials, 0o500) == 0)
         environment["CREDENTIALS_DIRECTORY"] = credentials
 
         let command = try Self.execStart(unit, environment: environment)
