@@ -111,6 +111,7 @@ if [[ -z $sysconfdir ]]; then
 fi
 [[ $sysconfdir == /* ]] || bad_usage "--sysconfdir must be an absolute path; got '$sysconfdir'"
 unit_dir=${unit_dir:-$prefix/lib/systemd/system}
+[[ $unit_dir == /* ]] || bad_usage "--unit-dir must be an absolute path; got '$unit_dir'"
 [[ -n $destdir && $destdir != /* ]] && bad_usage "--destdir must be an absolute path; got '$destdir'"
 destdir=${destdir%/}
 
