@@ -65,6 +65,8 @@ let package = Package(
         .executableTarget(name: "ferry-bench-migrate", dependencies: ["FerryTestSupport"], path: "Tools/bench-migrate"),
         // A process whose main thread has exited while two threads write (issue 15, class 4).
         .executableTarget(name: "deadleader", path: "Tools/deadleader"),
+        // Man pages from a command's --experimental-dump-help JSON (Tools/install.sh).
+        .executableTarget(name: "ferry-manual", path: "Tools/manual"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),

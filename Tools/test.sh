@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 Tools/setup.sh redis-server redis-tools python3 nodejs
 # A Java VM too; it is large, so a failed install only skips that one test.
 Tools/setup.sh openjdk-17-jdk-headless || echo "test: openjdk-17-jdk-headless is not installed; the Java test is skipped" >&2
+# InstallTests render the man pages Tools/install.sh writes and verify its systemd unit.
+Tools/setup.sh man-db groff-base
+Tools/setup.sh systemd || echo "test: systemd is not installed; InstallTests skips systemd-analyze verify" >&2
 # Redis is started by the tests on their own ports; the packaged service is not needed.
 if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
     systemctl stop redis-server || true
