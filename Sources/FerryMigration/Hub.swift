@@ -174,7 +174,10 @@ public final class HubService: Sendable {
         }
         if !connection.companion.load(ordering: .acquiring),
            let (migration, leecher) = connection.binding.withLock({ $0 }) {
-            if !leecher.state.withLock({ $0.completed }) && !migration.isOver { metrics.error(.connectionLost) }
+            // A leecher that completed, or left with Abort, ended its session itself.
+            if leecher.state.withLock({ !$0.completed && $0.attached }) && !migration.isOver {
+                metrics.error(.connectionLost)
+            }
             migration.leecherDisconnected(leecher, reason: reason)
             events(.leecherLeft(peer: connection.peer, reason: reason))
         }
