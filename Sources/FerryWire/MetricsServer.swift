@@ -93,6 +93,7 @@ public final class MetricsServer: Sendable {
         listener = fd
         wakeWrite = pipeFDs[1]
         let loop = Loop(listener: fd, wake: pipeFDs[0], limits: limits, render: render)
+        // SAFETY: one retain, taken back by the thread, or released below if it never starts.
         let context = Unmanaged.passRetained(loop).toOpaque()
         var started = pthread_t()
         let rc = pthread_create(&started, nil, { argument in
@@ -166,11 +167,13 @@ public final class MetricsServer: Sendable {
     private static func boundPort(_ fd: Int32) -> UInt16? {
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        // SAFETY: sockaddr_storage is large enough for any sockaddr; `length` says how much the kernel may write.
         let rc = withUnsafeMutablePointer(to: &storage) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
         }
         guard rc == 0 else { return nil }
         let family = Int32(storage.ss_family)
+        // SAFETY: the family says which sockaddr the kernel wrote there.
         return withUnsafePointer(to: &storage) { pointer -> UInt16? in
             switch family {
             case AF_INET:
@@ -295,6 +298,7 @@ private final class Loop: @unchecked Sendable {
             return
         }
         // Writing the answer.
+        // SAFETY: `written` < `answer.count` here, so the pointer and length stay inside the answer.
         let n = client.answer.withUnsafeBytes { bytes in
             send(fd, bytes.baseAddress! + client.written, bytes.count - client.written, Int32(MSG_NOSIGNAL))
         }
