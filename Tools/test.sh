@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Real programs the end-to-end tests migrate under load.
 Tools/setup.sh redis-server redis-tools python3 nodejs
+# Python's Prometheus client parses what --metrics serves (MetricsTests, MetricsCommandLineTests).
+Tools/setup.sh python3-prometheus-client
 # A Java VM too; it is large, so a failed install only skips that one test.
 Tools/setup.sh openjdk-17-jdk-headless || echo "test: openjdk-17-jdk-headless is not installed; the Java test is skipped" >&2
 # InstallTests render the man pages Tools/install.sh writes and verify its systemd unit.
@@ -18,6 +20,6 @@ swift build --build-tests
 # with blocking reads for minutes in all. Run beside everything else they
 # would hold the cooperative pool's threads (one per core) and starve the
 # in-process tests' handshakes, so they run on their own, one at a time.
-commands='CommandLineTests|HubCommandLineTests|HubNetnsTests|FaultMatrixTests|GuardianTests'
+commands='CommandLineTests|HubCommandLineTests|HubNetnsTests|FaultMatrixTests|GuardianTests|MetricsCommandLineTests'
 swift test --skip-build --skip "$commands"
 swift test --skip-build --no-parallel --filter "$commands"

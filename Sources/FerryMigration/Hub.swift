@@ -62,6 +62,8 @@ public enum HubEvent: Sendable {
 public final class HubService: Sendable {
     public let options: HubOptions
     private let events: @Sendable (HubEvent) -> Void
+    /// Counters for `--metrics` (Metrics.swift); `metricGauges` reads the rest.
+    public let metrics = MigrationMetrics(role: .hub)
     private let migrations = Mutex<[String: HubMigration]>([:])
     /// Seeders that dialed in (`seeder serve --via`), by migration name, for
     /// the upstream link to take (first connection and reconnections).
@@ -82,7 +84,7 @@ public final class HubService: Sendable {
         let hello = try HelloReply.decode(try await client.call(MigrationMethod.hello.rawValue, []))
         let name = wanted.isEmpty ? hello.migration : wanted
         let link = SessionLink(migration: wanted, connect: connect)
-        register(HubMigration(name: name, link: link, options: options, events: events))
+        register(HubMigration(name: name, link: link, options: options, events: events, metrics: metrics))
         events(.upstream(migration: name, pid: hello.pid, host: hello.host))
         return name
     }
@@ -105,7 +107,7 @@ public final class HubService: Sendable {
         let known = migrations.withLock { $0[name] != nil }
         if !known {
             let link = SessionLink(migration: "", connectClient: { [self] in try await self.takeDialedIn(name) })
-            register(HubMigration(name: name, link: link, options: options, events: events))
+            register(HubMigration(name: name, link: link, options: options, events: events, metrics: metrics))
             events(.upstream(migration: name, pid: hello.pid, host: hello.host))
         }
     }
@@ -123,6 +125,18 @@ public final class HubService: Sendable {
 
     private func register(_ migration: HubMigration) {
         migrations.withLock { $0[migration.name] = migration }
+    }
+
+    /// The state `--metrics` shows: the relayed migrations by phase, and
+    /// the leechers attached to them.
+    public var metricGauges: MigrationMetrics.Gauges {
+        var gauges = MigrationMetrics.Gauges()
+        for migration in migrations.withLock({ Array($0.values) }) {
+            let (phase, attached) = migration.metricState
+            gauges.migrationsByPhase[phase, default: 0] += 1
+            gauges.leechersConnected += attached
+        }
+        return gauges
     }
 
     /// The names of the migrations the hub relays.
@@ -149,11 +163,21 @@ public final class HubService: Sendable {
     /// Serves one authenticated leecher connection until it ends.
     public func serve(_ transport: FrameTransport) async {
         let connection = HubConnection(peer: transport.peerDescription)
+        metrics.connected()
         let reason = await answerRPCs(on: transport) { [self] method, payload, parts in
-            try await self.handle(method, payload, parts, connection)
+            do {
+                return try await self.handle(method, payload, parts, connection)
+            } catch {
+                metrics.error(.request)
+                throw error
+            }
         }.reason
         if !connection.companion.load(ordering: .acquiring),
            let (migration, leecher) = connection.binding.withLock({ $0 }) {
+            // A leecher that completed, or left with Abort, ended its session itself.
+            if leecher.state.withLock({ !$0.completed && $0.attached }) && !migration.isOver {
+                metrics.error(.connectionLost)
+            }
             migration.leecherDisconnected(leecher, reason: reason)
             events(.leecherLeft(peer: connection.peer, reason: reason))
         }
@@ -240,6 +264,7 @@ final class HubMigration: Sendable {
     let options: HubOptions
     private let events: @Sendable (HubEvent) -> Void
     private let link: SessionLink
+    private let metrics: MigrationMetrics
 
     private struct State {
         var started: Task<TrackReply, any Error>? = nil
@@ -282,15 +307,32 @@ final class HubMigration: Sendable {
     private let cache: PageCache
     private let cacheLock = Mutex(())
 
-    init(name: String, link: SessionLink, options: HubOptions, events: @escaping @Sendable (HubEvent) -> Void) {
+    init(name: String, link: SessionLink, options: HubOptions, events: @escaping @Sendable (HubEvent) -> Void,
+         metrics: MigrationMetrics = MigrationMetrics(role: .hub)) {
         self.name = name
         self.options = options
         self.events = events
         self.link = link
+        self.metrics = metrics
+        metrics.entered(.tracking)
         cache = PageCache(memoryLimit: options.memoryLimit, spillDirectory: options.spillDirectory)
     }
 
     var pagesFetched: UInt64 { state.withLock { $0.pagesFetched } }
+
+    /// For `--metrics`: the phase as leechers would see it, and how many
+    /// leechers are attached.
+    var metricState: (SessionPhase, Int) {
+        state.withLock { s in
+            let phase: SessionPhase = s.abandoned != nil ? .aborted
+                : s.upstreamCompleted != nil ? .completed
+                : s.finalized != nil ? .frozen : .tracking
+            return (phase, s.leechers.filter { $0.state.withLock { $0.attached } }.count)
+        }
+    }
+
+    /// Completed or abandoned: a leecher leaving now is no error.
+    var isOver: Bool { state.withLock { $0.abandoned != nil || $0.upstreamCompleted != nil } }
 
     func waitUntilFilled(limit: Duration) async -> Bool {
         let deadline = ContinuousClock.now + limit
@@ -337,7 +379,10 @@ final class HubMigration: Sendable {
             defer { if s.upstreamFailure == nil { s.upstreamFailure = message } }
             return s.upstreamFailure == nil
         }
-        if first { events(.upstreamLost(migration: name, reason: "\(error)")) }
+        if first {
+            metrics.error(.upstreamLost)
+            events(.upstreamLost(migration: name, reason: "\(error)"))
+        }
         return RPCError(code: .unavailable, message: message)
     }
 
@@ -356,6 +401,7 @@ final class HubMigration: Sendable {
                 w.u64(epoch)
                 let parts = try await link.callParts(.sync, w.bytes)
                 let report = try DirtyReportCodec.decode(parts)
+                self.metrics.dirtyRate(Double(report.rate))
                 self.applyUpstreamReport(epoch: report.epoch, layout: report.layout, dirty: report.dirty,
                                          fromSync: true)
             }
@@ -397,6 +443,7 @@ final class HubMigration: Sendable {
                 s.layoutEpoch = epoch
             }
             for range in Self.renewed(dirty + changed, layout: s.layout) {
+                metrics.foundDirty(pages: Int(range.pageCount))
                 var page = range.start
                 while page < range.end {
                     s.versions[page, default: 0] &+= 1
@@ -422,7 +469,11 @@ final class HubMigration: Sendable {
     /// a second round normally ends it; more means something is wrong.
     private static let maxFetchRounds = 8
 
-    private func ensureCached(_ pages: [UInt64]) async throws {
+    /// Returns how many of `pages` were missing at the first look (the
+    /// rest were served from the cache).
+    @discardableResult
+    private func ensureCached(_ pages: [UInt64]) async throws -> Int {
+        var firstMissing: Int? = nil
         for _ in 0..<Self.maxFetchRounds {
             var waits: [Task<Void, any Error>] = []
             var missing: [UInt64] = []
@@ -436,7 +487,8 @@ final class HubMigration: Sendable {
             cacheLock.withLock { _ in
                 for (page, version) in versions where cache.entry(page)?.version != version { missing.append(page) }
             }
-            if missing.isEmpty { return }
+            if firstMissing == nil { firstMissing = missing.count }
+            if missing.isEmpty { return firstMissing! }
             if let failure { throw RPCError(code: .unavailable, message: failure) }
             state.withLock { s in
                 var toFetch: [UInt64] = []
@@ -470,7 +522,7 @@ final class HubMigration: Sendable {
             // fine to serve: the leecher is told the version it got, so the
             // next dirty report names it. Chasing the newest version here
             // could fail a busy page for nothing.
-            if state.withLock({ $0.phase == .tracking }) { return }
+            if state.withLock({ $0.phase == .tracking }) { return firstMissing! }
             // After the freeze, pages reported dirty while in flight have a
             // newer version now: go round again.
         }
@@ -519,6 +571,7 @@ final class HubMigration: Sendable {
         let parts = try await link.callParts(.readAt, ReadRequest(ranges: ranges).encode())
         var fetched: UInt64 = 0
         var unmapped: [UInt64] = []
+        metrics.fetchedUpstream(pages: asked.count, bytes: parts.reduce(0) { $0 + $1.count })
         for part in parts where !part.isEmpty {
             let runs = try PagePart.parse(part)
             try part.withUnsafeBytes { bytes in
@@ -579,6 +632,7 @@ final class HubMigration: Sendable {
                     throw RPCError(code: .badRequest, message: "no session to resume on this hub for migration '\(name)'")
                 }
                 leecher = known
+                if !request.companion { metrics.resumed() }
             } else {
                 leecher = HubLeecher(session: (0..<16).map { _ in UInt8.random(in: 0...255) }, peer: peer)
                 s.leechers.append(leecher)
@@ -707,7 +761,8 @@ final class HubMigration: Sendable {
             }
         }
         let mapped = pages.filter { page in covered.contains { $0.contains(page) } }
-        try await ensureCached(mapped)
+        let missed = try await ensureCached(mapped)
+        metrics.servedFromCache(pages: mapped.count - missed)
         // Pages outside the layout are answered unmapped: a copy cached
         // there is of memory that is gone (the leecher learns the layout
         // from its next Sync).
@@ -744,11 +799,18 @@ final class HubMigration: Sendable {
                     }
                 }
             }
-            leecher.state.withLock { l in
-                for (page, version) in sentVersions { l.sent[page] = version }
+            let resent = leecher.state.withLock { l -> Int in
+                var again = 0
+                for (page, version) in sentVersions {
+                    if l.sent[page] != nil { again += 1 }
+                    l.sent[page] = version
+                }
+                return again
             }
             let bytes = UnsafeRawBufferPointer(rebasing: buffer[..<(chunk.count * Int(pageSize))])
-            try await parts.send(PagePart.build(ranges: ranges, data: bytes, unmapped: unmapped, holes: holes))
+            let part = PagePart.build(ranges: ranges, data: bytes, unmapped: unmapped, holes: holes)
+            metrics.sent(pages: sentVersions.count, bytes: part.count, resent: resent)
+            try await parts.send(part)
         }
     }
 
@@ -818,6 +880,7 @@ final class HubMigration: Sendable {
                     // A Sync in flight was answered before the freeze: its
                     // report (a layout, at least) comes first.
                     _ = try? await syncing?.value
+                    let asked = ContinuousClock.now
                     let parts = try await link.callParts(.finalize, [])
                     let report = try DirtyReportCodec.decode(parts)
                     self.applyUpstreamReport(epoch: report.epoch, layout: report.layout, dirty: report.dirty)
@@ -827,6 +890,8 @@ final class HubMigration: Sendable {
                         s.finalized = reply
                         s.phase = .frozen
                     }
+                    self.metrics.entered(.frozen)
+                    self.metrics.finalized(downtime: .now - asked, freezeMicroseconds: report.freeze)
                     self.events(.finalized(migration: self.name, freezeMilliseconds: Double(report.freeze) / 1000,
                                            dirtyPages: report.dirty.reduce(0) { $0 + $1.pageCount }))
                     self.startFill()
@@ -937,6 +1002,8 @@ final class HubMigration: Sendable {
             let said = (try? OutcomeReply.decode(try await link.call(.abort, [])).message)
                 ?? "the seeder did not answer; it thaws the source itself after its grace period"
             state.withLock { $0.upstreamAborted = said }
+            metrics.entered(.aborted)
+            metrics.error(.aborted)
             events(.abandoned(migration: name, message: said))
             await link.close()
             return
@@ -950,7 +1017,10 @@ final class HubMigration: Sendable {
                 defer { s.upstreamCompleted = said }
                 return s.upstreamCompleted == nil
             }
-            if first { events(.completed(migration: name, message: said)) }
+            if first {
+                metrics.entered(.completed)
+                events(.completed(migration: name, message: said))
+            }
             await link.close()
         } catch {
             _ = upstreamFailed(error)

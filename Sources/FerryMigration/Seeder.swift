@@ -45,6 +45,8 @@ public final class SeederService: Sendable {
     public let source: any MemorySource
     public let options: SeederOptions
     private let events: @Sendable (SeederEvent) -> Void
+    /// Counters for `--metrics` (Metrics.swift); `metricGauges` reads the rest.
+    public let metrics = MigrationMetrics(role: .seeder)
 
     private struct State {
         var phase: SessionPhase? = nil
@@ -129,6 +131,17 @@ public final class SeederService: Sendable {
 
     public var pagesSent: UInt64 { state.withLock { $0.pagesSent } }
 
+    /// The state `--metrics` shows: this process's migration phase, and
+    /// whether its leecher is connected.
+    public var metricGauges: MigrationMetrics.Gauges {
+        state.withLock { s in
+            var gauges = MigrationMetrics.Gauges()
+            if let phase = s.phase { gauges.migrationsByPhase[phase] = 1 }
+            gauges.leechersConnected = s.ownerAlive && s.outcome == nil ? 1 : 0
+            return gauges
+        }
+    }
+
     /// True once the migration completed or was aborted.
     public var isFinished: Bool { state.withLock { $0.outcome != nil } }
 
@@ -141,8 +154,14 @@ public final class SeederService: Sendable {
             openConnections.subtract(1, ordering: .relaxed)
         }
         let connection = Connection()
+        metrics.connected()
         let end = await answerRPCs(on: transport) { [self] method, payload, parts in
-            try await self.handle(method, payload, parts, connection)
+            do {
+                return try await self.handle(method, payload, parts, connection)
+            } catch {
+                metrics.error(.request)
+                throw error
+            }
         }
         connectionEnded(connection, peer: transport.peerDescription, reason: end.reason, inOrder: end.inOrder)
     }
@@ -190,6 +209,7 @@ public final class SeederService: Sendable {
             return true
         }
         guard waiting else { return }
+        metrics.error(.connectionLost)
         events(.disconnected(peer: peer, reason: reason))
         let grace = options.grace
         Task {
@@ -214,6 +234,8 @@ public final class SeederService: Sendable {
             return true
         }
         guard first else { return }
+        metrics.entered(abort ? .aborted : .completed)
+        if abort { metrics.error(.aborted) }
         outcomeContinuation.yield(outcome)
         outcomeContinuation.finish()
     }
@@ -331,6 +353,7 @@ public final class SeederService: Sendable {
                 s.phase = .tracking
                 s.layout = source.regions
                 s.store = PageStore(layout: s.layout)
+                metrics.entered(.tracking)
             case (nil, .some):
                 throw RPCError(code: .badRequest, message: "no migration of pid \(pid) to resume: the seeder has no session")
             case (.some(let phase), let resume):
@@ -343,6 +366,7 @@ public final class SeederService: Sendable {
                     throw RPCError(code: .badRequest, message: "the migration of pid \(pid) has already \(phase)")
                 }
             }
+            if request.resume != nil { metrics.resumed() }
             s.owner += 1
             s.ownerAlive = true
             connection.owner.store(s.owner, ordering: .releasing)
@@ -375,6 +399,7 @@ public final class SeederService: Sendable {
         var batchPages = 0
         func flush() async throws {
             guard !batch.isEmpty else { return }
+            var resent = 0
             let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<(batchPages * Int(pageSize))])
             let (vanished, holes) = try reading.shared {
                 // Only memory of the migration is read: pages outside the
@@ -385,14 +410,19 @@ public final class SeederService: Sendable {
                 let unreadable = outside.isEmpty ? try source.readPages(batch, into: view)
                                                  : try readInside(batch, migrated, into: view)
                 let holes = try unbacked(unreadable)
-                state.withLock { s in
+                let fresh = state.withLock { s -> Int in
+                    // Pages never sent are remote in the seeder's store; the others were sent before.
+                    let remote = s.store.count(.remote)
                     s.store.markSent(batch)
                     s.pagesSent += UInt64(batchPages)
+                    return remote - s.store.count(.remote)
                 }
+                resent = batchPages - fresh
                 return (unreadable + outside, holes)
             }
             let part = PagePart.build(ranges: batch, data: UnsafeRawBufferPointer(view), unmapped: vanished,
                                       holes: holes)
+            metrics.sent(pages: batchPages, bytes: part.count, resent: resent)
             batch.removeAll(keepingCapacity: true)
             batchPages = 0
             try await parts.send(part)
@@ -462,7 +492,10 @@ public final class SeederService: Sendable {
         // The rate that matters to the leecher: how fast its copies go stale.
         // (Pages never sent, or already stale, are reported again and again
         // by scans that do not re-arm; they change nothing.)
-        s.dirtyRate.add(UInt64(s.store.markDirty(try source.scanWrittenSinceRead())))
+        let stale = s.store.markDirty(try source.scanWrittenSinceRead())
+        s.dirtyRate.add(UInt64(stale))
+        metrics.foundDirty(pages: stale)
+        metrics.dirtyRate(s.dirtyRate.perSecond)
         let change = try source.refreshLayout()
         guard !change.isEmpty else { return false }
         s.layout = change.regions
@@ -495,6 +528,7 @@ public final class SeederService: Sendable {
             guard s.phase == .tracking else {
                 throw RPCError(code: .badRequest, message: "Finalize needs a tracking session, this one is \(s.phase!)")
             }
+            let frozeAt = ContinuousClock.now
             let frozenFor = try source.freeze()
             do {
                 _ = try rescan(&s)
@@ -511,6 +545,8 @@ public final class SeederService: Sendable {
             s.finalized = reply
             s.frozenAtMilliseconds = UInt64(Date().timeIntervalSince1970 * 1000)
             s.phase = .frozen
+            metrics.entered(.frozen)
+            metrics.finalized(downtime: .now - frozeAt, freezeMicroseconds: micros)
             return reply
         } }
         let pages = reply.dirty.reduce(0) { $0 + $1.pageCount }

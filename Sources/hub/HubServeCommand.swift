@@ -41,6 +41,7 @@ struct HubServeCommand: AsyncParsableCommand {
 
     @OptionGroup var auth: AuthOptions
     @OptionGroup var upstreamAuth: UpstreamAuthOptions
+    @OptionGroup var metricsOptions: MetricsOptions
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
@@ -63,7 +64,10 @@ struct HubServeCommand: AsyncParsableCommand {
             options.grace = try parseSeconds(grace, option: "--grace")
             let leecherCredentials = try auth.credentials(createDefault: true)
             let upstreamCredentials = try upstreamAuth.credentials(fallback: auth)
+            let metrics = try metricsOptions.start(.hub, reporter: reporter)
+            defer { metrics?.close() }
             let hub = HubService(options: options) { event in Self.report(event, reporter) }
+            metrics?.show(hub.metrics) { hub.metricGauges }
             let signals = SignalWatcher([SIGUSR1]) { _ in hub.finalizeNow() }
             defer { signals.cancel() }
 
@@ -93,6 +97,7 @@ struct HubServeCommand: AsyncParsableCommand {
                             Self.refused(channel.peerDescription, error, reporter, seeder: true)
                         }
                     }, refused: { peer, error in
+                        hub.metrics.error(.handshake)
                         Self.refused(peer, error, reporter, seeder: true)
                     })
                 }
@@ -103,6 +108,7 @@ struct HubServeCommand: AsyncParsableCommand {
             await leechers.serveHandshakes(credentials: leecherCredentials, authenticated: { channel in
                 await hub.serve(channel)
             }, refused: { peer, error in
+                hub.metrics.error(.handshake)
                 Self.refused(peer, error, reporter)
             })
         }

@@ -58,6 +58,7 @@ struct ServeCommand: AsyncParsableCommand {
     var signingKey: String?
 
     @OptionGroup var auth: AuthOptions
+    @OptionGroup var metricsOptions: MetricsOptions
     @OptionGroup var output: OutputOptions
 
     func run() async throws {
@@ -79,6 +80,8 @@ struct ServeCommand: AsyncParsableCommand {
             // Check every address before touching the process.
             let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
             let listenEndpoint = try Endpoint(parsing: listen)
+            let metrics = try metricsOptions.start(.seeder, reporter: reporter)
+            defer { metrics?.close() }
             // Signals are handled from before the attach: one that arrives
             // while the target runs a system call for us waits until its
             // registers are back, and is then only recorded here.
@@ -96,6 +99,7 @@ struct ServeCommand: AsyncParsableCommand {
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
             }
+            metrics?.show(service.metrics) { service.metricGauges }
             relay.connect { signal in
                 service.abandon("interrupted by signal \(signal)")
             }
@@ -139,7 +143,7 @@ struct ServeCommand: AsyncParsableCommand {
                     await bound.serveHandshakes(credentials: credentials, authenticated: { channel in
                         await Self.serve(channel, service: service, reporter: reporter)
                     }, refused: { peer, error in
-                        Self.refused(peer, error, reporter: reporter)
+                        Self.refused(peer, error, reporter: reporter, service: service)
                     })
                 }
             }
@@ -184,7 +188,7 @@ struct ServeCommand: AsyncParsableCommand {
             await serve(channel, service: service, reporter: reporter)
         } catch {
             transport.close()
-            refused(peer, error, reporter: reporter)
+            refused(peer, error, reporter: reporter, service: service)
         }
     }
 
@@ -194,7 +198,8 @@ struct ServeCommand: AsyncParsableCommand {
         await service.serve(channel)
     }
 
-    static func refused(_ peer: String, _ error: any Error, reporter: Reporter) {
+    static func refused(_ peer: String, _ error: any Error, reporter: Reporter, service: SeederService? = nil) {
+        service?.metrics.error(.handshake)
         reporter.event("refused", ["peer": .string(peer), "reason": .string("\(error)")],
                        text: "seeder: refused \(peer): \(error)")
     }

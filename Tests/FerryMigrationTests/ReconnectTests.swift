@@ -49,6 +49,11 @@ import FerryTestSupport
         _ = try await leecher.run()
         #expect(cuts.load(ordering: .relaxed) == 1)
         #expect(resumed.load(ordering: .relaxed) >= 1)
+        // --metrics counts the resume and the lost connection.
+        let metrics = seeder.service.metrics
+        #expect(metrics.reconnects.load(ordering: .relaxed) >= 1)
+        #expect(metrics.errors[MetricsErrorKind.allCases.firstIndex(of: .connectionLost)!].value.load(ordering: .relaxed) >= 1)
+        #expect(metrics.connections.load(ordering: .relaxed) >= 2)
         let report = try ImageVerifier.compare(directory: out, pid: child.pid)
         #expect(report.matches, "\(report)")
     }
