@@ -57,6 +57,7 @@ struct ServeCommand: AsyncParsableCommand {
         valueName: "FILE"))
     var signingKey: String?
 
+    @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
     @OptionGroup var output: OutputOptions
 
@@ -93,6 +94,9 @@ struct ServeCommand: AsyncParsableCommand {
             var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
             options.signingKey = try (signingKey ?? auth.key).map { try KeyPair.load(path: $0) }
+            let (pacer, bandwidthControl) = try bandwidth.start(reporter)
+            defer { bandwidthControl?.cancel() }
+            options.pacer = pacer
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
             }
