@@ -10,8 +10,8 @@
 // pattern, 1,000 writes/s) sized to take --seconds (default 5.5) at the cap:
 // 275 MiB at 50 MB/s, 1,049 MiB at 200 MB/s. The achieved rate is taken
 // from the leecher's `--json` progress events, each stamped when it is read:
-// bytes received between the first and the last event that carry bytes,
-// over the time between them (both sampled together by the leecher, so the
+// bytes received between the first event that carries bytes and the last
+// one whose bytes grew, over the time between them (both sampled together by the leecher, so the
 // 250 ms spacing of the events costs no precision). Target: within ±5 % of
 // the cap. The whole-run figure (bytes / seconds of the `complete` event,
 // which also counts the connection, the freeze and the checksum wait) is
@@ -136,7 +136,7 @@ func measureRate(cap: BandwidthRate, capText: String, side: String, seconds targ
     defer { workload.stop() }
     let (seeder, address) = try startSeeder(pid: workload.pid, side == "seeder" ? ["--max-bandwidth", capText] : [])
     defer { seeder.stop() }
-    let out = "/tmp/ferry-bench-bwcap-\(getpid())-image"
+    let out = "/dev/shm/ferry-bench-bwcap-\(getpid())-image" // no disk sets the pace
     try? FileManager.default.removeItem(atPath: out)
     defer { try? FileManager.default.removeItem(atPath: out) }
     let leecher = try ChildProcess(builtExecutable("leecher"),
@@ -157,6 +157,8 @@ func measureRate(cap: BandwidthRate, capText: String, side: String, seconds targ
         }
     }
     guard leecher.waitForExit() == 0 else { throw TestFailure("the leecher exited non-zero") }
+    // Events after the last byte (waiting for a dirty report, the checksums) measure no transfer.
+    while samples.count > 1 && samples[samples.count - 2].1 == samples[samples.count - 1].1 { samples.removeLast() }
     guard let first = samples.first, let last = samples.last, last.0 - first.0 > 1 else {
         throw TestFailure("too few progress events to measure a rate (\(samples.count))")
     }
@@ -231,16 +233,16 @@ func touchRemotePages(_ memory: MigratedMemory, count: Int, gap: Double) -> [Dou
     return latencies
 }
 
-func measureTouches(cap: BandwidthRate, capText: String, count: Int, seconds target: Double) async throws -> TouchResult {
+/// `cap` nil: the same migration uncapped, for comparison.
+func measureTouches(cap: BandwidthRate?, capText: String, count: Int, mib: Int) async throws -> TouchResult {
     let rtt = try await roundTrip()
-    let mib = workloadMiB(cap, seconds: target)
     let workload = try Memwriter(["--mib", "\(mib)", "--threads", "2", "--rate", "20000", "--pattern"])
     defer { workload.stop() }
-    let (seeder, address) = try startSeeder(pid: workload.pid, ["--max-bandwidth", capText])
+    let (seeder, address) = try startSeeder(pid: workload.pid, cap == nil ? [] : ["--max-bandwidth", capText])
     defer { seeder.stop() }
     var options = LeecherOptions()
     options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
-    options.pacer = Pacer(rate: cap)
+    options.pacer = cap.map { Pacer(rate: $0) }
     let sink = try LiveMemorySink(options: LiveMemoryOptions())
     let leecher = Leecher(connect: try connector(address), memory: sink, options: options)
     let migration = Task { try await leecher.run() }
@@ -276,19 +278,30 @@ do {
                 }
             }
             if measureTouch {
-                let t = try await measureTouches(cap: cap, capText: capText, count: touches, seconds: targetSeconds)
+                let t = try await measureTouches(cap: cap, capText: capText, count: touches,
+                                                 mib: workloadMiB(cap, seconds: targetSeconds))
                 touchResults[capText, default: []].append(t)
                 print(String(format: "touch cap %@: rtt %.0f us; touch median %.0f us (%.2fx), p99 %.0f us (%.2fx), %d touches; fill meanwhile %.2f MB/s",
                              capText, t.rtt * 1e6, t.median * 1e6, t.median / t.rtt, t.p99 * 1e6, t.p99 / t.rtt,
                              t.samples, t.fill / 1e6))
             }
         }
+        if measureTouch {
+            // The same touches without a cap (the smallest workload): what the cap adds, if anything.
+            let smallest = caps.compactMap { try? BandwidthRate(parsing: $0) }.min { $0.bytesPerSecond < $1.bytesPerSecond }
+            let mib = smallest.map { workloadMiB($0, seconds: targetSeconds) } ?? 256
+            let t = try await measureTouches(cap: nil, capText: "none", count: touches, mib: mib)
+            touchResults["none", default: []].append(t)
+            print(String(format: "touch no cap (%d MiB): rtt %.0f us; touch median %.0f us (%.2fx), p99 %.0f us (%.2fx), %d touches; fill meanwhile %.2f MB/s",
+                         mib, t.rtt * 1e6, t.median * 1e6, t.median / t.rtt, t.p99 * 1e6, t.p99 / t.rtt,
+                         t.samples, t.fill / 1e6))
+        }
         print("")
     }
     print("# medians over \(runs) runs")
-    for capText in caps {
-        let cap = try BandwidthRate(parsing: capText)
-        for side in sides {
+    for capText in caps + ["none"] {
+        let cap = try (try? BandwidthRate(parsing: capText)) ?? BandwidthRate(bytesPerSecond: 1e15)
+        for side in sides where capText != "none" {
             guard let all = rateResults["\(capText) \(side)"] else { continue }
             let rate = median(all.map(\.rate))
             let ratio = rate / cap.bytesPerSecond
@@ -301,8 +314,8 @@ do {
             let rtt = median(all.map(\.rtt))
             let med = median(all.map { $0.median / $0.rtt })
             let p99 = median(all.map { $0.p99 / $0.rtt })
-            print(String(format: "touch  cap %@: rtt %.0f us; median %.2fx rtt (runs %@): %@; p99 %.2fx rtt (runs %@): %@; fill %.2f MB/s",
-                         capText, rtt * 1e6,
+            print(String(format: "touch  cap %@%@: rtt %.0f us; median %.2fx rtt (runs %@): %@; p99 %.2fx rtt (runs %@): %@; fill %.2f MB/s",
+                         capText, capText == "none" ? " (reference, not a target)" : "", rtt * 1e6,
                          med, all.map { String(format: "%.2f", $0.median / $0.rtt) }.joined(separator: ", "), verdict(med <= 3),
                          p99, all.map { String(format: "%.2f", $0.p99 / $0.rtt) }.joined(separator: ", "), verdict(p99 <= 3),
                          median(all.map(\.fill)) / 1e6))
