@@ -120,11 +120,12 @@ public final class Pacer: Sendable {
     public typealias Clock = @Sendable () -> Double
 
     /// Burst: what may go at once after an idle spell. 20 ms of the rate,
-    /// at least 256 KiB (a quarter of a part) and at most 1 MiB (one part):
-    /// small enough that a rate over a second stays within 2 % of the cap,
-    /// large enough that the sender does not wake per page.
+    /// at least 256 KiB (a quarter of a part: the sender does not wake per
+    /// page) and at most 8 MiB. A sender held up for less than 20 ms (a
+    /// busy core) catches up instead of losing that time for good, and
+    /// over a second the rate stays within 2 % of the cap.
     static func burst(for rate: Double) -> Double {
-        min(Double(1 << 20), max(Double(256 << 10), rate * 0.02))
+        min(Double(8 << 20), max(Double(256 << 10), rate * 0.02))
     }
     /// Longest single sleep of a waiting caller: a cap raised while it
     /// waits reaches it within this.

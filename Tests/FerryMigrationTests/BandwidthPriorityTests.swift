@@ -58,7 +58,7 @@ import FerryTestSupport
         defer { try? FileManager.default.removeItem(atPath: out) }
         let summary = try await Leecher(connect: hub.connector(), sink: try ImageWriter(directory: out)).run()
         #expect(summary.bytesReceived >= 8 << 20)
-        // The first burst (at most 1 MiB) goes at once; the rest at the cap.
+        // The first burst (256 KiB at this cap; 1 MiB allowed for) goes at once, the rest at the cap.
         #expect(summary.seconds >= (Double(summary.bytesReceived) - 1048576) / cap, "\(summary.seconds) s")
         #expect(options.pacer!.bytesCounted.bulk >= summary.bytesReceived)
         _ = await seeder.service.outcome()
