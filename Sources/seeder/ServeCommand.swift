@@ -80,6 +80,8 @@ struct ServeCommand: AsyncParsableCommand {
             // Check every address before touching the process.
             let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
             let listenEndpoint = try Endpoint(parsing: listen)
+            let (pacer, bandwidthControl) = try bandwidth.start(reporter)
+            defer { bandwidthControl?.cancel() }
             // Signals are handled from before the attach: one that arrives
             // while the target runs a system call for us waits until its
             // registers are back, and is then only recorded here.
@@ -94,8 +96,6 @@ struct ServeCommand: AsyncParsableCommand {
             var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
             options.signingKey = try (signingKey ?? auth.key).map { try KeyPair.load(path: $0) }
-            let (pacer, bandwidthControl) = try bandwidth.start(reporter)
-            defer { bandwidthControl?.cancel() }
             options.pacer = pacer
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
