@@ -53,6 +53,9 @@ let package = Package(
         // Post-copy benchmark: first-touch latency and background fill against same-run baselines.
         .executableTarget(name: "ferry-bench-postcopy", dependencies: ["FerryMigration", "FerryWire", "FerryTestSupport"],
                           path: "Tools/bench-postcopy"),
+        // Bandwidth cap benchmark: achieved rate against the cap, post-copy touches under it (Tools/bench-bwcap.sh).
+        .executableTarget(name: "ferry-bench-bwcap", dependencies: ["FerryMigration", "FerryWire", "FerryTestSupport"],
+                          path: "Tools/bench-bwcap"),
         // Post-copy demonstration: a key-value server and the destination that queries it right after Finalize.
         .executableTarget(name: "kvstore", path: "Tools/kvstore"),
         .executableTarget(name: "kvstore-migrate", dependencies: ["FerryMigration", "FerryWire"], path: "Tools/kvstore-migrate"),

@@ -30,6 +30,10 @@ public struct HubOptions: Sendable {
     /// (measured: 100 ms read 1.18x the pages of one leecher with 16, 200 ms 1.12x).
     public var syncInterval: Duration = .milliseconds(200)
     public var host = ProcessInfo.processInfo.hostName
+    /// The bandwidth cap on what the hub sends its leechers (`--max-bandwidth`):
+    /// bulk ReadAt parts wait on it, a companion connection's (post-copy
+    /// touches) only charge it. Nil: no cap.
+    public var pacer: Pacer? = nil
     /// Test-only misbehaviour: a hub that lies, to show what leechers catch.
     var tamper: HubTamper? = nil
 
@@ -223,7 +227,8 @@ public final class HubService: Sendable {
             guard let (migration, leecher) = connection.binding.withLock({ $0 }) else {
                 throw RPCError(code: .badRequest, message: "call Track first")
             }
-            return try await migration.handle(known, payload, parts, leecher)
+            return try await migration.handle(known, payload, parts, leecher,
+                                              urgent: connection.companion.load(ordering: .acquiring))
         }
     }
 }
@@ -678,12 +683,12 @@ final class HubMigration: Sendable {
     }
 
     func handle(_ method: MigrationMethod, _ payload: [UInt8], _ parts: RPCPartWriter,
-                _ leecher: HubLeecher) async throws -> [UInt8] {
+                _ leecher: HubLeecher, urgent: Bool = false) async throws -> [UInt8] {
         switch method {
         case .readAt:
             let request = try ReadRequest.decode(payload)
             try await leecher.readBudget.withBytes(MigrationLimits.readAtHolds) {
-                try await readAt(request, parts, leecher)
+                try await readAt(request, parts, leecher, urgent: urgent)
             }
             return []
         case .sync:
@@ -750,7 +755,8 @@ final class HubMigration: Sendable {
         }
     }
 
-    private func readAt(_ request: ReadRequest, _ parts: RPCPartWriter, _ leecher: HubLeecher) async throws {
+    private func readAt(_ request: ReadRequest, _ parts: RPCPartWriter, _ leecher: HubLeecher,
+                        urgent: Bool = false) async throws {
         let covered = state.withLock { s in s.layout.filter { $0.kind == .migrate }.map(\.range) }
         var pages: [UInt64] = []
         for range in request.ranges {
@@ -810,6 +816,10 @@ final class HubMigration: Sendable {
             let bytes = UnsafeRawBufferPointer(rebasing: buffer[..<(chunk.count * Int(pageSize))])
             let part = PagePart.build(ranges: ranges, data: bytes, unmapped: unmapped, holes: holes)
             metrics.sent(pages: sentVersions.count, bytes: part.count, resent: resent)
+            // The cap: bulk waits, a touch only charges (no lock is held here).
+            if let pacer = options.pacer {
+                if urgent { pacer.charge(part.count) } else { try await pacer.pace(part.count) }
+            }
             try await parts.send(part)
         }
     }

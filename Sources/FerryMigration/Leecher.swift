@@ -28,6 +28,11 @@ public struct LeecherOptions: Sendable {
     /// made before they came, so this is not zero; an older statement is
     /// taken for an earlier migration of the same process replayed by a hub.
     public var maxFreezeAge: Duration = .seconds(600)
+    /// The bandwidth cap (`--max-bandwidth`): each bulk ReadAt waits on it
+    /// for the bytes it asks for (all-zero pages, which come back without
+    /// bytes, are given back); touched pages never wait, only charge it.
+    /// Nil: no cap.
+    public var pacer: Pacer? = nil
 
     public init() {}
 }
@@ -338,8 +343,12 @@ public final class Leecher {
                     store.markRequested(batch)
                     readsInFlight += 1
                     let payload = ReadRequest(ranges: batch).encode()
+                    let pacer = options.pacer
+                    let asked = batch.reduce(0) { $0 + Int($1.length) }
                     group.addTask { [link] in
                         do {
+                            // The cap: the request waits, the puller loop does not.
+                            try await pacer?.pace(asked)
                             let began = ContinuousClock.now
                             let parts = try await link.callParts(.readAt, payload)
                             return .read(batch, parts, ContinuousClock.now - began, touch: false)
@@ -432,7 +441,12 @@ public final class Leecher {
                     } else {
                         sizer.observe(pages: batch.reduce(0) { $0 + Int($1.pageCount) }, took: took)
                     }
+                    let before = bytesReceived
                     if try receive(batch, parts) { needResync = true }
+                    if let pacer = options.pacer {
+                        let got = Int(bytesReceived - before)
+                        if touch { pacer.charge(got) } else { pacer.refund(batch.reduce(0) { $0 + Int($1.length) } - got) }
+                    }
                 case .failed(let batch, let error):
                     readsInFlight -= 1
                     store.markLost(batch)

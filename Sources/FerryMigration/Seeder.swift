@@ -17,6 +17,10 @@ public struct SeederOptions: Sendable {
     /// Signs Checksum replies, so leechers can pin this seeder's key through
     /// hubs (`leecher pull --seeder-key`); nil sends them unsigned.
     public var signingKey: KeyPair? = nil
+    /// The bandwidth cap (`--max-bandwidth`): bulk ReadAt parts wait on it
+    /// before they are sent; a companion connection's (post-copy touches)
+    /// only charge it. Nil: no cap.
+    public var pacer: Pacer? = nil
 
     public init(then: ThenAction = .stop, grace: Duration = .seconds(5), migration: String = "") {
         self.then = then
@@ -281,7 +285,8 @@ public final class SeederService: Sendable {
                 s.hugePages.filter { region in request.ranges.contains { $0.start < region.end && region.start < $0.end } }
             }
             try await connection.readBudget.withBytes(huge.isEmpty ? MigrationLimits.readAtHolds : MigrationLimits.hugeReadAtHolds) {
-                try await readAt(request, huge: huge, parts)
+                try await readAt(request, huge: huge, parts,
+                                 urgent: connection.companion.load(ordering: .acquiring))
             }
             return []
         case .sync:
@@ -385,7 +390,8 @@ public final class SeederService: Sendable {
 
     /// Answers ReadAt; `huge` are the hugetlb regions it touches whose huge
     /// pages a part holds whole.
-    private func readAt(_ request: ReadRequest, huge: [Region], _ parts: RPCPartWriter) async throws {
+    private func readAt(_ request: ReadRequest, huge: [Region], _ parts: RPCPartWriter,
+                        urgent: Bool = false) async throws {
         // Read part by part: each part is re-armed, read and marked sent while
         // holding `reading` shared, so no scan (which holds it alone) can fall
         // between re-arming a page and marking it sent, while reads of
@@ -425,6 +431,10 @@ public final class SeederService: Sendable {
             metrics.sent(pages: batchPages, bytes: part.count, resent: resent)
             batch.removeAll(keepingCapacity: true)
             batchPages = 0
+            // The cap (no lock is held here): bulk waits, a touch only charges.
+            if let pacer = options.pacer {
+                if urgent { pacer.charge(part.count) } else { try await pacer.pace(part.count) }
+            }
             try await parts.send(part)
         }
         for range in request.ranges {

@@ -39,6 +39,7 @@ struct HubServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Seconds a leecher's session survives a lost connection.", valueName: "SECONDS"))
     var grace = "5"
 
+    @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
     @OptionGroup var upstreamAuth: UpstreamAuthOptions
     @OptionGroup var metricsOptions: MetricsOptions
@@ -62,6 +63,9 @@ struct HubServeCommand: AsyncParsableCommand {
             options.finalize = policy
             options.memoryLimit = memoryLimit << 20
             options.grace = try parseSeconds(grace, option: "--grace")
+            let (pacer, bandwidthControl) = try bandwidth.start(reporter)
+            defer { bandwidthControl?.cancel() }
+            options.pacer = pacer
             let leecherCredentials = try auth.credentials(createDefault: true)
             let upstreamCredentials = try upstreamAuth.credentials(fallback: auth)
             let metrics = try metricsOptions.start(.hub, reporter: reporter)

@@ -87,6 +87,7 @@ struct PullCommand: AsyncParsableCommand {
         valueName: "SECONDS"))
     var maxFreezeAge: Double = 600
 
+    @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
     @OptionGroup var output: OutputOptions
 
@@ -129,6 +130,9 @@ struct PullCommand: AsyncParsableCommand {
             options.abortAtEnd = dryRun
             options.seederKey = try seederKey.map { try AuthOptions.publicKey($0) }
             options.maxFreezeAge = .milliseconds(Int64(maxFreezeAge * 1000))
+            let (pacer, bandwidthControl) = try bandwidth.start(reporter)
+            defer { bandwidthControl?.cancel() }
+            options.pacer = pacer
             let command = CommandTransport.command(in: address)
             let endpoint = command == nil ? try Endpoint(parsing: address) : nil
             let credentials = try auth.credentials(createDefault: false)

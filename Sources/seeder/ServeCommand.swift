@@ -57,6 +57,7 @@ struct ServeCommand: AsyncParsableCommand {
         valueName: "FILE"))
     var signingKey: String?
 
+    @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
     @OptionGroup var metricsOptions: MetricsOptions
     @OptionGroup var output: OutputOptions
@@ -82,6 +83,8 @@ struct ServeCommand: AsyncParsableCommand {
             let listenEndpoint = try Endpoint(parsing: listen)
             let metrics = try metricsOptions.start(.seeder, reporter: reporter)
             defer { metrics?.close() }
+            let (pacer, bandwidthControl) = try bandwidth.start(reporter)
+            defer { bandwidthControl?.cancel() }
             // Signals are handled from before the attach: one that arrives
             // while the target runs a system call for us waits until its
             // registers are back, and is then only recorded here.
@@ -96,6 +99,7 @@ struct ServeCommand: AsyncParsableCommand {
             var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
             options.signingKey = try (signingKey ?? auth.key).map { try KeyPair.load(path: $0) }
+            options.pacer = pacer
             let service = SeederService(source: process, options: options) { event in
                 Self.report(event, reporter)
             }
