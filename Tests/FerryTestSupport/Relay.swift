@@ -6,8 +6,9 @@ public final class Relay: Sendable {
     public let child: ChildProcess
     public let port: UInt16
 
-    public init(to target: String) throws {
-        child = try ChildProcess(builtExecutable("relay"), ["--listen", "0", "--to", target])
+    /// `rate` caps each direction at that many bytes per second (Tools/relay's `--rate`).
+    public init(to target: String, rate: Int? = nil) throws {
+        child = try ChildProcess(builtExecutable("relay"), ["--listen", "0", "--to", target] + (rate.map { ["--rate", "\($0)"] } ?? []))
         let line = try child.expect("relay listening")
         guard let port = UInt16(line.split(separator: " ").last ?? "") else {
             throw TestFailure("relay said \(line)")
@@ -25,6 +26,14 @@ public final class Relay: Sendable {
     public func refuse(_ count: Int) {
         child.send("refuse \(count)")
         _ = try? child.expect("refusing", timeout: 5)
+    }
+
+    /// Bytes relayed so far: client to target, target to client.
+    public func bytes() -> (toTarget: Int, toClient: Int)? {
+        child.send("bytes")
+        guard let line = try? child.expect("bytes ", timeout: 5) else { return nil }
+        let f = line.split(separator: " ").compactMap { Int($0) }
+        return f.count == 2 ? (f[0], f[1]) : nil
     }
 
     public func stop() { child.stop() }
