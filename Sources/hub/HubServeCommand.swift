@@ -40,6 +40,7 @@ struct HubServeCommand: AsyncParsableCommand {
     var grace = "5"
 
     @OptionGroup var auth: AuthOptions
+    @OptionGroup var compression: CompressOptions
     @OptionGroup var upstreamAuth: UpstreamAuthOptions
     @OptionGroup var output: OutputOptions
 
@@ -63,6 +64,7 @@ struct HubServeCommand: AsyncParsableCommand {
             options.grace = try parseSeconds(grace, option: "--grace")
             let leecherCredentials = try auth.credentials(createDefault: true)
             let upstreamCredentials = try upstreamAuth.credentials(fallback: auth)
+            let channelOptions = compression.channelOptions
             let hub = HubService(options: options) { event in Self.report(event, reporter) }
             let signals = SignalWatcher([SIGUSR1]) { _ in hub.finalizeNow() }
             defer { signals.cancel() }
@@ -72,7 +74,7 @@ struct HubServeCommand: AsyncParsableCommand {
                 try await hub.addUpstream(connect: {
                     let transport = try await Transports.connect(to: endpoint)
                     do {
-                        return try await SecureChannel.client(over: transport, credentials: upstreamCredentials)
+                        return try await SecureChannel.client(over: transport, credentials: upstreamCredentials, options: channelOptions)
                     } catch {
                         transport.close()
                         throw error
@@ -85,7 +87,7 @@ struct HubServeCommand: AsyncParsableCommand {
                                text: "hub: seeders dial in at \(seeders.endpoint)")
                 Task {
                     // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
-                    await seeders.serveHandshakes(credentials: upstreamCredentials, authenticated: { channel in
+                    await seeders.serveHandshakes(credentials: upstreamCredentials, options: channelOptions, authenticated: { channel in
                         do {
                             try await hub.acceptSeeder(channel)
                         } catch {
@@ -100,7 +102,7 @@ struct HubServeCommand: AsyncParsableCommand {
             let leechers = try await Listener.bind(try Endpoint(parsing: listen))
             reporter.event("listening", ["address": .string("\(leechers.endpoint)"), "side": .string("leechers")],
                            text: "hub: leechers connect at \(leechers.endpoint) (finalize \(policy.rawValue))")
-            await leechers.serveHandshakes(credentials: leecherCredentials, authenticated: { channel in
+            await leechers.serveHandshakes(credentials: leecherCredentials, options: channelOptions, authenticated: { channel in
                 await hub.serve(channel)
             }, refused: { peer, error in
                 Self.refused(peer, error, reporter)

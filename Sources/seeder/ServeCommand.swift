@@ -58,6 +58,7 @@ struct ServeCommand: AsyncParsableCommand {
     var signingKey: String?
 
     @OptionGroup var auth: AuthOptions
+    @OptionGroup var compression: CompressOptions
     @OptionGroup var output: OutputOptions
 
     func run() async throws {
@@ -76,6 +77,7 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let graceDuration = try parseSeconds(grace, option: "--grace")
             let credentials = try auth.credentials(createDefault: true)
+            let channelOptions = compression.channelOptions
             // Check every address before touching the process.
             let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
             let listenEndpoint = try Endpoint(parsing: listen)
@@ -112,7 +114,7 @@ struct ServeCommand: AsyncParsableCommand {
                     await service.dialOut(connect: {
                         let transport = try await Transports.connect(to: hub)
                         do {
-                            return try await SecureChannel.client(over: transport, credentials: credentials)
+                            return try await SecureChannel.client(over: transport, credentials: credentials, options: channelOptions)
                         } catch {
                             transport.close()
                             throw error
@@ -125,7 +127,7 @@ struct ServeCommand: AsyncParsableCommand {
             } else if stdio {
                 let transport = Transports.stdio()
                 Task {
-                    await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)
+                    await Self.accept(transport, credentials: credentials, options: channelOptions, service: service, reporter: reporter)
                 }
             } else {
                 let endpoint = listenEndpoint
@@ -136,7 +138,7 @@ struct ServeCommand: AsyncParsableCommand {
                                text: "seeder: serving pid \(pid) on \(bound.endpoint) (tracker \(process.trackerKind.rawValue))")
                 Task {
                     // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
-                    await bound.serveHandshakes(credentials: credentials, authenticated: { channel in
+                    await bound.serveHandshakes(credentials: credentials, options: channelOptions, authenticated: { channel in
                         await Self.serve(channel, service: service, reporter: reporter)
                     }, refused: { peer, error in
                         Self.refused(peer, error, reporter: reporter)
@@ -174,11 +176,11 @@ struct ServeCommand: AsyncParsableCommand {
         SignalCatcher.takeDefaultAction(SIGTSTP)
     }
 
-    static func accept(_ transport: FrameTransport, credentials: Credentials, service: SeederService,
+    static func accept(_ transport: FrameTransport, credentials: Credentials, options: SecureChannelOptions, service: SeederService,
                        reporter: Reporter) async {
         let peer = transport.peerDescription
         do {
-            let channel = try await SecureChannel.server(over: transport, credentials: credentials)
+            let channel = try await SecureChannel.server(over: transport, credentials: credentials, options: options)
             await serve(channel, service: service, reporter: reporter)
         } catch {
             transport.close()
