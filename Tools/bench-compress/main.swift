@@ -225,7 +225,7 @@ do {
     let script = "/tmp/ferry-bench-compress-\(getpid()).py"
     try pythonWorkload.write(toFile: script, atomically: true, encoding: .utf8)
     defer { try? FileManager.default.removeItem(atPath: script) }
-    let python = try spawn("/usr/bin/env", ["python3", script, "\(settings.mib)"])
+    let python = try spawn(FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? "/usr/bin/python3" : "/usr/bin/env", (FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? [] : ["python3"]) + [script, "\(settings.mib)"])
     defer { finish([python]) }
     let ready = try python.expect("ready", timeout: 600).split(separator: " ")
     guard ready.count == 3, let pid = Int32(ready[1]) else { throw BenchFailure("python said \(ready)") }
