@@ -267,7 +267,7 @@ final class Outbox: Sendable {
     /// when the outbox fails or closes, or the transport fails.
     func runWriter(transport: FrameTransport, batchBytes: Int = WireLimits.batchBytes) async {
         let channel = transport as? SecureChannel
-        while let items = await takeAll() {
+        while var items = await takeAll() {
             var frames: [[UInt8]] = []
             var i = 0
             while i < items.count {
@@ -276,7 +276,15 @@ final class Outbox: Sendable {
                 if size < batchBytes {
                     while j < items.count, size + items[j].count - 1 <= batchBytes { size += items[j].count - 1; j += 1 }
                 }
-                frames.append(j == i + 1 ? items[i] : RPCMessage.batch(items[i..<j]))
+                if j == i + 1 {
+                    // Moved, not copied: a uniquely referenced frame takes the
+                    // record's encoding flag in place (SecureChannel.encode).
+                    var f: [UInt8] = []
+                    swap(&f, &items[i])
+                    frames.append(f)
+                } else {
+                    frames.append(RPCMessage.batch(items[i..<j]))
+                }
                 i = j
             }
             do {

@@ -48,7 +48,7 @@ func zstdBomb(declared: UInt64?, blocks: Int) -> [UInt8] {
 
 func maxRSSKiB() -> Int {
     var u = rusage()
-    getrusage(RUSAGE_SELF, &u)
+    getrusage(RUSAGE_SELF.rawValue, &u)
     return u.ru_maxrss
 }
 

@@ -62,7 +62,7 @@ func usage(_ problem: String?) -> Never {
     exit(0)
 }
 
-var settings = Settings()
+nonisolated(unsafe) var settings = Settings()
 var arguments = CommandLine.arguments.dropFirst()
 while let a = arguments.popFirst() {
     func value() -> String {
@@ -125,7 +125,7 @@ func event(_ line: String) throws -> [String: Any] {
     return object
 }
 
-func say(_ s: String) { print(s); fflush(stdout) }
+func say(_ s: String) { print(s); fflush(nil) }
 
 // MARK: - The workload
 
