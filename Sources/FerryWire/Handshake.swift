@@ -160,7 +160,8 @@ enum Reject {
     }
 
     /// Parses a Reject frame into the error the receiving side reports.
-    static func parse(_ frame: [UInt8], peer: String, peerRole: String, mode: AuthMode, ourKey: PublicKey?) -> HandshakeError {
+    static func parse(_ frame: [UInt8], peer: String, peerRole: String, mode: AuthMode, ourKey: PublicKey?,
+                      ourVersion: UInt16 = HandshakeConstants.version) -> HandshakeError {
         var r = WireReader(frame, from: 1)
         let code = (try? r.u8("reject code")).flatMap(HandshakeFailure.init(rawValue:)) ?? .internalError
         let said = (try? r.bytes16("reject text", limit: WireLimits.maxReasonText)).map { sanitize($0) } ?? ""
@@ -171,7 +172,9 @@ enum Reject {
         case .keyMismatch: detail = "\(peerRole) rejected our key: it does not match the key it pinned\(ours)"
         case .authenticationFailed where mode == .preSharedSecret:
             detail = "\(peerRole) rejected the connection: the pre-shared secrets differ; check that both sides use the same --secret-file"
-        case .unsupportedVersion: detail = "\(peerRole) does not support our wire protocol version; upgrade it (a version-1 peer understands no compression: use --compress off to talk to it)"
+        case .unsupportedVersion where ourVersion >= HandshakeConstants.compressionVersion:
+            detail = "\(peerRole) does not support wire protocol version \(ourVersion) (compression); upgrade it, or use --compress off to talk to it"
+        case .unsupportedVersion: detail = "\(peerRole) does not support wire protocol version \(ourVersion); upgrade one side"
         case .modeMismatch: detail = "\(peerRole) rejected the connection: it expects the other authentication mode (we offered \(mode.text))"
         case .busy: detail = "\(peerRole) is busy: too many connections are in their handshake there; retry in a few seconds"
         default: detail = "\(peerRole) rejected the connection: \(code)"
@@ -220,12 +223,13 @@ struct HandshakeContext {
         return kp.publicKey.bytes + (try kp.sign(label + hash))
     }
 
-    func checkFrame(_ frame: [UInt8], expect: WireMessageType, peerRole: String, stage: String) throws {
+    func checkFrame(_ frame: [UInt8], expect: WireMessageType, peerRole: String, stage: String,
+                    ourVersion: UInt16 = HandshakeConstants.version) throws {
         guard let t = frame.first else {
             throw reject(.malformed, "\(peerRole) sent an empty frame during the handshake (\(stage))", tell: "empty handshake frame")
         }
         if t == WireMessageType.reject.rawValue {
-            throw Reject.parse(frame, peer: peer, peerRole: peerRole, mode: credentials.mode, ourKey: ourKey)
+            throw Reject.parse(frame, peer: peer, peerRole: peerRole, mode: credentials.mode, ourKey: ourKey, ourVersion: ourVersion)
         }
         guard t == expect.rawValue else {
             throw reject(.malformed, "\(peerRole) sent message type \(t) where \(stage) (type \(expect.rawValue)) was expected; is it a Ferry peer of the same version?",
@@ -287,7 +291,7 @@ struct ClientHandshake {
     mutating func handleServerHello(_ frame: [UInt8]) throws -> [UInt8] {
         precondition(state == .sentHello, "ServerHello handled out of order")
         let server = ctx.roles.server
-        try ctx.checkFrame(frame, expect: .serverHello, peerRole: server, stage: "ServerHello")
+        try ctx.checkFrame(frame, expect: .serverHello, peerRole: server, stage: "ServerHello", ourVersion: sentVersion)
         var r = WireReader(frame, from: 1)
         let parsed: (UInt16, UInt8, [UInt8])
         var choice: (algorithm: UInt8, mode: UInt8) = (0, 0)
