@@ -13,6 +13,7 @@
 //   auto@rate   the same with --compress auto (shows what auto picks on a slow link)
 //   auto@lo     straight over loopback, --compress auto
 //   off@lo      straight over loopback, --compress off
+//   zstd@lo     straight over loopback, --compress zstd (what auto avoids on a fast link)
 //
 // Measured per run: total time (leecher spawn to exit, every page local and
 // checked, the image written), the leecher's `complete.bytes` (page data),
@@ -32,7 +33,7 @@ struct BenchFailure: Error, CustomStringConvertible {
 }
 
 enum Case: String, CaseIterable {
-    case zstdRate = "zstd@rate", offRate = "off@rate", autoRate = "auto@rate", autoLo = "auto@lo", offLo = "off@lo"
+    case zstdRate = "zstd@rate", offRate = "off@rate", autoRate = "auto@rate", autoLo = "auto@lo", offLo = "off@lo", zstdLo = "zstd@lo"
     var compress: String { String(rawValue.split(separator: "@")[0]) }
     var relayed: Bool { rawValue.hasSuffix("@rate") }
 }
