@@ -192,6 +192,17 @@ struct ServeCommand: AsyncParsableCommand {
         let peer = channel.peerDescription
         reporter.event("connected", ["peer": .string(peer)], text: "seeder: leecher connected from \(peer)")
         await service.serve(channel)
+        if let c = channel.compressionStats {
+            // What compression did on this connection's pages (Protocols/wire.md § 5.4).
+            reporter.event("compression", ["peer": .string(peer), "mode": .string(channel.compression.rawValue),
+                                           "records": .int(Int64(c.attempts)), "compressed": .int(Int64(c.compressedRecords)),
+                                           "input_bytes": .int(Int64(c.inputBytes)), "output_bytes": .int(Int64(c.outputBytes)),
+                                           "wire_bytes": .int(Int64(c.wireBytes)),
+                                           "auto_on_windows": .int(Int64(c.autoOnWindows)), "auto_off_windows": .int(Int64(c.autoOffWindows))],
+                           text: String(format: "seeder: compression (%@) on the connection from %@: %d of %d records compressed, %.1f MB -> %.1f MB",
+                                        channel.compression.rawValue, peer, c.compressedRecords, c.attempts,
+                                        Double(c.inputBytes) / 1e6, Double(c.outputBytes) / 1e6))
+        }
     }
 
     static func refused(_ peer: String, _ error: any Error, reporter: Reporter) {

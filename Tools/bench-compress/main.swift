@@ -163,6 +163,8 @@ struct Run {
     var wireBytes: Double?
 }
 
+nonisolated(unsafe) var compressorNote = ""
+
 func migrate(_ c: Case, pid: Int32, secret: String) throws -> Run {
     let image = "\(settings.scratch)/ferry-bench-compress-\(getpid())"
     try? FileManager.default.removeItem(atPath: image)
@@ -187,7 +189,19 @@ func migrate(_ c: Case, pid: Int32, secret: String) throws -> Run {
     let complete = try event(try l.expect("{\"event\":\"complete\"", timeout: 600))
     guard l.waitForExit(timeout: 120) == 0 else { throw BenchFailure("the leecher did not exit with status 0") }
     let seconds = ChildProcess.now() - start
+    // The seeder's last events: what its compressor did (when it reports it before exiting), then complete.
+    var said = ""
+    while let line = try? seeder.readLine(timeout: 30) {
+        if line.hasPrefix("{\"event\":\"compression\"") { said = line }
+        if line.hasPrefix("{\"event\":\"complete\"") { break }
+    }
     guard seeder.waitForExit(timeout: 60) == 0 else { throw BenchFailure("the seeder did not exit with status 0") }
+    if let e = try? event(said), let on = e["auto_on_windows"] as? Int, let off = e["auto_off_windows"] as? Int,
+       let records = e["records"] as? Int, let compressed = e["compressed"] as? Int {
+        compressorNote = " (seeder: \(compressed)/\(records) records compressed" + (c.compress == "auto" ? ", auto on in \(on) of \(on + off) windows)" : ")")
+    } else {
+        compressorNote = ""
+    }
     var wire: Double? = nil
     if let rl = relay {
         rl.send("bytes")
@@ -238,7 +252,7 @@ do {
             let r = try migrate(c, pid: pid, secret: secret)
             results[c, default: []].append(r)
             let wire = r.wireBytes.map { String(format: ", %.1f MB on the wire", $0 / 1e6) } ?? ""
-            say(String(format: "round %d  %-10@ %7.2f s, %.1f MB of pages%@", round, c.rawValue, r.seconds, r.pageBytes / 1e6, wire))
+            say(String(format: "round %d  %-10@ %7.2f s, %.1f MB of pages%@%@", round, c.rawValue, r.seconds, r.pageBytes / 1e6, wire, compressorNote))
         }
     }
     say("")
