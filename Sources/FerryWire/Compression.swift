@@ -81,9 +81,14 @@ public enum CompressionLimits {
     /// Records below this are sent raw: requests and small replies gain
     /// nothing worth the call.
     static let minimumBytes = 512
-    /// `auto` compresses when the link drains slower than this share of the
-    /// compressor's input rate (so the compressor is never the bottleneck).
+    /// `auto` starts compressing when the link drains slower than this share
+    /// of the compressor's input rate (so the compressor is never the
+    /// bottleneck)...
     static let linkShare = 0.5
+    /// ...and stops only once the link is faster than the compressor itself:
+    /// the compressor's measured (wall-clock) rate swings with the host's
+    /// load, and a wide band keeps `auto` from flapping on a busy host.
+    static let linkShareToStop = 1.0
     /// ...and only while compressing saves at least this share of the bytes.
     static let minimumSaving = 0.08
     /// `auto` re-evaluates its decision on windows of this length (10 MB at
@@ -260,7 +265,7 @@ final class CompressionGovernor: Sendable {
         let seconds = max(elapsed.inSeconds, 1e-7)
         state.withLock { s in
             let rate = Double(input) / seconds
-            s.compressRate = s.compressRate.map { 0.7 * $0 + 0.3 * rate } ?? rate
+            s.compressRate = s.compressRate.map { 0.8 * $0 + 0.2 * rate } ?? rate
             let saving = 1 - Double(output ?? input) / Double(input)
             s.saving = s.saving.map { 0.7 * $0 + 0.3 * saving } ?? saving
             s.stats.attempts += 1
@@ -299,8 +304,8 @@ final class CompressionGovernor: Sendable {
 
     private static func decide(_ s: State) -> Bool {
         guard let link = s.linkRate, let c = s.compressRate, let saving = s.saving else { return false }
-        // Hysteresis: once on, stay on until the link is clearly fast enough.
-        let share = s.compressing ? CompressionLimits.linkShare * 1.2 : CompressionLimits.linkShare
+        // Hysteresis: once on, stay on until the link is as fast as the compressor.
+        let share = s.compressing ? CompressionLimits.linkShareToStop : CompressionLimits.linkShare
         return link < share * c && saving >= CompressionLimits.minimumSaving
     }
 
