@@ -85,9 +85,8 @@ public enum CompressionLimits {
     /// of the compressor's input rate (so the compressor is never the
     /// bottleneck)...
     static let linkShare = 0.5
-    /// ...and stops only once the link is faster than the compressor itself:
-    /// the compressor's measured (wall-clock) rate swings with the host's
-    /// load, and a wide band keeps `auto` from flapping on a busy host.
+    /// ...and stops only once the link is as fast as the compressor itself:
+    /// a wide band keeps `auto` from flapping while the link rate swings.
     static let linkShareToStop = 1.0
     /// ...and only while compressing saves at least this share of the bytes.
     static let minimumSaving = 0.08
@@ -167,6 +166,15 @@ final class Zstd: @unchecked Sendable {
         return out
     }
 
+    /// CPU time of the calling thread: the compressor's rate is measured in
+    /// it, so that it says how fast zstd runs on this data, not how busy the
+    /// host was (bulk workers run at nice +10 and wait behind everything).
+    static func threadCPUTime() -> Duration {
+        var ts = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+        return .seconds(ts.tv_sec) + .nanoseconds(ts.tv_nsec)
+    }
+
     /// Decompresses exactly one zstd frame, refusing anything that declares
     /// more than `limit` bytes (or does not declare its size).
     func decompress(_ frame: [UInt8], limit: Int, peer: String) throws -> [UInt8] {
@@ -211,8 +219,9 @@ final class Zstd: @unchecked Sendable {
 /// - link rate: bytes handed to the transport per second over a window in
 ///   which sends found the queue full (the link set the pace); windows in
 ///   which the producer set the pace only raise the estimate.
-/// - compressor rate and ratio: from every compressed record (and, while
-///   not compressing, from one probe record a second).
+/// - compressor rate and ratio: input bytes per CPU second of every
+///   compressed record (and, while not compressing, of one probe record a
+///   second), so a busy host does not make zstd look slow.
 ///
 /// Starts uncompressed, so a fast link is never slowed while it is measured.
 /// Thread-safe: one `Mutex` holds the estimates.

@@ -323,9 +323,9 @@ public final class SecureChannel: FrameTransport {
         let input = raw
         let level = governor.level
         let run: @Sendable () -> [UInt8]? = {
-            let start = ContinuousClock.now
+            let start = Zstd.threadCPUTime()
             let out = Zstd.shared.compress(input, level: level, suffix: RecordEncoding.zstd.rawValue)
-            governor.compressed(input: input.count, output: out.map { $0.count - 1 }, elapsed: start.duration(to: .now))
+            governor.compressed(input: input.count, output: out.map { $0.count - 1 }, elapsed: Zstd.threadCPUTime() - start)
             return out
         }
         let compressed = input.count >= BulkWorkers.minimumBytes ? await BulkWorkers.shared.run(run) : run()
