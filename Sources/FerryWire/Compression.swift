@@ -96,6 +96,12 @@ public enum CompressionLimits {
     /// While not compressing, `auto` compresses one record in this interval
     /// to keep its compressor rate and ratio current.
     static let probeInterval: Duration = .seconds(1)
+    /// After this many windows of compressing, `auto` checks that frames now
+    /// go out at least `trialGain` x faster than they did uncompressed, and
+    /// otherwise stops for `holdOff` (see `CompressionGovernor`).
+    static let trialWindows = 3
+    static let trialGain = 1.1
+    static let holdOff: Duration = .seconds(5)
     /// A send that waits longer than this found the transport's queue full:
     /// the link, not the producer, sets the pace.
     static let blockedThreshold: Duration = .microseconds(200)
@@ -224,6 +230,12 @@ final class Zstd: @unchecked Sendable {
 ///   second), so a busy host does not make zstd look slow.
 ///
 /// Starts uncompressed, so a fast link is never slowed while it is measured.
+/// Then it checks its own decision: after `trialWindows` windows of
+/// compressing, the frame bytes (before compression) sent per second must
+/// beat the link rate it measured uncompressed by `trialGain`, or it stops
+/// and stays off for `holdOff`. (A receiver starved of CPU on a busy host
+/// drains the queue as slowly as a slow link does; compressing does not help
+/// there, and this is how `auto` finds out.)
 /// Thread-safe: one `Mutex` holds the estimates.
 final class CompressionGovernor: Sendable {
     let mode: CompressionMode
@@ -238,6 +250,11 @@ final class CompressionGovernor: Sendable {
         var windowBytes = 0
         var windowBlocked: Duration = .zero
         var lastProbe: ContinuousClock.Instant? = nil
+        var windowInput = 0                  // frame bytes before compression, this window
+        var rateWhenOff: Double? = nil       // the link rate when compression was switched on
+        var trialRate: Double? = nil         // frame bytes/s since, smoothed
+        var trialWindows = 0
+        var holdOffUntil: ContinuousClock.Instant? = nil
         var stats = CompressionStats()
     }
     private let state: Mutex<State>
@@ -266,6 +283,13 @@ final class CompressionGovernor: Sendable {
                 return false
             }
         }
+    }
+
+    /// Records one frame of `bytes` bytes (before compression) on its way to
+    /// the transport, compressed or not.
+    func encoded(bytes: Int) {
+        guard mode == .auto else { return }
+        state.withLock { $0.windowInput += bytes }
     }
 
     /// Records one compression attempt: input size, output size (nil when
@@ -305,8 +329,30 @@ final class CompressionGovernor: Sendable {
             } else if let l = s.linkRate, rate > l {
                 s.linkRate = rate   // the link is at least this fast
             }
-            s.windowStart = now; s.windowBytes = 0; s.windowBlocked = .zero
-            s.compressing = Self.decide(s)
+            let inputRate = Double(s.windowInput) / span.inSeconds
+            s.windowStart = now; s.windowBytes = 0; s.windowBlocked = .zero; s.windowInput = 0
+            if s.compressing {
+                s.trialWindows += 1
+                s.trialRate = s.trialRate.map { 0.5 * $0 + 0.5 * inputRate } ?? inputRate
+                if s.trialWindows >= CompressionLimits.trialWindows, let before = s.rateWhenOff, let after = s.trialRate,
+                   after < CompressionLimits.trialGain * before {
+                    // Compressing did not move more data than not compressing did.
+                    s.compressing = false
+                    s.holdOffUntil = now + CompressionLimits.holdOff
+                    s.stats.autoTrialsFailed += 1
+                } else {
+                    s.compressing = Self.decide(s)
+                }
+            } else if s.holdOffUntil.map({ now < $0 }) ?? false {
+                s.compressing = false
+            } else {
+                s.compressing = Self.decide(s)
+                if s.compressing {
+                    s.rateWhenOff = s.linkRate
+                    s.trialRate = nil
+                    s.trialWindows = 0
+                }
+            }
             if s.compressing { s.stats.autoOnWindows += 1 } else { s.stats.autoOffWindows += 1 }
         }
     }
@@ -334,6 +380,8 @@ public struct CompressionStats: Sendable, Equatable {
     /// `auto` windows that decided to compress, and not to.
     public var autoOnWindows = 0
     public var autoOffWindows = 0
+    /// Times `auto` switched compression off because it did not speed frames up.
+    public var autoTrialsFailed = 0
 }
 
 extension Duration {

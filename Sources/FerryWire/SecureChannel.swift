@@ -316,6 +316,7 @@ public final class SecureChannel: FrameTransport {
     func encode(_ frame: consuming [UInt8]) async -> [UInt8] {
         guard let governor else { return frame }
         var raw = consume frame
+        governor.encoded(bytes: raw.count)
         guard governor.shouldCompress(bytes: raw.count) else {
             raw.append(RecordEncoding.raw.rawValue)
             return raw

@@ -198,7 +198,8 @@ struct ServeCommand: AsyncParsableCommand {
                                            "records": .int(Int64(c.attempts)), "compressed": .int(Int64(c.compressedRecords)),
                                            "input_bytes": .int(Int64(c.inputBytes)), "output_bytes": .int(Int64(c.outputBytes)),
                                            "wire_bytes": .int(Int64(c.wireBytes)),
-                                           "auto_on_windows": .int(Int64(c.autoOnWindows)), "auto_off_windows": .int(Int64(c.autoOffWindows))],
+                                           "auto_on_windows": .int(Int64(c.autoOnWindows)), "auto_off_windows": .int(Int64(c.autoOffWindows)),
+                                           "auto_trials_failed": .int(Int64(c.autoTrialsFailed))],
                            text: String(format: "seeder: compression (%@) on the connection from %@: %d of %d records compressed, %.1f MB -> %.1f MB",
                                         channel.compression.rawValue, peer, c.compressedRecords, c.attempts,
                                         Double(c.inputBytes) / 1e6, Double(c.outputBytes) / 1e6))

@@ -216,13 +216,36 @@ func maxRSSKiB() -> Int {
         // A compressor at 400 MB/s that halves the data.
         g.compressed(input: 1 << 20, output: 1 << 19, elapsed: .microseconds(2600))
         #expect(!g.shouldCompress(bytes: 1000))   // no link figure yet: stays off
-        // 100 MB/s: every 1 MiB send waits 10 ms on a full queue.
-        for _ in 0..<30 { g.sent(wireBytes: 1 << 20, elapsed: .milliseconds(10)); usleep(10_000) }
+        // 100 MB/s: every 1 MiB send waits 10 ms on a full queue; once
+        // compressing, each 1 MiB on the wire carries 2 MiB of frames.
+        for _ in 0..<60 {
+            g.encoded(bytes: g.shouldCompress(bytes: 1000) ? 2 << 20 : 1 << 20)
+            g.sent(wireBytes: 1 << 20, elapsed: .milliseconds(10)); usleep(10_000)
+        }
         #expect(g.shouldCompress(bytes: 1000))
+        #expect(g.stats.autoTrialsFailed == 0 && g.stats.autoOnWindows > 0)
+
         let fast = CompressionGovernor(mode: .auto)
         fast.compressed(input: 1 << 20, output: 1 << 19, elapsed: .microseconds(2600))
         // Sends never wait: the producer sets the pace.
-        for _ in 0..<30 { fast.sent(wireBytes: 1 << 20, elapsed: .microseconds(20)); usleep(10_000) }
+        for _ in 0..<30 { fast.encoded(bytes: 1 << 20); fast.sent(wireBytes: 1 << 20, elapsed: .microseconds(20)); usleep(10_000) }
         #expect(!fast.shouldCompress(bytes: 1000))
+    }
+
+    @Test func theGovernorStopsWhenCompressingDoesNotHelp() {
+        // A receiver starved of CPU: the queue drains at 100 MB/s of frames
+        // whether they are compressed or not. Auto tries, sees no gain, stops.
+        let g = CompressionGovernor(mode: .auto)
+        g.compressed(input: 1 << 20, output: 1 << 19, elapsed: .microseconds(2600))
+        var wasOn = false
+        for _ in 0..<80 {
+            let on = g.shouldCompress(bytes: 1000)
+            wasOn = wasOn || on
+            g.encoded(bytes: 1 << 20)
+            g.sent(wireBytes: on ? 1 << 19 : 1 << 20, elapsed: .milliseconds(10)); usleep(10_000)
+        }
+        #expect(wasOn)
+        #expect(g.stats.autoTrialsFailed == 1, "\(g.stats)")
+        #expect(!g.shouldCompress(bytes: 1000))   // held off for a while
     }
 }

@@ -208,7 +208,9 @@ func migrate(_ c: Case, pid: Int32, secret: String) throws -> Run {
     guard seeder.waitForExit(timeout: 60) == 0 else { throw BenchFailure("the seeder did not exit with status 0") }
     if let e = try? event(said), let on = e["auto_on_windows"] as? Int, let off = e["auto_off_windows"] as? Int,
        let records = e["records"] as? Int, let compressed = e["compressed"] as? Int {
-        compressorNote = " (seeder: \(compressed)/\(records) records compressed" + (c.compress == "auto" ? ", auto on in \(on) of \(on + off) windows)" : ")")
+        let failed = e["auto_trials_failed"] as? Int ?? 0
+        compressorNote = " (seeder: \(compressed)/\(records) records compressed"
+            + (c.compress == "auto" ? ", auto on in \(on) of \(on + off) windows, \(failed) trials failed)" : ")")
     } else {
         compressorNote = ""
     }
