@@ -18,7 +18,8 @@
 // Measured per run: total time (leecher spawn to exit, every page local and
 // checked, the image written), the leecher's `complete.bytes` (page data),
 // and for the relayed cases the bytes the relay carried (both directions:
-// the bytes on the wire). Rounds interleave the cases; medians are printed,
+// the bytes on the wire). Rounds interleave the cases (odd rounds in order,
+// even rounds reversed, so a drifting load hits every case alike); medians are printed,
 // then the compression ratio (off bytes / zstd bytes on the wire) and the
 // loopback target: auto no more than 5 % slower than off (MET / MISSED).
 //
@@ -262,7 +263,8 @@ do {
 
     var results: [Case: [Run]] = [:]
     for round in 1...settings.runs {
-        for c in settings.cases {
+        // A B C ... then ... C B A: a load that drifts during a round hits every case alike.
+        for c in (round % 2 == 1 ? settings.cases : settings.cases.reversed()) {
             let r = try migrate(c, pid: pid, secret: secret)
             results[c, default: []].append(r)
             let wire = r.wireBytes.map { String(format: ", %.1f MB on the wire", $0 / 1e6) } ?? ""
