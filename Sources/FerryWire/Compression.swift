@@ -115,8 +115,6 @@ public enum CompressionError: Error, CustomStringConvertible, Sendable, Equatabl
     case corrupt(peer: String, reason: String)
     /// A flag value this version does not define.
     case unknownEncoding(peer: String, flag: UInt8)
-    /// A compressed record on a connection that did not negotiate compression.
-    case notNegotiated(peer: String)
 
     public var description: String {
         switch self {
@@ -127,8 +125,6 @@ public enum CompressionError: Error, CustomStringConvertible, Sendable, Equatabl
             return "compressed record from \(peer) is corrupt: \(reason); connection closed"
         case .unknownEncoding(let peer, let flag):
             return "record from \(peer) has unknown encoding flag \(flag); connection closed"
-        case .notNegotiated(let peer):
-            return "\(peer) sent a compressed record though compression was not negotiated; connection closed"
         }
     }
 }

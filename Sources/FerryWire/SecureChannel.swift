@@ -3,6 +3,9 @@
 // runs over it unchanged (Protocols/wire.md § Records).
 //
 // Record = type (1 byte, also the AEAD's associated data) || ciphertext || tag.
+// With compression negotiated (wire version 2), a data record's plaintext is
+// the RPC frame or its zstd compression, then one encoding-flag byte, so the
+// flag is authenticated with the rest (Compression.swift, wire.md § 5.4).
 // The nonce is the direction's implicit 64-bit record counter, so a replayed,
 // reordered, dropped or altered record fails authentication. Each direction
 // ratchets its key (KDF) every `rekeyRecords` records or `rekeyBytes` bytes.

@@ -68,6 +68,34 @@ import FerryTestSupport
     }
 
     @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: python), "python3 is not installed"))
+    func throughAHubWithZstdOnEveryHop() throws {
+        // seeder --(zstd)--> hub --(zstd, through the relay)--> leecher, byte-exact.
+        let child = try startPython(mib: 16)
+        defer { child.stop() }
+        let (seeder, seederAddress) = try harness.startSeeder(pid: child.pid, ["--compress", "zstd"])
+        defer { seeder.stop() }
+        let hub = try ChildProcess(builtExecutable("hub"),
+                                   ["serve", "--listen", "127.0.0.1:0", "--upstream", seederAddress,
+                                    "--secret-file", harness.secretPath, "--compress", "zstd", "--json"])
+        defer { hub.stop() }
+        let line = try hub.expect("{\"event\":\"listening\"")
+        let hubAddress = String(line[try #require(line.range(of: #"127\.0\.0\.1:\d+"#, options: .regularExpression))])
+        let relay = try Relay(to: hubAddress)
+        defer { relay.stop() }
+        let out = scratchDirectory("hub-zstd")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let leecher = try harness.startLeecher("127.0.0.1:\(relay.port)", out: out, ["--compress", "zstd"])
+        defer { leecher.stop() }
+        let complete = try leecher.expect("{\"event\":\"complete\"", timeout: 120)
+        #expect(leecher.waitForExit() == 0)
+        let report = try ImageVerifier.compare(directory: out, pid: child.pid)
+        #expect(report.matches, "\(report)")
+        let bytes = complete.range(of: #""bytes":\d+"#, options: .regularExpression).map { Int(complete[$0].dropFirst(8))! } ?? 0
+        let wire = try #require(relay.bytes())
+        #expect(bytes > 12 << 20 && wire.toClient < bytes / 2, "\(wire.toClient) bytes on the wire for \(bytes) bytes of pages")
+    }
+
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: python), "python3 is not installed"))
     func aSeederThatSaysOffGetsUncompressedRecords() throws {
         let child = try startPython(mib: 8)
         defer { child.stop() }
