@@ -313,9 +313,12 @@ final class CompressionGovernor: Sendable {
         }
         state.withLock { s in
             s.stats.wireBytes += wireBytes
+            let now = ContinuousClock.now
+            // A window starts with its first record: idle time before it
+            // (the handshake, Track, a pause between requests) says nothing of the link.
+            if s.windowBytes == 0 { s.windowStart = now - elapsed }
             s.windowBytes += wireBytes
             if elapsed >= CompressionLimits.blockedThreshold { s.windowBlocked += elapsed }
-            let now = ContinuousClock.now
             let span = s.windowStart.duration(to: now)
             guard span >= CompressionLimits.window else { return }
             let rate = Double(s.windowBytes) / span.inSeconds

@@ -172,7 +172,7 @@ func maxRSSKiB() -> Int {
         await #expect { try await s.receive() } throws: { e in
             "\(e)".contains("declares 4294967296 bytes, over the limit of \(WireLimits.maxFrame) bytes (a decompression bomb?)")
         }
-        #expect(maxRSSKiB() - before < 64 << 10, "memory stayed bounded: \(maxRSSKiB() - before) KiB")
+        #expect(maxRSSKiB() - before < 256 << 10, "memory stayed bounded: \(maxRSSKiB() - before) KiB")   // 4 GiB if it were decoded; slack for tests running beside it
     }
 
     @Test func aBombThatLiesAboutItsSizeIsRefused() async throws {
@@ -181,7 +181,7 @@ func maxRSSKiB() -> Int {
         // Declares 1 MiB, holds 4 GiB of blocks: decoding stops at the bound.
         try await c.sendEncoded(zstdBomb(declared: 1 << 20, blocks: 32768) + [RecordEncoding.zstd.rawValue])
         await #expect { try await s.receive() } throws: { "\($0)".contains("is corrupt") }
-        #expect(maxRSSKiB() - before < 64 << 10, "memory stayed bounded: \(maxRSSKiB() - before) KiB")
+        #expect(maxRSSKiB() - before < 256 << 10, "memory stayed bounded: \(maxRSSKiB() - before) KiB")   // 4 GiB if it were decoded; slack for tests running beside it
     }
 
     @Test func aFrameWithoutAContentSizeIsRefused() async throws {
