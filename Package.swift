@@ -26,10 +26,16 @@ let package = Package(
             pkgConfig: "libuv",
             providers: [.apt(["libuv1-dev"])]
         ),
+        // Record compression for slow links (issue 14).
+        .systemLibrary(
+            name: "CZstd",
+            pkgConfig: "libzstd",
+            providers: [.apt(["libzstd-dev"])]
+        ),
         // Kernel facilities: maps, freezer, remote syscall, userfaultfd, trackers, page reader.
         .target(name: "FerrySystem", dependencies: ["CFerryLinux"]),
         // Transports, secure channel, RPC.
-        .target(name: "FerryWire", dependencies: ["CUV", "CSodium"]),
+        .target(name: "FerryWire", dependencies: ["CUV", "CSodium", "CZstd"]),
         // Seeder, leecher, hub, heuristics, page store, image format.
         .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "CSodium"]),
         // What the three commands share: credential flags, JSON events, progress, exit codes.
@@ -66,6 +72,8 @@ let package = Package(
         .executableTarget(name: "ferry-bench-bookkeeping", dependencies: ["FerryMigration"], path: "Tools/bench-bookkeeping"),
         // Migration benchmark: seeder and leecher processes under load, against stop-and-copy and the link (issue 10).
         .executableTarget(name: "ferry-bench-migrate", dependencies: ["FerryTestSupport"], path: "Tools/bench-migrate"),
+        // Compression benchmark: a CPython heap through a 100 MB/s relay, zstd vs off, and auto vs off on loopback (issue 14).
+        .executableTarget(name: "ferry-bench-compress", dependencies: ["FerryTestSupport"], path: "Tools/bench-compress"),
         // A process whose main thread has exited while two threads write (issue 15, class 4).
         .executableTarget(name: "deadleader", path: "Tools/deadleader"),
         // Man pages from a command's --experimental-dump-help JSON (Tools/install.sh).

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building Ferry needs on Debian 12, only when missing:
-# libsodium-dev and libuv1-dev (pkg-config finds them). Run as root.
+# libsodium-dev, libuv1-dev and libzstd-dev (pkg-config finds them). Run as root.
 set -euo pipefail
 need=()
-for pkg in libsodium-dev libuv1-dev pkg-config "$@"; do
+for pkg in libsodium-dev libuv1-dev libzstd-dev pkg-config "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if ((${#need[@]})); then

@@ -48,7 +48,12 @@ enum WireMessageType: UInt8 {
 /// Handshake constants.
 enum HandshakeConstants {
     static let magic: [UInt8] = Array("FRRY".utf8)
+    /// Version 1: no options. Version 2 (wire.md § 4.6) adds the compression
+    /// offer to ClientHello and the choice to ServerHello. A client that offers
+    /// nothing sends version 1, so it still talks to version-1 servers.
     static let version: UInt16 = 1
+    static let compressionVersion: UInt16 = 2
+    static let supportedVersions: [UInt16] = [1, 2]
     static let protocolName: [UInt8] = Array("ferry-wire-v1".utf8)
     static let serverSignatureLabel: [UInt8] = Array("ferry-wire-v1 server signature".utf8)
     static let clientSignatureLabel: [UInt8] = Array("ferry-wire-v1 client signature".utf8)
@@ -122,6 +127,8 @@ struct SessionKeys: Sendable {
     var receiveKey: [UInt8]
     var peerPublicKey: PublicKey?
     var transcriptHash: [UInt8]
+    /// The negotiated record compression (`off` unless both sides offered it).
+    var compression: CompressionMode = .off
 }
 
 /// The key schedule (wire.md § Cryptographic construction).
@@ -153,7 +160,8 @@ enum Reject {
     }
 
     /// Parses a Reject frame into the error the receiving side reports.
-    static func parse(_ frame: [UInt8], peer: String, peerRole: String, mode: AuthMode, ourKey: PublicKey?) -> HandshakeError {
+    static func parse(_ frame: [UInt8], peer: String, peerRole: String, mode: AuthMode, ourKey: PublicKey?,
+                      ourVersion: UInt16 = HandshakeConstants.version) -> HandshakeError {
         var r = WireReader(frame, from: 1)
         let code = (try? r.u8("reject code")).flatMap(HandshakeFailure.init(rawValue:)) ?? .internalError
         let said = (try? r.bytes16("reject text", limit: WireLimits.maxReasonText)).map { sanitize($0) } ?? ""
@@ -164,7 +172,9 @@ enum Reject {
         case .keyMismatch: detail = "\(peerRole) rejected our key: it does not match the key it pinned\(ours)"
         case .authenticationFailed where mode == .preSharedSecret:
             detail = "\(peerRole) rejected the connection: the pre-shared secrets differ; check that both sides use the same --secret-file"
-        case .unsupportedVersion: detail = "\(peerRole) does not support wire protocol version \(HandshakeConstants.version); upgrade one side"
+        case .unsupportedVersion where ourVersion >= HandshakeConstants.compressionVersion:
+            detail = "\(peerRole) does not support wire protocol version \(ourVersion) (compression); upgrade it, or use --compress off to talk to it"
+        case .unsupportedVersion: detail = "\(peerRole) does not support wire protocol version \(ourVersion); upgrade one side"
         case .modeMismatch: detail = "\(peerRole) rejected the connection: it expects the other authentication mode (we offered \(mode.text))"
         case .busy: detail = "\(peerRole) is busy: too many connections are in their handshake there; retry in a few seconds"
         default: detail = "\(peerRole) rejected the connection: \(code)"
@@ -213,12 +223,13 @@ struct HandshakeContext {
         return kp.publicKey.bytes + (try kp.sign(label + hash))
     }
 
-    func checkFrame(_ frame: [UInt8], expect: WireMessageType, peerRole: String, stage: String) throws {
+    func checkFrame(_ frame: [UInt8], expect: WireMessageType, peerRole: String, stage: String,
+                    ourVersion: UInt16 = HandshakeConstants.version) throws {
         guard let t = frame.first else {
             throw reject(.malformed, "\(peerRole) sent an empty frame during the handshake (\(stage))", tell: "empty handshake frame")
         }
         if t == WireMessageType.reject.rawValue {
-            throw Reject.parse(frame, peer: peer, peerRole: peerRole, mode: credentials.mode, ourKey: ourKey)
+            throw Reject.parse(frame, peer: peer, peerRole: peerRole, mode: credentials.mode, ourKey: ourKey, ourVersion: ourVersion)
         }
         guard t == expect.rawValue else {
             throw reject(.malformed, "\(peerRole) sent message type \(t) where \(stage) (type \(expect.rawValue)) was expected; is it a Ferry peer of the same version?",
@@ -233,19 +244,25 @@ struct ClientHandshake {
     private(set) var state = State.start
     let ctx: HandshakeContext
     let offerAES: Bool
+    /// What we offer: `off` sends a version-1 ClientHello with no offer.
+    let compression: CompressionMode
     private var hash: [UInt8] = []
     private var hs: [UInt8] = []
     private var suite = CipherSuite.xchacha20poly1305
     private var peerKey: PublicKey? = nil
+    private var negotiated = CompressionMode.off
+
+    var sentVersion: UInt16 { compression == .off ? HandshakeConstants.version : HandshakeConstants.compressionVersion }
 
     init(credentials: Credentials, peer: String, roles: HandshakeRoles = .init(), offerAES: Bool = CipherSuite.aesAvailable,
-         ephemeral: (SecretBytes, [UInt8])? = nil) throws {
+         compression: CompressionMode = .off, ephemeral: (SecretBytes, [UInt8])? = nil) throws {
         if case .keys(_, let authorized, let pin) = credentials, pin == nil, authorized.isEmpty {
             throw HandshakeError(failure: .internalError, rejectedByPeer: false, peer: peer,
                                  detail: "no way to authenticate \(roles.server): pin its public key or list it in the --authorized file")
         }
         ctx = try HandshakeContext(credentials: credentials, peer: peer, roles: roles, ephemeral: ephemeral)
         self.offerAES = offerAES
+        self.compression = compression
     }
 
     /// Message 1: ClientHello.
@@ -254,12 +271,17 @@ struct ClientHandshake {
         var w = WireWriter()
         w.u8(WireMessageType.clientHello.rawValue)
         w.raw(HandshakeConstants.magic)
-        w.u16(HandshakeConstants.version)
+        w.u16(sentVersion)
         w.u8(ctx.credentials.mode.rawValue)
         let ciphers: [CipherSuite] = offerAES ? [.aes256gcm, .xchacha20poly1305] : [.xchacha20poly1305]
         w.u8(UInt8(ciphers.count))
         for c in ciphers { w.u8(c.rawValue) }
         w.raw(ctx.ephemeralPublic)
+        if sentVersion >= HandshakeConstants.compressionVersion {
+            // Version 2: compression_mode, then the algorithms we support.
+            w.u8(compression.wireValue)
+            w.u8(1); w.u8(CompressionAlgorithm.zstd.rawValue)
+        }
         hash = try KeySchedule.mixHash(try KeySchedule.initialHash(), w.bytes)
         state = .sentHello
         return w.bytes
@@ -269,19 +291,32 @@ struct ClientHandshake {
     mutating func handleServerHello(_ frame: [UInt8]) throws -> [UInt8] {
         precondition(state == .sentHello, "ServerHello handled out of order")
         let server = ctx.roles.server
-        try ctx.checkFrame(frame, expect: .serverHello, peerRole: server, stage: "ServerHello")
+        try ctx.checkFrame(frame, expect: .serverHello, peerRole: server, stage: "ServerHello", ourVersion: sentVersion)
         var r = WireReader(frame, from: 1)
         let parsed: (UInt16, UInt8, [UInt8])
+        var choice: (algorithm: UInt8, mode: UInt8) = (0, 0)
         do {
             parsed = (try r.u16("version"), try r.u8("cipher"), try r.raw(X25519.keyBytes, "ephemeral key"))
+            if parsed.0 == HandshakeConstants.compressionVersion, sentVersion == parsed.0 {
+                choice = (try r.u8("compression algorithm"), try r.u8("compression mode"))
+            }
         } catch {
             throw ctx.reject(.malformed, "\(server) sent a malformed ServerHello: \(error.what)", tell: "malformed ServerHello")
         }
         let (version, cipherID, eServer) = parsed
-        guard version == HandshakeConstants.version else {
-            throw ctx.reject(.unsupportedVersion, "\(server) answered with wire version \(version); this side speaks version \(HandshakeConstants.version)",
+        guard version == sentVersion else {
+            throw ctx.reject(.unsupportedVersion, "\(server) answered with wire version \(version); this side sent version \(sentVersion)",
                              tell: "version \(version) not supported")
         }
+        // The choice must be one our offer allows (it is in h2, so authenticated below).
+        guard let chosenMode = CompressionMode(wireValue: choice.mode),
+              (choice.algorithm == 0 && chosenMode == .off)
+                || (choice.algorithm == CompressionAlgorithm.zstd.rawValue && chosenMode != .off
+                    && CompressionMode.negotiate(compression, chosenMode) == chosenMode) else {
+            throw ctx.reject(.malformed, "\(server) chose compression \(choice.algorithm) in mode \(choice.mode), which our offer (\(compression)) does not allow",
+                             tell: "compression choice not offered")
+        }
+        negotiated = chosenMode
         guard let chosen = CipherSuite(rawValue: cipherID), chosen == .xchacha20poly1305 || (chosen == .aes256gcm && offerAES) else {
             throw ctx.reject(.noCommonCipher, "\(server) chose cipher \(cipherID), which this side did not offer", tell: "cipher not offered")
         }
@@ -351,7 +386,7 @@ struct ClientHandshake {
         var ms = try KeySchedule.kdf(hs, "ferry master", hash)
         defer { Sodium.wipe(&ms); Sodium.wipe(&hs) }
         return SessionKeys(suite: suite, sendKey: try KeySchedule.kdf(ms, "ferry data c2s"), receiveKey: try KeySchedule.kdf(ms, "ferry data s2c"),
-                           peerPublicKey: peerKey, transcriptHash: hash)
+                           peerPublicKey: peerKey, transcriptHash: hash, compression: negotiated)
     }
 }
 
@@ -361,18 +396,22 @@ struct ServerHandshake {
     private(set) var state = State.start
     let ctx: HandshakeContext
     let allowAES: Bool
+    /// What this side accepts; the result is `CompressionMode.negotiate` of both offers.
+    let compression: CompressionMode
     private var hash: [UInt8] = []
     private var hs: [UInt8] = []
     private var suite = CipherSuite.xchacha20poly1305
+    private var negotiated = CompressionMode.off
 
     init(credentials: Credentials, peer: String, roles: HandshakeRoles = .init(), allowAES: Bool = CipherSuite.aesAvailable,
-         ephemeral: (SecretBytes, [UInt8])? = nil) throws {
+         compression: CompressionMode = .off, ephemeral: (SecretBytes, [UInt8])? = nil) throws {
         if case .keys(_, let authorized, _) = credentials, authorized.isEmpty {
             throw HandshakeError(failure: .internalError, rejectedByPeer: false, peer: peer,
                                  detail: "the authorized list is empty, so every \(roles.client.replacingPrefix("the ", with: "")) would be rejected; add their public keys to the --authorized file")
         }
         ctx = try HandshakeContext(credentials: credentials, peer: peer, roles: roles, ephemeral: ephemeral)
         self.allowAES = allowAES
+        self.compression = compression
     }
 
     /// Message 1 in, message 2 out.
@@ -387,16 +426,22 @@ struct ServerHandshake {
         guard magic == HandshakeConstants.magic else {
             throw ctx.reject(.malformed, "\(client) is not speaking the Ferry wire protocol (bad magic \(magic.hexString))", tell: "not a Ferry ClientHello")
         }
-        guard version == HandshakeConstants.version else {
-            throw ctx.reject(.unsupportedVersion, "\(client) speaks wire version \(version); this side speaks version \(HandshakeConstants.version)",
-                             tell: "supported versions: \(HandshakeConstants.version)")
+        guard HandshakeConstants.supportedVersions.contains(version) else {
+            let list = HandshakeConstants.supportedVersions.map(String.init).joined(separator: ", ")
+            throw ctx.reject(.unsupportedVersion, "\(client) speaks wire version \(version); this side speaks versions \(list)",
+                             tell: "supported versions: \(list)")
         }
         let modeByte: UInt8, ciphers: [UInt8], eClient: [UInt8]
+        var offer: (mode: UInt8, algorithms: [UInt8]) = (0, [])
         do {
             modeByte = try r.u8("mode")
             let n = Int(try r.u8("cipher count"))
             ciphers = try r.raw(n, "cipher list")
             eClient = try r.raw(X25519.keyBytes, "ephemeral key")
+            if version >= HandshakeConstants.compressionVersion {
+                offer.mode = try r.u8("compression mode")
+                offer.algorithms = try r.raw(Int(try r.u8("compression algorithm count")), "compression algorithms")
+            }
             try r.expectEnd("ClientHello")
         } catch { throw ctx.reject(.malformed, "\(client) sent a malformed ClientHello: \(error.what)", tell: "malformed ClientHello") }
         guard let mode = AuthMode(rawValue: modeByte) else {
@@ -410,9 +455,21 @@ struct ServerHandshake {
         else if ciphers.contains(CipherSuite.xchacha20poly1305.rawValue) { suite = .xchacha20poly1305 }
         else { throw ctx.reject(.noCommonCipher, "\(client) offered no cipher this side supports (offered \(ciphers))", tell: "no common cipher") }
 
+        guard let clientCompression = CompressionMode(wireValue: offer.mode) else {
+            throw ctx.reject(.malformed, "\(client) asked for unknown compression mode \(offer.mode)", tell: "unknown compression mode")
+        }
+        // Unknown algorithm ids are ignored (a later client may offer more).
+        if offer.algorithms.contains(CompressionAlgorithm.zstd.rawValue) {
+            negotiated = CompressionMode.negotiate(clientCompression, compression)
+        }
+
         let h1 = try KeySchedule.mixHash(try KeySchedule.initialHash(), frame)
         var w = WireWriter()
-        w.u8(WireMessageType.serverHello.rawValue); w.u16(HandshakeConstants.version); w.u8(suite.rawValue); w.raw(ctx.ephemeralPublic)
+        w.u8(WireMessageType.serverHello.rawValue); w.u16(version); w.u8(suite.rawValue); w.raw(ctx.ephemeralPublic)
+        if version >= HandshakeConstants.compressionVersion {
+            w.u8(negotiated == .off ? 0 : CompressionAlgorithm.zstd.rawValue)
+            w.u8(negotiated.wireValue)
+        }
         let h2 = try KeySchedule.mixHash(h1, w.bytes)
         var ee: [UInt8]
         do { ee = try X25519.sharedSecret(ctx.ephemeralSecret, eClient) }
@@ -466,7 +523,7 @@ struct ServerHandshake {
         var ms = try KeySchedule.kdf(hs, "ferry master", hash)
         defer { Sodium.wipe(&ms); Sodium.wipe(&hs) }
         return (reply, SessionKeys(suite: suite, sendKey: try KeySchedule.kdf(ms, "ferry data s2c"), receiveKey: try KeySchedule.kdf(ms, "ferry data c2s"),
-                                   peerPublicKey: peerKey, transcriptHash: hash))
+                                   peerPublicKey: peerKey, transcriptHash: hash, compression: negotiated))
     }
 }
 

@@ -92,7 +92,7 @@ struct RPCMessage: Equatable, Sendable {
     static func frame(_ type: RPCMessageType, id: UInt32, code: UInt16 = 0, payload: consuming [UInt8] = []) -> [UInt8] {
         var b = consume payload
         let len = UInt32(b.count)
-        b.reserveCapacity(b.count + trailerBytes + 1)
+        b.reserveCapacity(b.count + trailerBytes + 2)   // + the record's encoding flag (wire.md § 5.4), appended in place
         b.append(type.rawValue)
         b.append(0)   // flags, reserved
         b.append(UInt8(truncatingIfNeeded: id >> 24)); b.append(UInt8(truncatingIfNeeded: id >> 16))
@@ -267,7 +267,7 @@ final class Outbox: Sendable {
     /// when the outbox fails or closes, or the transport fails.
     func runWriter(transport: FrameTransport, batchBytes: Int = WireLimits.batchBytes) async {
         let channel = transport as? SecureChannel
-        while let items = await takeAll() {
+        while var items = await takeAll() {
             var frames: [[UInt8]] = []
             var i = 0
             while i < items.count {
@@ -276,11 +276,21 @@ final class Outbox: Sendable {
                 if size < batchBytes {
                     while j < items.count, size + items[j].count - 1 <= batchBytes { size += items[j].count - 1; j += 1 }
                 }
-                frames.append(j == i + 1 ? items[i] : RPCMessage.batch(items[i..<j]))
+                if j == i + 1 {
+                    // Moved, not copied: a uniquely referenced frame takes the
+                    // record's encoding flag in place (SecureChannel.encode).
+                    var f: [UInt8] = []
+                    swap(&f, &items[i])
+                    frames.append(f)
+                } else {
+                    frames.append(RPCMessage.batch(items[i..<j]))
+                }
                 i = j
             }
             do {
-                if let channel, frames.count > 1, frames.contains(where: { $0.count >= batchBytes }) {
+                if let channel, channel.compression != .off {
+                    try await Self.sendCompressed(&frames, channel: channel, batchBytes: batchBytes)
+                } else if let channel, frames.count > 1, frames.contains(where: { $0.count >= batchBytes }) {
                     // Several frames, some large: fix their order now, then seal
                     // them concurrently (one child task each, as many cores as
                     // the pool has); the channel sends them in order.
@@ -298,6 +308,52 @@ final class Outbox: Sendable {
             }
             drained()
         }
+    }
+}
+
+extension Outbox {
+    /// Encodes (compresses) the frames concurrently, each taken out of
+    /// `frames` so its buffer is uniquely referenced and the encoding flag is
+    /// appended in place; then sends them in order, sealing large ones
+    /// concurrently as `runWriter` does without compression.
+    static func sendCompressed(_ frames: inout [[UInt8]], channel: SecureChannel, batchBytes: Int) async throws {
+        if frames.count == 1 {
+            let f = frames[0]; frames[0] = []
+            try await channel.sendEncoded(await channel.encode(f))
+            return
+        }
+        var encoded = [[UInt8]](repeating: [], count: frames.count)
+        await withTaskGroup(of: (Int, [UInt8]).self) { group in
+            for i in frames.indices {
+                let box = FrameBox(frames[i]); frames[i] = []
+                group.addTask { (i, await channel.encode(box.take())) }
+            }
+            for await (i, e) in group { encoded[i] = e }
+        }
+        if encoded.contains(where: { $0.count >= batchBytes }) {
+            let reserved = try encoded.map { try channel.reserve(payload: $0) }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for r in reserved { group.addTask { try await channel.sendReserved(r) } }
+                try await group.waitForAll()
+            }
+        } else {
+            for e in encoded { try await channel.sendEncoded(e) }
+        }
+    }
+}
+
+/// Hands one frame to a child task without a second reference to its buffer
+/// (a captured array would be copied when the encoding flag is appended).
+///
+/// `@unchecked Sendable` invariant: `take()` is called once, by the one task
+/// the box was made for, after the creating task stopped touching it.
+private final class FrameBox: @unchecked Sendable {
+    private var frame: [UInt8]
+    init(_ frame: consuming [UInt8]) { self.frame = frame }
+    func take() -> [UInt8] {
+        var out: [UInt8] = []
+        swap(&out, &frame)
+        return out
     }
 }
 

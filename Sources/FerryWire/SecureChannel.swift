@@ -3,6 +3,9 @@
 // runs over it unchanged (Protocols/wire.md § Records).
 //
 // Record = type (1 byte, also the AEAD's associated data) || ciphertext || tag.
+// With compression negotiated (wire version 2), a data record's plaintext is
+// the RPC frame or its zstd compression, then one encoding-flag byte, so the
+// flag is authenticated with the rest (Compression.swift, wire.md § 5.4).
 // The nonce is the direction's implicit 64-bit record counter, so a replayed,
 // reordered, dropped or altered record fails authentication. Each direction
 // ratchets its key (KDF) every `rekeyRecords` records or `rekeyBytes` bytes.
@@ -25,6 +28,11 @@ public struct SecureChannelOptions: Sendable {
     public var maxIncomingPayload: Int = WireLimits.maxFrame
     /// Offer/accept AES-256-GCM when this CPU has it (false forces XChaCha20-Poly1305).
     public var allowAES: Bool = CipherSuite.aesAvailable
+    /// Record compression this side offers (`--compress`); `off` offers
+    /// nothing and sends a version-1 ClientHello (wire.md § 4.6, § 5.4).
+    public var compression: CompressionMode = .off
+    /// zstd level for compressed records.
+    public var compressionLevel: Int32 = CompressionLimits.defaultLevel
     /// Names for messages ("the seeder", "the leecher").
     public var roles = HandshakeRoles()
     /// Records (of 64 KiB or more) opened in parallel ahead of `receive()`;
@@ -59,6 +67,8 @@ public enum SecureChannelError: Error, CustomStringConvertible, Sendable, Equata
     case closed(peer: String)
     /// A payload over the peer-agreed limit.
     case payloadTooLarge(peer: String, size: Int, limit: Int)
+    /// A compressed record that does not decompress within the limits.
+    case badCompressedRecord(CompressionError)
 
     public var description: String {
         switch self {
@@ -76,6 +86,8 @@ public enum SecureChannelError: Error, CustomStringConvertible, Sendable, Equata
             return "secure channel to \(peer) is closed"
         case .payloadTooLarge(let peer, let size, let limit):
             return "payload of \(size) bytes for \(peer) is over the limit of \(limit) bytes"
+        case .badCompressedRecord(let e):
+            return e.description
         }
     }
 }
@@ -91,6 +103,11 @@ public final class SecureChannel: FrameTransport {
     let transcriptHash: [UInt8]
     private let options: SecureChannelOptions
     private let overhead: Int
+    /// The negotiated record compression; when not `off`, every data record's
+    /// plaintext ends with an encoding flag (wire.md § 5.4).
+    public let compression: CompressionMode
+    /// Decides per record whether to compress (nil when `off`).
+    let governor: CompressionGovernor?
 
     private struct Direction {
         var key: AEADKey
@@ -124,10 +141,12 @@ public final class SecureChannel: FrameTransport {
         self.transcriptHash = keys.transcriptHash
         self.options = options
         self.overhead = keys.suite.overhead
+        self.compression = keys.compression
+        self.governor = keys.compression == .off ? nil : CompressionGovernor(mode: keys.compression, level: options.compressionLevel)
         sendState = Mutex(SendState(dir: Direction(key: try AEADKey(suite: keys.suite, key: keys.sendKey), keyBytes: keys.sendKey)))
         receiveState = Mutex(ReceiveState(dir: Direction(key: try AEADKey(suite: keys.suite, key: keys.receiveKey), keyBytes: keys.receiveKey)))
         maxPayload = Atomic(options.maxIncomingPayload)
-        transport.setMaxIncomingFrameSize(options.maxIncomingPayload + 1 + overhead)
+        transport.setMaxIncomingFrameSize(options.maxIncomingPayload + 1 + overhead + (keys.compression == .off ? 0 : 1))
     }
 
     deinit {
@@ -146,7 +165,8 @@ public final class SecureChannel: FrameTransport {
         var hs: ClientHandshake
         let hello: [UInt8]
         do {
-            hs = try ClientHandshake(credentials: credentials, peer: peer, roles: options.roles, offerAES: options.allowAES)
+            hs = try ClientHandshake(credentials: credentials, peer: peer, roles: options.roles, offerAES: options.allowAES,
+                                     compression: options.compression)
             hello = try hs.hello()
         } catch { transport.close(); throw error }   // a configuration error: the peer must not wait for us
         let h = hs
@@ -165,7 +185,10 @@ public final class SecureChannel: FrameTransport {
         transport.setMaxIncomingFrameSize(WireLimits.handshakeMaxFrame)
         let peer = transport.peerDescription
         let h: ServerHandshake
-        do { h = try ServerHandshake(credentials: credentials, peer: peer, roles: options.roles, allowAES: options.allowAES) }
+        do {
+            h = try ServerHandshake(credentials: credentials, peer: peer, roles: options.roles, allowAES: options.allowAES,
+                                    compression: options.compression)
+        }
         catch { transport.close(); throw error }   // a configuration error: the peer must not wait for us
         let keys = try await runHandshake(transport, options: options, peerRole: options.roles.client) { io in
             var hs = h
@@ -280,7 +303,54 @@ public final class SecureChannel: FrameTransport {
     }
 
     public func send(_ frame: [UInt8]) async throws {
-        try await sendRecord(type: WireMessageType.data.rawValue, payload: frame)
+        try await sendRecord(type: WireMessageType.data.rawValue, payload: await encode(frame))
+    }
+
+    /// Sends a data record whose plaintext `encode` produced.
+    func sendEncoded(_ plaintext: [UInt8]) async throws {
+        try await sendRecord(type: WireMessageType.data.rawValue, payload: plaintext)
+    }
+
+    /// Turns an RPC frame into a data record's plaintext: unchanged without
+    /// compression; otherwise the frame or its zstd compression, followed by
+    /// the encoding flag (wire.md § 5.4). Large frames are compressed on the
+    /// bulk workers. The flag is appended in place when the frame is uniquely
+    /// referenced with spare capacity (RPC frames reserve it).
+    func encode(_ frame: consuming [UInt8]) async -> [UInt8] {
+        guard let governor else { return frame }
+        var raw = consume frame
+        governor.encoded(bytes: raw.count)
+        guard governor.shouldCompress(bytes: raw.count) else {
+            raw.append(RecordEncoding.raw.rawValue)
+            return raw
+        }
+        let input = raw
+        let level = governor.level
+        let run: @Sendable () -> [UInt8]? = {
+            let start = Zstd.threadCPUTime()
+            let out = Zstd.shared.compress(input, level: level, suffix: RecordEncoding.zstd.rawValue)
+            governor.compressed(input: input.count, output: out.map { $0.count - 1 }, elapsed: Zstd.threadCPUTime() - start)
+            return out
+        }
+        let compressed = input.count >= BulkWorkers.minimumBytes ? await BulkWorkers.shared.run(run) : run()
+        if let compressed { return compressed }
+        raw = input
+        raw.append(RecordEncoding.raw.rawValue)
+        return raw
+    }
+
+    /// What the compressor did on this channel's sending side (nil when off).
+    public var compressionStats: CompressionStats? { governor?.stats }
+
+    /// Undoes `encode` on a received plaintext, within the payload limit.
+    static func decode(_ plain: consuming [UInt8], limit: Int, peer: String) throws -> [UInt8] {
+        var p = consume plain
+        guard let flag = p.popLast() else { throw CompressionError.corrupt(peer: peer, reason: "record has no encoding flag") }
+        switch RecordEncoding(rawValue: flag) {
+        case .raw: return p
+        case .zstd: return try Zstd.shared.decompress(p, limit: limit, peer: peer)
+        case nil: throw CompressionError.unknownEncoding(peer: peer, flag: flag)
+        }
     }
 
     /// A record whose counter and key are fixed but which is not yet sealed
@@ -331,7 +401,15 @@ public final class SecureChannel: FrameTransport {
         if case .failure(let e) = sealed { passTurn(counter); throw e }
         if let f = sendState.withLock({ $0.failure }) { passTurn(counter); throw f }
         do {
-            try await transport.send(try sealed.get())
+            let record = try sealed.get()
+            if let governor {
+                let bytes = record.count
+                let start = ContinuousClock.now
+                try await transport.send(record)
+                governor.sent(wireBytes: bytes, elapsed: start.duration(to: .now))
+            } else {
+                try await transport.send(record)
+            }
         } catch {
             // A record that never reached the transport leaves a gap the peer
             // cannot skip: the channel is finished.
@@ -382,7 +460,7 @@ public final class SecureChannel: FrameTransport {
     /// One received record: opened (or failed), or being opened by a task.
     private enum Slot {
         case ready(Result<[UInt8]?, Error>, last: Bool)
-        case opening(Task<[UInt8]?, Never>, counter: UInt64)
+        case opening(Task<Result<[UInt8], SecureChannelError>, Never>, counter: UInt64)
     }
 
     /// Receives and checks the next record, assigning its counter and key in
@@ -412,20 +490,36 @@ public final class SecureChannel: FrameTransport {
         guard case .success(let (counter, key)) = advanced else {
             return .ready(.failure(fail(.closed(peer: peer))), last: true)
         }
+        let decodeLimit: Int? = compression == .off || type != WireMessageType.data.rawValue ? nil : maxPayload.load(ordering: .relaxed)
         if deferLargeOpens, type == WireMessageType.data.rawValue, plainCount >= Self.parallelOpenMinimum {
-            return .opening(Task { await BulkWorkers.shared.run { Self.openRecord(frame, key: key, counter: counter) } }, counter: counter)
+            return .opening(Task { await BulkWorkers.shared.run { Self.openData(frame, key: key, counter: counter, decodeLimit: decodeLimit, peer: peer) } },
+                            counter: counter)
         }
         let opened = plainCount >= BulkWorkers.minimumBytes
-            ? await BulkWorkers.shared.run { Self.openRecord(frame, key: key, counter: counter) }
-            : Self.openRecord(frame, key: key, counter: counter)
-        guard let plain = opened else {
-            return .ready(.failure(fail(.authenticationFailed(peer: peer, record: counter))), last: true)
+            ? await BulkWorkers.shared.run { Self.openData(frame, key: key, counter: counter, decodeLimit: decodeLimit, peer: peer) }
+            : Self.openData(frame, key: key, counter: counter, decodeLimit: decodeLimit, peer: peer)
+        let plain: [UInt8]
+        switch opened {
+        case .success(let p): plain = p
+        case .failure(let e): return .ready(.failure(fail(e)), last: true)
         }
         if type == WireMessageType.close.rawValue {
             receiveState.withLock { $0.ended = true }
             return .ready(.success(nil), last: true)
         }
         return .ready(.success(plain), last: false)
+    }
+
+    /// Opens a record and, when `decodeLimit` is set (compression negotiated,
+    /// data record), undoes its encoding within that many bytes.
+    static func openData(_ frame: [UInt8], key: AEADKey, counter: UInt64, decodeLimit: Int?, peer: String) -> Result<[UInt8], SecureChannelError> {
+        guard let plain = openRecord(frame, key: key, counter: counter) else {
+            return .failure(.authenticationFailed(peer: peer, record: counter))
+        }
+        guard let decodeLimit else { return .success(plain) }
+        do { return .success(try decode(plain, limit: decodeLimit, peer: peer)) }
+        catch let e as CompressionError { return .failure(.badCompressedRecord(e)) }
+        catch { return .failure(.badCompressedRecord(.corrupt(peer: peer, reason: "\(error)"))) }
     }
 
     /// Opens a record (type byte || ciphertext || tag); nil when it fails authentication.
@@ -445,9 +539,11 @@ public final class SecureChannel: FrameTransport {
         return ok ? plain : nil
     }
 
-    private func awaitOpen(_ t: Task<[UInt8]?, Never>, _ counter: UInt64) async throws -> [UInt8]? {
-        guard let plain = await t.value else { throw fail(.authenticationFailed(peer: peerDescription, record: counter)) }
-        return plain
+    private func awaitOpen(_ t: Task<Result<[UInt8], SecureChannelError>, Never>, _ counter: UInt64) async throws -> [UInt8]? {
+        switch await t.value {
+        case .success(let plain): return plain
+        case .failure(let e): throw fail(e)
+        }
     }
 
     // MARK: Open-ahead pipeline (options.openAhead > 0)
@@ -551,7 +647,7 @@ public final class SecureChannel: FrameTransport {
 
     public func setMaxIncomingFrameSize(_ bytes: Int) {
         maxPayload.store(bytes, ordering: .relaxed)
-        transport.setMaxIncomingFrameSize(bytes + 1 + overhead)
+        transport.setMaxIncomingFrameSize(bytes + 1 + overhead + (compression == .off ? 0 : 1))
     }
 
     /// Sends the authenticated close record after every queued record, then

@@ -41,6 +41,7 @@ struct HubServeCommand: AsyncParsableCommand {
 
     @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
+    @OptionGroup var compression: CompressOptions
     @OptionGroup var upstreamAuth: UpstreamAuthOptions
     @OptionGroup var metricsOptions: MetricsOptions
     @OptionGroup var output: OutputOptions
@@ -70,6 +71,7 @@ struct HubServeCommand: AsyncParsableCommand {
             let upstreamCredentials = try upstreamAuth.credentials(fallback: auth)
             let metrics = try metricsOptions.start(.hub, reporter: reporter)
             defer { metrics?.close() }
+            let channelOptions = compression.channelOptions
             let hub = HubService(options: options) { event in Self.report(event, reporter) }
             metrics?.show(hub.metrics) { hub.metricGauges }
             let signals = SignalWatcher([SIGUSR1]) { _ in hub.finalizeNow() }
@@ -80,7 +82,7 @@ struct HubServeCommand: AsyncParsableCommand {
                 try await hub.addUpstream(connect: {
                     let transport = try await Transports.connect(to: endpoint)
                     do {
-                        return try await SecureChannel.client(over: transport, credentials: upstreamCredentials)
+                        return try await SecureChannel.client(over: transport, credentials: upstreamCredentials, options: channelOptions)
                     } catch {
                         transport.close()
                         throw error
@@ -93,7 +95,7 @@ struct HubServeCommand: AsyncParsableCommand {
                                text: "hub: seeders dial in at \(seeders.endpoint)")
                 Task {
                     // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
-                    await seeders.serveHandshakes(credentials: upstreamCredentials, authenticated: { channel in
+                    await seeders.serveHandshakes(credentials: upstreamCredentials, options: channelOptions, authenticated: { channel in
                         do {
                             try await hub.acceptSeeder(channel)
                         } catch {
@@ -109,7 +111,7 @@ struct HubServeCommand: AsyncParsableCommand {
             let leechers = try await Listener.bind(try Endpoint(parsing: listen))
             reporter.event("listening", ["address": .string("\(leechers.endpoint)"), "side": .string("leechers")],
                            text: "hub: leechers connect at \(leechers.endpoint) (finalize \(policy.rawValue))")
-            await leechers.serveHandshakes(credentials: leecherCredentials, authenticated: { channel in
+            await leechers.serveHandshakes(credentials: leecherCredentials, options: channelOptions, authenticated: { channel in
                 await hub.serve(channel)
             }, refused: { peer, error in
                 hub.metrics.error(.handshake)

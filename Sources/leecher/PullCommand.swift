@@ -89,6 +89,7 @@ struct PullCommand: AsyncParsableCommand {
 
     @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
+    @OptionGroup var compression: CompressOptions
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
@@ -136,6 +137,7 @@ struct PullCommand: AsyncParsableCommand {
             let command = CommandTransport.command(in: address)
             let endpoint = command == nil ? try Endpoint(parsing: address) : nil
             let credentials = try auth.credentials(createDefault: false)
+            let channelOptions = compression.channelOptions
             let connect: Leecher.Connector = {
                 let transport: FrameTransport
                 if let command {
@@ -144,7 +146,7 @@ struct PullCommand: AsyncParsableCommand {
                     transport = try await Transports.connect(to: endpoint!)
                 }
                 do {
-                    return try await SecureChannel.client(over: transport, credentials: credentials)
+                    return try await SecureChannel.client(over: transport, credentials: credentials, options: channelOptions)
                 } catch {
                     transport.close()
                     throw error

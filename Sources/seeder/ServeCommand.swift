@@ -60,6 +60,7 @@ struct ServeCommand: AsyncParsableCommand {
     @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
     @OptionGroup var metricsOptions: MetricsOptions
+    @OptionGroup var compression: CompressOptions
     @OptionGroup var output: OutputOptions
 
     func run() async throws {
@@ -78,6 +79,7 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let graceDuration = try parseSeconds(grace, option: "--grace")
             let credentials = try auth.credentials(createDefault: true)
+            let channelOptions = compression.channelOptions
             // Check every address before touching the process.
             let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
             let listenEndpoint = try Endpoint(parsing: listen)
@@ -120,7 +122,7 @@ struct ServeCommand: AsyncParsableCommand {
                     await service.dialOut(connect: {
                         let transport = try await Transports.connect(to: hub)
                         do {
-                            return try await SecureChannel.client(over: transport, credentials: credentials)
+                            return try await SecureChannel.client(over: transport, credentials: credentials, options: channelOptions)
                         } catch {
                             transport.close()
                             throw error
@@ -133,7 +135,7 @@ struct ServeCommand: AsyncParsableCommand {
             } else if stdio {
                 let transport = Transports.stdio()
                 Task {
-                    await Self.accept(transport, credentials: credentials, service: service, reporter: reporter)
+                    await Self.accept(transport, credentials: credentials, options: channelOptions, service: service, reporter: reporter)
                 }
             } else {
                 let endpoint = listenEndpoint
@@ -144,7 +146,7 @@ struct ServeCommand: AsyncParsableCommand {
                                text: "seeder: serving pid \(pid) on \(bound.endpoint) (tracker \(process.trackerKind.rawValue))")
                 Task {
                     // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
-                    await bound.serveHandshakes(credentials: credentials, authenticated: { channel in
+                    await bound.serveHandshakes(credentials: credentials, options: channelOptions, authenticated: { channel in
                         await Self.serve(channel, service: service, reporter: reporter)
                     }, refused: { peer, error in
                         Self.refused(peer, error, reporter: reporter, service: service)
@@ -184,11 +186,11 @@ struct ServeCommand: AsyncParsableCommand {
         SignalCatcher.takeDefaultAction(SIGTSTP)
     }
 
-    static func accept(_ transport: FrameTransport, credentials: Credentials, service: SeederService,
+    static func accept(_ transport: FrameTransport, credentials: Credentials, options: SecureChannelOptions, service: SeederService,
                        reporter: Reporter) async {
         let peer = transport.peerDescription
         do {
-            let channel = try await SecureChannel.server(over: transport, credentials: credentials)
+            let channel = try await SecureChannel.server(over: transport, credentials: credentials, options: options)
             await serve(channel, service: service, reporter: reporter)
         } catch {
             transport.close()
@@ -200,6 +202,18 @@ struct ServeCommand: AsyncParsableCommand {
         let peer = channel.peerDescription
         reporter.event("connected", ["peer": .string(peer)], text: "seeder: leecher connected from \(peer)")
         await service.serve(channel)
+        if let c = channel.compressionStats {
+            // What compression did on this connection's pages (Protocols/wire.md § 5.4).
+            reporter.event("compression", ["peer": .string(peer), "mode": .string(channel.compression.rawValue),
+                                           "records": .int(Int64(c.attempts)), "compressed": .int(Int64(c.compressedRecords)),
+                                           "input_bytes": .int(Int64(c.inputBytes)), "output_bytes": .int(Int64(c.outputBytes)),
+                                           "wire_bytes": .int(Int64(c.wireBytes)),
+                                           "auto_on_windows": .int(Int64(c.autoOnWindows)), "auto_off_windows": .int(Int64(c.autoOffWindows)),
+                                           "auto_trials_failed": .int(Int64(c.autoTrialsFailed))],
+                           text: String(format: "seeder: compression (%@) on the connection from %@: %d of %d records compressed, %.1f MB -> %.1f MB",
+                                        channel.compression.rawValue, peer, c.compressedRecords, c.attempts,
+                                        Double(c.inputBytes) / 1e6, Double(c.outputBytes) / 1e6))
+        }
     }
 
     static func refused(_ peer: String, _ error: any Error, reporter: Reporter, service: SeederService? = nil) {

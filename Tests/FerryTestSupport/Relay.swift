@@ -8,11 +8,13 @@ public final class Relay: Sendable {
     public let child: ChildProcess
     public let port: UInt16
 
-    /// With `delayMilliseconds`, every byte waits that long in each direction.
-    public init(to target: String, delayMilliseconds: Int = 0) throws {
+    /// With `delayMilliseconds`, every byte waits that long in each direction;
+    /// `rate` caps each direction at that many bytes per second (Tools/relay's `--rate`).
+    public init(to target: String, delayMilliseconds: Int = 0, rate: Int? = nil) throws {
         child = try ChildProcess(builtExecutable("relay"),
                                  ["--listen", "0", "--to", target]
-                                     + (delayMilliseconds > 0 ? ["--delay-ms", "\(delayMilliseconds)"] : []))
+                                     + (delayMilliseconds > 0 ? ["--delay-ms", "\(delayMilliseconds)"] : [])
+                                     + (rate.map { ["--rate", "\($0)"] } ?? []))
         let line = try child.expect("relay listening")
         guard let port = UInt16(line.split(separator: " ").last ?? "") else {
             throw TestFailure("relay said \(line)")
@@ -46,6 +48,14 @@ public final class Relay: Sendable {
     public func release() {
         child.send("release")
         _ = try? child.expect("released", timeout: 5)
+    }
+
+    /// Bytes relayed so far: client to target, target to client.
+    public func bytes() -> (toTarget: Int, toClient: Int)? {
+        child.send("bytes")
+        guard let line = try? child.expect("bytes ", timeout: 5) else { return nil }
+        let f = line.split(separator: " ").compactMap { Int($0) }
+        return f.count == 2 ? (f[0], f[1]) : nil
     }
 
     public func stop() { child.stop() }

@@ -36,7 +36,7 @@ func writeVectors(_ name: String, header: String, _ entries: [(String, String)])
 func bytes(_ n: Int, from start: UInt8) -> [UInt8] { (0..<n).map { start &+ UInt8($0) } }
 
 /// Runs a deterministic handshake and computes every vector value.
-func computeHandshakeVectors(keysMode: Bool) throws -> [(String, String)] {
+func computeHandshakeVectors(keysMode: Bool, compression: (client: CompressionMode, server: CompressionMode)? = nil) throws -> [(String, String)] {
     let cEph = SecretBytes(bytes(32, from: 0x10)), sEph = SecretBytes(bytes(32, from: 0x50))
     let psk = bytes(32, from: 0xA0)
     let clientKP = try KeyPair.fromSeed(bytes(32, from: 0x20)), serverKP = try KeyPair.fromSeed(bytes(32, from: 0x60))
@@ -46,8 +46,10 @@ func computeHandshakeVectors(keysMode: Bool) throws -> [(String, String)] {
     let serverCreds: Credentials = keysMode
         ? .keys(serverKP, authorized: AuthorizedKeys([clientKP.publicKey]), pinnedPeer: nil)
         : .preSharedSecret(try PreSharedSecret(bytes: psk))
-    var client = try ClientHandshake(credentials: clientCreds, peer: "s", offerAES: true, ephemeral: (cEph, try X25519.publicKey(cEph)))
-    var server = try ServerHandshake(credentials: serverCreds, peer: "c", allowAES: false, ephemeral: (sEph, try X25519.publicKey(sEph)))
+    var client = try ClientHandshake(credentials: clientCreds, peer: "s", offerAES: true, compression: compression?.client ?? .off,
+                                     ephemeral: (cEph, try X25519.publicKey(cEph)))
+    var server = try ServerHandshake(credentials: serverCreds, peer: "c", allowAES: false, compression: compression?.server ?? .off,
+                                     ephemeral: (sEph, try X25519.publicKey(sEph)))
     let m1 = try client.hello()
     let m2 = try server.handleClientHello(m1)
     let m3 = try client.handleServerHello(m2)
@@ -77,6 +79,22 @@ func computeHandshakeVectors(keysMode: Bool) throws -> [(String, String)] {
         ("close_c2s_2_xchacha", try SecureChannel.sealRecord(type: 0x11, payload: [], key: x, counter: 2).hexString),
         ("key_c2s_epoch1", try KeySchedule.ratchet(cKeys.sendKey).hexString),
     ]
+    if compression != nil {
+        // Version 2 records (wire.md § 5.4): the payload raw with flag 0, and
+        // 4 KiB of text as one zstd frame (level 1) with flag 1.
+        #expect(cKeys.compression == sKeys.compression)
+        let text = Array(String(repeating: "ferry compresses pages before sealing them. ", count: 94).utf8.prefix(4096))
+        let raw = payload + [RecordEncoding.raw.rawValue]
+        let zstd = try #require(Zstd.shared.compress(text, level: 1, suffix: RecordEncoding.zstd.rawValue))
+        out += [
+            ("compression_mode", "\(cKeys.compression.wireValue)"),
+            ("record_c2s_0_raw_plaintext", raw.hexString),
+            ("record_c2s_0_raw_xchacha", try SecureChannel.sealRecord(type: 0x10, payload: raw, key: x, counter: 0).hexString),
+            ("record_c2s_1_text", text.hexString),
+            ("record_c2s_1_zstd_plaintext", zstd.hexString),
+            ("record_c2s_1_zstd_xchacha", try SecureChannel.sealRecord(type: 0x10, payload: zstd, key: x, counter: 1).hexString),
+        ]
+    }
     return out
 }
 
@@ -110,6 +128,28 @@ func computeRPCVectors() -> [(String, String)] {
         }
         let v = try readVectors(file)
         for (k, value) in computed { #expect(v[k] == value, "\(file): \(k)") }
+    }
+
+    @Test func compressionHandshakeAndRecords() throws {
+        let file = "handshake-psk-compress.txt"
+        let computed = try computeHandshakeVectors(keysMode: false, compression: (client: .auto, server: .zstd))
+        if Self.writing {
+            try writeVectors(file, header: """
+            Ferry wire v2 handshake vector with compression, pre-shared-secret mode (Protocols/wire.md § 4.6, § 5.4, § 12).
+            The client offers zstd in mode auto, the server's mode is zstd, so the result is zstd (mode 2).
+            Other inputs as in handshake-psk.txt. The zstd frame is what libzstd 1.5.4 writes at level 1; another
+            zstd version may write other (equally valid) bytes: receivers must decode it, senders need not reproduce it.
+            """, computed)
+        }
+        let v = try readVectors(file)
+        for (k, value) in computed where k != "record_c2s_1_zstd_plaintext" && k != "record_c2s_1_zstd_xchacha" {
+            #expect(v[k] == value, "\(file): \(k)")
+        }
+        // Whatever zstd wrote, the vector's compressed record opens and decodes to the text.
+        let key = try AEADKey(suite: .xchacha20poly1305, key: [UInt8](hex: v["key_c2s"]!)!)
+        let rec = [UInt8](hex: v["record_c2s_1_zstd_xchacha"]!)!
+        let plain = try #require(key.open(counter: 1, ad: [rec[0]], ciphertext: Array(rec[1...])))
+        #expect(try SecureChannel.decode(plain, limit: WireLimits.maxFrame, peer: "vector") == [UInt8](hex: v["record_c2s_1_text"]!))
     }
 
     @Test func rpcMessages() throws {

@@ -3,13 +3,19 @@
 // and can delay every byte, to measure a migration over a long link on one
 // host (Tools/bench-migrate's 20 ms RTT case).
 //
-//   relay --listen PORT --to HOST:PORT [--delay-ms N]
+//   relay --listen PORT --to HOST:PORT [--delay-ms N] [--rate BYTES_PER_SEC]
 //
 // --delay-ms N holds every chunk it reads for N ms before writing it on, in
 // each direction (so the round trip grows by 2N ms). It buffers rather than
 // throttles: a propagation delay, not a bandwidth limit. A direction stops
 // reading once DELAY_QUEUE_MAX bytes wait in it, so a slow reader still
 // pushes back on its sender as TCP would.
+//
+// --rate R caps each direction at R bytes per second (Tools/bench-compress's
+// 100 MB/s link): a chunk falls due when the link has serialized it, after
+// the chunks before it, as at a bottleneck router. The queue is then bounded
+// by RATE_QUEUE bytes plus what the delay holds, so a sender faster than the
+// link sees its socket fill within milliseconds, as it would on a real link.
 //
 // Prints "relay listening <port>" when ready (port 0 picks one). Commands on
 // stdin, one per line:
@@ -22,6 +28,7 @@
 //             client had stopped reading while keeping its connection
 //   hold up   the same for what the client sends (to the target)
 //   release   forward both directions again; prints "released"
+//   bytes     print "bytes <client-to-target> <target-to-client>" (totals)
 //   quit      exit
 // Bytes are forwarded unchanged; the relay knows nothing of Ferry's frames,
 // so a cut can land anywhere, mid-frame included.
@@ -47,6 +54,8 @@
 // 20 ms of a 3 GB/s link is 60 MB: room for any delay the benchmarks use
 // without the relay becoming the bottleneck, yet bounded.
 #define DELAY_QUEUE_MAX (64L * 1024 * 1024)
+// With --rate: a bottleneck buffer of 4 MiB (40 ms at 100 MB/s).
+#define RATE_QUEUE (4L * 1024 * 1024)
 
 // Bytes read from one side and not yet written to the other (delay mode).
 struct chunk {
@@ -59,6 +68,7 @@ struct queue {
     struct chunk *head, *tail;
     long bytes;
     int eof; // the reading side closed: cut the pair once this queue is empty
+    uint64_t link_free_ns; // --rate: when the link has serialized every queued chunk
 };
 
 // a -> b travels through ab, b -> a through ba (both empty without a delay).
@@ -68,9 +78,13 @@ static int pair_count;
 static long accepted;
 static int refuse_next;
 static char buffer[BUFFER];
+static int pairs_a_hint = -1; // forward(): reading from this descriptor is client -> target
 static uint64_t delay_ns;
 // "hold up" / "hold down": the relay reads nothing from that side.
 static int hold_up, hold_down;
+static uint64_t rate; // bytes per second per direction, 0: unlimited
+static long queue_max = DELAY_QUEUE_MAX;
+static unsigned long long bytes_ab, bytes_ba; // forwarded, client->target and back
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -126,6 +140,7 @@ static void cut(int i) {
 static int forward(int from, int to) {
     ssize_t n = read(from, buffer, sizeof buffer);
     if (n <= 0) return -1;
+    if (from == pairs_a_hint) bytes_ab += (unsigned long long)n; else bytes_ba += (unsigned long long)n;
     for (ssize_t done = 0; done < n;) {
         ssize_t w = write(to, buffer + done, n - done);
         if (w < 0) {
@@ -147,7 +162,14 @@ static int enqueue(int from, struct queue *q) {
     }
     struct chunk *c = malloc(sizeof *c + (size_t)n);
     if (!c) return -1;
-    *c = (struct chunk){.due_ns = now_ns() + delay_ns, .length = (size_t)n};
+    uint64_t due = now_ns() + delay_ns;
+    if (rate) {
+        // Serialized after what the link already carries, at `rate`.
+        if (q->link_free_ns > due) due = q->link_free_ns;
+        due += (uint64_t)n * 1000000000ULL / rate;
+        q->link_free_ns = due;
+    }
+    *c = (struct chunk){.due_ns = due, .length = (size_t)n};
     memcpy(c->data, buffer, (size_t)n);
     if (q->tail) q->tail->next = c;
     else q->head = c;
@@ -176,7 +198,7 @@ static int flush(struct queue *q, int to, uint64_t now) {
 // Delay mode: poll events for the socket that reads into `in` and writes out of `out`.
 static short wanted(const struct queue *in, const struct queue *out, uint64_t now, int held) {
     short events = 0;
-    if (!held && !in->eof && in->bytes < DELAY_QUEUE_MAX) events |= POLLIN;
+    if (!held && !in->eof && in->bytes < queue_max) events |= POLLIN;
     if (out->head && out->head->due_ns <= now) events |= POLLOUT;
     return events;
 }
@@ -208,8 +230,16 @@ int main(int argc, char **argv) {
                 return 2;
             }
             delay_ns = (uint64_t)ms * 1000000ULL;
+        } else if (!strcmp(argv[i], "--rate") && i + 1 < argc) {
+            char *end;
+            long long r = strtoll(argv[++i], &end, 10);
+            if (*end || r < 1024 || r > 100000000000LL) {
+                fprintf(stderr, "relay: --rate takes 1024 to 10^11 bytes per second, got %s\n", argv[i]);
+                return 2;
+            }
+            rate = (uint64_t)r;
         } else if (!strcmp(argv[i], "--help")) {
-            puts("usage: relay --listen PORT --to HOST:PORT [--delay-ms N]   (stdin: drop | refuse N | hold up|down | release | count | quit)");
+            puts("usage: relay --listen PORT --to HOST:PORT [--delay-ms N] [--rate BYTES_PER_SEC]   (stdin: drop | refuse N | hold up|down | release | count | bytes | quit)");
             return 0;
         } else {
             fprintf(stderr, "relay: unknown argument %s (try --help)\n", argv[i]);
@@ -230,6 +260,8 @@ int main(int argc, char **argv) {
     host[colon - to] = 0;
     const char *port = colon + 1;
     signal(SIGPIPE, SIG_IGN);
+    if (rate) queue_max = RATE_QUEUE + (long)(rate * (delay_ns / 1000000ULL) / 1000);
+    const int paced = delay_ns || rate; // chunks queue and fall due (delay and/or rate)
 
     int server = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (server < 0) die("socket");
@@ -254,12 +286,12 @@ int main(int argc, char **argv) {
         uint64_t now = now_ns();
         for (int i = 0; i < pair_count; i++) {
             struct pair *p = &pairs[i];
-            fds[n++] = (struct pollfd){.fd = p->a, .events = delay_ns ? wanted(&p->ab, &p->ba, now, hold_up)
+            fds[n++] = (struct pollfd){.fd = p->a, .events = paced ? wanted(&p->ab, &p->ba, now, hold_up)
                                                                    : hold_up ? 0 : POLLIN};
-            fds[n++] = (struct pollfd){.fd = p->b, .events = delay_ns ? wanted(&p->ba, &p->ab, now, hold_down)
+            fds[n++] = (struct pollfd){.fd = p->b, .events = paced ? wanted(&p->ba, &p->ab, now, hold_down)
                                                                    : hold_down ? 0 : POLLIN};
         }
-        if (poll(fds, n, delay_ns ? next_due_ms(now) : -1) < 0) {
+        if (poll(fds, n, paced ? next_due_ms(now) : -1) < 0) {
             if (errno == EINTR) continue;
             die("poll");
         }
@@ -293,6 +325,8 @@ int main(int argc, char **argv) {
                     puts("released");
                 } else if (!strcmp(line, "count")) {
                     printf("connections %ld %d\n", accepted, pair_count);
+                } else if (!strcmp(line, "bytes")) {
+                    printf("bytes %llu %llu\n", bytes_ab, bytes_ba);
                 } else if (!strcmp(line, "quit")) {
                     return 0;
                 }
@@ -316,7 +350,7 @@ int main(int argc, char **argv) {
                     close(client);
                 } else {
                     setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-                    if (delay_ns) {
+                    if (paced) {
                         // Delayed chunks are written when due, never waiting on a full socket.
                         fcntl(client, F_SETFL, fcntl(client, F_GETFL) | O_NONBLOCK);
                         fcntl(upstream, F_SETFL, fcntl(upstream, F_GETFL) | O_NONBLOCK);
@@ -340,11 +374,14 @@ int main(int argc, char **argv) {
             }
             if (hold_up) a->revents &= POLLOUT;
             if (hold_down) b->revents &= POLLOUT;
-            if (delay_ns) {
+            if (paced) {
                 struct pair *p = &pairs[i];
                 int failed = 0;
+                long ab0 = p->ab.bytes, ba0 = p->ba.bytes;
                 if ((a->revents & ~POLLOUT) && enqueue(p->a, &p->ab) < 0) failed = 1;
                 if (!failed && (b->revents & ~POLLOUT) && enqueue(p->b, &p->ba) < 0) failed = 1;
+                if (p->ab.bytes > ab0) bytes_ab += (unsigned long long)(p->ab.bytes - ab0);
+                if (p->ba.bytes > ba0) bytes_ba += (unsigned long long)(p->ba.bytes - ba0);
                 uint64_t after = now_ns();
                 if (!failed && flush(&p->ab, p->b, after) < 0) failed = 1;
                 if (!failed && flush(&p->ba, p->a, after) < 0) failed = 1;
@@ -353,6 +390,7 @@ int main(int argc, char **argv) {
                 continue;
             }
             int failed = 0;
+            pairs_a_hint = pairs[i].a;
             if (a->revents && forward(pairs[i].a, pairs[i].b) < 0) failed = 1;
             if (!failed && b->revents && forward(pairs[i].b, pairs[i].a) < 0) failed = 1;
             if (failed) cut(i);
