@@ -29,7 +29,8 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         case stall = "stops reading"
     }
     enum Phase: String, Sendable {
-        /// Before the leecher is connected.
+        /// The leecher's connection is accepted by the relay, its handshake
+        /// and Track still on the way (the relay delays every byte).
         case handshake
         case precopy = "pre-copy"
         /// When the leecher decides to finalize: the freeze may or may not have happened.
@@ -67,6 +68,9 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         /// Complete reached the seeder but the leecher is gone: the source
         /// is left as `--then stop` says (stopped, never destroyed), no image.
         case sourceLeftStopped = "fails, source left stopped (Complete applied)"
+        /// The same with `--then kill`: the source is gone, and so is the
+        /// memory (the documented cost of `kill`).
+        case sourceKilled = "fails, source killed (Complete applied, --then kill)"
     }
 
     let role: Role
@@ -75,14 +79,25 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
     let expected: Outcome
     var destination = Destination.out
     var chain = Chain.direct
+    /// The seeder's `--then`.
+    var then = ThenAction.stop
 
     var testDescription: String {
         let through = chain == .direct ? "" : " via \(chain.rawValue)"
-        return "\(role.rawValue) \(fault.rawValue) in \(phase.rawValue) \(destination.rawValue)\(through) → \(expected.rawValue)"
+        let after = then == .stop ? "" : " --then \(then.rawValue)"
+        return "\(role.rawValue) \(fault.rawValue) in \(phase.rawValue) \(destination.rawValue)\(through)\(after) → \(expected.rawValue)"
     }
 
     static let all: [FaultCell] = [
         FaultCell(role: .leecher, fault: .kill, phase: .handshake, expected: .nextLeecherCompletes),
+        // The first connection is not resumed (there is no session yet): the
+        // leecher fails and names the seeder; the source was never frozen.
+        FaultCell(role: .seeder, fault: .kill, phase: .handshake, expected: .failsSourceRunsOn),
+        FaultCell(role: .link, fault: .cut, phase: .handshake, expected: .failsSourceRunsOn),
+        // Stopped past the grace mid-handshake: within the handshake timeout (10 s).
+        FaultCell(role: .seeder, fault: .stop, phase: .handshake, expected: .completes),
+        FaultCell(role: .hub, fault: .stop, phase: .handshake, expected: .completes, chain: .upstream),
+        FaultCell(role: .leecher, fault: .stop, phase: .handshake, expected: .completes),
     ] + [Phase.precopy, .postcopy].flatMap { phase in [
         FaultCell(role: .leecher, fault: .kill, phase: phase, expected: .failsSourceRunsOn),
         FaultCell(role: .leecher, fault: .stop, phase: phase, expected: .completes),
@@ -95,6 +110,7 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         FaultCell(role: .hub, fault: .kill, phase: phase, expected: .failsSourceRunsOn, chain: .via),
         // The hub sends to a leecher that stops reading: what the hub holds.
         FaultCell(role: .leecher, fault: .stall, phase: phase, expected: .completes, chain: .upstream),
+        FaultCell(role: .leecher, fault: .stall, phase: phase, expected: .completes, chain: .via),
         // Into a live target.
         FaultCell(role: .leecher, fault: .kill, phase: phase, expected: .failsSourceRunsOn, destination: .into),
         FaultCell(role: .leecher, fault: .stop, phase: phase, expected: .completes, destination: .into),
@@ -122,7 +138,25 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         FaultCell(role: .leecher, fault: .kill, phase: .complete, expected: .sourceLeftStopped),
         // Stopped past the grace with the reply in its socket: it reads it on waking.
         FaultCell(role: .leecher, fault: .stop, phase: .complete, expected: .completes),
-    ]
+        // With --then kill, the same leecher death loses the source.
+        FaultCell(role: .leecher, fault: .kill, phase: .complete, expected: .sourceKilled, then: .kill),
+    ] + [Phase.finalize, .checksum, .complete].flatMap { phase in [
+        // A stopped seeder or hub keeps its connections: the leecher waits.
+        FaultCell(role: .seeder, fault: .stop, phase: phase, expected: .completes),
+        FaultCell(role: .hub, fault: .stop, phase: phase, expected: .completes, chain: .upstream),
+        // A killed hub: in Complete, struck before Complete reaches it.
+        FaultCell(role: .hub, fault: .kill, phase: phase, expected: .failsSourceRunsOn, chain: .upstream),
+    ] } + [Phase.finalize, .checksum].flatMap { phase in [
+        FaultCell(role: .seeder, fault: .stall, phase: phase, expected: .completes),
+        FaultCell(role: .hub, fault: .stall, phase: phase, expected: .completes, chain: .upstream),
+    ] } + [Phase.checksum, .complete].flatMap { phase in [
+        // Into a live target once every page is placed: the target never
+        // reads zeros, and holds the source only when the migration completes.
+        FaultCell(role: .leecher, fault: .kill, phase: phase,
+                  expected: phase == .complete ? .sourceLeftStopped : .failsSourceRunsOn, destination: .into),
+        FaultCell(role: .seeder, fault: .kill, phase: phase, expected: .failsSourceRunsOn, destination: .into),
+        FaultCell(role: .link, fault: .cut, phase: phase, expected: .completes, destination: .into),
+    ] }
 }
 
 /// The largest growth of a surviving seeder or hub while its peer was
@@ -184,7 +218,7 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         // in post-copy, and in the Complete cells, less: what matters there
         // is where the fault lands, not how much moves.
         let mib = switch (cell.phase, cell.destination) {
-        case (.postcopy, .into), (.complete, _): 64
+        case (.postcopy, .into), (.complete, _), (.handshake, _): 64
         // The seeder hashes the frozen source at about 1 s a GiB: 256 MiB
         // keep its checksum reply a quarter of a second away.
         case (.postcopy, _), (.checksum, _): 256
@@ -200,6 +234,7 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         let targetMaps = target.map { smaps($0.pid).map(\.range) } ?? []
 
         // The seeder, and the hub in front of it when the chain has one.
+        let seederOptions = ["--grace", "\(grace)", "--then", cell.then.rawValue]
         var hub: ChildProcess? = nil
         defer { hub?.stop() }
         let seeder: ChildProcess
@@ -207,10 +242,10 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         var migration: [String] = []
         switch cell.chain {
         case .direct:
-            (seeder, address) = try harness.startSeeder(pid: child.pid, ["--grace", "\(grace)"])
+            (seeder, address) = try harness.startSeeder(pid: child.pid, seederOptions)
         case .upstream:
             let seederAddress: String
-            (seeder, seederAddress) = try harness.startSeeder(pid: child.pid, ["--grace", "\(grace)"])
+            (seeder, seederAddress) = try harness.startSeeder(pid: child.pid, seederOptions)
             let started = try ChildProcess(builtExecutable("hub"),
                                            ["serve", "--listen", "127.0.0.1:0", "--upstream", seederAddress,
                                             "--secret-file", harness.secretPath, "--grace", "\(grace)", "--json",
@@ -227,25 +262,27 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
             address = try HubCommandLineTests.address(in: try started.expect("{\"event\":\"listening\""))
             seeder = try ChildProcess(builtExecutable("seeder"),
                                       ["serve", "\(child.pid)", "--via", seedersAddress, "--name", "m",
-                                       "--secret-file", harness.secretPath, "--grace", "\(grace)", "--json"])
+                                       "--secret-file", harness.secretPath, "--json"] + seederOptions)
             _ = try started.expect("{\"event\":\"upstream\"")
             migration = ["--migration", "m"]
         }
         defer { seeder.stop() }
-        let delayed = cell.phase == .complete
+        // The handshake cells too: the delay keeps the handshake and Track
+        // (two round trips) on the way long enough to strike in them.
+        let delayed = cell.phase == .complete || cell.phase == .handshake
         let relay = try Relay(to: address, delayMilliseconds: delayed ? Self.delayMilliseconds : 0)
         defer { relay.stop() }
         let out = scratchDirectory("fault-\(cell.role)-\(cell.fault)-\(cell.phase)-\(cell.chain)")
         defer { try? FileManager.default.removeItem(atPath: out) }
         let policy = switch cell.phase {
-        case .postcopy, .complete: ["--finalize-at", "0%"]
+        case .postcopy, .complete, .handshake: ["--finalize-at", "0%"]
         // Pre-copy moves (nearly) everything, so post-copy is a few dirty
         // pages and ends before the seeder has hashed the frozen source:
         // at `verifying` the leecher waits for the checksums.
         case .checksum: ["--finalize-at", "100%", "--max-downtime", "0", "--max-wait", "2"]
         // Finalized by the deadline, one second in.
         case .finalize: ["--finalize-at", "100%", "--max-downtime", "0", "--max-wait", "1"]
-        case .handshake, .precopy: ["--finalize-at", "100%", "--max-downtime", "0", "--max-wait", "60"]
+        case .precopy: ["--finalize-at", "100%", "--max-downtime", "0", "--max-wait", "60"]
         }
         let leecher: ChildProcess
         if let target {
@@ -258,9 +295,16 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         defer { leecher.stop() }
 
         print("fault-matrix: \(cell.testDescription): source \(child.pid), seeder \(seeder.pid), hub \(hub?.pid ?? 0), relay \(relay.child.pid), leecher \(leecher.pid), target \(target?.pid ?? 0)")
+        // The source as it was frozen, for a live target to be compared with
+        // (after the freeze and before a fault that can thaw it).
+        let main = try #require(child.regions["main"])
+        var frozen: [UInt8]? = nil
         // Wait for the phase.
         switch cell.phase {
-        case .handshake: break
+        case .handshake:
+            // Struck once the relay has accepted the leecher's connection.
+            let deadline = ChildProcess.now() + 30
+            while relay.accepted() == 0 && ChildProcess.now() < deadline { usleep(2_000) }
         case .precopy:
             _ = try leecher.expect("{\"event\":\"progress\"", timeout: 30)
             // Still in pre-copy: nothing said of finalizing yet.
@@ -268,11 +312,13 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
                 #expect(!line.hasPrefix("{\"event\":\"finalizing\""), "pre-copy ended before the fault: \(line)")
             }
         case .finalize: _ = try leecher.expect("{\"event\":\"finalizing\"", timeout: 30)
-        case .postcopy: _ = try leecher.expect("{\"event\":\"finalized\"", timeout: 30)
-        case .checksum: _ = try leecher.expect("{\"event\":\"verifying\"", timeout: 60)
-        case .complete:
+        case .postcopy, .checksum, .complete:
+            _ = try leecher.expect("{\"event\":\"finalized\"", timeout: 60)
+            if target != nil { frozen = bytes(child.pid, at: main.start, length: Int(main.length)) }
+            if cell.phase == .checksum { _ = try leecher.expect("{\"event\":\"verifying\"", timeout: 60) }
+            guard cell.phase == .complete else { break }
             _ = try leecher.expect("{\"event\":\"verified\"", timeout: 60)
-            if cell.role != .seeder {
+            if cell.role == .leecher || cell.role == .link {
                 // Strike once the seeder has applied Complete (it lets go of
                 // the source: no tracer), while the reply is still in the relay.
                 let deadline = ChildProcess.now() + Double(Self.delayMilliseconds) / 1000 * 2
@@ -280,11 +326,6 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
                 #expect(tracer(of: child.pid) == 0, "the seeder had not applied Complete within one round trip")
             }
         }
-        // The source as it was frozen, for a live target to be compared with
-        // (after the freeze and before a fault that can thaw it).
-        let main = try #require(child.regions["main"])
-        var frozen: [UInt8]? = nil
-        if target != nil && cell.phase == .postcopy { frozen = bytes(child.pid, at: main.start, length: Int(main.length)) }
 
         let struck: ChildProcess? = switch cell.role {
         case .seeder: seeder
@@ -296,15 +337,18 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         // hub or seeder the leecher pulls from; the seeder behind a stopped hub.
         let sender: ChildProcess? = switch cell.role {
         case .leecher: hub ?? seeder
-        case .hub: seeder
+        case .hub: cell.fault == .stall ? nil : seeder
         case .seeder, .link: nil
         }
         // The checksum phase: whether the fault landed before `verified`
         // (the checksum call in flight, or the leecher comparing) is recorded.
-        var verifiedBeforeFault = false
-        if cell.phase == .checksum {
+        // The handshake phase: whether it landed before `connected` (the
+        // handshake and Track done), likewise.
+        var verifiedBeforeFault = false, connectedBeforeFault = false
+        if cell.phase == .checksum || cell.phase == .handshake {
             while let line = try? leecher.readLine(timeout: 0.001) {
                 if line.hasPrefix("{\"event\":\"verified\"") { verifiedBeforeFault = true }
+                if line.hasPrefix("{\"event\":\"connected\"") { connectedBeforeFault = true }
             }
         }
         var held: Int? = nil
@@ -384,15 +428,25 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
             } else {
                 result = "failed as stated"
             }
-        case .sourceLeftStopped:
+        case .sourceLeftStopped, .sourceKilled:
             // The seeder applied Complete; it waits its grace period for the
             // leecher to resume, then ends as completed.
             let said = try seeder.expect("{\"event\":\"complete\"", timeout: Double(grace + 10))
-            #expect(said.contains("stopped"), "\(said)")
+            #expect(said.contains(cell.then == .kill ? "was killed" : "stopped"), "\(said)")
             #expect(seeder.waitForExit() == 0)
-            #expect(child.child.state == "T", "the source must be left stopped, not running nor gone")
+            if cell.then == .kill {
+                #expect(exits(child.pid, within: 5), "--then kill: the source must be gone")
+            } else {
+                #expect(child.child.state == "T", "the source must be left stopped, not running nor gone")
+            }
             #expect(!FileManager.default.fileExists(atPath: out + "/manifest.json"), "an image was left behind")
-            result = "source left stopped, no image"
+            if let target {
+                // Every page was placed before Complete: the target holds the frozen source.
+                result = try expectNoZeros(main: main, source: child, frozen: frozen, target: target, before: targetMaps,
+                                           leecher: leecher) + ", source left stopped"
+            } else {
+                result = "source \(cell.then == .kill ? "killed" : "left stopped"), no image"
+            }
         case .nextLeecherCompletes:
             #expect(try harness.isRunning(child), "the source must run on")
             let next = try harness.startLeecher(address, out: out + "-next", ["--finalize-at", "95%"] + migration)
@@ -406,6 +460,9 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
             // Recorded, not required: on a loaded machine post-copy can
             // outlast the seeder's hashing (seen once at a load of 15).
             result += verifiedBeforeFault ? " (landed after `verified`: Complete window)" : " (landed before `verified`)"
+        }
+        if cell.phase == .handshake && cell.role != .leecher {
+            result += connectedBeforeFault ? " (landed after `connected`)" : " (landed before `connected`)"
         }
         if cell.phase == .complete && cell.role == .link {
             // The cut must have hit the reply: the leecher resumed a completed session.

@@ -48,5 +48,13 @@ public final class Relay: Sendable {
         _ = try? child.expect("released", timeout: 5)
     }
 
+    /// Connections accepted so far (and still relayed): a client that has
+    /// connected is at least in its handshake.
+    public func accepted() -> Int {
+        child.send("count")
+        let line = (try? child.expect("connections", timeout: 5)) ?? ""
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+    }
+
     public func stop() { child.stop() }
 }
