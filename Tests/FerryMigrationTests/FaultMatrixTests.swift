@@ -88,7 +88,9 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         return "\(role.rawValue) \(fault.rawValue) in \(phase.rawValue) \(destination.rawValue)\(through)\(after) → \(expected.rawValue)"
     }
 
-    static let all: [FaultCell] = [
+    static let all: [FaultCell] = handshake + middle + fixed + late + stalls + intoLate
+
+    static let handshake: [FaultCell] = [
         FaultCell(role: .leecher, fault: .kill, phase: .handshake, expected: .nextLeecherCompletes),
         // The first connection is not resumed (there is no session yet): the
         // leecher fails and names the seeder; the source was never frozen.
@@ -98,7 +100,9 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         FaultCell(role: .seeder, fault: .stop, phase: .handshake, expected: .completes),
         FaultCell(role: .hub, fault: .stop, phase: .handshake, expected: .completes, chain: .upstream),
         FaultCell(role: .leecher, fault: .stop, phase: .handshake, expected: .completes),
-    ] + [Phase.precopy, .postcopy].flatMap { phase in [
+    ]
+
+    static let middle: [FaultCell] = [Phase.precopy, .postcopy].flatMap { phase in [
         FaultCell(role: .leecher, fault: .kill, phase: phase, expected: .failsSourceRunsOn),
         FaultCell(role: .leecher, fault: .stop, phase: phase, expected: .completes),
         FaultCell(role: .leecher, fault: .stall, phase: phase, expected: .completes),
@@ -114,7 +118,9 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         // Into a live target.
         FaultCell(role: .leecher, fault: .kill, phase: phase, expected: .failsSourceRunsOn, destination: .into),
         FaultCell(role: .leecher, fault: .stop, phase: phase, expected: .completes, destination: .into),
-    ] } + [
+    ] }
+
+    static let fixed: [FaultCell] = [
         FaultCell(role: .seeder, fault: .stall, phase: .precopy, expected: .completes),
         FaultCell(role: .seeder, fault: .stall, phase: .postcopy, expected: .completes),
         FaultCell(role: .hub, fault: .stop, phase: .precopy, expected: .completes, chain: .via),
@@ -140,16 +146,22 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         FaultCell(role: .leecher, fault: .stop, phase: .complete, expected: .completes),
         // With --then kill, the same leecher death loses the source.
         FaultCell(role: .leecher, fault: .kill, phase: .complete, expected: .sourceKilled, then: .kill),
-    ] + [Phase.finalize, .checksum, .complete].flatMap { phase in [
+    ]
+
+    static let late: [FaultCell] = [Phase.finalize, .checksum, .complete].flatMap { phase in [
         // A stopped seeder or hub keeps its connections: the leecher waits.
         FaultCell(role: .seeder, fault: .stop, phase: phase, expected: .completes),
         FaultCell(role: .hub, fault: .stop, phase: phase, expected: .completes, chain: .upstream),
         // A killed hub: in Complete, struck before Complete reaches it.
         FaultCell(role: .hub, fault: .kill, phase: phase, expected: .failsSourceRunsOn, chain: .upstream),
-    ] } + [Phase.finalize, .checksum].flatMap { phase in [
+    ] }
+
+    static let stalls: [FaultCell] = [Phase.finalize, .checksum].flatMap { phase in [
         FaultCell(role: .seeder, fault: .stall, phase: phase, expected: .completes),
         FaultCell(role: .hub, fault: .stall, phase: phase, expected: .completes, chain: .upstream),
-    ] } + [Phase.checksum, .complete].flatMap { phase in [
+    ] }
+
+    static let intoLate: [FaultCell] = [Phase.checksum, .complete].flatMap { phase in [
         // Into a live target once every page is placed: the target never
         // reads zeros, and holds the source only when the migration completes.
         FaultCell(role: .leecher, fault: .kill, phase: phase,
