@@ -232,7 +232,7 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         let mib = switch (cell.phase, cell.destination) {
         // Post-copy into a target moves 1 MiB a round trip (4 requests of
         // 64 pages): over the relay's 300 ms, 64 MiB took 20 s.
-        case (.complete, .into): 16
+        case (.complete, .into): 8
         case (.postcopy, .into), (.complete, _), (.handshake, _): 64
         // The seeder hashes the frozen source at about 1 s a GiB: 256 MiB
         // keep its checksum reply a quarter of a second away.
