@@ -164,7 +164,7 @@ public final class Leecher {
         started = .now
         startedWallMilliseconds = UInt64(max(0, Date().timeIntervalSince1970 * 1000))
         do {
-            let reply = try await link.open()
+            let reply = try await openFirst()
             seeder = reply
             layout = reply.layout
             layoutEpoch = reply.layoutEpoch
@@ -257,6 +257,23 @@ public final class Leecher {
             await priorityLink?.close()
             if cancelled { throw MigrationInterrupted(source: source) }
             throw error
+        }
+    }
+
+    /// The first connection: handshake and Track. It is not resumed (there is
+    /// no session yet), so a link lost here ends the migration; the error
+    /// says at which step and that the source was never frozen. (The fault
+    /// matrix's handshake cells: a seeder killed or a link cut mid-handshake
+    /// used to end with only "127.0.0.1:N reset the connection", naming
+    /// neither the seeder nor what became of the source.)
+    private func openFirst() async throws -> TrackReply {
+        do {
+            return try await link.open()
+        } catch let error as RPCError where error.code != .connectionClosed {
+            throw error
+        } catch let error where error is SocketError || error is RPCError {
+            throw MigrationError.connectionLost(
+                "could not open the migration with the seeder (handshake and Track): \(error); the source was not frozen and runs on: run the leecher again")
         }
     }
 

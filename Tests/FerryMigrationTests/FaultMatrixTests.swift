@@ -29,7 +29,8 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         case stall = "stops reading"
     }
     enum Phase: String, Sendable {
-        /// Before the leecher is connected.
+        /// The leecher's connection is accepted by the relay, its handshake
+        /// and Track still on the way (the relay delays every byte).
         case handshake
         case precopy = "pre-copy"
         /// When the leecher decides to finalize: the freeze may or may not have happened.
@@ -67,6 +68,9 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         /// Complete reached the seeder but the leecher is gone: the source
         /// is left as `--then stop` says (stopped, never destroyed), no image.
         case sourceLeftStopped = "fails, source left stopped (Complete applied)"
+        /// The same with `--then kill`: the source is gone, and so is the
+        /// memory (the documented cost of `kill`).
+        case sourceKilled = "fails, source killed (Complete applied, --then kill)"
     }
 
     let role: Role
@@ -75,15 +79,30 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
     let expected: Outcome
     var destination = Destination.out
     var chain = Chain.direct
+    /// The seeder's `--then`.
+    var then = ThenAction.stop
 
     var testDescription: String {
         let through = chain == .direct ? "" : " via \(chain.rawValue)"
-        return "\(role.rawValue) \(fault.rawValue) in \(phase.rawValue) \(destination.rawValue)\(through) → \(expected.rawValue)"
+        let after = then == .stop ? "" : " --then \(then.rawValue)"
+        return "\(role.rawValue) \(fault.rawValue) in \(phase.rawValue) \(destination.rawValue)\(through)\(after) → \(expected.rawValue)"
     }
 
-    static let all: [FaultCell] = [
+    static let all: [FaultCell] = handshake + middle + fixed + late + stalls + intoLate
+
+    static let handshake: [FaultCell] = [
         FaultCell(role: .leecher, fault: .kill, phase: .handshake, expected: .nextLeecherCompletes),
-    ] + [Phase.precopy, .postcopy].flatMap { phase in [
+        // The first connection is not resumed (there is no session yet): the
+        // leecher fails and names the seeder; the source was never frozen.
+        FaultCell(role: .seeder, fault: .kill, phase: .handshake, expected: .failsSourceRunsOn),
+        FaultCell(role: .link, fault: .cut, phase: .handshake, expected: .failsSourceRunsOn),
+        // Stopped past the grace mid-handshake: within the handshake timeout (10 s).
+        FaultCell(role: .seeder, fault: .stop, phase: .handshake, expected: .completes),
+        FaultCell(role: .hub, fault: .stop, phase: .handshake, expected: .completes, chain: .upstream),
+        FaultCell(role: .leecher, fault: .stop, phase: .handshake, expected: .completes),
+    ]
+
+    static let middle: [FaultCell] = [Phase.precopy, .postcopy].flatMap { phase in [
         FaultCell(role: .leecher, fault: .kill, phase: phase, expected: .failsSourceRunsOn),
         FaultCell(role: .leecher, fault: .stop, phase: phase, expected: .completes),
         FaultCell(role: .leecher, fault: .stall, phase: phase, expected: .completes),
@@ -95,10 +114,13 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         FaultCell(role: .hub, fault: .kill, phase: phase, expected: .failsSourceRunsOn, chain: .via),
         // The hub sends to a leecher that stops reading: what the hub holds.
         FaultCell(role: .leecher, fault: .stall, phase: phase, expected: .completes, chain: .upstream),
+        FaultCell(role: .leecher, fault: .stall, phase: phase, expected: .completes, chain: .via),
         // Into a live target.
         FaultCell(role: .leecher, fault: .kill, phase: phase, expected: .failsSourceRunsOn, destination: .into),
         FaultCell(role: .leecher, fault: .stop, phase: phase, expected: .completes, destination: .into),
-    ] } + [
+    ] }
+
+    static let fixed: [FaultCell] = [
         FaultCell(role: .seeder, fault: .stall, phase: .precopy, expected: .completes),
         FaultCell(role: .seeder, fault: .stall, phase: .postcopy, expected: .completes),
         FaultCell(role: .hub, fault: .stop, phase: .precopy, expected: .completes, chain: .via),
@@ -122,7 +144,31 @@ struct FaultCell: CustomTestStringConvertible, Sendable {
         FaultCell(role: .leecher, fault: .kill, phase: .complete, expected: .sourceLeftStopped),
         // Stopped past the grace with the reply in its socket: it reads it on waking.
         FaultCell(role: .leecher, fault: .stop, phase: .complete, expected: .completes),
+        // With --then kill, the same leecher death loses the source.
+        FaultCell(role: .leecher, fault: .kill, phase: .complete, expected: .sourceKilled, then: .kill),
     ]
+
+    static let late: [FaultCell] = [Phase.finalize, .checksum, .complete].flatMap { phase in [
+        // A stopped seeder or hub keeps its connections: the leecher waits.
+        FaultCell(role: .seeder, fault: .stop, phase: phase, expected: .completes),
+        FaultCell(role: .hub, fault: .stop, phase: phase, expected: .completes, chain: .upstream),
+        // A killed hub: in Complete, struck before Complete reaches it.
+        FaultCell(role: .hub, fault: .kill, phase: phase, expected: .failsSourceRunsOn, chain: .upstream),
+    ] }
+
+    static let stalls: [FaultCell] = [Phase.finalize, .checksum].flatMap { phase in [
+        FaultCell(role: .seeder, fault: .stall, phase: phase, expected: .completes),
+        FaultCell(role: .hub, fault: .stall, phase: phase, expected: .completes, chain: .upstream),
+    ] }
+
+    static let intoLate: [FaultCell] = [Phase.checksum, .complete].flatMap { phase in [
+        // Into a live target once every page is placed: the target never
+        // reads zeros, and holds the source only when the migration completes.
+        FaultCell(role: .leecher, fault: .kill, phase: phase,
+                  expected: phase == .complete ? .sourceLeftStopped : .failsSourceRunsOn, destination: .into),
+        FaultCell(role: .seeder, fault: .kill, phase: phase, expected: .failsSourceRunsOn, destination: .into),
+        FaultCell(role: .link, fault: .cut, phase: phase, expected: .completes, destination: .into),
+    ] }
 }
 
 /// The largest growth of a surviving seeder or hub while its peer was
@@ -184,7 +230,10 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         // in post-copy, and in the Complete cells, less: what matters there
         // is where the fault lands, not how much moves.
         let mib = switch (cell.phase, cell.destination) {
-        case (.postcopy, .into), (.complete, _): 64
+        // Post-copy into a target moves 1 MiB a round trip (4 requests of
+        // 64 pages): over the relay's 300 ms, 64 MiB took 20 s.
+        case (.complete, .into): 8
+        case (.postcopy, .into), (.complete, _), (.handshake, _): 64
         // The seeder hashes the frozen source at about 1 s a GiB: 256 MiB
         // keep its checksum reply a quarter of a second away.
         case (.postcopy, _), (.checksum, _): 256
@@ -200,6 +249,7 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         let targetMaps = target.map { smaps($0.pid).map(\.range) } ?? []
 
         // The seeder, and the hub in front of it when the chain has one.
+        let seederOptions = ["--grace", "\(grace)", "--then", cell.then.rawValue]
         var hub: ChildProcess? = nil
         defer { hub?.stop() }
         let seeder: ChildProcess
@@ -207,10 +257,10 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         var migration: [String] = []
         switch cell.chain {
         case .direct:
-            (seeder, address) = try harness.startSeeder(pid: child.pid, ["--grace", "\(grace)"])
+            (seeder, address) = try harness.startSeeder(pid: child.pid, seederOptions)
         case .upstream:
             let seederAddress: String
-            (seeder, seederAddress) = try harness.startSeeder(pid: child.pid, ["--grace", "\(grace)"])
+            (seeder, seederAddress) = try harness.startSeeder(pid: child.pid, seederOptions)
             let started = try ChildProcess(builtExecutable("hub"),
                                            ["serve", "--listen", "127.0.0.1:0", "--upstream", seederAddress,
                                             "--secret-file", harness.secretPath, "--grace", "\(grace)", "--json",
@@ -227,25 +277,27 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
             address = try HubCommandLineTests.address(in: try started.expect("{\"event\":\"listening\""))
             seeder = try ChildProcess(builtExecutable("seeder"),
                                       ["serve", "\(child.pid)", "--via", seedersAddress, "--name", "m",
-                                       "--secret-file", harness.secretPath, "--grace", "\(grace)", "--json"])
+                                       "--secret-file", harness.secretPath, "--json"] + seederOptions)
             _ = try started.expect("{\"event\":\"upstream\"")
             migration = ["--migration", "m"]
         }
         defer { seeder.stop() }
-        let delayed = cell.phase == .complete
+        // The handshake cells too: the delay keeps the handshake and Track
+        // (two round trips) on the way long enough to strike in them.
+        let delayed = cell.phase == .complete || cell.phase == .handshake
         let relay = try Relay(to: address, delayMilliseconds: delayed ? Self.delayMilliseconds : 0)
         defer { relay.stop() }
         let out = scratchDirectory("fault-\(cell.role)-\(cell.fault)-\(cell.phase)-\(cell.chain)")
         defer { try? FileManager.default.removeItem(atPath: out) }
         let policy = switch cell.phase {
-        case .postcopy, .complete: ["--finalize-at", "0%"]
+        case .postcopy, .complete, .handshake: ["--finalize-at", "0%"]
         // Pre-copy moves (nearly) everything, so post-copy is a few dirty
         // pages and ends before the seeder has hashed the frozen source:
         // at `verifying` the leecher waits for the checksums.
         case .checksum: ["--finalize-at", "100%", "--max-downtime", "0", "--max-wait", "2"]
         // Finalized by the deadline, one second in.
         case .finalize: ["--finalize-at", "100%", "--max-downtime", "0", "--max-wait", "1"]
-        case .handshake, .precopy: ["--finalize-at", "100%", "--max-downtime", "0", "--max-wait", "60"]
+        case .precopy: ["--finalize-at", "100%", "--max-downtime", "0", "--max-wait", "60"]
         }
         let leecher: ChildProcess
         if let target {
@@ -258,9 +310,16 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         defer { leecher.stop() }
 
         print("fault-matrix: \(cell.testDescription): source \(child.pid), seeder \(seeder.pid), hub \(hub?.pid ?? 0), relay \(relay.child.pid), leecher \(leecher.pid), target \(target?.pid ?? 0)")
+        // The source as it was frozen, for a live target to be compared with
+        // (after the freeze and before a fault that can thaw it).
+        let main = try #require(child.regions["main"])
+        var frozen: [UInt8]? = nil
         // Wait for the phase.
         switch cell.phase {
-        case .handshake: break
+        case .handshake:
+            // Struck once the relay has accepted the leecher's connection.
+            let deadline = ChildProcess.now() + 30
+            while relay.accepted() == 0 && ChildProcess.now() < deadline { usleep(2_000) }
         case .precopy:
             _ = try leecher.expect("{\"event\":\"progress\"", timeout: 30)
             // Still in pre-copy: nothing said of finalizing yet.
@@ -268,11 +327,13 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
                 #expect(!line.hasPrefix("{\"event\":\"finalizing\""), "pre-copy ended before the fault: \(line)")
             }
         case .finalize: _ = try leecher.expect("{\"event\":\"finalizing\"", timeout: 30)
-        case .postcopy: _ = try leecher.expect("{\"event\":\"finalized\"", timeout: 30)
-        case .checksum: _ = try leecher.expect("{\"event\":\"verifying\"", timeout: 60)
-        case .complete:
+        case .postcopy, .checksum, .complete:
+            _ = try leecher.expect("{\"event\":\"finalized\"", timeout: 60)
+            if target != nil { frozen = bytes(child.pid, at: main.start, length: Int(main.length)) }
+            if cell.phase == .checksum { _ = try leecher.expect("{\"event\":\"verifying\"", timeout: 60) }
+            guard cell.phase == .complete else { break }
             _ = try leecher.expect("{\"event\":\"verified\"", timeout: 60)
-            if cell.role != .seeder {
+            if cell.role == .leecher || cell.role == .link {
                 // Strike once the seeder has applied Complete (it lets go of
                 // the source: no tracer), while the reply is still in the relay.
                 let deadline = ChildProcess.now() + Double(Self.delayMilliseconds) / 1000 * 2
@@ -280,11 +341,6 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
                 #expect(tracer(of: child.pid) == 0, "the seeder had not applied Complete within one round trip")
             }
         }
-        // The source as it was frozen, for a live target to be compared with
-        // (after the freeze and before a fault that can thaw it).
-        let main = try #require(child.regions["main"])
-        var frozen: [UInt8]? = nil
-        if target != nil && cell.phase == .postcopy { frozen = bytes(child.pid, at: main.start, length: Int(main.length)) }
 
         let struck: ChildProcess? = switch cell.role {
         case .seeder: seeder
@@ -296,15 +352,18 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         // hub or seeder the leecher pulls from; the seeder behind a stopped hub.
         let sender: ChildProcess? = switch cell.role {
         case .leecher: hub ?? seeder
-        case .hub: seeder
+        case .hub: cell.fault == .stall ? nil : seeder
         case .seeder, .link: nil
         }
         // The checksum phase: whether the fault landed before `verified`
         // (the checksum call in flight, or the leecher comparing) is recorded.
-        var verifiedBeforeFault = false
-        if cell.phase == .checksum {
+        // The handshake phase: whether it landed before `connected` (the
+        // handshake and Track done), likewise.
+        var verifiedBeforeFault = false, connectedBeforeFault = false
+        if cell.phase == .checksum || cell.phase == .handshake {
             while let line = try? leecher.readLine(timeout: 0.001) {
                 if line.hasPrefix("{\"event\":\"verified\"") { verifiedBeforeFault = true }
+                if line.hasPrefix("{\"event\":\"connected\"") { connectedBeforeFault = true }
             }
         }
         var held: Int? = nil
@@ -384,15 +443,25 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
             } else {
                 result = "failed as stated"
             }
-        case .sourceLeftStopped:
+        case .sourceLeftStopped, .sourceKilled:
             // The seeder applied Complete; it waits its grace period for the
             // leecher to resume, then ends as completed.
             let said = try seeder.expect("{\"event\":\"complete\"", timeout: Double(grace + 10))
-            #expect(said.contains("stopped"), "\(said)")
+            #expect(said.contains(cell.then == .kill ? "was killed" : "stopped"), "\(said)")
             #expect(seeder.waitForExit() == 0)
-            #expect(child.child.state == "T", "the source must be left stopped, not running nor gone")
+            if cell.then == .kill {
+                #expect(exits(child.pid, within: 5), "--then kill: the source must be gone")
+            } else {
+                #expect(child.child.state == "T", "the source must be left stopped, not running nor gone")
+            }
             #expect(!FileManager.default.fileExists(atPath: out + "/manifest.json"), "an image was left behind")
-            result = "source left stopped, no image"
+            if let target {
+                // Every page was placed before Complete: the target holds the frozen source.
+                result = try expectNoZeros(main: main, source: child, frozen: frozen, target: target, before: targetMaps,
+                                           leecher: leecher) + ", source left stopped"
+            } else {
+                result = "source \(cell.then == .kill ? "killed" : "left stopped"), no image"
+            }
         case .nextLeecherCompletes:
             #expect(try harness.isRunning(child), "the source must run on")
             let next = try harness.startLeecher(address, out: out + "-next", ["--finalize-at", "95%"] + migration)
@@ -406,6 +475,9 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
             // Recorded, not required: on a loaded machine post-copy can
             // outlast the seeder's hashing (seen once at a load of 15).
             result += verifiedBeforeFault ? " (landed after `verified`: Complete window)" : " (landed before `verified`)"
+        }
+        if cell.phase == .handshake && cell.role != .leecher {
+            result += connectedBeforeFault ? " (landed after `connected`)" : " (landed before `connected`)"
         }
         if cell.phase == .complete && cell.role == .link {
             // The cut must have hit the reply: the leecher resumed a completed session.
@@ -459,14 +531,23 @@ let largestHeld = Mutex<(bytes: Int, cell: String)>((0, ""))
         let frozen = try #require(frozen, "the target holds the region \(region) (main \(main)), yet the source was not read while frozen; added: \(added)")
         var arrived = 0, poisoned = 0, zeros = 0, differ = 0
         var firstPoisoned: UInt64? = nil
+        // One descriptor and memcmp: a page at a time through `bytes` and
+        // `elementsEqual` took half a minute for 256 MiB in a debug build.
+        let memory = open("/proc/\(target.pid)/mem", O_RDONLY)
+        try #require(memory >= 0, "cannot open /proc/\(target.pid)/mem")
+        defer { close(memory) }
+        var got = [UInt8](repeating: 0, count: 4096)
         for offset in stride(from: 0, to: Int(region.length), by: 4096) {
             let address = region.start + UInt64(offset)
-            guard let got = bytes(target.pid, at: address, length: 4096) else {
+            guard got.withUnsafeMutableBytes({ pread(memory, $0.baseAddress, 4096, off_t(address)) }) == 4096 else {
                 poisoned += 1
                 if firstPoisoned == nil { firstPoisoned = address }
                 continue
             }
-            if got.elementsEqual(frozen[offset..<offset + 4096]) {
+            let same = got.withUnsafeBytes { page in
+                frozen.withUnsafeBytes { memcmp(page.baseAddress!, $0.baseAddress! + offset, 4096) == 0 }
+            }
+            if same {
                 arrived += 1
             } else if got.allSatisfy({ $0 == 0 }) {
                 zeros += 1

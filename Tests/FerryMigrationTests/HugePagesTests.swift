@@ -53,8 +53,11 @@ import FerryTestSupport
         }
         // Ordinary regions keep the manifest's page size (no field).
         #expect(summary.manifest.regions.filter { $0.pageSize != nil }.count == 3)
-        // The writer kept writing until the freeze: whole huge pages were dirty then.
-        #expect(summary.dirtyPagesAtFinalize >= 512, "\(summary.dirtyPagesAtFinalize) dirty pages at Finalize")
+        // Whether the writer dirtied a huge page after its last read depends on
+        // the scheduler (at a load of 17 it had not: 1 dirty page at Finalize),
+        // so it is not asserted here; HugetlbTrackingTests shows, without
+        // timing, that a write dirties its whole huge page.
+        print("hugetlb, \(tracker.rawValue): \(summary.dirtyPagesAtFinalize) dirty pages at Finalize")
         let report = try ImageVerifier.compare(directory: out, pid: process.pid)
         #expect(report.matches, "\(report)")
         let again = try Manifest.load(directory: out)

@@ -58,5 +58,13 @@ public final class Relay: Sendable {
         return f.count == 2 ? (f[0], f[1]) : nil
     }
 
+    /// Connections accepted so far (and still relayed): a client that has
+    /// connected is at least in its handshake.
+    public func accepted() -> Int {
+        child.send("count")
+        let line = (try? child.expect("connections", timeout: 5)) ?? ""
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+    }
+
     public func stop() { child.stop() }
 }

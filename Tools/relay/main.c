@@ -345,6 +345,11 @@ int main(int argc, char **argv) {
                     refuse_next--;
                 } else if (pair_count < MAX_PAIRS) {
                     upstream = connect_upstream(host, port);
+                    // Said, so that a client closed at once (it sees a clean
+                    // end of stream) can be told from one the target closed.
+                    if (upstream < 0) fprintf(stderr, "relay: cannot connect to %s:%s (%s); closing the client\n", host, port, strerror(errno));
+                } else {
+                    fprintf(stderr, "relay: %d connections relayed already; closing the client\n", MAX_PAIRS);
                 }
                 if (upstream < 0) {
                     close(client);
