@@ -159,11 +159,8 @@ public final class ChildProcess: @unchecked Sendable {
         return nil
     }
 
-    public static func now() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
+    /// Seconds on the monotonic clock.
+    public static func now() -> Double { FerryTestSupport.now() }
 }
 
 extension ChildProcess {
