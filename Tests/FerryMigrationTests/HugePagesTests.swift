@@ -225,34 +225,8 @@ extension HugePagesTests {
         let process = try Hugemem(Self.liveArguments)
         defer { process.stop() }
         try #require(process.refused == nil, "\(process.refused ?? "")")
-        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: process.pid), then: .resume,
-                                              grace: .milliseconds(800))
-        defer { seeder.close() }
-        guard case .tcp(_, let seederPort) = seeder.listener.endpoint else { throw TestFailure("no port") }
-        let relay = try Relay(to: "127.0.0.1:\(seederPort)")
-        defer { relay.stop() }
-        let port = relay.port
-        let secret = seeder.secret
-        var options = LeecherOptions()
-        options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
-        let sink = try LiveMemorySink()
-        let leecher = Leecher(connect: {
-            let transport = try await Transports.connect(to: .tcp(host: "127.0.0.1", port: port))
-            return try await SecureChannel.client(over: transport, credentials: .preSharedSecret(secret))
-        }, memory: sink, options: options) { event in
-            if case .finalized = event { relay.stop(); seeder.close() }
-        }
-        await #expect {
-            _ = try await leecher.run()
-        } throws: { error in
-            "\(error)".contains("seeder")
-        }
-        let memory = try await sink.migratedMemory()
+        guard let (memory, poisoned) = try await pullIntoLiveMemoryLosingTheSeederAtFinalize(pid: process.pid) else { return }
         defer { memory.unmap() }
-        guard case .abandoned(_, let poisoned) = memory.failureReason else {
-            Issue.record("expected post-copy abandoned, got \(String(describing: memory.failureReason))")
-            return
-        }
         let huge = memory.mappings.filter(\.isHugetlb)
         #expect(poisoned > 0)
         // Each huge page is whole or unreadable (first and last 4 KiB page alike); at least one is unreadable.

@@ -94,37 +94,10 @@ private func touch(_ local: UInt64) -> [UInt8] {
     @Test func aVanishedSeederEndsInAClearErrorAndPagesThatCannotBeRead() async throws {
         let child = try Memwriter(["--mib", "24", "--pattern"])
         defer { child.stop() }
-        let process = try TrackedProcess.attach(pid: child.pid)
-        let seeder = try await LoopbackSeeder(process: process, then: .resume, grace: .milliseconds(800))
-        defer { seeder.close() }
-        guard case .tcp(_, let seederPort) = seeder.listener.endpoint else { throw TestFailure("no port") }
-        let relay = try Relay(to: "127.0.0.1:\(seederPort)")
-        defer { relay.stop() }
-        let port = relay.port
-        let secret = seeder.secret
-        var options = LeecherOptions()
-        options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
-        let sink = try LiveMemorySink()
-        // The seeder vanishes the moment Finalize returns: every remote page is lost.
-        let leecher = Leecher(connect: {
-            let transport = try await Transports.connect(to: .tcp(host: "127.0.0.1", port: port))
-            return try await SecureChannel.client(over: transport, credentials: .preSharedSecret(secret))
-        }, memory: sink, options: options) { event in
-            if case .finalized = event { relay.stop(); seeder.close() }
-        }
         let began = ContinuousClock.now
-        await #expect {
-            _ = try await leecher.run()
-        } throws: { error in
-            "\(error)".contains("seeder")
-        }
-        #expect(ContinuousClock.now - began < .seconds(20), "failed, did not hang")
-        let memory = try await sink.migratedMemory()
+        guard let (memory, poisoned) = try await pullIntoLiveMemoryLosingTheSeederAtFinalize(pid: child.pid) else { return }
         defer { memory.unmap() }
-        guard case .abandoned(_, let poisoned) = memory.failureReason else {
-            Issue.record("expected post-copy abandoned, got \(String(describing: memory.failureReason))")
-            return
-        }
+        #expect(ContinuousClock.now - began < .seconds(20), "failed, did not hang")
         #expect(poisoned > 0)
         // A missing page now raises SIGBUS; even the kernel cannot read it for us: never zeros.
         let missing = memory.mappings.first { !memory.isInstalled($0.source.start) }
@@ -156,4 +129,41 @@ private func touch(_ local: UInt64) -> [UInt8] {
         let here = try #require(procMemory(pid: destination.pid, at: mapping.local, length: length))
         #expect(procMemory(pid: source.pid, at: mapping.source.start, length: length) == here)
     }
+}
+
+/// Pulls `pid` into live memory of this process by pure post-copy (finalize
+/// at 0 %) while the seeder vanishes the moment Finalize returns, so every
+/// remote page is lost. Expects the leecher to fail naming the seeder;
+/// returns the memory and how many pages it poisoned, or nil (an issue
+/// recorded) when post-copy did not end as abandoned.
+func pullIntoLiveMemoryLosingTheSeederAtFinalize(pid: Int32) async throws -> (MigratedMemory, Int)? {
+    let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: pid), then: .resume,
+                                          grace: .milliseconds(800))
+    defer { seeder.close() }
+    guard case .tcp(_, let seederPort) = seeder.listener.endpoint else { throw TestFailure("no port") }
+    let relay = try Relay(to: "127.0.0.1:\(seederPort)")
+    defer { relay.stop() }
+    let port = relay.port
+    let secret = seeder.secret
+    var options = LeecherOptions()
+    options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
+    let sink = try LiveMemorySink()
+    let leecher = Leecher(connect: {
+        let transport = try await Transports.connect(to: .tcp(host: "127.0.0.1", port: port))
+        return try await SecureChannel.client(over: transport, credentials: .preSharedSecret(secret))
+    }, memory: sink, options: options) { event in
+        if case .finalized = event { relay.stop(); seeder.close() }
+    }
+    await #expect {
+        _ = try await leecher.run()
+    } throws: { error in
+        "\(error)".contains("seeder")
+    }
+    let memory = try await sink.migratedMemory()
+    guard case .abandoned(_, let poisoned) = memory.failureReason else {
+        Issue.record("expected post-copy abandoned, got \(String(describing: memory.failureReason))")
+        memory.unmap()
+        return nil
+    }
+    return (memory, poisoned)
 }

@@ -179,17 +179,7 @@ struct DeadLeaderTests {
         }
     }
 
-    private func threadState(_ pid: Int32, _ tid: Int32) -> Character? {
-        let fd = open("/proc/\(pid)/task/\(tid)/stat", O_RDONLY)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 1024)
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard n > 0 else { return nil }
-        let text = String(decoding: buffer[0..<n], as: UTF8.self)
-        guard let close = text.lastIndex(of: ")") else { return nil }
-        return text[text.index(close, offsetBy: 2)]
-    }
+    private func threadState(_ pid: Int32, _ tid: Int32) -> Character? { procState("/proc/\(pid)/task/\(tid)/stat") }
 
     /// The VmFlags lines of a live thread's smaps ("uw" marks uffd-wp registration).
     private func smapsFlags(_ child: DeadLeader) -> [String] {

@@ -112,17 +112,7 @@ public final class ChildProcess: @unchecked Sendable {
     }
 
     /// The process state letter from /proc/PID/stat (R, S, T, t, Z...).
-    public var state: Character? {
-        let fd = open("/proc/\(pid)/stat", O_RDONLY)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 1024)
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard n > 0 else { return nil }
-        let text = String(decoding: buffer[0..<n], as: UTF8.self)
-        guard let close = text.lastIndex(of: ")") else { return nil }
-        return text[text.index(close, offsetBy: 2)]
-    }
+    public var state: Character? { procState("/proc/\(pid)/stat") }
 
     /// True while the child has not exited (it may be stopped).
     public var isAlive: Bool { !reaped && kill(pid, 0) == 0 && state != "Z" }
@@ -187,4 +177,19 @@ extension ChildProcess {
             }
         }
     }
+}
+
+/// The state letter (R, S, T, t, Z...) of a process or thread from its
+/// `stat` file (`/proc/PID/stat`, `/proc/PID/task/TID/stat`); nil once gone.
+public func procState(_ statPath: String) -> Character? {
+    let fd = open(statPath, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: 1024)
+    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+    guard n > 0 else { return nil }
+    let text = String(decoding: buffer[0..<n], as: UTF8.self)
+    // The name in parentheses may itself hold ") ": the state follows the last one.
+    guard let close = text.lastIndex(of: ")") else { return nil }
+    return text[text.index(close, offsetBy: 2)]
 }

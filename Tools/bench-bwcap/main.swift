@@ -189,37 +189,6 @@ func roundTrip() async throws -> Double {
     return median(rtts)
 }
 
-/// Runs `body` on a plain thread (touches block the thread that makes them).
-func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-    await withCheckedContinuation { continuation in
-        Foundation.Thread.detachNewThread { continuation.resume(returning: body()) }
-    }
-}
-
-/// Touches up to `count` random pages not yet installed, `gap` seconds
-/// apart; the wall time of each load, in seconds.
-func touchRemotePages(_ memory: MigratedMemory, count: Int, gap: Double) -> [Double] {
-    var generator = SystemRandomNumberGenerator()
-    var latencies: [Double] = []
-    let mappings = memory.mappings.filter { $0.source.length >= 1 << 20 }
-    guard !mappings.isEmpty else { return [] }
-    var attempts = 0
-    while latencies.count < count && attempts < count * 50 && !memory.isComplete {
-        attempts += 1
-        let mapping = mappings[Int.random(in: 0..<mappings.count, using: &generator)]
-        let page = mapping.source.start + UInt64.random(in: 0..<mapping.source.pageCount, using: &generator) * 4096
-        guard !memory.isInstalled(page), let local = memory.localAddress(of: page) else { continue }
-        let pointer = UnsafePointer<UInt64>(bitPattern: UInt(local))!
-        let began = now()
-        // SAFETY: a page of the migrated memory; the load is the fault being measured.
-        let value = pointer.pointee
-        latencies.append(now() - began)
-        if value == 0x0123_4567_89AB_CDEF { print("") } // keeps the load
-        usleep(UInt32(gap * 1e6))
-    }
-    return latencies
-}
-
 /// `cap` nil: the same migration uncapped, for comparison.
 func measureTouches(cap: BandwidthRate?, capText: String, count: Int, mib: Int) async throws -> TouchResult {
     let rtt = try await roundTrip()
