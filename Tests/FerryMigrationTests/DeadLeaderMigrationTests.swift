@@ -71,19 +71,8 @@ import FerryTestSupport
         let destination = try DeadLeader(mib: 1, rate: 1000) // stands for a restored program
         defer { destination.stop() }
         try TrackedProcess.checkAttachable(pid: destination.pid)
-        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: source.pid))
-        defer { seeder.close() }
-        var options = LeecherOptions()
-        options.policy = FinalizePolicy(cleanShare: 0.5, maxWaitSeconds: 10)
-        var live = LiveMemoryOptions()
-        live.targetPid = destination.pid
-        let sink = try LiveMemorySink(options: live)
-        // Leecher verification reads the destination's memory (through a live
-        // thread) and compares it with the frozen source.
-        let summary = try await Leecher(connect: seeder.connector(), memory: sink, options: options).run()
-        let memory = try await sink.migratedMemory()
-        #expect(summary.manifest.regions.contains { $0.file?.hasPrefix("pid \(destination.pid)") == true })
-        #expect(memory.isComplete && memory.statistics.pagesPoisoned == 0)
+        // The leecher's verification reads the destination's memory through a live thread.
+        let memory = try await pullIntoAnotherProcess(source: source.pid, destination: destination.pid)
         let main = try #require(source.regions["main"])
         let mapping = try #require(memory.mappings.first { $0.source.start <= main.start && main.end <= $0.source.end })
         let reader = try PageReader(pid: destination.pid)

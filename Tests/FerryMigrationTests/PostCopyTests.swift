@@ -111,18 +111,7 @@ private func touch(_ local: UInt64) -> [UInt8] {
         defer { source.stop() }
         let destination = try Memwriter(["--mib", "1"]) // stands for a restored program
         defer { destination.stop() }
-        let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: source.pid))
-        defer { seeder.close() }
-        var options = LeecherOptions()
-        options.policy = FinalizePolicy(cleanShare: 0.5, maxWaitSeconds: 10)
-        var live = LiveMemoryOptions()
-        live.targetPid = destination.pid
-        let sink = try LiveMemorySink(options: live)
-        // Leecher verification reads the destination's memory and compares it with the frozen source.
-        let summary = try await Leecher(connect: seeder.connector(), memory: sink, options: options).run()
-        let memory = try await sink.migratedMemory()
-        #expect(summary.manifest.regions.contains { $0.file?.hasPrefix("pid \(destination.pid)") == true })
-        #expect(memory.isComplete && memory.statistics.pagesPoisoned == 0)
+        let memory = try await pullIntoAnotherProcess(source: source.pid, destination: destination.pid)
         // Spot check one region through /proc: the destination holds the source's bytes.
         let mapping = try #require(memory.mappings.max { $0.source.length < $1.source.length })
         let length = Int(min(mapping.source.length, 1 << 20))
@@ -166,4 +155,23 @@ func pullIntoLiveMemoryLosingTheSeederAtFinalize(pid: Int32) async throws -> (Mi
         return nil
     }
     return (memory, poisoned)
+}
+
+/// Pulls `source` into live memory of process `destination` (`--into`),
+/// finalizing at 50 %. The leecher's own verification reads the
+/// destination's memory and compares it with the frozen source; this checks
+/// the manifest names the destination and every page arrived, none poisoned.
+func pullIntoAnotherProcess(source: Int32, destination: Int32) async throws -> MigratedMemory {
+    let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: source))
+    defer { seeder.close() }
+    var options = LeecherOptions()
+    options.policy = FinalizePolicy(cleanShare: 0.5, maxWaitSeconds: 10)
+    var live = LiveMemoryOptions()
+    live.targetPid = destination
+    let sink = try LiveMemorySink(options: live)
+    let summary = try await Leecher(connect: seeder.connector(), memory: sink, options: options).run()
+    let memory = try await sink.migratedMemory()
+    #expect(summary.manifest.regions.contains { $0.file?.hasPrefix("pid \(destination)") == true })
+    #expect(memory.isComplete && memory.statistics.pagesPoisoned == 0)
+    return memory
 }
