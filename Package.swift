@@ -33,11 +33,12 @@ let package = Package(
             providers: [.apt(["libzstd-dev"])]
         ),
         // Kernel facilities: maps, freezer, remote syscall, userfaultfd, trackers, page reader.
-        .target(name: "FerrySystem", dependencies: ["CFerryLinux"]),
+        .target(name: "FerryToolkit"),
+        .target(name: "FerrySystem", dependencies: ["CFerryLinux", "FerryToolkit"]),
         // Transports, secure channel, RPC.
-        .target(name: "FerryWire", dependencies: ["CUV", "CSodium", "CZstd"]),
+        .target(name: "FerryWire", dependencies: ["CUV", "CSodium", "CZstd", "FerryToolkit"]),
         // Seeder, leecher, hub, heuristics, page store, image format.
-        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "CSodium"]),
+        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "FerryToolkit", "CSodium"]),
         // What the three commands share: credential flags, JSON events, progress, exit codes.
         .target(
             name: "FerryCLI",

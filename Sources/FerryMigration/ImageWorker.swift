@@ -11,6 +11,7 @@
 // page data: past that, `submit` waits (the disk is slower than the link,
 // and the transfer has to slow down to it anyway).
 import Foundation
+import FerryToolkit
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -4,6 +4,7 @@
 // it was sent and whether it was written since; that makes the dirty set
 // "written since last sent" and lets any reply be asked for again.
 import Foundation
+import FerryToolkit
 import Synchronization
 
 public struct SeederOptions: Sendable {

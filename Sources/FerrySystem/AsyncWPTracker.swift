@@ -28,6 +28,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 /// `@unchecked Sendable` invariant: all stored properties are immutable
 /// except `pagemap` (closed once, in `close()` under `closeLock`) and

@@ -2,6 +2,7 @@
 // failed, on which pid, and what to do.
 #if canImport(Glibc)
 import Glibc
+import FerryToolkit
 #endif
 
 public enum AttachError: Error, CustomStringConvertible, Sendable {

@@ -21,6 +21,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 enum DeferredSignals {
     /// Guards `depth` and the calls into the shim, which are not reentrant.

@@ -30,6 +30,7 @@
 // hugetlb boundaries (`HugePageMap.split`), a write reports the whole huge
 // page dirty, and owners pass `rearm` only whole huge pages (a partly copied
 // huge page keeps its dirty state: see TrackedProcess.rearm).
+import FerryToolkit
 
 /// Which tracker to use. `nil` in `TrackedProcess.attach` picks the best available.
 public enum TrackerKind: String, CaseIterable, Sendable {
@@ -149,94 +150,5 @@ struct HugePageMap: Sendable {
             address = page.end
         }
         return result
-    }
-}
-
-/// Sorted, merged range arithmetic. Inputs need not be sorted unless stated.
-public enum Ranges {
-    /// Sorts and merges touching or overlapping ranges.
-    public static func merge(_ ranges: [AddressRange]) -> [AddressRange] {
-        guard !ranges.isEmpty else { return [] }
-        // Scan results arrive sorted: check in one pass before paying for a sort.
-        var inOrder = true
-        for index in ranges.indices.dropFirst() where ranges[index].start < ranges[index - 1].start {
-            inOrder = false
-            break
-        }
-        let sorted = inOrder ? ranges : ranges.sorted { $0.start < $1.start }
-        var result: [AddressRange] = []
-        result.reserveCapacity(sorted.count)
-        result.append(sorted[0])
-        for range in sorted.dropFirst() where range.length > 0 {
-            if range.start <= result[result.count - 1].end {
-                result[result.count - 1].end = max(result[result.count - 1].end, range.end)
-            } else {
-                result.append(range)
-            }
-        }
-        return result.filter { $0.length > 0 }
-    }
-
-    /// The parts of `a` that lie inside `b`. Both merged and sorted.
-    public static func intersect(_ a: [AddressRange], _ b: [AddressRange]) -> [AddressRange] {
-        var result: [AddressRange] = []
-        var i = 0, j = 0
-        while i < a.count && j < b.count {
-            let start = max(a[i].start, b[j].start)
-            let end = min(a[i].end, b[j].end)
-            if start < end { result.append(AddressRange(start: start, end: end)) }
-            if a[i].end < b[j].end { i += 1 } else { j += 1 }
-        }
-        return result
-    }
-
-    /// The parts of `a` outside `b`. Both merged and sorted.
-    public static func subtract(_ a: [AddressRange], _ b: [AddressRange]) -> [AddressRange] {
-        var result: [AddressRange] = []
-        var j = 0
-        for range in a {
-            var cursor = range.start
-            while j < b.count && b[j].end <= cursor { j += 1 }
-            var k = j
-            while k < b.count && b[k].start < range.end {
-                if b[k].start > cursor { result.append(AddressRange(start: cursor, end: b[k].start)) }
-                cursor = max(cursor, b[k].end)
-                k += 1
-            }
-            if cursor < range.end { result.append(AddressRange(start: cursor, end: range.end)) }
-        }
-        return result
-    }
-
-    /// Page numbers (address / pageSize), sorted, as merged ranges.
-    public static func fromPages<S: Sequence>(_ pages: S) -> [AddressRange] where S.Element == UInt64 {
-        let sorted = pages.sorted()
-        var result: [AddressRange] = []
-        for page in sorted {
-            let start = page * pageSize
-            if let last = result.last, last.end == start {
-                result[result.count - 1].end = start + pageSize
-            } else {
-                result.append(AddressRange(start: start, end: start + pageSize))
-            }
-        }
-        return result
-    }
-
-    /// Whether `address` lies in one of `sorted` (merged, ascending): binary search.
-    public static func contains(_ sorted: [AddressRange], _ address: UInt64) -> Bool {
-        var low = 0, high = sorted.count
-        while low < high {
-            let mid = (low + high) / 2
-            if sorted[mid].end <= address { low = mid + 1 } else { high = mid }
-        }
-        return low < sorted.count && sorted[low].contains(address)
-    }
-
-    /// Rounds outwards to page boundaries.
-    public static func pageAligned(_ range: AddressRange) -> AddressRange {
-        let start = range.start & ~(pageSize - 1)
-        let end = (range.end + pageSize - 1) & ~(pageSize - 1)
-        return AddressRange(start: start, end: end)
     }
 }

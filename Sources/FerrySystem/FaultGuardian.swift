@@ -26,6 +26,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 /// A guardian process. Dismiss it exactly once (`dismiss()`, or deinit).
 ///

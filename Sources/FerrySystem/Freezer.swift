@@ -17,6 +17,7 @@
 // Kernel: 3.4+. Capability: as Ptrace.swift.
 #if canImport(Glibc)
 import Glibc
+import FerryToolkit
 #endif
 
 /// The stopped threads of one frozen process. Used only on its `PtraceThread`.

@@ -14,6 +14,7 @@
 // Kernel: 2.6.27+. Capability: none to read.
 #if canImport(Glibc)
 import Glibc
+import FerryToolkit
 #endif
 
 public enum HugetlbPool {

@@ -17,6 +17,7 @@
 // Known limit: an anonymous private mapping unmapped and mapped again at the
 // same address between two readings has the same backing tag and is not seen
 // here; the trackers must notice the lost write-protection themselves.
+import FerryToolkit
 
 /// What changed in the migrate regions between two readings of the maps.
 public struct LayoutChange: Sendable, Equatable {

@@ -21,6 +21,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 extension MissingFaultMemory {
     /// Maps `regions` (page aligned, disjoint) as empty private anonymous

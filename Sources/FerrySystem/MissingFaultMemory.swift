@@ -46,6 +46,7 @@
 // /sys/kernel/mm/hugepages/hugepages-<size>kB/nr_hugepages). Capability:
 // none for our own process (user-mode-only descriptors suffice); see
 // Userfaultfd.swift for another process.
+import FerryToolkit
 #if canImport(Glibc)
 import Glibc
 #endif

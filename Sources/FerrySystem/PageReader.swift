@@ -28,6 +28,7 @@
 import Glibc
 #endif
 import Synchronization
+import FerryToolkit
 
 /// The outcome of a read: how many bytes were laid out and which ranges could not be read.
 public struct PageReadResult: Sendable, Equatable {

@@ -17,6 +17,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 /// An error reading a process's memory map. Each message says what failed,
 /// on which pid, and what to do.

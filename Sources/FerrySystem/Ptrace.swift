@@ -13,6 +13,7 @@ import Glibc
 #endif
 import Dispatch
 internal import CFerryLinux
+import FerryToolkit
 
 /// A dedicated OS thread that runs submitted closures one at a time, in order.
 ///

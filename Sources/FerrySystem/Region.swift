@@ -1,5 +1,6 @@
 // Address ranges and memory regions: the vocabulary every layer above
 // FerrySystem speaks. Plain values, no kernel state.
+import FerryToolkit
 
 /// The page size Ferry works in. x86_64 and arm64 Linux as configured here use 4 KiB.
 public let pageSize: UInt64 = 4096

@@ -19,6 +19,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 enum RemoteSyscallError: Error, CustomStringConvertible, Sendable {
     case noSyscallInstruction(pid: Int32)

@@ -14,6 +14,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 /// Calls `handler` for each of `signals` the process receives, on a thread
 /// that all catchers share. Several may be alive; each sees its own signals.

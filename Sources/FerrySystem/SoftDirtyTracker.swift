@@ -11,6 +11,7 @@
 // not the kernel of our machines). Capability: PTRACE_MODE_ATTACH for clear_refs.
 #if canImport(Glibc)
 import Glibc
+import FerryToolkit
 #endif
 
 /// `@unchecked Sendable` invariant: `pid` is immutable; `cleared` is only

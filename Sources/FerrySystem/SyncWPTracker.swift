@@ -31,6 +31,7 @@
 // Kernel: 5.7+. Capability: as Userfaultfd.swift.
 #if canImport(Glibc)
 import Glibc
+import FerryToolkit
 #endif
 
 /// `@unchecked Sendable` invariant: `dirtyPages`, `lostRanges`, `hugePages` and

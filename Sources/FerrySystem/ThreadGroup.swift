@@ -16,6 +16,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 public enum ThreadGroup {
     /// True when thread `tid` of `pid` runs (is neither a zombie nor dead).

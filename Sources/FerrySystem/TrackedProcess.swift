@@ -13,6 +13,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 /// A process whose writes are tracked.
 ///

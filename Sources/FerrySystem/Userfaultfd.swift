@@ -13,6 +13,7 @@
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
 
 /// Feature bits of UFFDIO_API that Ferry asks for.
 struct UserfaultfdFeatures: OptionSet, Sendable, Hashable {

@@ -3,6 +3,7 @@
 import Testing
 import FerryTestSupport
 import Glibc
+import Synchronization
 @testable import FerrySystem
 
 /// Page indices of `child`'s region inside `ranges`.
@@ -442,12 +443,10 @@ final class Thread: @unchecked Sendable {
 }
 
 /// A counter several threads may bump.
-final class Counter: @unchecked Sendable {
-    // Invariant: `count` is only touched under `mutex`.
-    private let lock = Lock()
-    private var count = 0
-    func add() { lock.withLock { count += 1 } }
-    var value: Int { lock.withLock { count } }
+final class Counter: Sendable {
+    private let count = Mutex(0)
+    func add() { count.withLock { $0 += 1 } }
+    var value: Int { count.withLock { $0 } }
 }
 
 /// AnonHugePages of /proc/PID/smaps_rollup, as printed there.

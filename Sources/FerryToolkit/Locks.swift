@@ -1,0 +1,151 @@
+// The lock kinds Ferry uses, and when to use which:
+// - `Mutex` (the standard library's Synchronization module) for data shared
+//   between threads or tasks: hold it briefly, never across a blocking call
+//   or an `await`.
+// - `ReadWriteLock` where many readers must proceed together and a writer
+//   must exclude them all (reading pages while a scan re-arms them).
+// - `ConditionLock` where a dedicated thread must sleep until another thread
+//   hands it work (queues between the loop thread and a worker).
+// `Atomic` values are for single words (counters, flags), not locks.
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A small mutex for state shared between our own threads.
+/// Being replaced by `Mutex`; do not add new uses.
+///
+/// `@unchecked Sendable` invariant: the pthread mutex lives in memory this
+/// object allocates, never moves, and is destroyed only in deinit.
+public final class Lock: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    public init() {
+        mutex = .allocate(capacity: 1)
+        // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}
+
+/// Many readers or one writer. Writers are preferred, so a steady stream of
+/// readers cannot hold a writer off.
+///
+/// `@unchecked Sendable` invariant: the pthread lock lives in memory this
+/// object allocates, never moves, and is destroyed only in deinit.
+public final class ReadWriteLock: @unchecked Sendable {
+    private let lock: UnsafeMutablePointer<pthread_rwlock_t>
+
+    public init() {
+        lock = .allocate(capacity: 1)
+        var attributes = pthread_rwlockattr_t()
+        pthread_rwlockattr_init(&attributes)
+        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
+        pthread_rwlock_init(lock, &attributes)
+        pthread_rwlockattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_rwlock_destroy(lock)
+        lock.deallocate()
+    }
+
+    /// Runs `body` while holding the lock shared with other readers.
+    public func shared<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_rwlock_rdlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body()
+    }
+
+    /// Runs `body` while holding the lock alone.
+    public func exclusive<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_rwlock_wrlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body()
+    }
+}
+
+/// A mutex with a condition variable, for a dedicated thread that sleeps
+/// until another thread hands it work or asks it to stop. Only blocking
+/// threads wait on it; tasks never do.
+///
+/// `@unchecked Sendable` invariant: the pthread mutex and condition live in
+/// memory this object allocates, never move, and are destroyed only in
+/// deinit; `protected` is touched only while the mutex is held.
+public final class ConditionLock<Protected>: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let condition: UnsafeMutablePointer<pthread_cond_t>
+    private var protected: Protected
+
+    public init(_ initial: Protected) {
+        protected = initial
+        mutex = .allocate(capacity: 1)
+        condition = .allocate(capacity: 1)
+        // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
+        pthread_mutex_init(mutex, nil)
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        // Timed waits measure CLOCK_MONOTONIC, so a clock step cannot stretch them.
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        condition.deallocate()
+        mutex.deallocate()
+    }
+
+    /// Runs `body` with the protected value, holding the lock.
+    public func withLock<T>(_ body: (inout Protected) throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&protected)
+    }
+
+    /// Runs `body` with the protected value and then wakes every waiter.
+    public func withLockThenBroadcast<T>(_ body: (inout Protected) throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer {
+            pthread_cond_broadcast(condition)
+            pthread_mutex_unlock(mutex)
+        }
+        return try body(&protected)
+    }
+
+    /// Waits, holding the lock between checks, until `ready` is true of the
+    /// protected value, then runs `body` with it. With a `timeout`, returns
+    /// nil when it passes first.
+    public func wait<T>(until ready: (Protected) -> Bool, timeout: Duration? = nil,
+                        then body: (inout Protected) throws -> T) rethrows -> T? {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        var deadline = timespec()
+        if let timeout {
+            clock_gettime(CLOCK_MONOTONIC, &deadline)
+            let total = Int64(deadline.tv_nsec) + timeout.wholeNanoseconds
+            deadline.tv_sec += Int(total / 1_000_000_000)
+            deadline.tv_nsec = Int(total % 1_000_000_000)
+        }
+        while !ready(protected) {
+            if timeout == nil {
+                pthread_cond_wait(condition, mutex)
+            } else if pthread_cond_timedwait(condition, mutex, &deadline) == ETIMEDOUT, !ready(protected) {
+                return nil
+            }
+        }
+        return try body(&protected)
+    }
+}
