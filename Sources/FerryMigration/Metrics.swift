@@ -5,6 +5,7 @@
 // has the `ferry_` prefix and its unit (`_bytes_total`, `_seconds`); every
 // sample carries `role="seeder"` or `role="hub"`. docs/user-guide.md
 // ("Metrics") lists them all; keep that list in step with `families`.
+import FerryToolkit
 import Synchronization
 
 /// A Prometheus metric type, as the TYPE line says it.
@@ -197,9 +198,7 @@ public final class MigrationMetrics: Sendable {
     }
 
     func finalized(downtime: Duration, freezeMicroseconds: UInt64) {
-        let micros = UInt64(max(0, downtime.components.seconds)) * 1_000_000
-            + UInt64(max(0, downtime.components.attoseconds) / 1_000_000_000_000)
-        lastDowntimeMicroseconds.store(micros, ordering: .relaxed)
+        lastDowntimeMicroseconds.store(UInt64(clamping: downtime.wholeMicroseconds), ordering: .relaxed)
         lastFreezeMicroseconds.store(freezeMicroseconds, ordering: .relaxed)
     }
 
