@@ -17,8 +17,17 @@ public enum CommandTransport {
     public static func spawn(_ command: String) throws -> FrameTransport {
         var toChild: [Int32] = [0, 0]
         var fromChild: [Int32] = [0, 0]
-        guard pipe(&toChild) == 0, pipe(&fromChild) == 0 else {
-            throw MigrationError.badArgument("cannot start '\(command)': no pipes (\(String(cString: strerror(errno))))")
+        do {
+            try checkedCall("pipe", on: "the standard input of '\(command)'") { pipe(&toChild) }
+            do {
+                try checkedCall("pipe", on: "the standard output of '\(command)'") { pipe(&fromChild) }
+            } catch {
+                close(toChild[0])
+                close(toChild[1])
+                throw error
+            }
+        } catch {
+            throw MigrationError.badArgument("cannot start '\(command)': no pipes (\(error))")
         }
         for fd in toChild + fromChild { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         var actions = posix_spawn_file_actions_t()
@@ -36,13 +45,16 @@ public enum CommandTransport {
         guard rc == 0 else {
             close(toChild[1])
             close(fromChild[0])
-            throw MigrationError.badArgument("cannot start '\(command)': \(String(cString: strerror(rc)))")
+            throw MigrationError.badArgument("cannot start '\(command)': \(SystemError(operation: "posix_spawn", target: "/bin/sh", errno: rc))")
         }
-        // Reap it when it ends, so it leaves no zombie behind.
+        // Reap it when it ends, so it leaves no zombie behind. Without a
+        // thread for that, it stays a zombie until we exit: no reason to fail.
         let spawned = child
-        Thread.detachNewThread {
+        if let reaper = try? startThread(for: "the reaper of '\(command)'", {
             var status: Int32 = 0
-            waitpid(spawned, &status, 0)
+            _ = try? checkedCall("waitpid", on: "pid \(spawned)") { waitpid(spawned, &status, 0) }
+        }) {
+            pthread_detach(reaper)
         }
         return Transports.descriptors(input: fromChild[0], output: toChild[1], peerDescription: "exec:\(command)")
     }

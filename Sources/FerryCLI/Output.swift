@@ -5,6 +5,7 @@
 import ArgumentParser
 import Foundation
 import FerryMigration
+import Synchronization
 
 public struct OutputOptions: ParsableArguments {
     @Flag(name: .long, help: "Print one JSON event per line on stdout instead of text.")
@@ -49,13 +50,12 @@ public enum JSONField: Sendable {
 }
 
 /// Prints events. Safe to call from any thread; lines never interleave.
-public final class Reporter: @unchecked Sendable {
-    // @unchecked: every access to `progressShown` happens under `lock`.
+public final class Reporter: Sendable {
     public let command: String
     public let json: Bool
-    private let lock = NSLock()
     private let terminal = isatty(STDERR_FILENO) == 1
-    private var progressShown = false
+    /// Whether a progress bar is drawn on stderr; held while a line is written.
+    private let progressShown = Mutex(false)
 
     /// Where events go: stdout, or stderr when stdout carries the protocol (`--stdio`).
     private let events: FileHandle
@@ -68,16 +68,16 @@ public final class Reporter: @unchecked Sendable {
 
     /// One event: a JSON line, or `text` for people (nothing if nil).
     public func event(_ name: String, _ fields: KeyValuePairs<String, JSONField> = [:], text: String?) {
-        lock.lock()
-        defer { lock.unlock() }
-        clearProgress()
-        if json {
-            var line = "{\"event\":\(JSONField.quote(name))"
-            for (key, value) in fields { line += ",\(JSONField.quote(key)):\(value.encoded)" }
-            line += "}\n"
-            events.write(Data(line.utf8))
-        } else if let text {
-            events.write(Data((terminalSafe(text) + "\n").utf8))
+        progressShown.withLock { shown in
+            clearProgress(&shown)
+            if json {
+                var line = "{\"event\":\(JSONField.quote(name))"
+                for (key, value) in fields { line += ",\(JSONField.quote(key)):\(value.encoded)" }
+                line += "}\n"
+                events.write(Data(line.utf8))
+            } else if let text {
+                events.write(Data((terminalSafe(text) + "\n").utf8))
+            }
         }
     }
 
@@ -88,24 +88,22 @@ public final class Reporter: @unchecked Sendable {
             return
         }
         guard terminal else { return }
-        lock.lock()
-        defer { lock.unlock() }
-        FileHandle.standardError.write(Data("\r\u{1b}[K\(bar)".utf8))
-        progressShown = true
+        progressShown.withLock { shown in
+            FileHandle.standardError.write(Data("\r\u{1b}[K\(bar)".utf8))
+            shown = true
+        }
     }
 
-    private func clearProgress() {
-        if progressShown {
+    private func clearProgress(_ shown: inout Bool) {
+        if shown {
             FileHandle.standardError.write(Data("\r\u{1b}[K".utf8))
-            progressShown = false
+            shown = false
         }
     }
 
     /// Prints an error the way every command does.
     public func error(_ message: String) {
-        lock.lock()
-        clearProgress()
-        lock.unlock()
+        progressShown.withLock { clearProgress(&$0) }
         if json { event("error", ["message": .string(message)], text: nil) }
         FileHandle.standardError.write(Data("\(command): \(terminalSafe(message))\n".utf8))
     }

@@ -1,7 +1,8 @@
 // What the seeder needs from the process it serves. `TrackedProcess` (the
-// real memory engine) is the one implementation in the product; the protocol
-// keeps the seeder's session logic readable and lets a hub serve from a cache
-// through the same code paths later.
+// real memory engine) is the one implementation in the product; tests inject
+// their own (a source that reads slowly, wrongly or counts its calls) through
+// `SeederService`'s initializer. The hub does not use it: it serves from its
+// cache and its upstream (Hub.swift).
 
 /// What to do with the source process once the destination confirms.
 public enum ThenAction: String, Sendable, CaseIterable {
@@ -26,6 +27,7 @@ public protocol MemorySource: AnyObject, Sendable {
     func scanWrittenSinceRead() throws -> [AddressRange]
     /// Reads `ranges` into `buffer` in order, re-arming tracking first.
     /// Returns the sub-ranges that are no longer mapped (their bytes are undefined).
+    /// Blocks (process_vm_readv): the seeder calls it off the cooperative pool.
     func readPages(_ ranges: [AddressRange], into buffer: UnsafeMutableRawBufferPointer) throws -> [AddressRange]
     func refreshLayout() throws -> LayoutChange
     func freeze() throws -> Duration

@@ -4,6 +4,8 @@
 // the new connection, so a dropped link costs a pause, not the migration.
 // The leecher and the hub's upstream both use it.
 
+import FerryToolkit
+
 /// What a link reports while it works.
 public enum LinkEvent: Sendable {
     case reconnecting(attempt: Int, reason: String)
@@ -114,7 +116,9 @@ public actor SessionLink {
         if let client { return (client, generation) }
         if session == nil || (companion && generation == 0) {
             try await open()
-            return (client!, generation)
+            // Another caller may have closed the link while this one waited.
+            guard let client else { throw MigrationError.connectionLost("the link to the seeder is closed") }
+            return (client, generation)
         }
         // The link is down and nobody is reconnecting yet: do it, with the
         // same retries, rather than fail on the first refused dial.
@@ -150,9 +154,9 @@ public actor SessionLink {
     }
 
     private func reconnect(after error: any Error) async throws {
-        let grace = Double(first?.graceMilliseconds ?? 5000) / 1000
-        let deadline = ContinuousClock.now + .milliseconds(Int(grace * 1000))
-        var delay = 0.05
+        let grace: Duration = .milliseconds(first?.graceMilliseconds ?? 5000)
+        let deadline = ContinuousClock.now + grace
+        var delay: Duration = .milliseconds(50)
         var last: any Error = error
         var attempt = 0
         while ContinuousClock.now < deadline {
@@ -173,11 +177,11 @@ public actor SessionLink {
             } catch {
                 last = error
             }
-            try await Task.sleep(for: .milliseconds(Int(delay * 1000)))
-            delay = min(delay * 2, 1)
+            try await Task.sleep(for: delay)
+            delay = min(delay * 2, .seconds(1))
         }
         let failure = MigrationError.connectionLost(
-            "lost the connection to the seeder and could not resume within its grace period of \(grace) s: \(last)")
+            "lost the connection to the seeder and could not resume within its grace period of \(grace.inSeconds) s: \(last)")
         lost = failure
         throw failure
     }

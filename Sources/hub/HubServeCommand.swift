@@ -67,11 +67,10 @@ struct HubServeCommand: AsyncParsableCommand {
             let (pacer, bandwidthControl) = try bandwidth.start(reporter)
             defer { bandwidthControl?.cancel() }
             options.pacer = pacer
-            let leecherCredentials = try auth.credentials(createDefault: true)
-            let upstreamCredentials = try upstreamAuth.credentials(fallback: auth)
+            let leechers = Connections(credentials: try auth.credentials(createDefault: true), compression: compression)
+            let seeders = Connections(credentials: try upstreamAuth.credentials(fallback: auth), compression: compression)
             let metrics = try metricsOptions.start(.hub, reporter: reporter)
             defer { metrics?.close() }
-            let channelOptions = compression.channelOptions
             let hub = HubService(options: options) { event in Self.report(event, reporter) }
             metrics?.show(hub.metrics) { hub.metricGauges }
             let signals = SignalWatcher([SIGUSR1]) { _ in hub.finalizeNow() }
@@ -79,23 +78,15 @@ struct HubServeCommand: AsyncParsableCommand {
 
             for address in upstream {
                 let endpoint = try Endpoint(parsing: address)
-                try await hub.addUpstream(connect: {
-                    let transport = try await Transports.connect(to: endpoint)
-                    do {
-                        return try await SecureChannel.client(over: transport, credentials: upstreamCredentials, options: channelOptions)
-                    } catch {
-                        transport.close()
-                        throw error
-                    }
-                })
+                try await hub.addUpstream(connect: { try await seeders.dial(endpoint) })
             }
             if let seedersListen {
-                let seeders = try await Listener.bind(try Endpoint(parsing: seedersListen))
-                reporter.event("listening", ["address": .string("\(seeders.endpoint)"), "side": .string("seeders")],
-                               text: "hub: seeders dial in at \(seeders.endpoint)")
+                let listener = try await Listener.bind(try Endpoint(parsing: seedersListen))
+                reporter.event("listening", ["address": .string("\(listener.endpoint)"), "side": .string("seeders")],
+                               text: "hub: seeders dial in at \(listener.endpoint)")
                 Task {
                     // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
-                    await seeders.serveHandshakes(credentials: upstreamCredentials, options: channelOptions, authenticated: { channel in
+                    await seeders.accept(on: listener, authenticated: { channel in
                         do {
                             try await hub.acceptSeeder(channel)
                         } catch {
@@ -108,10 +99,10 @@ struct HubServeCommand: AsyncParsableCommand {
                     })
                 }
             }
-            let leechers = try await Listener.bind(try Endpoint(parsing: listen))
-            reporter.event("listening", ["address": .string("\(leechers.endpoint)"), "side": .string("leechers")],
-                           text: "hub: leechers connect at \(leechers.endpoint) (finalize \(policy.rawValue))")
-            await leechers.serveHandshakes(credentials: leecherCredentials, options: channelOptions, authenticated: { channel in
+            let listener = try await Listener.bind(try Endpoint(parsing: listen))
+            reporter.event("listening", ["address": .string("\(listener.endpoint)"), "side": .string("leechers")],
+                           text: "hub: leechers connect at \(listener.endpoint) (finalize \(policy.rawValue))")
+            await leechers.accept(on: listener, authenticated: { channel in
                 await hub.serve(channel)
             }, refused: { peer, error in
                 hub.metrics.error(.handshake)

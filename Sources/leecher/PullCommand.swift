@@ -134,24 +134,9 @@ struct PullCommand: AsyncParsableCommand {
             let (pacer, bandwidthControl) = try bandwidth.start(reporter)
             defer { bandwidthControl?.cancel() }
             options.pacer = pacer
-            let command = CommandTransport.command(in: address)
-            let endpoint = command == nil ? try Endpoint(parsing: address) : nil
-            let credentials = try auth.credentials(createDefault: false)
-            let channelOptions = compression.channelOptions
-            let connect: Leecher.Connector = {
-                let transport: FrameTransport
-                if let command {
-                    transport = try CommandTransport.spawn(command)
-                } else {
-                    transport = try await Transports.connect(to: endpoint!)
-                }
-                do {
-                    return try await SecureChannel.client(over: transport, credentials: credentials, options: channelOptions)
-                } catch {
-                    transport.close()
-                    throw error
-                }
-            }
+            let peer = try PeerAddress(parsing: address)
+            let connections = Connections(credentials: try auth.credentials(createDefault: false), compression: compression)
+            let connect: Leecher.Connector = { try await connections.dial(peer) }
             let events: @Sendable (LeecherEvent) -> Void = { event in Self.report(event, reporter) }
             let leecher: Leecher
             var imageDirectory: String? = nil

@@ -78,8 +78,7 @@ struct ServeCommand: AsyncParsableCommand {
                 return kind
             }
             let graceDuration = try parseSeconds(grace, option: "--grace")
-            let credentials = try auth.credentials(createDefault: true)
-            let channelOptions = compression.channelOptions
+            let connections = Connections(credentials: try auth.credentials(createDefault: true), compression: compression)
             // Check every address before touching the process.
             let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
             let listenEndpoint = try Endpoint(parsing: listen)
@@ -119,15 +118,7 @@ struct ServeCommand: AsyncParsableCommand {
                 reporter.event("dialing", ["hub": .string("\(hub)"), "pid": .int(Int64(pid))],
                                text: "seeder: serving pid \(pid) through the hub at \(hub)")
                 Task {
-                    await service.dialOut(connect: {
-                        let transport = try await Transports.connect(to: hub)
-                        do {
-                            return try await SecureChannel.client(over: transport, credentials: credentials, options: channelOptions)
-                        } catch {
-                            transport.close()
-                            throw error
-                        }
-                    }, failed: { reason in
+                    await service.dialOut(connect: { try await connections.dial(hub) }, failed: { reason in
                         reporter.event("dial_failed", ["hub": .string("\(hub)"), "reason": .string(reason)],
                                        text: "seeder: cannot reach the hub at \(hub): \(reason)")
                     })
@@ -135,7 +126,7 @@ struct ServeCommand: AsyncParsableCommand {
             } else if stdio {
                 let transport = Transports.stdio()
                 Task {
-                    await Self.accept(transport, credentials: credentials, options: channelOptions, service: service, reporter: reporter)
+                    await Self.accept(transport, connections: connections, service: service, reporter: reporter)
                 }
             } else {
                 let endpoint = listenEndpoint
@@ -146,7 +137,7 @@ struct ServeCommand: AsyncParsableCommand {
                                text: "seeder: serving pid \(pid) on \(bound.endpoint) (tracker \(process.trackerKind.rawValue))")
                 Task {
                     // At most WireLimits.maxPendingHandshakes unauthenticated peers at a time.
-                    await bound.serveHandshakes(credentials: credentials, options: channelOptions, authenticated: { channel in
+                    await connections.accept(on: bound, authenticated: { channel in
                         await Self.serve(channel, service: service, reporter: reporter)
                     }, refused: { peer, error in
                         Self.refused(peer, error, reporter: reporter, service: service)
@@ -186,14 +177,13 @@ struct ServeCommand: AsyncParsableCommand {
         SignalCatcher.takeDefaultAction(SIGTSTP)
     }
 
-    static func accept(_ transport: FrameTransport, credentials: Credentials, options: SecureChannelOptions, service: SeederService,
+    static func accept(_ transport: FrameTransport, connections: Connections, service: SeederService,
                        reporter: Reporter) async {
         let peer = transport.peerDescription
         do {
-            let channel = try await SecureChannel.server(over: transport, credentials: credentials, options: options)
+            let channel = try await connections.accept(transport)
             await serve(channel, service: service, reporter: reporter)
         } catch {
-            transport.close()
             refused(peer, error, reporter: reporter, service: service)
         }
     }

@@ -110,7 +110,7 @@ struct TrackCommand: ParsableCommand {
             while now < wake && !interrupted.load(ordering: .relaxed) {
                 let left = wake - now
                 let step = min(left, .milliseconds(50))
-                usleep(UInt32(max(1, step.components.attoseconds / 1_000_000_000_000 + step.components.seconds * 1_000_000)))
+                usleep(UInt32(clamping: max(1, step.wholeMicroseconds)))
                 now = clock.now
             }
             if interrupted.load(ordering: .relaxed) { break }
@@ -221,25 +221,24 @@ private struct Output {
     }
 
     func interval(elapsed: Duration, bucket: Bucket, length: Duration) {
-        let seconds = Double(length.components.seconds) + Double(length.components.attoseconds) / 1e18
-        let rate = Double(bucket.pages) / seconds
+        let rate = Double(bucket.pages) / length.inSeconds
         if json {
-            emit(["event": .string("interval"), "elapsed": .double(secondsOf(elapsed)), "dirtyPages": .int(Int64(bucket.pages)),
+            emit(["event": .string("interval"), "elapsed": .double(elapsed.inSeconds), "dirtyPages": .int(Int64(bucket.pages)),
                   "pagesPerSecond": .double(rate.rounded()), "newPages": .int(Int64(bucket.newPages)), "scans": .int(Int64(bucket.scans)),
                   "scanMeanMs": .double(ms(bucket.meanScan)), "scanMaxMs": .double(ms(bucket.maxScan)),
                   "regionsAdded": .int(Int64(bucket.regionsAdded)), "regionsRemoved": .int(Int64(bucket.regionsRemoved))])
             return
         }
-        writeLine("\(pad(fixed(secondsOf(elapsed), 1) + " s", 8)) \(pad(String(Int(rate.rounded())), 14)) \(pad(fixed(rate * 4096 / 1048576, 1), 9)) \(pad(String(bucket.newPages), 10)) \(pad(String(bucket.scans), 6)) \(fixed(ms(bucket.meanScan), 3))/\(fixed(ms(bucket.maxScan), 3))")
+        writeLine("\(pad(fixed(elapsed.inSeconds, 1) + " s", 8)) \(pad(String(Int(rate.rounded())), 14)) \(pad(fixed(rate * 4096 / 1048576, 1), 9)) \(pad(String(bucket.newPages), 10)) \(pad(String(bucket.scans), 6)) \(fixed(ms(bucket.meanScan), 3))/\(fixed(ms(bucket.maxScan), 3))")
     }
 
     func detached(pid: Int32, elapsed: Duration, total: Bucket, interrupted: Bool) {
         if json {
-            emit(["event": .string("detached"), "pid": .int(Int64(pid)), "elapsed": .double(secondsOf(elapsed)),
+            emit(["event": .string("detached"), "pid": .int(Int64(pid)), "elapsed": .double(elapsed.inSeconds),
                   "dirtyPages": .uint(UInt64(total.pages)), "scans": .uint(UInt64(total.scans)), "interrupted": .bool(interrupted)])
             return
         }
-        writeLine("detached from pid \(pid) after \(fixed(secondsOf(elapsed), 1)) s\(interrupted ? " (interrupted)" : ""): \(total.pages) dirty pages in \(total.scans) scans")
+        writeLine("detached from pid \(pid) after \(fixed(elapsed.inSeconds, 1)) s\(interrupted ? " (interrupted)" : ""): \(total.pages) dirty pages in \(total.scans) scans")
     }
 
     private func describe(_ kind: TrackerKind) -> String {
@@ -259,11 +258,7 @@ private struct Output {
     }
 }
 
-private func secondsOf(_ d: Duration) -> Double {
-    Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
-}
-
-private func ms(_ d: Duration) -> Double { (secondsOf(d) * 1e6).rounded() / 1e3 }
+private func ms(_ d: Duration) -> Double { (d.inSeconds * 1e6).rounded() / 1e3 }
 
 private func fixed(_ value: Double, _ digits: Int) -> String {
     var scale = 1.0
@@ -293,11 +288,12 @@ func writeLine(_ text: String, to fd: Int32 = 1) {
     var line = text
     line.append("\n")
     line.withUTF8 { bytes in
+        guard let base = bytes.baseAddress else { return }
         var done = 0
         while done < bytes.count {
-            let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return }
+            // A failed write (a closed pipe) drops the line: there is no one left to tell.
+            guard let n = try? checkedCall("write", on: "descriptor \(fd)", { write(fd, base + done, bytes.count - done) }),
+                  n > 0 else { return }
             done += n
         }
     }
