@@ -54,11 +54,8 @@ public struct Connections: Sendable {
     /// Runs the server handshake over `transport` (a connection already
     /// accepted, or standard input/output).
     public func accept(_ transport: FrameTransport) async throws -> SecureChannel {
-        do {
-            return try await SecureChannel.server(over: transport, credentials: credentials, options: options)
-        } catch {
-            transport.close()
-            throw error
+        try await closingOnFailure(transport) {
+            try await SecureChannel.server(over: transport, credentials: credentials, options: options)
         }
     }
 
@@ -72,8 +69,16 @@ public struct Connections: Sendable {
     }
 
     private func handshake(client transport: FrameTransport) async throws -> SecureChannel {
+        try await closingOnFailure(transport) {
+            try await SecureChannel.client(over: transport, credentials: credentials, options: options)
+        }
+    }
+
+    /// Runs the handshake `body` over `transport`, closing it if that fails.
+    private func closingOnFailure(_ transport: FrameTransport,
+                                  _ body: () async throws -> SecureChannel) async throws -> SecureChannel {
         do {
-            return try await SecureChannel.client(over: transport, credentials: credentials, options: options)
+            return try await body()
         } catch {
             transport.close()
             throw error

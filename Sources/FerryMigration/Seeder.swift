@@ -204,8 +204,11 @@ public final class SeederService: MigrationServer, Sendable {
         Task {
             try? await Task.sleep(for: grace)
             let expired = self.state.withLock { s in s.owner == owner && !s.ownerAlive && s.outcome == nil }
-            if expired {
-                self.abandon("the leecher was gone for longer than the grace period (\(grace))")
+            guard expired else { return }
+            // Thawing stops the process's threads through the ptrace thread: not on the pool.
+            let reason = "the leecher was gone for longer than the grace period (\(grace))"
+            if (try? await runOnDedicatedThread(for: "the release of pid \(self.source.pid)", { self.abandon(reason) })) == nil {
+                self.abandon(reason)
             }
         }
     }
