@@ -46,7 +46,7 @@ public enum SeederOutcome: Sendable, Equatable {
     case aborted(String)
 }
 
-public final class SeederService: Sendable {
+public final class SeederService: MigrationServer, Sendable {
     public let source: any MemorySource
     public let options: SeederOptions
     private let events: @Sendable (SeederEvent) -> Void
@@ -158,17 +158,7 @@ public final class SeederService: Sendable {
             transports.withLock { $0[ObjectIdentifier(transport)] = nil }
             openConnections.subtract(1, ordering: .relaxed)
         }
-        let connection = Connection()
-        metrics.connected()
-        let end = await answerRPCs(on: transport) { [self] method, payload, parts in
-            do {
-                return try await self.handle(method, payload, parts, connection)
-            } catch {
-                metrics.error(.request)
-                throw error
-            }
-        }
-        connectionEnded(connection, peer: transport.peerDescription, reason: end.reason, inOrder: end.inOrder)
+        await answer(transport)
     }
 
     /// Serves through a hub the seeder dials (`--via`, for NAT): keeps one
@@ -191,17 +181,7 @@ public final class SeederService: Sendable {
         }
     }
 
-    /// Per-connection facts the handler needs.
-    private final class Connection: Sendable {
-        /// The owner number this connection holds, 0 until Track.
-        let owner = Atomic<Int>(0)
-        /// A companion connection of the session: priority ReadAt only.
-        let companion = Atomic<Bool>(false)
-        /// What this connection's ReadAt requests may hold at once.
-        let readBudget = ByteBudget(bytes: MigrationLimits.readBudgetPerConnection)
-    }
-
-    private func connectionEnded(_ connection: Connection, peer: String, reason: String, inOrder: Bool) {
+    func connectionEnded(_ connection: SeederConnection, peer: String, reason: String, inOrder: Bool) {
         let owner = connection.owner.load(ordering: .acquiring)
         guard owner != 0 else { return }
         let waiting = state.withLock { s -> Bool in
@@ -257,71 +237,63 @@ public final class SeederService: Sendable {
 
     // MARK: - Requests
 
-    private func handle(_ method: UInt16, _ payload: [UInt8], _ parts: RPCPartWriter,
-                        _ connection: Connection) async throws -> [UInt8] {
-        guard let known = MigrationMethod(rawValue: method) else {
-            throw RPCError(code: .unknownMethod, message: "unknown method 0x\(String(method, radix: 16))")
-        }
-        if known == .hello {
+    var role: String { "seeder" }
+    var companionRule: String { "a companion connection may only ReadAt while the migration runs" }
+
+    func makeConnection(peer: String) -> SeederConnection { SeederConnection() }
+
+    func hello() -> HelloReply {
+        let phase = state.withLock { $0.phase }
+        return HelloReply(migration: options.migration, pid: source.pid, host: options.host, phase: phase)
+    }
+
+    func session(of connection: SeederConnection, companion: Bool) throws -> SeederConnection {
+        if companion {
             let phase = state.withLock { $0.phase }
-            return HelloReply(migration: options.migration, pid: source.pid, host: options.host, phase: phase).encode()
-        }
-        if known == .track {
-            return try track(TrackRequest.decode(payload), connection)
-        }
-        if connection.companion.load(ordering: .acquiring) {
-            let phase = state.withLock { $0.phase }
-            guard known == .readAt, phase == .tracking || phase == .frozen else {
-                throw RPCError(code: .badRequest, message: "a companion connection may only ReadAt while the migration runs")
+            guard phase == .tracking || phase == .frozen else {
+                throw RPCError(code: .badRequest, message: companionRule)
             }
         } else {
             try requireOwner(connection)
         }
-        switch known {
-        case .track, .hello:
-            throw RPCError(code: .internalError, message: "unreachable: \(known) is handled before the owner check")
-        case .readAt:
-            let request = try ReadRequest.decode(payload)
-            let huge = state.withLock { s in
-                s.hugePages.filter { region in request.ranges.contains { $0.start < region.end && region.start < $0.end } }
-            }
-            try await connection.readBudget.withBytes(huge.isEmpty ? MigrationLimits.readAtHolds : MigrationLimits.hugeReadAtHolds) {
-                try await readAt(request, huge: huge, parts,
-                                 urgent: connection.companion.load(ordering: .acquiring))
-            }
-            return []
-        case .sync:
-            var reader = WireReader(payload)
-            let epoch = try reader.u64("layout epoch")
-            try reader.expectEnd("Sync request")
-            let reply = try sync(knownEpoch: epoch)
-            let encoded = DirtyReportCodec.parts(epoch: reply.layoutEpoch, layout: reply.layout, dirty: reply.dirty,
-                                                 rate: reply.dirtyPagesPerSecond, freeze: 0)
-            for part in encoded.dropLast() { try await parts.send(part) }
-            return encoded.last!
-        case .finalize:
-            let reply = try finalize()
-            let encoded = DirtyReportCodec.parts(epoch: reply.layoutEpoch, layout: reply.layout, dirty: reply.dirty,
-                                                 rate: 0, freeze: reply.freezeMicroseconds)
-            for part in encoded.dropLast() { try await parts.send(part) }
-            return encoded.last!
-        case .checksum:
-            var reader = WireReader(payload)
-            let ranges = try reader.ranges()
-            try reader.expectEnd("Checksum request")
-            // Hashing the whole frozen source takes about a second per GiB:
-            // not on a Swift concurrency thread, which serves post-copy reads.
-            return try await runOnDedicatedThread(for: "the checksums of pid \(source.pid)") { [self] in
-                try checksum(ranges).encode()
-            }
-        case .complete:
-            return try complete().encode()
-        case .abort:
-            return try abortSession().encode()
+        return connection
+    }
+
+    func readAt(_ request: ReadRequest, parts: RPCPartWriter, for connection: SeederConnection,
+                urgent: Bool) async throws {
+        let huge = state.withLock { s in
+            s.hugePages.filter { region in request.ranges.contains { $0.start < region.end && region.start < $0.end } }
+        }
+        try await connection.readBudget.withBytes(huge.isEmpty ? MigrationLimits.readAtHolds : MigrationLimits.hugeReadAtHolds) {
+            try await readAt(request, huge: huge, parts, urgent: urgent)
         }
     }
 
-    private func requireOwner(_ connection: Connection) throws {
+    func sync(knownEpoch: UInt64, for connection: SeederConnection) throws -> SyncReply {
+        try sync(knownEpoch: knownEpoch)
+    }
+
+    func finalize(for connection: SeederConnection) throws -> FinalizeReply {
+        try finalize()
+    }
+
+    func checksum(_ ranges: [AddressRange], for connection: SeederConnection) async throws -> ChecksumReply {
+        // Hashing the whole frozen source takes about a second per GiB:
+        // not on a Swift concurrency thread, which serves post-copy reads.
+        try await runOnDedicatedThread(for: "the checksums of pid \(source.pid)") { [self] in
+            try checksum(ranges)
+        }
+    }
+
+    func complete(for connection: SeederConnection) throws -> OutcomeReply {
+        try complete()
+    }
+
+    func abort(for connection: SeederConnection) throws -> OutcomeReply {
+        try abortSession()
+    }
+
+    private func requireOwner(_ connection: SeederConnection) throws {
         let owner = connection.owner.load(ordering: .acquiring)
         let (current, phase) = state.withLock { ($0.owner, $0.phase) }
         guard owner != 0, owner == current else {
@@ -332,11 +304,7 @@ public final class SeederService: Sendable {
         }
     }
 
-    private func track(_ request: TrackRequest, _ connection: Connection) throws -> [UInt8] {
-        guard request.version == MigrationLimits.version else {
-            throw RPCError(code: .badRequest,
-                           message: "migration protocol version \(request.version) is not supported; this seeder speaks \(MigrationLimits.version)")
-        }
+    func track(_ request: TrackRequest, on connection: SeederConnection) throws -> TrackReply {
         let pid = source.pid
         if !request.migration.isEmpty && !options.migration.isEmpty && request.migration != options.migration {
             throw RPCError(code: .badRequest,
@@ -386,7 +354,7 @@ public final class SeederService: Sendable {
             let pages = reply.layout.filter { $0.kind == .migrate }.reduce(0) { $0 + $1.range.pageCount }
             events(.tracking(regions: reply.layout.count, migratePages: pages, tracker: reply.tracker))
         }
-        return reply.encode()
+        return reply
     }
 
     /// Answers ReadAt; `huge` are the hugetlb regions it touches whose huge
@@ -631,21 +599,6 @@ public final class SeederService: Sendable {
     }
 }
 
-/// Answers RPCs on `transport` until the peer goes; returns why it ended.
-/// The seeder and the hub serve their callers this way.
-func answerRPCs(on transport: FrameTransport, with handler: @escaping RPCServer.Handler) async
-    -> (reason: String, inOrder: Bool) {
-    let server = RPCServer(transport: transport, handler: handler)
-    var end = (reason: "connection closed", inOrder: true)
-    do {
-        try await server.run()
-    } catch {
-        end = ("\(error)", false)
-    }
-    transport.close()
-    return end
-}
-
 /// Pages per second over the last few seconds.
 struct RateMeter: Sendable {
     private var samples: [(ContinuousClock.Instant, UInt64)] = []
@@ -662,4 +615,16 @@ struct RateMeter: Sendable {
         let span = last.0 - first.0
         return Double(total) / (Double(span.components.seconds) + Double(span.components.attoseconds) / 1e18)
     }
+}
+
+/// Per-connection facts the seeder's handlers need.
+final class SeederConnection: MigrationConnection {
+    /// The owner number this connection holds, 0 until Track.
+    let owner = Atomic<Int>(0)
+    /// A companion connection of the session: priority ReadAt only.
+    let companion = Atomic<Bool>(false)
+    /// What this connection's ReadAt requests may hold at once.
+    let readBudget = ByteBudget(bytes: MigrationLimits.readBudgetPerConnection)
+
+    var isCompanion: Bool { companion.load(ordering: .acquiring) }
 }
