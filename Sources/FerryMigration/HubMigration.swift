@@ -83,10 +83,9 @@ final class HubMigration: Sendable {
 
     // MARK: Leechers
 
+    /// Opens a leecher's session, or resumes one (MigrationDispatcher has
+    /// checked the protocol version).
     func track(_ request: TrackRequest, peer: String) async throws -> (HubLeecher, TrackReply) {
-        guard request.version == MigrationLimits.version else {
-            throw RPCError(code: .badRequest, message: "migration protocol version \(request.version) is not supported; this hub speaks \(MigrationLimits.version)")
-        }
         let info = try await upstream.info()
         let view = upstream.view
         return try roster.withLock { r in
@@ -152,60 +151,46 @@ final class HubMigration: Sendable {
         await maybeCompleteUpstream()
     }
 
-    // MARK: Requests
+    // MARK: Requests (HubService routes them here)
 
-    func handle(_ method: MigrationMethod, _ payload: [UInt8], _ parts: RPCPartWriter,
-                _ leecher: HubLeecher, urgent: Bool = false) async throws -> [UInt8] {
-        switch method {
-        case .readAt:
-            try await leecher.readAt(try ReadRequest.decode(payload), parts, urgent: urgent)
-            return []
-        case .sync:
-            var reader = WireReader(payload)
-            let epoch = try reader.u64("layout epoch")
-            try reader.expectEnd("Sync request")
-            try await upstream.sync()
-            let reply = leecher.report(knownEpoch: epoch)
-            return try await Self.send(DirtyReportCodec.parts(epoch: reply.layoutEpoch, layout: reply.layout, dirty: reply.dirty,
-                                                              rate: reply.dirtyPagesPerSecond, freeze: 0), parts)
-        case .finalize:
-            let final = try await finalize(leecher)
-            let reply = leecher.report()
-            return try await Self.send(DirtyReportCodec.parts(epoch: reply.layoutEpoch, layout: reply.layout, dirty: reply.dirty,
-                                                              rate: 0, freeze: final.freezeMicroseconds), parts)
-        case .checksum:
-            var reader = WireReader(payload)
-            let ranges = try reader.ranges()
-            try reader.expectEnd("Checksum request")
-            if let answer = hooks.answerChecksum { return try answer(ranges, upstream.cache.load) }
-            return try await upstream.checksum(ranges, payload: payload)
-        case .complete:
-            guard upstream.view.frozen else {
-                throw RPCError(code: .badRequest, message: "Complete needs a finalized migration; call Finalize first")
-            }
-            roster.withLock { r in r.index(of: leecher).map { r.members[$0].completed = true } }
-            await maybeCompleteUpstream()
-            let view = upstream.view
-            if let done = view.completed { return OutcomeReply(message: done).encode() }
-            if let failure = view.failure {
-                return OutcomeReply(message: "image served from the hub's cache; the source was not told (\(failure))").encode()
-            }
-            return OutcomeReply(message: "the hub will complete the source once every leecher has").encode()
-        case .abort:
-            roster.withLock { r in r.index(of: leecher).map { r.members[$0].attached = false } }
-            await leecherGone(leecher)
-            return OutcomeReply(message: leftMessage()).encode()
-        case .hello, .track:
-            throw RPCError(code: .badRequest, message: "\(method) was already answered on this connection")
-        }
+    func sync(knownEpoch: UInt64, for leecher: HubLeecher) async throws -> SyncReply {
+        try await upstream.sync()
+        return leecher.report(knownEpoch: knownEpoch)
     }
 
-    /// Sends every part of a multi-part reply but the last, and returns the
-    /// last: the reply itself.
-    private static func send(_ encoded: [[UInt8]], _ parts: RPCPartWriter) async throws -> [UInt8] {
-        guard let last = encoded.last else { throw MigrationError.protocolViolation("a dirty report encoded to no part") }
-        for part in encoded.dropLast() { try await parts.send(part) }
-        return last
+    func finalize(for leecher: HubLeecher) async throws -> FinalizeReply {
+        roster.withLock { r in r.index(of: leecher).map { r.members[$0].ready = true } }
+        maybeFinalize()
+        let final = try await upstream.finalized()
+        let reply = leecher.report()
+        return FinalizeReply(layoutEpoch: reply.layoutEpoch, layout: reply.layout ?? [], dirty: reply.dirty,
+                             freezeMicroseconds: final.freezeMicroseconds)
+    }
+
+    func checksum(_ ranges: [AddressRange]) async throws -> ChecksumReply {
+        if let answer = hooks.answerChecksum { return try answer(ranges, upstream.cache.load) }
+        // The seeder's reply as it is (signed by a seeder with a key pair).
+        return try ChecksumReply.decode(try await upstream.checksum(ranges))
+    }
+
+    func complete(for leecher: HubLeecher) async throws -> OutcomeReply {
+        guard upstream.view.frozen else {
+            throw RPCError(code: .badRequest, message: "Complete needs a finalized migration; call Finalize first")
+        }
+        roster.withLock { r in r.index(of: leecher).map { r.members[$0].completed = true } }
+        await maybeCompleteUpstream()
+        let view = upstream.view
+        if let done = view.completed { return OutcomeReply(message: done) }
+        if let failure = view.failure {
+            return OutcomeReply(message: "image served from the hub's cache; the source was not told (\(failure))")
+        }
+        return OutcomeReply(message: "the hub will complete the source once every leecher has")
+    }
+
+    func abort(for leecher: HubLeecher) async -> OutcomeReply {
+        roster.withLock { r in r.index(of: leecher).map { r.members[$0].attached = false } }
+        await leecherGone(leecher)
+        return OutcomeReply(message: leftMessage())
     }
 
     /// The answer to a leecher's Abort: what becomes of the source.
@@ -230,12 +215,6 @@ final class HubMigration: Sendable {
     }
 
     // MARK: Finalize and complete
-
-    private func finalize(_ leecher: HubLeecher) async throws -> FinalizeReply {
-        roster.withLock { r in r.index(of: leecher).map { r.members[$0].ready = true } }
-        maybeFinalize()
-        return try await upstream.finalized()
-    }
 
     func operatorFinalize() {
         roster.withLock { $0.operatorSaidFinalize = true }

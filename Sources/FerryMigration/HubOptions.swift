@@ -45,10 +45,10 @@ struct HubTestHooks: Sendable {
     var beforeSendingPart: (@Sendable (_ chunk: [UInt64], _ cached: [UInt64], _ buffer: UnsafeMutableRawBufferPointer) -> Void)?
     /// Answers Checksum in the hub's place instead of forwarding the
     /// seeder's answer.
-    var answerChecksum: (@Sendable (_ ranges: [AddressRange], _ read: PageReader) throws -> [UInt8])?
+    var answerChecksum: (@Sendable (_ ranges: [AddressRange], _ read: PageReader) throws -> ChecksumReply)?
 
     init(beforeSendingPart: (@Sendable ([UInt64], [UInt64], UnsafeMutableRawBufferPointer) -> Void)? = nil,
-         answerChecksum: (@Sendable ([AddressRange], PageReader) throws -> [UInt8])? = nil) {
+         answerChecksum: (@Sendable ([AddressRange], PageReader) throws -> ChecksumReply)? = nil) {
         self.beforeSendingPart = beforeSendingPart
         self.answerChecksum = answerChecksum
     }

@@ -9,7 +9,7 @@ import Foundation
 import Synchronization
 
 /// Relays migrations from upstream seeders to many leechers.
-public final class HubService: Sendable {
+public final class HubService: MigrationServer, Sendable {
     public let options: HubOptions
     private let events: @Sendable (HubEvent) -> Void
     private let hooks: HubTestHooks
@@ -135,53 +135,67 @@ public final class HubService: Sendable {
 
     /// Serves one authenticated leecher connection until it ends.
     public func serve(_ transport: FrameTransport) async {
-        let connection = HubConnection(peer: transport.peerDescription)
-        metrics.connected()
-        let reason = await answerRPCs(on: transport) { [self] method, payload, parts in
-            do {
-                return try await self.handle(method, payload, parts, connection)
-            } catch {
-                metrics.error(.request)
-                throw error
-            }
-        }.reason
-        if !connection.companion.load(ordering: .acquiring),
-           let (migration, leecher) = connection.binding.withLock({ $0 }) {
-            // A leecher that completed, or left with Abort, ended its session itself.
-            if migration.leftUnfinished(leecher) { metrics.error(.connectionLost) }
-            migration.leecherDisconnected(leecher)
-            events(.leecherLeft(peer: connection.peer, reason: reason))
-        }
+        await answer(transport)
     }
 
-    private func handle(_ method: UInt16, _ payload: [UInt8], _ parts: RPCPartWriter,
-                        _ connection: HubConnection) async throws -> [UInt8] {
-        guard let known = MigrationMethod(rawValue: method) else {
-            throw RPCError(code: .unknownMethod, message: "unknown method 0x\(String(method, radix: 16))")
+    // MARK: MigrationServer: MigrationDispatcher decodes, checks and calls these.
+
+    var role: String { "hub" }
+    var companionRule: String { "a companion connection may only ReadAt" }
+
+    func makeConnection(peer: String) -> HubConnection { HubConnection(peer: peer) }
+
+    func connectionEnded(_ connection: HubConnection, peer: String, reason: String, inOrder: Bool) {
+        guard !connection.isCompanion, let session = connection.binding.withLock({ $0 }) else { return }
+        // A leecher that completed, or left with Abort, ended its session itself.
+        if session.migration.leftUnfinished(session.leecher) { metrics.error(.connectionLost) }
+        session.migration.leecherDisconnected(session.leecher)
+        events(.leecherLeft(peer: peer, reason: reason))
+    }
+
+    func hello() -> HelloReply {
+        let all = migrations.withLock { Array($0.values) }
+        return HelloReply(migration: all.count == 1 ? all[0].name : "", pid: 0, host: options.host, phase: nil)
+    }
+
+    func track(_ request: TrackRequest, on connection: HubConnection) async throws -> TrackReply {
+        let migration = try self.migration(named: request.migration)
+        let (leecher, reply) = try await migration.track(request, peer: connection.peer)
+        connection.binding.withLock { $0 = HubSession(migration: migration, leecher: leecher) }
+        connection.companion.store(request.companion, ordering: .releasing)
+        events(.leecherJoined(peer: connection.peer, migration: migration.name))
+        return reply
+    }
+
+    func session(of connection: HubConnection, companion: Bool) throws -> HubSession {
+        guard let session = connection.binding.withLock({ $0 }) else {
+            throw RPCError(code: .badRequest, message: "call Track first")
         }
-        switch known {
-        case .hello:
-            let all = migrations.withLock { Array($0.values) }
-            return HelloReply(migration: all.count == 1 ? all[0].name : "", pid: 0, host: options.host,
-                              phase: nil).encode()
-        case .track:
-            let request = try TrackRequest.decode(payload)
-            let migration = try self.migration(named: request.migration)
-            let (leecher, reply) = try await migration.track(request, peer: connection.peer)
-            connection.binding.withLock { $0 = (migration, leecher) }
-            connection.companion.store(request.companion, ordering: .releasing)
-            events(.leecherJoined(peer: connection.peer, migration: migration.name))
-            return reply.encode()
-        default:
-            let companion = connection.companion.load(ordering: .acquiring)
-            if companion && known != .readAt {
-                throw RPCError(code: .badRequest, message: "a companion connection may only ReadAt")
-            }
-            guard let (migration, leecher) = connection.binding.withLock({ $0 }) else {
-                throw RPCError(code: .badRequest, message: "call Track first")
-            }
-            return try await migration.handle(known, payload, parts, leecher, urgent: companion)
-        }
+        return session
+    }
+
+    func readAt(_ request: ReadRequest, parts: RPCPartWriter, for session: HubSession, urgent: Bool) async throws {
+        try await session.leecher.readAt(request, parts, urgent: urgent)
+    }
+
+    func sync(knownEpoch: UInt64, for session: HubSession) async throws -> SyncReply {
+        try await session.migration.sync(knownEpoch: knownEpoch, for: session.leecher)
+    }
+
+    func finalize(for session: HubSession) async throws -> FinalizeReply {
+        try await session.migration.finalize(for: session.leecher)
+    }
+
+    func checksum(_ ranges: [AddressRange], for session: HubSession) async throws -> ChecksumReply {
+        try await session.migration.checksum(ranges)
+    }
+
+    func complete(for session: HubSession) async throws -> OutcomeReply {
+        try await session.migration.complete(for: session.leecher)
+    }
+
+    func abort(for session: HubSession) async throws -> OutcomeReply {
+        await session.migration.abort(for: session.leecher)
     }
 
     /// The migration a Track names; the only one when it names none.
@@ -203,11 +217,18 @@ public final class HubService: Sendable {
     }
 }
 
-/// Which migration and leecher session a connection speaks for.
-final class HubConnection: Sendable {
+/// What a leecher connection speaks for once it called Track.
+struct HubSession: Sendable {
+    let migration: HubMigration
+    let leecher: HubLeecher
+}
+
+/// One leecher connection to the hub.
+final class HubConnection: MigrationConnection {
     let peer: String
-    let binding = Mutex<(HubMigration, HubLeecher)?>(nil)
+    let binding = Mutex<HubSession?>(nil)
     /// A companion connection: priority ReadAt for a session another connection owns.
     let companion = Atomic<Bool>(false)
+    var isCompanion: Bool { companion.load(ordering: .acquiring) }
     init(peer: String) { self.peer = peer }
 }

@@ -81,10 +81,7 @@ extension HubUpstream {
                     start = end
                 }
             }
-            let ranges = layout.filter { $0.kind == .migrate }.map(\.range)
-            var w = WireWriter()
-            w.ranges(ranges)
-            _ = try? await checksum(ranges, payload: w.bytes)
+            _ = try? await checksum(layout.filter { $0.kind == .migrate }.map(\.range))
         }
         fill.set(task)
     }
@@ -97,13 +94,15 @@ extension HubUpstream {
         return true
     }
 
-    /// The seeder's checksums of `ranges` (`payload`, the request that asks
-    /// for them): asked once per set of ranges, however many leechers ask.
-    func checksum(_ ranges: [AddressRange], payload: [UInt8]) async throws -> [UInt8] {
+    /// The seeder's Checksum reply for `ranges`, as it sent it: asked once
+    /// per set of ranges, however many leechers ask.
+    func checksum(_ ranges: [AddressRange]) async throws -> [UInt8] {
         if let known = state.withLock({ $0.checksums[ranges] }) { return known }
         do {
             return try await checksumming.run(ranges) { [self] in
-                let reply = try await link.call(.checksum, payload)
+                var request = WireWriter()
+                request.ranges(ranges)
+                let reply = try await link.call(.checksum, request.bytes)
                 // Kept only when answered: after a failure a later asker
                 // tries again (through a resumed upstream).
                 state.withLock { $0.checksums[ranges] = reply }

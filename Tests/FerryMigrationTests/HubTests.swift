@@ -48,7 +48,7 @@ struct HubTamper: Sendable {
 
     /// Digests of what the hub serves, unsigned, as a hub posing as the
     /// source would answer.
-    static func forgedChecksums(_ ranges: [AddressRange], read: HubTestHooks.PageReader, altered: UInt64?) throws -> [UInt8] {
+    static func forgedChecksums(_ ranges: [AddressRange], read: HubTestHooks.PageReader, altered: UInt64?) throws -> ChecksumReply {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(pageSize), alignment: Int(pageSize))
         defer { buffer.deallocate() }
         var digests: [[UInt8]] = []
@@ -61,7 +61,7 @@ struct HubTamper: Sendable {
             }
             digests.append(hasher.finish())
         }
-        return ChecksumReply(digests: digests).encode()
+        return ChecksumReply(digests: digests)
     }
 }
 
