@@ -6,18 +6,16 @@ import Synchronization
 
 final class HubLeecher: Sendable {
     let session: [UInt8]
-    let peer: String
     private let upstream: HubUpstream
     private let hooks: HubTestHooks
     /// The version of each page as last sent to this leecher. Locking: taken
     /// holding no other lock, and no other lock is taken while it is held.
     private let sent = Mutex(PageVersionMap())
     /// What this leecher's ReadAt requests may hold at once.
-    let readBudget = ByteBudget(bytes: MigrationLimits.readBudgetPerConnection)
+    private let readBudget = ByteBudget(bytes: MigrationLimits.readBudgetPerConnection)
 
-    init(session: [UInt8], peer: String, upstream: HubUpstream, hooks: HubTestHooks) {
+    init(session: [UInt8], upstream: HubUpstream, hooks: HubTestHooks) {
         self.session = session
-        self.peer = peer
         self.upstream = upstream
         self.hooks = hooks
     }

@@ -85,7 +85,7 @@ final class HubMigration: Sendable {
 
     /// Opens a leecher's session, or resumes one (MigrationDispatcher has
     /// checked the protocol version).
-    func track(_ request: TrackRequest, peer: String) async throws -> (HubLeecher, TrackReply) {
+    func track(_ request: TrackRequest) async throws -> (HubLeecher, TrackReply) {
         let info = try await upstream.info()
         let view = upstream.view
         return try roster.withLock { r in
@@ -106,7 +106,7 @@ final class HubMigration: Sendable {
                 if !request.companion { metrics.resumed() }
             } else {
                 let session = (0..<16).map { _ in UInt8.random(in: 0...255) }
-                r.members.append(Member(leecher: HubLeecher(session: session, peer: peer, upstream: upstream, hooks: hooks)))
+                r.members.append(Member(leecher: HubLeecher(session: session, upstream: upstream, hooks: hooks)))
                 index = r.members.count - 1
             }
             // A companion connection (priority reads) joins without taking the session.

@@ -160,7 +160,7 @@ public final class HubService: MigrationServer, Sendable {
 
     func track(_ request: TrackRequest, on connection: HubConnection) async throws -> TrackReply {
         let migration = try self.migration(named: request.migration)
-        let (leecher, reply) = try await migration.track(request, peer: connection.peer)
+        let (leecher, reply) = try await migration.track(request)
         connection.binding.withLock { $0 = HubSession(migration: migration, leecher: leecher) }
         connection.companion.store(request.companion, ordering: .releasing)
         events(.leecherJoined(peer: connection.peer, migration: migration.name))
