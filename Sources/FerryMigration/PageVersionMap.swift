@@ -28,12 +28,10 @@ struct PageVersionMap: Sendable {
             // UInt32.max (never reached: one increment per dirty report)
             // reads back one lower, so the page would only count dirty.
             let value = newValue.map { $0 == .max ? .max : $0 + 1 } ?? 0
-            if chunks[chunk] == nil {
-                guard value != 0 else { return }
-                chunks[chunk] = [UInt32](repeating: 0, count: Self.chunkPages)
-            }
-            let old = chunks[chunk]![index]
-            chunks[chunk]![index] = value
+            let old = chunks[chunk]?[index] ?? 0
+            // Forgetting a page of a chunk never sent allocates nothing.
+            guard value != 0 || chunks[chunk] != nil else { return }
+            chunks[chunk, default: [UInt32](repeating: 0, count: Self.chunkPages)][index] = value
             count += (old == 0 ? 1 : 0) - (value == 0 ? 1 : 0)
         }
     }

@@ -12,14 +12,57 @@ final class LoopbackHub: Sendable {
     let hub: HubService
     let server: LoopbackServer
 
-    init(options: HubOptions, secret: PreSharedSecret, log: HubEventLog? = nil) async throws {
-        let hub = HubService(options: options) { event in log?.record(event) }
+    init(options: HubOptions, tamper: HubTamper? = nil, secret: PreSharedSecret, log: HubEventLog? = nil) async throws {
+        let hub = HubService(options: options, testHooks: tamper?.hooks ?? HubTestHooks()) { event in log?.record(event) }
         self.hub = hub
         server = try await LoopbackServer(secret: secret) { await hub.serve($0) }
     }
 
     func connector() -> Leecher.Connector { server.connector() }
     func close() { server.close() }
+}
+
+/// How a test hub lies, to show what leechers catch: injected into the
+/// hub as test hooks.
+struct HubTamper: Sendable {
+    /// Flips the first byte of this page in every ReadAt reply.
+    var alterPage: UInt64? = nil
+    /// Answers Checksum with unsigned digests of what the hub serves,
+    /// instead of forwarding the seeder's answer.
+    var forgeChecksums = false
+
+    var hooks: HubTestHooks {
+        var hooks = HubTestHooks()
+        let altered = alterPage
+        if let altered {
+            hooks.beforeSendingPart = { chunk, cached, buffer in
+                guard cached.contains(altered), let i = chunk.firstIndex(of: altered) else { return }
+                buffer[i * Int(pageSize)] ^= 0xFF
+            }
+        }
+        if forgeChecksums {
+            hooks.answerChecksum = { ranges, read in try Self.forgedChecksums(ranges, read: read, altered: altered) }
+        }
+        return hooks
+    }
+
+    /// Digests of what the hub serves, unsigned, as a hub posing as the
+    /// source would answer.
+    static func forgedChecksums(_ ranges: [AddressRange], read: HubTestHooks.PageReader, altered: UInt64?) throws -> ChecksumReply {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(pageSize), alignment: Int(pageSize))
+        defer { buffer.deallocate() }
+        var digests: [[UInt8]] = []
+        for range in ranges {
+            var hasher = Blake2b256()
+            for page in stride(from: range.start, to: range.end, by: Int(pageSize)) {
+                if try !read(page, buffer.baseAddress!) { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
+                if altered == page { buffer[0] ^= 0xFF }
+                hasher.update(UnsafeRawBufferPointer(buffer))
+            }
+            digests.append(hasher.finish())
+        }
+        return ChecksumReply(digests: digests)
+    }
 }
 
 /// A hub's events, kept for assertions.

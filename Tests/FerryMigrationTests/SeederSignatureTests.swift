@@ -141,9 +141,8 @@ import FerryTestSupport
         let key = try KeyPair.generate()
         let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid), signingKey: key)
         defer { seeder.close() }
-        var options = HubOptions()
-        options.tamper = HubTamper(alterPage: try #require(child.regions["main"]).start + 5 * pageSize)
-        let hub = try await LoopbackHub(options: options, secret: seeder.secret)
+        let tamper = HubTamper(alterPage: try #require(child.regions["main"]).start + 5 * pageSize)
+        let hub = try await LoopbackHub(options: HubOptions(), tamper: tamper, secret: seeder.secret)
         defer { hub.close() }
         try await hub.hub.addUpstream(connect: seeder.connector())
         let results = await pull(through: hub, name: "pin-altered", pins: [key.publicKey, nil])
@@ -164,9 +163,8 @@ import FerryTestSupport
         let seeder = try await LoopbackSeeder(process: try TrackedProcess.attach(pid: child.pid), signingKey: key)
         defer { seeder.close() }
         let altered = try #require(child.regions["main"]).start + 5 * pageSize
-        var options = HubOptions()
-        options.tamper = HubTamper(alterPage: altered, forgeChecksums: true)
-        let hub = try await LoopbackHub(options: options, secret: seeder.secret)
+        let tamper = HubTamper(alterPage: altered, forgeChecksums: true)
+        let hub = try await LoopbackHub(options: HubOptions(), tamper: tamper, secret: seeder.secret)
         defer { hub.close() }
         try await hub.hub.addUpstream(connect: seeder.connector())
         let results = await pull(through: hub, name: "pin-forged", pins: [key.publicKey, nil])
