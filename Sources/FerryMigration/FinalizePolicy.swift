@@ -134,6 +134,32 @@ public struct FinalizePolicy: Sendable, Equatable {
         }
     }
 
+    /// Whether pre-copy has converged: once every page was pulled, the dirty
+    /// sets the Sync replies leave to pull stopped shrinking for
+    /// `stalledReports` reports in a row.
+    public struct Convergence: Sendable {
+        /// Reports without a new smallest dirty set before pre-copy counts as converged.
+        public static let stalledReports = 5
+        private var smallest = Int.max
+        private var stalled = 0
+
+        public init() {}
+
+        /// A dirty report landed; `pagesToPull` pages are left to pull, and
+        /// `firstPassDone` says whether every page was pulled once.
+        public mutating func observe(pagesToPull: Int, firstPassDone: Bool) {
+            guard firstPassDone else { return }
+            if pagesToPull < smallest {
+                smallest = pagesToPull
+                stalled = 0
+            } else {
+                stalled += 1
+            }
+        }
+
+        public var converged: Bool { stalled >= Self.stalledReports }
+    }
+
     /// Why finalize now, or nil to keep pulling.
     public func reason(_ progress: Progress) -> FinalizeReason? {
         if let limit = maxWaitSeconds, progress.elapsedSeconds >= limit {

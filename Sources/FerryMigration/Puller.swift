@@ -120,8 +120,7 @@ final class Puller {
         var lastSync = ContinuousClock.now
         var stopIssuing = false
         var needResync = false
-        var bestToPull = Int.max
-        var stalledSyncs = 0
+        var convergence = FinalizePolicy.Convergence()
         /// Post-copy into a destination with a consumer: touched pages are fetched first.
         var listening: Bool
         var listenerRunning = false
@@ -149,7 +148,7 @@ final class Puller {
                     group.addTask { .touched(await urgent.next()) }
                 }
                 if precopy && !round.stopIssuing,
-                   let reason = options.policy.reason(progressForPolicy(round.stalledSyncs >= 5)) {
+                   let reason = options.policy.reason(progressForPolicy(round.convergence.converged)) {
                     events(.finalizing(reason: reason))
                     round.stopIssuing = true
                 }
@@ -308,14 +307,7 @@ final class Puller {
             hotPages = store.hotPages(maxHeat: options.policy.hotAfter)
             let seconds = took.inSeconds
             measured.roundTrip = measured.roundTrip == 0 ? seconds : min(measured.roundTrip, seconds)
-            if store.count(.remote) == 0 {
-                if store.pagesToPull < round.bestToPull {
-                    round.bestToPull = store.pagesToPull
-                    round.stalledSyncs = 0
-                } else {
-                    round.stalledSyncs += 1
-                }
-            }
+            round.convergence.observe(pagesToPull: store.pagesToPull, firstPassDone: store.count(.remote) == 0)
         case .syncFailed(let error):
             round.syncInFlight = false
             throw error
