@@ -38,7 +38,7 @@ let package = Package(
         // Transports, secure channel, RPC.
         .target(name: "FerryWire", dependencies: ["CUV", "CSodium", "CZstd", "FerryToolkit"]),
         // Seeder, leecher, hub, heuristics, page store, image format.
-        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "FerryToolkit", "CSodium"]),
+        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "FerryToolkit"]),
         // What the three commands share: credential flags, JSON events, progress, exit codes.
         .target(
             name: "FerryCLI",

@@ -3,18 +3,20 @@
 // is to bound what the migration costs whatever the workload does: stop
 // pre-copy as soon as more of it would not shrink the post-freeze work, and
 // never let re-sending run away. Whichever rule fires first finalizes, and
-// the reason names it (the leecher's `finalizing` event).
+// the reason names it (the leecher's `finalizing` event). The library names
+// the limits neutrally; the command that set them names them its own way
+// (`FinalizeReason.text(naming:)`).
 
 public struct FinalizePolicy: Sendable, Equatable {
-    /// Finalize once this share (0...1) of pages is held and clean (`--finalize-at`).
+    /// Finalize once this share (0...1) of pages is held and clean.
     public var cleanShare: Double
     /// Or once the estimated post-freeze transfer (what post-copy would
     /// still fetch, at the measured link rate, plus a round trip) fits in
-    /// this many milliseconds (`--max-downtime`).
+    /// this many milliseconds.
     public var maxDowntimeMilliseconds: Double
-    /// Or, whatever the state, after this many seconds of pulling (`--max-wait`).
+    /// Or, whatever the state, after this many seconds of pulling.
     public var maxWaitSeconds: Double?
-    /// Or once pre-copy moved this multiple of the memory size (`--max-precopy`):
+    /// Or once pre-copy moved this multiple of the memory size:
     /// the rest goes by post-copy, so no workload makes a migration move more.
     public var maxPrecopyRatio: Double
     /// A page whose held copy went stale more than this many times is hot:
@@ -132,39 +134,116 @@ public struct FinalizePolicy: Sendable, Equatable {
         }
     }
 
+    /// Whether pre-copy has converged: once every page was pulled, the dirty
+    /// sets the Sync replies leave to pull stopped shrinking for
+    /// `stalledReports` reports in a row.
+    public struct Convergence: Sendable {
+        /// Reports without a new smallest dirty set before pre-copy counts as converged.
+        public static let stalledReports = 5
+        private var smallest = Int.max
+        private var stalled = 0
+
+        public init() {}
+
+        /// A dirty report landed; `pagesToPull` pages are left to pull, and
+        /// `firstPassDone` says whether every page was pulled once.
+        public mutating func observe(pagesToPull: Int, firstPassDone: Bool) {
+            guard firstPassDone else { return }
+            if pagesToPull < smallest {
+                smallest = pagesToPull
+                stalled = 0
+            } else {
+                stalled += 1
+            }
+        }
+
+        public var converged: Bool { stalled >= Self.stalledReports }
+    }
+
     /// Why finalize now, or nil to keep pulling.
-    public func reason(_ progress: Progress) -> String? {
+    public func reason(_ progress: Progress) -> FinalizeReason? {
         if let limit = maxWaitSeconds, progress.elapsedSeconds >= limit {
-            return "waited \(limit) s (--max-wait)"
+            return FinalizeReason(.maxWait) { "waited \(limit) s (\($0))" }
         }
         if progress.cleanShare >= cleanShare {
-            return "\(Int((progress.cleanShare * 100).rounded(.down)))% of pages held clean (--finalize-at)"
+            let percent = Int((progress.cleanShare * 100).rounded(.down))
+            return FinalizeReason(.cleanShare) { "\(percent)% of pages held clean (\($0))" }
         }
         let estimate = progress.estimatedDowntimeMilliseconds
         if estimate <= maxDowntimeMilliseconds {
-            return String(format: "the post-freeze transfer, estimated at %.1f ms, fits --max-downtime %g ms",
-                          estimate, maxDowntimeMilliseconds)
+            let limit = maxDowntimeMilliseconds
+            return FinalizeReason(.maxDowntime) {
+                String(format: "the post-freeze transfer, estimated at %.1f ms, fits %@ %g ms", estimate, $0, limit)
+            }
         }
         if progress.firstPassDone && progress.pagesPullable == 0 && progress.hotPages > 0 {
-            return "only hot pages are left (\(progress.hotPages) written again after each send): post-copy takes them"
+            let hot = progress.hotPages
+            return FinalizeReason(nil) { _ in "only hot pages are left (\(hot) written again after each send): post-copy takes them" }
         }
         if progress.firstPassDone && progress.bytesPerSecond > 0 {
             // More rounds cannot bring the rest within bounds: stop re-sending.
             let floor = progress.dirtySetFloor
             if progress.transferMilliseconds(pages: floor) > maxDowntimeMilliseconds {
                 let staleBytes = progress.dirtyPagesPerSecond * Double(pageSize)
+                let link = progress.bytesPerSecond
                 let floorText = floor.isFinite ? "about \(Int(floor)) pages" : "nothing: they go stale as fast as the link resends them"
-                return String(format: "pages go stale at %.0f MB/s against a link of %.0f MB/s: re-sending cannot shrink the dirty set below %@, over --max-downtime; post-copy takes the rest",
-                              staleBytes / 1e6, progress.bytesPerSecond / 1e6, floorText)
+                return FinalizeReason(.maxDowntime) {
+                    String(format: "pages go stale at %.0f MB/s against a link of %.0f MB/s: re-sending cannot shrink the dirty set below %@, over %@; post-copy takes the rest",
+                           staleBytes / 1e6, link / 1e6, floorText, $0)
+                }
             }
         }
         if progress.memoryBytes > 0, Double(progress.bytesMoved) >= maxPrecopyRatio * Double(progress.memoryBytes) {
-            return String(format: "pre-copy moved %.0f MB, %gx the memory (--max-precopy): post-copy takes the rest",
-                          Double(progress.bytesMoved) / 1e6, maxPrecopyRatio)
+            let moved = Double(progress.bytesMoved) / 1e6
+            let ratio = maxPrecopyRatio
+            return FinalizeReason(.maxPrecopy) {
+                String(format: "pre-copy moved %.0f MB, %gx the memory (%@): post-copy takes the rest", moved, ratio, $0)
+            }
         }
         if progress.converged {
-            return "pre-copy converged: pulling again does not shrink the dirty set"
+            return FinalizeReason(nil) { _ in "pre-copy converged: pulling again does not shrink the dirty set" }
         }
         return nil
     }
+}
+
+/// Why the policy finalized: the rule that fired, and the limit it checked
+/// (nil for the rules no setting controls).
+public struct FinalizeReason: Sendable, CustomStringConvertible {
+    /// The settings of `FinalizePolicy` a reason can name.
+    public enum Limit: Sendable, Equatable {
+        /// `maxWaitSeconds`.
+        case maxWait
+        /// `cleanShare`.
+        case cleanShare
+        /// `maxDowntimeMilliseconds`.
+        case maxDowntime
+        /// `maxPrecopyRatio`.
+        case maxPrecopy
+
+        /// How the reason names the limit when its caller does not.
+        public var neutralName: String {
+            switch self {
+            case .maxWait: "the wait limit"
+            case .cleanShare: "the clean share to finalize at"
+            case .maxDowntime: "the downtime limit"
+            case .maxPrecopy: "the pre-copy limit"
+            }
+        }
+    }
+
+    public let limit: Limit?
+    private let render: @Sendable (String) -> String
+
+    init(_ limit: Limit?, _ text: @escaping @Sendable (String) -> String) {
+        self.limit = limit
+        render = text
+    }
+
+    /// The reason, naming the limit as `name` says (a command names its option).
+    public func text(naming name: (Limit) -> String) -> String {
+        render(limit.map(name) ?? "")
+    }
+
+    public var description: String { text(naming: \.neutralName) }
 }

@@ -8,13 +8,14 @@
 // cooperative pool. A failed migration never leaves a directory that looks
 // complete.
 import Foundation
+import FerryToolkit
 import Synchronization
-internal import CSodium
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Where pulled pages go. The image writer is one; a live mapping is another.
+/// What pulled pages are stored into: the image writer, live memory (both
+/// `Destination`s of the leecher).
 public protocol PageSink: AnyObject {
     /// Stores whole pages; `data.count == range.length`.
     func store(_ range: AddressRange, data: UnsafeRawBufferPointer) throws
@@ -34,8 +35,8 @@ public protocol PageSink: AnyObject {
     func adopt(layout: [Region])
     /// Finalize returned: `layout` is final, the source is frozen, the pages
     /// of `clean` hold its bytes, and every other page of the layout will be
-    /// stored again (post-copy) before the end.
-    func sourceFrozen(layout: [Region], clean: [AddressRange])
+    /// stored again (post-copy) before the end: from now on they are remote.
+    func sourceFrozen(layout: [Region], clean: [AddressRange]) throws
 }
 
 extension PageSink {
@@ -156,7 +157,7 @@ public final class ImageWriter: PageSink {
         partial = parent + "/." + url.lastPathComponent + ".partial-\(getpid())"
         try? FileManager.default.removeItem(atPath: partial)
         guard mkdir(partial, 0o700) == 0 else {
-            throw MigrationError.image("cannot create \(partial): \(String(cString: strerror(errno)))")
+            throw MigrationError.image("cannot create \(partial): \(SystemError(operation: "mkdir", target: partial, errno: errno))")
         }
         do {
             worker = try ImageWorker(files: RegionFiles(directory: partial + "/regions"), name: self.directory)
@@ -244,7 +245,8 @@ public final class ImageWriter: PageSink {
         // An empty directory of the same name may be in the way (checked in init).
         rmdir(directory)
         guard rename(partial, directory) == 0 else {
-            throw MigrationError.image("cannot move the finished image to \(directory): \(String(cString: strerror(errno)))")
+            throw MigrationError.image(
+                "cannot move the finished image to \(directory): \(SystemError(operation: "rename", target: partial, errno: errno))")
         }
         finished = true
     }
@@ -266,8 +268,6 @@ public func imageChecksum(_ bytes: UnsafeRawBufferPointer) -> String {
     hash.update(bytes)
     return hash.finish().hexString
 }
-
-private let sodiumReady: Bool = sodium_init() >= 0
 
 /// Pages a destination stored as holes (mapped in the source, but nothing
 /// backs them: past the end of a file), which a page that arrives with data
@@ -304,36 +304,11 @@ final class HolePages: Sendable {
     }
 }
 
-/// Streaming BLAKE2b-256, the checksum of image regions and of the seeder's
-/// frozen memory, so the two can be compared.
-struct Blake2b256: ~Copyable {
-    private let state: UnsafeMutableRawPointer
-
-    init() {
-        _ = sodiumReady
-        // SAFETY: libsodium's hash state wants 64-byte alignment, which a Swift
-        // stored struct does not promise; this allocation lives as long as self.
-        state = UnsafeMutableRawPointer.allocate(byteCount: crypto_generichash_statebytes(), alignment: 64)
-        crypto_generichash_init(OpaquePointer(state), nil, 0, 32)
-    }
-
-    deinit { state.deallocate() }
-
-    mutating func update(_ bytes: UnsafeRawBufferPointer) {
-        guard let base = bytes.baseAddress else { return }
-        crypto_generichash_update(OpaquePointer(state), base.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count))
-    }
-
-    consuming func finish() -> [UInt8] {
-        var digest = [UInt8](repeating: 0, count: 32)
-        crypto_generichash_final(OpaquePointer(state), &digest, 32)
-        return digest
-    }
-}
-
 func writeFile(_ path: String, _ data: Data) throws {
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-    guard fd >= 0 else { throw MigrationError.image("cannot create \(path): \(String(cString: strerror(errno)))") }
+    guard fd >= 0 else {
+        throw MigrationError.image("cannot create \(path): \(SystemError(operation: "open", target: path, errno: errno))")
+    }
     defer { close(fd) }
     try data.withUnsafeBytes { try writeFully(fd, $0.baseAddress!, $0.count, at: 0, path: path) }
     fsync(fd)

@@ -105,15 +105,7 @@ public enum ImageVerifier {
 
     /// Merged address coverage, so splits and merges of VMAs do not count as differences.
     static func coverage(_ ranges: [AddressRange]) -> [AddressRange] {
-        var out: [AddressRange] = []
-        for range in ranges.sorted(by: { $0.start < $1.start }) where range.length > 0 {
-            if let last = out.last, last.end >= range.start {
-                out[out.count - 1].end = max(last.end, range.end)
-            } else {
-                out.append(range)
-            }
-        }
-        return out
+        Ranges.merge(ranges)
     }
 
     private static func describe(_ ranges: [AddressRange]) -> String {

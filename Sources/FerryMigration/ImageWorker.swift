@@ -10,19 +10,15 @@
 // wait long behind hashing. The queue holds at most `maxQueuedBytes` of
 // page data: past that, `submit` waits (the disk is slower than the link,
 // and the transfer has to slow down to it anyway).
-import Foundation
 import FerryToolkit
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// A dedicated thread and its job queue, owning one image's `RegionFiles`.
 ///
-/// `@unchecked Sendable` invariant: `jobs`, `queuedBytes`, `failure`,
-/// `stopping` and `stats` are only touched while holding `mutex`; `files`
-/// only on the worker thread (from its start to its join in `stop`);
-/// `thread` only by the owner (init and `stop`).
-final class ImageWorker: @unchecked Sendable {
+/// Threading: `files` lives on the worker thread alone (captured by it, never
+/// stored here); the queue is shared under a `ConditionLock`, on which the
+/// worker sleeps for jobs and `submit` for space. `submit` and `stop` are the
+/// owner's (ImageWriter's) calls.
+final class ImageWorker {
     enum Job {
         /// Pages `part[offset ..< offset + range.length]`.
         case write(AddressRange, [UInt8], Int)
@@ -42,82 +38,56 @@ final class ImageWorker: @unchecked Sendable {
     /// The thread's nice increment: that of the bulk AEAD workers (BulkWorkers).
     static let nice: Int32 = 10
 
-    private let files: RegionFiles
-    private var jobs: [Job] = []
-    private var queuedBytes = 0
-    private var failure: (any Error)? = nil
-    private var stopping = false
-    private var stats = ImageWriterStatistics()
-    // SAFETY: initialised in init, destroyed in deinit, which runs only after
-    // the thread was joined (the thread holds `self` until it ends).
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let work: UnsafeMutablePointer<pthread_cond_t>
-    private let space: UnsafeMutablePointer<pthread_cond_t>
+    private struct Queue {
+        var jobs: [Job] = []
+        var queuedBytes = 0
+        var failure: (any Error)? = nil
+        var stopping = false
+        var stats = ImageWriterStatistics()
+    }
+    private let queue = ConditionLock(Queue())
     private var thread: DedicatedThread? = nil
 
     /// Starts the thread. `name` says whose image it writes, for errors.
     init(files: RegionFiles, name: String) throws {
-        self.files = files
-        mutex = .allocate(capacity: 1)
-        work = .allocate(capacity: 1)
-        space = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(work, nil)
-        pthread_cond_init(space, nil)
-        thread = try DedicatedThread(for: "the image writer of \(name)") { [self] in loop() }
-    }
-
-    deinit {
-        pthread_cond_destroy(space)
-        pthread_cond_destroy(work)
-        pthread_mutex_destroy(mutex)
-        space.deallocate()
-        work.deallocate()
-        mutex.deallocate()
+        let queue = self.queue
+        thread = try DedicatedThread(for: "the image writer of \(name)") { Self.loop(files, queue) }
     }
 
     /// Queues a job. Throws the first failure of an earlier job (a write
     /// error, a full disk), so the migration stops early.
     func submit(_ job: Job, bytes: Int) throws {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
         // Back-pressure: blocks the caller only while the disk lags the link.
-        while failure == nil, !stopping, queuedBytes > 0, queuedBytes + bytes > Self.maxQueuedBytes {
-            pthread_cond_wait(space, mutex)
+        try queue.wait(until: { q in
+            q.failure != nil || q.stopping || q.queuedBytes == 0 || q.queuedBytes + bytes <= Self.maxQueuedBytes
+        }) { q in
+            if let failure = q.failure { throw failure }
+            guard !q.stopping else { throw MigrationError.image("the image writer has stopped") }
         }
-        if let failure { throw failure }
-        guard !stopping else { throw MigrationError.image("the image writer has stopped") }
-        jobs.append(job)
-        queuedBytes += bytes
-        pthread_cond_signal(work)
+        queue.withLockThenBroadcast { q in
+            q.jobs.append(job)
+            q.queuedBytes += bytes
+        }
     }
 
-    var statistics: ImageWriterStatistics {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return stats
-    }
+    var statistics: ImageWriterStatistics { queue.withLock { $0.stats } }
 
     /// Ends the thread after its current job; queued jobs are dropped (a
     /// waiting `finish` gets an error). Call once, from the owner.
     func stop() {
-        pthread_mutex_lock(mutex)
-        stopping = true
-        pthread_cond_broadcast(work)
-        pthread_cond_broadcast(space)
-        pthread_mutex_unlock(mutex)
+        queue.withLockThenBroadcast { $0.stopping = true }
         thread?.join()
         thread = nil
-        pthread_mutex_lock(mutex)
-        let dropped = jobs
-        jobs.removeAll()
-        pthread_mutex_unlock(mutex)
+        let dropped = queue.withLock { q in
+            defer { q.jobs.removeAll() }
+            return q.jobs
+        }
         for case .finish(_, _, let continuation) in dropped {
             continuation.resume(throwing: MigrationError.image("the image writer stopped before the image was complete"))
         }
     }
 
-    private func loop() {
+    private static func loop(_ files: RegionFiles, _ queue: ConditionLock<Queue>) {
         // Bulk work, like the bulk AEAD workers: it gives way to the threads
         // that carry the protocol and, on a host the seeder shares, to the
         // seeder's checksum, which the migration waits for.
@@ -125,21 +95,19 @@ final class ImageWorker: @unchecked Sendable {
         var hashMore = false
         var failed: (any Error)? = nil
         while true {
-            pthread_mutex_lock(mutex)
-            while jobs.isEmpty && !stopping && !hashMore { pthread_cond_wait(work, mutex) }
-            if stopping {
-                pthread_mutex_unlock(mutex)
-                return
+            let more = hashMore
+            let taken = queue.wait(until: { !$0.jobs.isEmpty || $0.stopping || more }) { q -> [Job]? in
+                if q.stopping { return nil }
+                defer { q.jobs.removeAll(keepingCapacity: true) }
+                return q.jobs
             }
-            let batch = jobs
-            jobs.removeAll(keepingCapacity: true)
-            pthread_mutex_unlock(mutex)
+            guard let batch = taken ?? nil else { return }
 
             var bytes = 0
             for job in batch {
                 if case .write(let range, _, _) = job { bytes += Int(range.length) }
                 do {
-                    try run(job, failed: failed)
+                    try run(job, on: files, failed: failed)
                 } catch {
                     failed = failed ?? error
                 }
@@ -148,17 +116,17 @@ final class ImageWorker: @unchecked Sendable {
             if failed == nil {
                 do { hashMore = try files.hashStep() } catch { failed = error }
             }
-            pthread_mutex_lock(mutex)
-            queuedBytes -= bytes
-            stats = ImageWriterStatistics(bytesWritten: files.bytesWritten, bytesCopied: files.bytesCopied,
-                                          pagesHashed: files.pagesHashed)
-            if failure == nil, let failed { failure = failed }
-            pthread_cond_broadcast(space)
-            pthread_mutex_unlock(mutex)
+            let stats = ImageWriterStatistics(bytesWritten: files.bytesWritten, bytesCopied: files.bytesCopied,
+                                              pagesHashed: files.pagesHashed)
+            queue.withLockThenBroadcast { q in
+                q.queuedBytes -= bytes
+                q.stats = stats
+                if q.failure == nil, let failed { q.failure = failed }
+            }
         }
     }
 
-    private func run(_ job: Job, failed: (any Error)?) throws {
+    private static func run(_ job: Job, on files: RegionFiles, failed: (any Error)?) throws {
         switch job {
         case .finish(let layout, let writeManifest, let continuation):
             if let failed {

@@ -1,8 +1,10 @@
-// The leecher's knowledge of every page of the source: whether it is held
-// locally and clean, held but written since, in flight, or still remote.
-// Data lives in a `PageSink`; this type only keeps states, so it stays small
-// (one byte a page) and survives layout changes by reconciling address
-// coverage rather than region identity (mprotect splits and merges VMAs).
+// What one side knows of every page of the source: at the leecher, whether
+// it is held locally and clean, held but written since, in flight, or still
+// remote; at the seeder, which pages a leecher holds since they were sent
+// (`markSent`). Data lives elsewhere (the leecher's `Destination`); this type
+// only keeps states, so it stays small (one byte a page, and a stale count)
+// and survives layout changes by reconciling address coverage rather than
+// region identity (mprotect splits and merges VMAs).
 
 /// Where one page of the source stands at the leecher.
 public enum PageState: UInt8, Sendable, CaseIterable {
@@ -121,12 +123,7 @@ public struct PageStore: Sendable {
 
     /// Index of the first segment whose end is above `address` (binary search).
     private func firstSegment(endingAfter address: UInt64) -> Int {
-        var low = 0, high = segments.count
-        while low < high {
-            let mid = (low + high) / 2
-            if segments[mid].range.end <= address { low = mid + 1 } else { high = mid }
-        }
-        return low
+        Ranges.firstIndex(in: segments, endingAfter: address) { $0.range.end }
     }
 
     /// Applies `transition` to every covered page of `ranges`, in place;

@@ -17,106 +17,10 @@
 // Threading: not thread-safe. The image writer's thread owns the one
 // instance and makes every call (see ImageWriter).
 import Foundation
+import FerryToolkit
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// One bit per page, packed in 64-bit words.
-struct PageBitmap: Equatable {
-    private(set) var words: [UInt64]
-    let count: Int
-
-    init(count: Int) {
-        self.count = count
-        words = Array(repeating: 0, count: (count + 63) / 64)
-    }
-
-    subscript(index: Int) -> Bool {
-        words[index >> 6] & (1 << UInt64(index & 63)) != 0
-    }
-
-    /// Sets (or clears) every bit of `range`, a word at a time.
-    mutating func set(_ range: Range<Int>, to value: Bool = true) {
-        var i = range.lowerBound
-        while i < range.upperBound {
-            let word = i >> 6
-            let first = i & 63
-            let last = min(64, first + (range.upperBound - i))
-            let mask: UInt64 = last - first == 64 ? ~0 : ((1 << UInt64(last - first)) - 1) << UInt64(first)
-            if value { words[word] |= mask } else { words[word] &= ~mask }
-            i += last - first
-        }
-    }
-
-    /// The first index at or after `from` whose bit is `value`, or `count`.
-    func first(_ value: Bool, from: Int) -> Int {
-        var i = from
-        while i < count {
-            let word = value ? words[i >> 6] : ~words[i >> 6]
-            let rest = word >> UInt64(i & 63)
-            if rest != 0 { return min(count, i + rest.trailingZeroBitCount) }
-            i = (i | 63) + 1
-        }
-        return count
-    }
-
-    /// The bits set in both.
-    func intersection(_ other: PageBitmap) -> PageBitmap {
-        precondition(count == other.count, "bitmaps of \(count) and \(other.count) pages")
-        var out = self
-        for w in words.indices { out.words[w] &= other.words[w] }
-        return out
-    }
-
-    /// A bitmap of `count` bits whose first bits are this one's.
-    func resized(to count: Int) -> PageBitmap {
-        var out = PageBitmap(count: count)
-        let keep = min(count, self.count)
-        for w in 0..<(keep + 63) / 64 { out.words[w] = words[w] }
-        if keep % 64 != 0 { out.words[(keep - 1) / 64] &= (1 << UInt64(keep % 64)) - 1 }
-        return out
-    }
-}
-
-/// One region's file.
-final class RegionFile {
-    var range: AddressRange
-    var path: String
-    let fd: Int32
-    /// Pages stored since the file's region took its shape (or, after
-    /// Finalize, since then: see `RegionFiles.sourceFrozen`).
-    var held: PageBitmap
-    /// BLAKE2b-256 over pages `0..<hashed`, when hashing has begun.
-    var hasher = Blake2b256()
-    var hashed = 0
-
-    init(range: AddressRange, path: String, fd: Int32) {
-        self.range = range
-        self.path = path
-        self.fd = fd
-        held = PageBitmap(count: Int(range.pageCount))
-    }
-
-    var pageCount: Int { held.count }
-
-    func offset(of address: UInt64) -> off_t { off_t(address - range.start) }
-
-    /// The checksum of pages `0..<hashed`, hexadecimal; the hash starts again.
-    func finishHash() -> String {
-        var finished = Blake2b256()
-        swap(&finished, &hasher)
-        hashed = 0
-        return finished.finish().hexString
-    }
-
-    /// Starts the checksum again (the region changed shape or a hashed page changed).
-    func restartHash() {
-        hasher = Blake2b256()
-        hashed = 0
-    }
-
-    deinit { close(fd) }
-}
 
 /// The region files of one image, in address order.
 final class RegionFiles {
@@ -141,7 +45,7 @@ final class RegionFiles {
     init(directory: String) throws {
         self.directory = directory
         guard mkdir(directory, 0o700) == 0 else {
-            throw MigrationError.image("cannot create \(directory): \(String(cString: strerror(errno)))")
+            throw MigrationError.image("cannot create \(directory): \(SystemError(operation: "mkdir", target: directory, errno: errno))")
         }
         // SAFETY: owned by this object, freed in deinit.
         buffer = .allocate(byteCount: Self.hashStepBytes, alignment: Int(pageSize))
@@ -196,7 +100,7 @@ final class RegionFiles {
             if reused && file.range != range {
                 guard ftruncate(file.fd, off_t(range.length)) == 0 else {
                     throw MigrationError.image(
-                        "cannot resize \(file.path) to \(range.length) bytes: \(String(cString: strerror(errno)))")
+                        "cannot resize \(file.path) to \(range.length) bytes: \(SystemError(operation: "ftruncate", target: file.path, errno: errno))")
                 }
             }
             if file.range != range || file.held != held { file.restartHash() }
@@ -213,11 +117,11 @@ final class RegionFiles {
         nextFile += 1
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
-            throw MigrationError.image("cannot create \(path): \(String(cString: strerror(errno)))")
+            throw MigrationError.image("cannot create \(path): \(SystemError(operation: "open", target: path, errno: errno))")
         }
         let file = RegionFile(range: range, path: path, fd: fd)
         guard ftruncate(fd, off_t(range.length)) == 0 else {
-            let reason = String(cString: strerror(errno))
+            let reason = SystemError(operation: "ftruncate", target: path, errno: errno)
             unlink(path)
             throw MigrationError.image("cannot size \(path) to \(range.length) bytes: \(reason) (is the disk full?)")
         }
@@ -226,11 +130,7 @@ final class RegionFiles {
 
     /// Files of `list` (in address order) that overlap `range`.
     private func overlapping(_ list: [RegionFile], _ range: AddressRange) -> ArraySlice<RegionFile> {
-        var low = 0, high = list.count
-        while low < high {
-            let mid = (low + high) / 2
-            if list[mid].range.end <= range.start { low = mid + 1 } else { high = mid }
-        }
+        let low = Ranges.firstIndex(in: list, endingAfter: range.start) { $0.range.end }
         var end = low
         while end < list.count, list[end].range.start < range.end { end += 1 }
         return list[low..<end]
@@ -401,7 +301,7 @@ final class RegionFiles {
                 let path = (directory as NSString).deletingLastPathComponent + "/" + name
                 if let file = byStart[region.start], file.range == region.range {
                     guard rename(file.path, path) == 0 else {
-                        throw MigrationError.image("cannot name \(path): \(String(cString: strerror(errno)))")
+                        throw MigrationError.image("cannot name \(path): \(SystemError(operation: "rename", target: file.path, errno: errno))")
                     }
                     file.path = path
                     entry.blake2b = file.finishHash()
@@ -409,7 +309,7 @@ final class RegionFiles {
                     // An empty region: no file was kept for it.
                     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
                     guard fd >= 0 else {
-                        throw MigrationError.image("cannot create \(path): \(String(cString: strerror(errno)))")
+                        throw MigrationError.image("cannot create \(path): \(SystemError(operation: "open", target: path, errno: errno))")
                     }
                     close(fd)
                     entry.blake2b = imageChecksum(UnsafeRawBufferPointer(start: nil, count: 0))
@@ -429,39 +329,4 @@ final class RegionFiles {
     private static let seekHole: Int32 = 4
     private static let keepSize: Int32 = 0x01
     private static let punchHole: Int32 = 0x02
-}
-
-private typealias CopyFileRange = @convention(c) (Int32, UnsafeMutablePointer<Int64>?, Int32, UnsafeMutablePointer<Int64>?, Int, UInt32) -> Int
-private typealias Fallocate = @convention(c) (Int32, Int32, off_t, off_t) -> Int32
-
-// SAFETY: RTLD_DEFAULT (null handle) searches the global symbols; when
-// present these are glibc's copy_file_range(2) and fallocate(2) with these
-// signatures (off64_t is off_t on 64-bit Linux).
-private let copyFileRange: CopyFileRange? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "copy_file_range")
-    .map { unsafeBitCast($0, to: CopyFileRange.self) }
-private let fallocateFunction: Fallocate? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "fallocate")
-    .map { unsafeBitCast($0, to: Fallocate.self) }
-
-func writeFully(_ fd: Int32, _ pointer: UnsafeRawPointer, _ count: Int, at offset: off_t, path: String) throws {
-    var done = 0
-    while done < count {
-        let n = pwrite(fd, pointer + done, count - done, offset + off_t(done))
-        if n < 0 {
-            if errno == EINTR { continue }
-            throw MigrationError.image("cannot write \(path): \(String(cString: strerror(errno))) (is the disk full?)")
-        }
-        done += n
-    }
-}
-
-func readFully(_ fd: Int32, _ pointer: UnsafeMutableRawPointer, _ count: Int, at offset: off_t, path: String) throws {
-    var done = 0
-    while done < count {
-        let n = pread(fd, pointer + done, count - done, offset + off_t(done))
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else {
-            throw MigrationError.image("cannot read back \(path): \(n < 0 ? String(cString: strerror(errno)) : "short file")")
-        }
-        done += n
-    }
 }

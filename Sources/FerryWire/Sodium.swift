@@ -1,7 +1,9 @@
-// The only file that calls libsodium. Everything above it speaks Swift types:
-// `SecretBytes` (zeroed on drop), `CipherSuite`, `AEADKey`, and small
-// namespaces for X25519, Ed25519 and BLAKE2b. Sizes come from the library,
-// never from constants here; every failure throws.
+// The only file in Ferry that calls libsodium (no other module imports
+// CSodium). Everything above it speaks Swift types: `SecretBytes` (zeroed on
+// drop), `CipherSuite`, `AEADKey`, and small namespaces for X25519, Ed25519
+// and BLAKE2b, whose streaming `Blake2b256` is public for FerryMigration's
+// region checksums. Sizes come from the library, never from constants here;
+// every failure throws.
 
 internal import CSodium
 
@@ -279,6 +281,36 @@ enum Blake2b {
         let rc = out.withUnsafeMutableBufferPointer { o in crypto_generichash_final(sp, o.baseAddress!, outputBytes) }
         guard rc == 0 else { throw CryptoError("BLAKE2b final failed") }
         return out
+    }
+}
+
+/// Streaming BLAKE2b-256: the checksum of image regions, of live migrated
+/// memory and of the seeder's frozen memory, so they can be compared.
+public struct Blake2b256: ~Copyable {
+    private let state: UnsafeMutableRawPointer
+
+    public init() {
+        // sodium_init cannot fail where the wire works at all: the channel
+        // that brought these pages already needed it.
+        _ = try? Sodium.ensureInitialized()
+        // SAFETY: libsodium's hash state wants 64-byte alignment, which a Swift
+        // stored struct does not promise; this allocation lives as long as self.
+        state = UnsafeMutableRawPointer.allocate(byteCount: crypto_generichash_statebytes(), alignment: 64)
+        crypto_generichash_init(OpaquePointer(state), nil, 0, 32)
+    }
+
+    deinit { state.deallocate() }
+
+    public mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        guard let base = bytes.baseAddress else { return }
+        // SAFETY: `bytes` holds `bytes.count` readable bytes.
+        crypto_generichash_update(OpaquePointer(state), base.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count))
+    }
+
+    public consuming func finish() -> [UInt8] {
+        var digest = [UInt8](repeating: 0, count: 32)
+        crypto_generichash_final(OpaquePointer(state), &digest, 32)
+        return digest
     }
 }
 

@@ -204,7 +204,8 @@ struct PullCommand: AsyncParsableCommand {
                               bar: "\(p.phase) \(progressBar(fraction)) \(p.pagesClean)/\(p.pagesTotal) pages  "
                                 + String(format: "%.0f MB/s  %.0f dirty/s  ETA %.1f s", mbps, p.dirtyPagesPerSecond,
                                          eta.isFinite ? eta : 0))
-        case .finalizing(let reason):
+        case .finalizing(let decision):
+            let reason = decision.text(naming: optionName)
             reporter.event("finalizing", ["reason": .string(reason)], text: "leecher: finalizing: \(reason)")
         case .finalized(let downtime, let freeze, let dirty, let remote):
             reporter.event("finalized", ["downtime_ms": .double(downtime), "freeze_ms": .double(freeze),
@@ -227,6 +228,16 @@ struct PullCommand: AsyncParsableCommand {
                                         "seeder": .string(said)],
                            text: String(format: "leecher: complete: %.1f MB in %.2f s; seeder: %@", Double(bytes) / 1e6, seconds, said))
         }
+    }
+}
+
+/// The option that sets a finalize limit, as the reasons name it.
+func optionName(_ limit: FinalizeReason.Limit) -> String {
+    switch limit {
+    case .maxWait: "--max-wait"
+    case .cleanShare: "--finalize-at"
+    case .maxDowntime: "--max-downtime"
+    case .maxPrecopy: "--max-precopy"
     }
 }
 

@@ -131,13 +131,13 @@ func scratchDirectory(_ name: String) -> String {
         var options = LeecherOptions()
         // Only the cost rules may fire: the share rule is out of reach, the deadline far.
         options.policy = FinalizePolicy(cleanShare: 1, maxWaitSeconds: 60)
-        let reasons = Mutex<[String]>([])
+        let reasons = Mutex<[FinalizeReason]>([])
         let leecher = Leecher(connect: seeder.connector(), sink: try ImageWriter(directory: out), options: options) { event in
             if case .finalizing(let reason) = event { reasons.withLock { $0.append(reason) } }
         }
         let summary = try await leecher.run()
         let reason = try #require(reasons.withLock { $0.first })
-        #expect(!reason.contains("--max-wait") && !reason.contains("--finalize-at"), "\(reason)")
+        #expect(reason.limit != .maxWait && reason.limit != .cleanShare, "\(reason)")
         let report = try ImageVerifier.compare(directory: out, pid: child.pid)
         #expect(report.matches, "\(report)")
         // Pre-copy stops by 1.5x the memory; post-copy moves at most the memory once more.

@@ -42,8 +42,8 @@ import FerrySystem
 var mib = 256
 var touches = 300
 var inFlight = 16
-var window = LiveMemoryOptions().postCopyRequestsInFlight
-var windowPages = LiveMemoryOptions().postCopyPagesPerRequest
+var window = PostCopyOptions().requestsInFlight
+var windowPages = PostCopyOptions().pagesPerRequest
 var pagesPerRequest = 256
 var inProcess = false
 var rounds = 3
@@ -210,10 +210,9 @@ func run(mib: Int, touches: Int, inFlight: Int, pagesPerRequest: Int, window: In
     options.policy = FinalizePolicy(cleanShare: 0, maxWaitSeconds: 10)
     options.requestsInFlight = inFlight
     options.pagesPerRequest = pagesPerRequest
-    var liveOptions = LiveMemoryOptions()
-    liveOptions.postCopyRequestsInFlight = window
-    liveOptions.postCopyPagesPerRequest = windowPages
-    let sink = try LiveMemorySink(options: liveOptions)
+    options.postCopy.requestsInFlight = window
+    options.postCopy.pagesPerRequest = windowPages
+    let sink = try LiveMemorySink()
     sink.pauseBackgroundFill(true)
     print("post-copy window: \(window) x \(windowPages) pages; seeders \(inProcess ? "in this process" : "in their own processes")")
     let leecher = Leecher(connect: seeder.connector, memory: sink, options: options)
