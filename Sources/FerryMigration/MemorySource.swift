@@ -2,7 +2,7 @@
 // real memory engine) is the one implementation in the product; tests inject
 // their own (a source that reads slowly, wrongly or counts its calls) through
 // `SeederService`'s initializer. The hub does not use it: it serves from its
-// cache and its upstream (Hub.swift).
+// cache and its upstream (HubUpstream.swift).
 
 /// What to do with the source process once the destination confirms.
 public enum ThenAction: String, Sendable, CaseIterable {

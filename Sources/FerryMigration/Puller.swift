@@ -27,7 +27,7 @@ public struct PostCopyOptions: Sendable {
 /// What the puller measured of the link and the source's writes.
 struct LinkMeasurements {
     /// Page bytes per second over the last two seconds.
-    var rate = FerryToolkit.RateMeter(window: .seconds(2))
+    var rate = RateMeter(window: .seconds(2))
     /// The best throughput measured: the link's capacity, for the policy
     /// (the current rate falls once only a few dirty pages are left to pull).
     var linkRate: Double = 0
