@@ -11,45 +11,22 @@
 import Glibc
 #endif
 
-/// A small mutex for state shared between our own threads.
-/// Being replaced by `Mutex`; do not add new uses.
-///
-/// `@unchecked Sendable` invariant: the pthread mutex lives in memory this
-/// object allocates, never moves, and is destroyed only in deinit.
-public final class Lock: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-
-    public init() {
-        mutex = .allocate(capacity: 1)
-        // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
-}
-
-/// Many readers or one writer. Writers are preferred, so a steady stream of
-/// readers cannot hold a writer off.
+/// Many readers or one writer. Writers are preferred by default, so a
+/// steady stream of readers cannot hold a writer off; a lock that one thread
+/// may take shared twice (nested) must prefer readers, or a waiting writer
+/// would deadlock it.
 ///
 /// `@unchecked Sendable` invariant: the pthread lock lives in memory this
 /// object allocates, never moves, and is destroyed only in deinit.
 public final class ReadWriteLock: @unchecked Sendable {
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
-    public init() {
+    public init(preferWriters: Bool = true) {
         lock = .allocate(capacity: 1)
         var attributes = pthread_rwlockattr_t()
         pthread_rwlockattr_init(&attributes)
-        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        let kind = preferWriters ? PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP : PTHREAD_RWLOCK_PREFER_READER_NP
+        pthread_rwlockattr_setkind_np(&attributes, Int32(kind))
         // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
         pthread_rwlock_init(lock, &attributes)
         pthread_rwlockattr_destroy(&attributes)
