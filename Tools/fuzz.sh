@@ -15,7 +15,7 @@ OUT=.build-fuzz
 mkdir -p "$OUT/corpus"
 W=Sources/FerryWire
 SOURCES=(
-  "$W/WireFuzz.swift" "$W/WireCodec.swift" "$W/WireLimits.swift" "$W/FrameTransport.swift"
+  Tests/FerryWireTests/WireFuzz.swift "$W/WireCodec.swift" "$W/WireLimits.swift" "$W/FrameTransport.swift"
   "$W/InMemoryTransport.swift" "$W/Sodium.swift" "$W/Keys.swift" "$W/Handshake.swift"
   "$W/SecureChannel.swift" "$W/RPCMessage.swift" "$W/FrameDecoder.swift"
   Tools/fuzz/FuzzTarget.swift

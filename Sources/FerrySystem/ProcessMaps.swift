@@ -38,7 +38,7 @@ public enum ProcessMapsError: Error, CustomStringConvertible, Sendable, Equatabl
         case .permissionDenied(let pid):
             return "cannot read the memory map of pid \(pid): permission denied (run as root or as the process's user with CAP_SYS_PTRACE)"
         case .readFailed(let pid, let errno):
-            return "cannot read /proc/\(pid)/maps: \(String(cString: strerror(errno)))"
+            return "cannot read /proc/\(pid)/maps: \(SystemError.text(errno))"
         case .malformedLine(let pid, let line):
             return "cannot parse a line of /proc/\(pid)/maps: \"\(line)\" (unknown kernel format; please report it)"
         }

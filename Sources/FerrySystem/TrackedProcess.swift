@@ -138,7 +138,7 @@ public final class TrackedProcess: Sendable {
             switch errno {
             case ENOENT, ESRCH: throw AttachError.noSuchProcess(pid: pid)
             case EACCES, EPERM: throw AttachError.permissionDenied(pid: pid, operation: "opening \(path)")
-            default: throw AttachError.system(pid: pid, step: "opening \(path)", underlying: String(cString: strerror(errno)))
+            default: throw AttachError.system(pid: pid, step: "opening \(path)", underlying: SystemError.text(errno))
             }
         }
         close(fd)

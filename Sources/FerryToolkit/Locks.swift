@@ -102,6 +102,17 @@ public final class ConditionLock<Protected>: @unchecked Sendable {
         return try body(&protected)
     }
 
+    /// Runs `body` with the protected value and then wakes one waiter: for
+    /// queues where any one of several identical workers may take the item.
+    public func withLockThenSignal<T>(_ body: (inout Protected) throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer {
+            pthread_cond_signal(condition)
+            pthread_mutex_unlock(mutex)
+        }
+        return try body(&protected)
+    }
+
     /// Waits, holding the lock between checks, until `ready` is true of the
     /// protected value, then runs `body` with it. With a `timeout`, returns
     /// nil when it passes first.

@@ -11,6 +11,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import FerryToolkit
 
 /// A credential file is missing, unreadable, too open, or malformed.
 public struct KeyFileError: Error, CustomStringConvertible, Sendable, Equatable {
@@ -261,7 +262,7 @@ extension Substring {
 
 /// Small file helpers (no Foundation, so the fuzz build stays lean).
 enum KeyFiles {
-    static func errnoText() -> String { String(cString: strerror(errno)) }
+    static func errnoText() -> String { SystemError.text(errno) }
 
     static func read(_ path: String, limit: Int = 1 << 20) throws -> String {
         let fd = open(path, O_RDONLY | O_CLOEXEC)

@@ -720,21 +720,3 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         lingerTimer = nil
     }
 }
-
-#if FERRY_TSAN_LOCK
-// Debug aid: ThreadSanitizer cannot see the synchronisation inside
-// Synchronization.Mutex on Linux and reports every State access as a race.
-// This pthread-based stand-in (same API) makes the real races visible:
-//   swift build --build-tests --sanitize=thread -Xswiftc -DFERRY_TSAN_LOCK
-//   swift test --skip-build --sanitize=thread --filter TransportTests
-// (clean at commit time: 39 tests, no reports).
-fileprivate final class Mutex<Value>: @unchecked Sendable {
-    private var m = pthread_mutex_t()
-    private var value: Value
-    init(_ v: Value) { value = v; pthread_mutex_init(&m, nil) }
-    func withLock<R, E: Error>(_ body: (inout Value) throws(E) -> R) throws(E) -> R {
-        pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
-        return try body(&value)
-    }
-}
-#endif

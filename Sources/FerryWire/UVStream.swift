@@ -37,9 +37,8 @@ public struct UVError: Error, Sendable, Hashable, CustomStringConvertible {
 }
 
 /// A socket address (IPv4, IPv6) as returned by the resolver or getsockname.
-struct SocketAddress: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: a plain value (bytes of a
-    // sockaddr_storage), never shared by reference.
+/// A plain value: the bytes of a sockaddr_storage.
+struct SocketAddress: Sendable {
     var storage = sockaddr_storage()
 
     var family: Int32 { Int32(storage.ss_family) }
