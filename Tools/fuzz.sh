@@ -17,7 +17,7 @@ W=Sources/FerryWire
 SOURCES=(
   Tests/FerryWireTests/WireFuzz.swift "$W/WireCodec.swift" "$W/WireLimits.swift" "$W/FrameTransport.swift"
   "$W/InMemoryTransport.swift" "$W/Sodium.swift" "$W/Keys.swift" "$W/Handshake.swift"
-  "$W/SecureChannel.swift" "$W/RPCMessage.swift" "$W/FrameDecoder.swift"
+  "$W/SecureChannel.swift" "$W/SecureChannel+Handshake.swift" "$W/RPCMessage.swift" "$W/FrameDecoder.swift"
   Tools/fuzz/FuzzTarget.swift
 )
 swiftc -sanitize=fuzzer,address -parse-as-library -O -g -module-name FerryWireFuzz \

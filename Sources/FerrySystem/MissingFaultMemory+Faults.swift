@@ -89,7 +89,7 @@ extension MissingFaultMemory {
             }
         } catch {
             // The descriptor is gone or broken: nothing more can be resolved.
-            _ = fail("the fault handler stopped: \(error)")
+            fail("the fault handler stopped: \(error)")
         }
     }
 

@@ -245,10 +245,16 @@ public enum ProcessMaps {
                     // SAFETY: the destination is the uninitialized tail of
                     // `buffer`, `buffer.count - used` bytes; only the bytes
                     // read(2) wrote are counted as initialized.
-                    let n = Glibc.read(fd, buffer.baseAddress! + used, buffer.count - used)
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        failure = errno
+                    let n: Int
+                    do {
+                        n = try checkedCall("read", on: "/proc/\(pid)/\(file)") {
+                            Glibc.read(fd, buffer.baseAddress! + used, buffer.count - used)
+                        }
+                    } catch let error as SystemError {
+                        failure = error.errno
+                        break
+                    } catch {
+                        failure = EIO
                         break
                     }
                     if n == 0 { break }

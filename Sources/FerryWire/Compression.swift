@@ -18,6 +18,7 @@
 
 internal import CZstd
 import Synchronization
+import FerryToolkit
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -385,11 +386,4 @@ public struct CompressionStats: Sendable, Equatable {
     public var autoOffWindows = 0
     /// Times `auto` switched compression off because it did not speed frames up.
     public var autoTrialsFailed = 0
-}
-
-extension Duration {
-    var inSeconds: Double {
-        let c = components
-        return Double(c.seconds) + Double(c.attoseconds) * 1e-18
-    }
 }
