@@ -15,10 +15,8 @@ import Glibc
 /// steady stream of readers cannot hold a writer off; a lock that one thread
 /// may take shared twice (nested) must prefer readers, or a waiting writer
 /// would deadlock it.
-///
-/// `@unchecked Sendable` invariant: the pthread lock lives in memory this
-/// object allocates, never moves, and is destroyed only in deinit.
 public final class ReadWriteLock: @unchecked Sendable {
+    // `@unchecked Sendable` invariant: the pthread lock is allocated here, never moves, and is destroyed only in deinit.
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
     public init(preferWriters: Bool = true) {
@@ -55,11 +53,8 @@ public final class ReadWriteLock: @unchecked Sendable {
 /// A mutex with a condition variable, for a dedicated thread that sleeps
 /// until another thread hands it work or asks it to stop. Only blocking
 /// threads wait on it; tasks never do.
-///
-/// `@unchecked Sendable` invariant: the pthread mutex and condition live in
-/// memory this object allocates, never move, and are destroyed only in
-/// deinit; `protected` is touched only while the mutex is held.
 public final class ConditionLock<Protected>: @unchecked Sendable {
+    // `@unchecked Sendable` invariant: `protected` is touched only with the mutex held; the pthread objects never move.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
     private var protected: Protected
@@ -94,20 +89,20 @@ public final class ConditionLock<Protected>: @unchecked Sendable {
 
     /// Runs `body` with the protected value and then wakes every waiter.
     public func withLockThenBroadcast<T>(_ body: (inout Protected) throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer {
-            pthread_cond_broadcast(condition)
-            pthread_mutex_unlock(mutex)
-        }
-        return try body(&protected)
+        try withLock(thenWaking: pthread_cond_broadcast, body)
     }
 
     /// Runs `body` with the protected value and then wakes one waiter: for
     /// queues where any one of several identical workers may take the item.
     public func withLockThenSignal<T>(_ body: (inout Protected) throws -> T) rethrows -> T {
+        try withLock(thenWaking: pthread_cond_signal, body)
+    }
+
+    private func withLock<T>(thenWaking wake: (UnsafeMutablePointer<pthread_cond_t>) -> Int32,
+                             _ body: (inout Protected) throws -> T) rethrows -> T {
         pthread_mutex_lock(mutex)
         defer {
-            pthread_cond_signal(condition)
+            _ = wake(condition)
             pthread_mutex_unlock(mutex)
         }
         return try body(&protected)

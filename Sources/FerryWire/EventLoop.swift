@@ -14,11 +14,11 @@ import Synchronization
 import FerryToolkit
 
 /// One libuv loop running on a dedicated thread.
+/// `loop` and `wakeup` are touched only on the loop thread once `init`
+/// returns, apart from `uv_async_send`, which libuv documents as thread-safe;
+/// the cross-thread state is in `jobs`, a Mutex.
 final class EventLoop: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: `loop` and `wakeup` are touched only
-    // on the loop thread once `init` returns (apart from `uv_async_send`,
-    // which libuv documents as thread-safe); the cross-thread state is in
-    // `jobs`, a Mutex.
+    // `@unchecked Sendable` invariant: the libuv pointers are used on the loop thread only (plus the thread-safe uv_async_send).
 
     /// The process-wide loop used by `Transports`, `Listener` and `StdioTransport`.
     static let shared = EventLoop(name: "ferry-uv")
@@ -127,6 +127,7 @@ final class EventLoop: @unchecked Sendable {
     }
 
     fileprivate func runJobs() {
+        assert(inLoopThread, "the wakeup handle fires on the loop thread")
         let batch = jobs.withLock { j -> [@Sendable () -> Void] in
             defer { j.queue = [] }
             return j.queue
