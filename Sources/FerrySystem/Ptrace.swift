@@ -13,6 +13,7 @@ import Glibc
 #endif
 internal import CFerryLinux
 import FerryToolkit
+import Synchronization
 
 /// A dedicated OS thread that runs submitted closures one at a time, in order.
 /// Plainly `Sendable`: the queue lives in a `ConditionLock`, the thread id is
@@ -63,7 +64,16 @@ final class PtraceThread: Sendable {
         queue.withLockThenBroadcast { $0.stopping = true }
     }
 
+    /// The ids of the ptrace threads running now, for `onPtraceThread`.
+    private static let running = Mutex(Set<pthread_t>())
+
+    /// True on a `PtraceThread`: the kernel answers ptrace requests only
+    /// from the thread that attached, so `Ptrace` asserts this.
+    static var onPtraceThread: Bool { running.withLock { $0.contains(pthread_self()) } }
+
     private static func loop(_ queue: ConditionLock<Queue>) {
+        running.withLock { _ = $0.insert(pthread_self()) }
+        defer { running.withLock { _ = $0.remove(pthread_self()) } }
         while true {
             let next = queue.wait(until: { !$0.jobs.isEmpty || $0.stopping }) { queue in
                 queue.jobs.isEmpty ? nil : queue.jobs.removeFirst()
@@ -106,17 +116,20 @@ enum TraceeWait {
 /// Thin, error-naming wrappers over ptrace(2) and waitpid(2). Call only on the `PtraceThread`.
 enum Ptrace {
     static func seize(_ tid: Int32, pid: Int32) throws {
+        assert(PtraceThread.onPtraceThread, "ptrace requests run on the ptrace thread")
         try checkedCall("PTRACE_SEIZE", on: "thread \(tid) of pid \(pid)", hint: { errno in
             errno == EPERM ? "run as root or grant CAP_SYS_PTRACE; the process may already be traced" : nil
         }) { ferry_ptrace_seize(tid, 0) }
     }
 
     static func interrupt(_ tid: Int32, pid: Int32) throws {
+        assert(PtraceThread.onPtraceThread, "ptrace requests run on the ptrace thread")
         try checkedCall("PTRACE_INTERRUPT", on: "thread \(tid) of pid \(pid)") { ferry_ptrace_interrupt(tid) }
     }
 
     /// Releases `tid`, handing back a signal it was about to take.
     static func detach(_ tid: Int32, pid: Int32, stop: TraceeStop) throws {
+        assert(PtraceThread.onPtraceThread, "ptrace requests run on the ptrace thread")
         var signal: Int32 = 0
         if case .signal(let number, var info) = stop {
             // Restore the original siginfo: after a remote syscall the thread
@@ -132,6 +145,7 @@ enum Ptrace {
 
     /// Waits until `tid` reports a stop or ends.
     static func waitStop(_ tid: Int32, pid: Int32) throws -> TraceeWait {
+        assert(PtraceThread.onPtraceThread, "only the tracer may wait for its tracees")
         var status: Int32 = 0
         _ = try checkedCall("waitpid", on: "thread \(tid) of pid \(pid)") {
             waitpid(tid, &status, ferry_wall())
@@ -145,6 +159,7 @@ enum Ptrace {
     /// until the group is empty), so a blocking wait would never return.
     /// Polls instead, and answers `.gone` once the leader is a zombie.
     static func waitLeaderStop(_ pid: Int32) throws -> TraceeWait {
+        assert(PtraceThread.onPtraceThread, "only the tracer may wait for its tracees")
         var status: Int32 = 0
         while true {
             let waited = try checkedCall("waitpid", on: "the leader of pid \(pid)") {
