@@ -287,26 +287,6 @@ extension MissingFaultMemory {
         return (low, Int((start - mappings[low].source.start) / pageSize))
     }
 
-    /// Source ranges of pages not installed yet, coalesced, in address order.
-    public func missingRanges() -> [AddressRange] {
-        state.withLock { state in
-            var out: [AddressRange] = []
-            for (m, mapping) in mappings.enumerated() {
-                var i = 0
-                let n = Int(mapping.source.pageCount)
-                while i < n {
-                    if state.bit(m, i) { i += 1; continue }
-                    var j = i
-                    while j < n && !state.bit(m, j) { j += 1 }
-                    out.append(AddressRange(start: mapping.source.start + UInt64(i) * pageSize,
-                                            end: mapping.source.start + UInt64(j) * pageSize))
-                    i = j
-                }
-            }
-            return out
-        }
-    }
-
     /// Marks pages of `range` (source addresses) that nothing backs in the
     /// source (past the end of its file): they raise SIGBUS when touched, as
     /// they did there. Returns how many were marked.

@@ -293,8 +293,6 @@ public final class MissingFaultMemory: Sendable {
     public var isComplete: Bool { state.withLock { $0.installedCount == totalPages } }
     /// Set once a page timed out or post-copy was abandoned.
     public var failureReason: MissingFaultMemoryError? { state.withLock { $0.failure } }
-    /// Touched pages still waiting for data.
-    public var pendingFaults: [UInt64] { state.withLock { Array($0.pending.keys) } }
 
     public func isInstalled(_ source: UInt64) -> Bool {
         guard let (m, i) = locate(source) else { return false }

@@ -377,9 +377,6 @@ final class UVStream: @unchecked Sendable {
         return rc
     }
 
-    /// Bytes libuv holds in its write queue (not yet taken by the kernel).
-    var writeQueueSize: Int { uv_stream_get_write_queue_size(stream) }
-
     // MARK: Connecting and listening
 
     /// Starts a TCP connect; `completion` gets the status.
