@@ -155,12 +155,7 @@ extension MissingFaultMemory {
                         case 0:
                             runStart = j
                         case EAGAIN:
-                            attempts += 1
-                            if attempts > Userfaultfd.busyRetries {
-                                throw SystemError(operation: "UFFDIO_COPY", target: "\(owner) at 0x\(String(source, radix: 16))",
-                                                  errno: EAGAIN, hint: "the memory map kept changing")
-                            }
-                            usleep(attempts < 10 ? 0 : 100)
+                            try pauseWhileBusy(&attempts, "UFFDIO_COPY", at: source)
                         case EEXIST:
                             // Present without us: keep it, never overwrite; wake anyone waiting on it.
                             let page = mapping.source.start + UInt64(runStart) * pageSize
@@ -251,12 +246,7 @@ extension MissingFaultMemory {
             }
             switch error {
             case EAGAIN:
-                attempts += 1
-                if attempts > Userfaultfd.busyRetries {
-                    throw SystemError(operation: "UFFDIO_COPY of a huge page", target: "\(owner) at 0x\(String(huge, radix: 16))",
-                                      errno: EAGAIN, hint: "the memory map kept changing")
-                }
-                usleep(attempts < 10 ? 0 : 100)
+                try pauseWhileBusy(&attempts, "UFFDIO_COPY of a huge page", at: huge)
             case EEXIST:
                 // Present without us: keep it, never overwrite; wake anyone waiting on it.
                 state.stats.kernelAlreadyPresent += 1
@@ -274,6 +264,18 @@ extension MissingFaultMemory {
                                                           + "(/sys/kernel/mm/hugepages/hugepages-\(kib)kB/nr_hugepages)" : nil)
             }
         }
+    }
+
+    /// After EAGAIN (the target's memory map is changing): a yield for the
+    /// first 10 attempts, then 100 µs sleeps, and an error past
+    /// `Userfaultfd.busyRetries` that names `operation` and the page.
+    private func pauseWhileBusy(_ attempts: inout Int, _ operation: String, at source: UInt64) throws {
+        attempts += 1
+        if attempts > Userfaultfd.busyRetries {
+            throw SystemError(operation: operation, target: "\(owner) at 0x\(String(source, radix: 16))",
+                              errno: EAGAIN, hint: "the memory map kept changing")
+        }
+        usleep(attempts < 10 ? 0 : 100)
     }
 
     private func locateOrNext(_ address: UInt64, limit: UInt64) -> (Int, Int)? {
