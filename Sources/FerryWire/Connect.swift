@@ -71,7 +71,7 @@ public enum Transports {
         }
     }
 
-    /// One connect attempt, raced against a timer; on the loop thread.
+    /// One connect attempt, raced against a timer, run as a job on the loop thread.
     private static func attempt(
         on loop: EventLoop, endpoint: Endpoint, timeout: Duration,
         start: @escaping @Sendable (UVStream, @escaping (Int32) -> Void) -> Int32
@@ -129,7 +129,7 @@ public enum Transports {
         }
     }
 
-    /// Wraps a connected stream in a transport and starts reading; on the loop thread.
+    /// Wraps a connected stream in a transport and starts reading (a job on the loop thread).
     ///
     /// Socket buffer sizes are deliberately left to Linux's autotuning
     /// (tcp_wmem/tcp_rmem, here up to 4 MiB / 32 MiB): setting SO_SNDBUF or

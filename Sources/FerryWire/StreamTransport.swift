@@ -161,6 +161,7 @@ final class StreamTransport: FrameTransport {
     /// Attaches the stream(s) and starts reading. `input` and `output` may be
     /// the same handle (sockets) or two (standard input and output).
     func attach(input: UVStream, output: UVStream) {
+        assert(loop.inLoopThread, "handles are attached on the loop thread")
         self.input = input
         self.output = output
         input.onRead = { [weak self] event in self?.didRead(event) }
