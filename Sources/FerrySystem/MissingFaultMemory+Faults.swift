@@ -30,12 +30,7 @@ extension MissingFaultMemory {
             return state.handler
         }
         guard let thread else { return }
-        // The pipe is ours: one byte in, one byte out, neither can fail.
-        var byte: UInt8 = 1
-        _ = try? checkedCall("write", on: "the stop pipe of \(owner)") { Glibc.write(stopPipe.write, &byte, 1) }
-        pthread_join(thread, nil)
-        var drain: UInt8 = 0
-        _ = try? checkedCall("read", on: "the stop pipe of \(owner)") { Glibc.read(stopPipe.read, &drain, 1) }
+        stopPipe.stop(joining: thread)
     }
 
     /// Ends post-copy: stops the handler, closes the descriptor and

@@ -155,7 +155,7 @@ public final class MissingFaultMemory: Sendable {
     /// The handler thread's id while it runs, 0 otherwise (for assertions).
     let handlerThread = Atomic<pthread_t>(0)
     /// Written once by `stopHandler` to end the handler's poll.
-    let stopPipe: (read: Int32, write: Int32)
+    let stopPipe: StopPipe
 
     public let totalPages: Int
 
@@ -169,10 +169,7 @@ public final class MissingFaultMemory: Sendable {
         self.unmapper = unmapper
         state = Mutex(State(bitmaps: self.mappings.map { Array(repeating: 0, count: (Int($0.source.pageCount) + 63) / 64) }))
         totalPages = self.mappings.reduce(0) { $0 + Int($1.source.pageCount) }
-        var fds: [Int32] = [0, 0]
-        try checkedCall("pipe", on: "the post-copy memory of \(owner)") { pipe(&fds) }
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        stopPipe = (fds[0], fds[1])
+        stopPipe = try StopPipe(for: "the post-copy memory of \(owner)")
     }
 
     /// Maps `regions` (page aligned, disjoint) as empty private anonymous
@@ -259,8 +256,7 @@ public final class MissingFaultMemory: Sendable {
         }
         uffd.close()
         guardian?.dismiss()
-        Glibc.close(stopPipe.read)
-        Glibc.close(stopPipe.write)
+        stopPipe.close()
     }
 
     // MARK: - Lookup

@@ -57,21 +57,18 @@ final class SyncWPTracker: DirtyTracker {
     }
     private let state = Mutex(State())
     /// Written once by `close` to end the handler's poll.
-    private let stopPipe: (read: Int32, write: Int32)
+    private let stopPipe: StopPipe
 
     init(uffd: Userfaultfd, pid: Int32) throws {
         self.uffd = uffd
         self.pid = pid
-        var fds: [Int32] = [0, 0]
-        try checkedCall("pipe", on: "the sync tracker of pid \(pid)") { pipe(&fds) }
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        stopPipe = (fds[0], fds[1])
+        stopPipe = try StopPipe(for: "the sync tracker of pid \(pid)")
         do {
             // The thread keeps the tracker alive until its loop ends.
             let thread = try startThread(for: "the sync tracker of pid \(pid)") { [self] in handleFaults() }
             state.withLock { $0.handler = thread }
         } catch {
-            Glibc.close(fds[0]); Glibc.close(fds[1])
+            stopPipe.close()
             throw error
         }
     }
@@ -82,12 +79,8 @@ final class SyncWPTracker: DirtyTracker {
             return state.handler
         }
         guard let thread else { return }
-        var byte: UInt8 = 1
-        // The pipe is ours and empty: this write cannot fail or block.
-        _ = try? checkedCall("write", on: "the sync tracker of pid \(pid)") { Glibc.write(stopPipe.write, &byte, 1) }
-        pthread_join(thread, nil)
-        Glibc.close(stopPipe.read)
-        Glibc.close(stopPipe.write)
+        stopPipe.stop(joining: thread)
+        stopPipe.close()
         uffd.close()
     }
 
