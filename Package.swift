@@ -56,7 +56,8 @@ let package = Package(
         // Wire benchmark: transports, secure channel and RPC against baselines (Tools/bench-wire.sh).
         .executableTarget(name: "ferry-bench-wire", dependencies: ["FerryWire"], path: "Tools/bench-wire"),
         // System benchmark: tracker cost, scan time, read throughput, with same-run baselines.
-        .executableTarget(name: "ferry-bench-system", dependencies: ["FerrySystem", "CFerryLinux", "FerryTestSupport"], path: "Tools/bench-system"),
+        .executableTarget(name: "ferry-bench-system", dependencies: ["FerrySystem", "FerryToolkit", "CFerryLinux", "FerryTestSupport"],
+                          path: "Tools/bench-system"),
         // Post-copy benchmark: first-touch latency and background fill against same-run baselines.
         .executableTarget(name: "ferry-bench-postcopy", dependencies: ["FerryMigration", "FerryWire", "FerryTestSupport"],
                           path: "Tools/bench-postcopy"),
@@ -81,6 +82,7 @@ let package = Package(
         .executableTarget(name: "ferry-manual", path: "Tools/manual"),
         // Real child processes for tests: the workload generator and the relay.
         .target(name: "FerryTestSupport", dependencies: ["FerrySystem"], path: "Tests/FerryTestSupport"),
+        .testTarget(name: "FerryToolkitTests", dependencies: ["FerryToolkit"]),
         .testTarget(name: "FerrySystemTests", dependencies: ["FerrySystem", "FerryTestSupport"]),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire", "FerryTestSupport"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryTestSupport", "FerryCLI"]),

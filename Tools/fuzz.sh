@@ -6,7 +6,7 @@
 #   Tools/fuzz.sh [seconds]        default 60; crashes land in .build-fuzz/
 #
 # Needs the Swift toolchain's fuzzer runtime (swiftc -sanitize=fuzzer) and
-# libsodium-dev. Seeds come from Protocols/wire-vectors. Leak detection is off:
+# libsodium-dev and libzstd-dev. Seeds come from Protocols/wire-vectors. Leak detection is off:
 # the Swift runtime's metadata caches look like leaks to LeakSanitizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,13 +15,18 @@ OUT=.build-fuzz
 mkdir -p "$OUT/corpus"
 W=Sources/FerryWire
 SOURCES=(
-  "$W/WireFuzz.swift" "$W/WireCodec.swift" "$W/WireLimits.swift" "$W/FrameTransport.swift"
+  Tests/FerryWireTests/WireFuzz.swift "$W/WireCodec.swift" "$W/WireLimits.swift" "$W/FrameTransport.swift"
   "$W/InMemoryTransport.swift" "$W/Sodium.swift" "$W/Keys.swift" "$W/Handshake.swift"
-  "$W/SecureChannel.swift" "$W/RPCMessage.swift" "$W/FrameDecoder.swift"
+  "$W/SecureChannel.swift" "$W/SecureChannel+Handshake.swift" "$W/RPCMessage.swift" "$W/FrameDecoder.swift"
+  "$W/Compression.swift" "$W/BulkWorkers.swift"
   Tools/fuzz/FuzzTarget.swift
 )
+# FerryToolkit first, as a module of its own: the wire sources import it.
+swiftc -sanitize=fuzzer,address -parse-as-library -O -g -module-name FerryToolkit -emit-module \
+  -emit-module-path "$OUT/FerryToolkit.swiftmodule" -emit-library -static -o "$OUT/libFerryToolkit.a" \
+  Sources/FerryToolkit/*.swift
 swiftc -sanitize=fuzzer,address -parse-as-library -O -g -module-name FerryWireFuzz \
-  -I Sources/CSodium -lsodium "${SOURCES[@]}" -o "$OUT/fuzz-wire"
+  -I Sources/CSodium -I Sources/CZstd -I "$OUT" -L "$OUT" -lFerryToolkit -lsodium -lzstd "${SOURCES[@]}" -o "$OUT/fuzz-wire"
 
 # Seed corpus: each vector frame, prefixed with the selector of its target.
 seed() { printf '%s' "$2" | xxd -r -p > "$OUT/corpus/seed-$1-$3"; printf "\\x$(printf %02x "$1")" | cat - "$OUT/corpus/seed-$1-$3" > "$OUT/corpus/s$1-$3" && rm "$OUT/corpus/seed-$1-$3"; }

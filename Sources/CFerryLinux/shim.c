@@ -38,8 +38,6 @@ _Static_assert(sizeof(struct user_regs_struct) <= sizeof(ferry_regs), "ferry_reg
 _Static_assert(sizeof(struct user_pt_regs) <= sizeof(ferry_regs), "ferry_regs holds user_pt_regs");
 #endif
 
-int ferry_page_size(void) { return (int)sysconf(_SC_PAGESIZE); }
-
 uint64_t ferry_uffd_api(void) { return UFFD_API; }
 uint64_t ferry_uffd_feature_wp(void) { return UFFD_FEATURE_PAGEFAULT_FLAG_WP; }
 uint64_t ferry_uffd_feature_wp_async(void) { return UFFD_FEATURE_WP_ASYNC; }
@@ -58,7 +56,6 @@ uint8_t ferry_uffd_event_remove(void) { return UFFD_EVENT_REMOVE; }
 uint8_t ferry_uffd_event_unmap(void) { return UFFD_EVENT_UNMAP; }
 uint8_t ferry_uffd_event_remap(void) { return UFFD_EVENT_REMAP; }
 uint64_t ferry_uffd_pagefault_flag_wp(void) { return UFFD_PAGEFAULT_FLAG_WP; }
-uint64_t ferry_uffd_pagefault_flag_write(void) { return UFFD_PAGEFAULT_FLAG_WRITE; }
 uint64_t ferry_page_is_written(void) { return PAGE_IS_WRITTEN; }
 uint64_t ferry_page_is_present(void) { return PAGE_IS_PRESENT; }
 uint64_t ferry_page_is_swapped(void) { return PAGE_IS_SWAPPED; }
@@ -194,7 +191,6 @@ int ferry_uffdio_wake(int fd, struct uffdio_range *range) { return ioctl(fd, UFF
 int ferry_uffdio_zeropage(int fd, struct uffdio_zeropage *zero) { return ioctl(fd, UFFDIO_ZEROPAGE, zero); }
 int ferry_uffdio_copy(int fd, struct uffdio_copy *copy) { return ioctl(fd, UFFDIO_COPY, copy); }
 int ferry_uffdio_poison(int fd, struct uffdio_poison *poison) { return ioctl(fd, UFFDIO_POISON, poison); }
-uint64_t ferry_uffd_feature_poison(void) { return UFFD_FEATURE_POISON; }
 long ferry_pagemap_scan(int fd, struct pm_scan_arg *arg) { return ioctl(fd, PAGEMAP_SCAN, arg); }
 
 uint8_t ferry_uffd_msg_event(const struct uffd_msg *msg) { return msg->event; }
@@ -209,7 +205,6 @@ uint64_t ferry_uffd_msg_remap_len(const struct uffd_msg *msg) { return msg->arg.
 long ferry_ptrace_seize(pid_t tid, unsigned long options) { return ptrace(PTRACE_SEIZE, tid, 0, (void *)options); }
 long ferry_ptrace_interrupt(pid_t tid) { return ptrace(PTRACE_INTERRUPT, tid, 0, 0); }
 long ferry_ptrace_detach(pid_t tid, int sig) { return ptrace(PTRACE_DETACH, tid, 0, (void *)(long)sig); }
-long ferry_ptrace_cont(pid_t tid, int sig) { return ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig); }
 long ferry_ptrace_singlestep(pid_t tid, int sig) { return ptrace(PTRACE_SINGLESTEP, tid, 0, (void *)(long)sig); }
 long ferry_ptrace_getsiginfo(pid_t tid, siginfo_t *info) { return ptrace(PTRACE_GETSIGINFO, tid, 0, info); }
 long ferry_ptrace_setsiginfo(pid_t tid, const siginfo_t *info) { return ptrace(PTRACE_SETSIGINFO, tid, 0, info); }
@@ -224,10 +219,7 @@ int ferry_wifexited(int status) { return WIFEXITED(status); }
 int ferry_wifsignaled(int status) { return WIFSIGNALED(status); }
 int ferry_wifstopped(int status) { return WIFSTOPPED(status); }
 int ferry_wstopsig(int status) { return WSTOPSIG(status); }
-int ferry_wexitstatus(int status) { return WEXITSTATUS(status); }
-int ferry_wtermsig(int status) { return WTERMSIG(status); }
 int ferry_wptrace_event(int status) { return (status >> 16) & 0xff; }
-int ferry_ptrace_event_stop(void) { return PTRACE_EVENT_STOP; }
 int ferry_wall(void) { return __WALL; }
 
 #if defined(__x86_64__)

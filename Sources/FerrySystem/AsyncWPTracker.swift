@@ -29,20 +29,18 @@ import Glibc
 #endif
 internal import CFerryLinux
 import FerryToolkit
+import Synchronization
 
-/// `@unchecked Sendable` invariant: all stored properties are immutable
-/// except `pagemap` (closed once, in `close()` under `closeLock`) and
-/// `hugePages` (only touched under `hugeLock`); the uffd descriptor is owned
-/// by `Userfaultfd` (its own lock).
-final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
+/// The uffd descriptor is owned by `Userfaultfd` (its own lock); the pagemap
+/// descriptor is closed once, under its `Mutex`, which scans hold.
+final class AsyncWPTracker: DirtyTracker {
     let kind = TrackerKind.async
     private let uffd: Userfaultfd
     private let pid: Int32
-    private let closeLock = Lock()
-    private var pagemap: Int32
-    private let hugeLock = Lock()
+    /// /proc/PID/pagemap, -1 once closed.
+    private let pagemap: Mutex<Int32>
     /// The hugetlb ranges registered, so protection requests are cut and aligned to their pages.
-    private var hugePages = HugePageMap()
+    private let hugePages = Mutex(HugePageMap())
 
     /// page_region entries per PAGEMAP_SCAN call: 4096 x 24 bytes = 96 KiB,
     /// enough for a badly fragmented GiB in a few calls.
@@ -61,26 +59,24 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
             throw SystemError(operation: "open /proc/\(pid)/pagemap", target: "pid \(pid)", errno: errno,
                               hint: "run as root or grant CAP_SYS_PTRACE")
         }
-        pagemap = fd
+        pagemap = Mutex(fd)
     }
 
     deinit { close() }
 
     func close() {
-        closeLock.withLock {
-            if pagemap >= 0 { _ = Glibc.close(pagemap); pagemap = -1 }
-        }
+        closePagemap()
         uffd.close()
     }
 
     func track(_ range: AddressRange, pageSize: UInt64) throws {
         try uffd.register(range)
         try uffd.writeProtect(range, protect: true)
-        hugeLock.withLock { hugePages.add(range, size: pageSize) }
+        hugePages.withLock { $0.add(range, size: pageSize) }
     }
 
     func rearm(_ ranges: [AddressRange]) throws {
-        let map = hugeLock.withLock { hugePages }
+        let map = hugePages.withLock { $0 }
         for range in map.split(ranges) {
             do { try uffd.writeProtect(range, protect: true) } catch let error as SystemError where error.errno == ENOENT {
                 // Some mapping in the range is not registered (replaced or
@@ -97,7 +93,7 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
 
     func untrack(_ range: AddressRange) throws {
         try uffd.unregister(range)
-        hugeLock.withLock { hugePages.remove(range) }
+        hugePages.withLock { $0.remove(range) }
     }
 
     func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan {
@@ -111,25 +107,25 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
         // at most `capacity` entries into it (vec_len).
         let vec = UnsafeMutablePointer<page_region>.allocate(capacity: capacity)
         defer { vec.deallocate() }
-        try closeLock.withLock {
+        try pagemap.withLock { pagemap in
             guard pagemap >= 0 else {
                 throw SystemError(operation: "PAGEMAP_SCAN", target: "pid \(pid)", errno: EBADF, hint: "the tracker was stopped")
             }
             for range in ranges {
-                if try !scan(range, vec: vec, capacity: capacity, into: &result.dirty, rearm: rearm) {
+                if try !scan(range, pagemap: pagemap, vec: vec, capacity: capacity, into: &result.dirty, rearm: rearm) {
                     result.lost.append(range)
                     continue
                 }
                 guard zapScan else { continue }
                 var zapped: [AddressRange] = []
-                if try !scan(range, vec: vec, capacity: capacity, into: &zapped, zapped: true) {
+                if try !scan(range, pagemap: pagemap, vec: vec, capacity: capacity, into: &zapped, zapped: true) {
                     result.lost.append(range)
                     continue
                 }
                 // Reported first, protected second: a write in between is in
                 // the copy the caller makes after this scan. Without rearm
                 // they stay empty and reported until read.
-                let map = hugeLock.withLock { hugePages }
+                let map = hugePages.withLock { $0 }
                 for piece in map.split(zapped) where rearm {
                     do { try uffd.writeProtect(piece, protect: true) } catch let error as SystemError where error.errno == ENOENT {
                         continue
@@ -145,7 +141,8 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
     /// Scans one registered range for written pages (re-protecting them when
     /// `rearm`: the same page-table walk, so no write falls in between), or
     /// for empty page slots when `zapped`; false when part of the range is not registered any more.
-    func scan(_ range: AddressRange, vec: UnsafeMutablePointer<page_region>, capacity: Int,
+    /// `pagemap` is the open descriptor, lent by the caller holding its lock.
+    func scan(_ range: AddressRange, pagemap: Int32, vec: UnsafeMutablePointer<page_region>, capacity: Int,
               into dirty: inout [AddressRange], zapped: Bool = false, rearm: Bool = true) throws -> Bool {
         var start = range.start
         while start < range.end {
@@ -195,7 +192,7 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
         let vec = UnsafeMutablePointer<page_region>.allocate(capacity: 16)
         defer { vec.deallocate() }
         var found: [AddressRange] = []
-        _ = try closeLock.withLock { try scan(range, vec: vec, capacity: 16, into: &found, zapped: true) }
+        _ = try pagemap.withLock { pagemap in try scan(range, pagemap: pagemap, vec: vec, capacity: 16, into: &found, zapped: true) }
         return found
     }
 
@@ -225,8 +222,8 @@ final class AsyncWPTracker: DirtyTracker, @unchecked Sendable {
 
     /// Closes pagemap only (the probe's uffd is closed by its owner).
     func closePagemap() {
-        closeLock.withLock {
-            if pagemap >= 0 { _ = Glibc.close(pagemap); pagemap = -1 }
+        pagemap.withLock { pagemap in
+            if pagemap >= 0 { Glibc.close(pagemap); pagemap = -1 }
         }
     }
 }

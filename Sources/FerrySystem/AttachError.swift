@@ -64,7 +64,7 @@ public enum AttachError: Error, CustomStringConvertible, Sendable {
         case .softDirtyUnsupported(let pid):
             return "cannot use the soft-dirty tracker on pid \(pid): this kernel is built without CONFIG_MEM_SOFT_DIRTY (use --tracker async or sync)"
         case .userfaultfdRefused(let pid, let errno):
-            var text = "cannot create a userfaultfd inside pid \(pid): \(String(cString: strerror(errno)))"
+            var text = "cannot create a userfaultfd inside pid \(pid): \(SystemError.text(errno))"
             if errno == EPERM {
                 text += " (the process lacks CAP_SYS_PTRACE and vm.unprivileged_userfaultfd is 0; set it to 1 or run the process as root)"
             }

@@ -22,18 +22,18 @@ import Glibc
 #endif
 internal import CFerryLinux
 import FerryToolkit
+import Synchronization
 
 enum DeferredSignals {
-    /// Guards `depth` and the calls into the shim, which are not reentrant.
-    private static let lock = Lock()
-    // SAFETY: read and written only while holding `lock`.
-    nonisolated(unsafe) private static var depth = 0
+    /// How many sections are open; its lock also guards the calls into the
+    /// shim, which are not reentrant.
+    private static let depth = Mutex(0)
 
     /// Runs `body` with SIGINT, SIGTERM, SIGHUP and SIGTSTP deferred until
     /// it returns. Nests; safe from several threads at once (the outermost
     /// section installs and restores).
     static func during<T>(_ body: () throws -> T) throws -> T {
-        try lock.withLock {
+        try depth.withLock { depth in
             if depth == 0 && ferry_signals_defer() != 0 {
                 throw SystemError(operation: "sigaction", target: "SIGINT, SIGTERM, SIGHUP and SIGTSTP of this process",
                                   errno: errno, hint: "needed to keep a signal from interrupting a remote system call")
@@ -41,9 +41,9 @@ enum DeferredSignals {
             depth += 1
         }
         defer {
-            lock.withLock {
+            depth.withLock { depth in
                 depth -= 1
-                if depth == 0 { _ = ferry_signals_release() }
+                if depth == 0 { ferry_signals_release() }
             }
         }
         return try body()

@@ -27,20 +27,20 @@ import Glibc
 #endif
 internal import CFerryLinux
 import FerryToolkit
+import Synchronization
 
 /// A guardian process. Dismiss it exactly once (`dismiss()`, or deinit).
-///
-/// `@unchecked Sendable` invariant: `control` and `reaped` are only touched under `lock`.
-public final class FaultGuardian: @unchecked Sendable {
+public final class FaultGuardian: Sendable {
     /// The guardian's pid (in tests: to see it gone).
     public let pid: Int32
-    private let lock = Lock()
-    private var control: Int32
-    private var reaped = false
+    /// The write end of the guardian's pipe, -1 once dismissed.
+    private let control: Mutex<Int32>
+    /// Whether the guardian was waited for; its lock also serializes the wait.
+    private let reaped = Mutex(false)
 
     private init(pid: Int32, control: Int32) {
         self.pid = pid
-        self.control = control
+        self.control = Mutex(control)
     }
 
     /// Forks a guardian over `ranges` (addresses in the descriptor's
@@ -67,24 +67,25 @@ public final class FaultGuardian: @unchecked Sendable {
     /// waits for it to exit, so its copy of the descriptor is closed when
     /// this returns. Only the first call acts.
     public func dismiss() {
-        let fd: Int32 = lock.withLock {
+        let fd: Int32 = control.withLock { control in
             defer { control = -1 }
             return control
         }
         guard fd >= 0 else { return }
         var byte: UInt8 = 0x44  // "D": any byte dismisses
-        _ = Glibc.write(fd, &byte, 1)
+        // A guardian that is gone already has nothing to be told.
+        _ = try? checkedCall("write", on: "the post-copy guardian (pid \(pid))") { Glibc.write(fd, &byte, 1) }
         Glibc.close(fd)
         reap()
     }
 
     private func reap() {
-        lock.withLock {
+        reaped.withLock { reaped in
             guard !reaped else { return }
             reaped = true
             var status: Int32 = 0
             // ECHILD: SIGCHLD ignored, the kernel reaped it already.
-            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            _ = try? checkedCall("waitpid", on: "the post-copy guardian (pid \(pid))") { waitpid(pid, &status, 0) }
         }
     }
 }

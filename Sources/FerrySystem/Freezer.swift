@@ -21,7 +21,7 @@ import FerryToolkit
 #endif
 
 /// The stopped threads of one frozen process. Used only on its `PtraceThread`.
-struct FrozenProcess {
+struct FrozenProcess: Sendable {
     let pid: Int32
     /// Every traced thread and how it stopped.
     var threads: [Int32: TraceeStop]

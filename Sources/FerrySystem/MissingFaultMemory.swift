@@ -46,11 +46,12 @@
 // /sys/kernel/mm/hugepages/hugepages-<size>kB/nr_hugepages). Capability:
 // none for our own process (user-mode-only descriptors suffice); see
 // Userfaultfd.swift for another process.
-import FerryToolkit
 #if canImport(Glibc)
 import Glibc
 #endif
 internal import CFerryLinux
+import FerryToolkit
+import Synchronization
 
 /// Why post-copy memory could not deliver a page.
 public enum MissingFaultMemoryError: Error, CustomStringConvertible, Sendable, Equatable {
@@ -78,11 +79,12 @@ public enum MissingFaultMemoryError: Error, CustomStringConvertible, Sendable, E
 
 /// Regions of migrated memory filled by userfaultfd on first touch.
 ///
-/// `@unchecked Sendable` invariant: `mappings`, `uffd`, `guardian`, `owner`
-/// and `faultTimeout` are immutable after init; everything mutable (`bitmaps`,
-/// `staged`, `pending`, counters, `failure`, `onFault`, `handler`) is only
-/// touched under `lock`; the handler thread is joined before the descriptor closes.
-public final class MissingFaultMemory: @unchecked Sendable {
+/// `mappings`, `uffd`, `guardian`, `owner` and `faultTimeout` are immutable
+/// after init; everything mutable is in `state`; the handler thread is joined
+/// before the descriptor closes. Installing lives in
+/// MissingFaultMemory+Install.swift, the fault handler thread in
+/// MissingFaultMemory+Faults.swift.
+public final class MissingFaultMemory: Sendable {
     /// A region to map: its source range and the size of the pages to map
     /// it with (`FerrySystem.pageSize`, or a hugetlb page size to which the
     /// range is aligned).
@@ -110,41 +112,6 @@ public final class MissingFaultMemory: @unchecked Sendable {
         public var atSourceAddress: Bool { source.start == local }
         public var isHugetlb: Bool { pageSize > FerrySystem.pageSize }
         func localAddress(of source: UInt64) -> UInt64 { local + (source - self.source.start) }
-    }
-
-    /// The 4 KiB pages of one huge page, gathered until the last arrives.
-    /// Not Sendable: lives in `staged`, under `lock`.
-    private struct HugeStage {
-        /// `size` bytes of anonymous memory, zero filled by the kernel.
-        let buffer: UnsafeMutableRawPointer
-        let size: UInt64
-        private var arrived: [UInt64]
-        private(set) var count = 0
-
-        init(size: UInt64, owner: String) throws {
-            // SAFETY: a fresh private mapping, owned by this stage until `release`.
-            let pointer = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-            guard pointer != MAP_FAILED, let pointer else {
-                throw SystemError(operation: "mmap \(size >> 10) KiB to stage a huge page", target: owner, errno: errno,
-                                  hint: "not enough memory to gather a huge page before installing it")
-            }
-            buffer = pointer
-            self.size = size
-            arrived = Array(repeating: 0, count: Int(size / FerrySystem.pageSize + 63) / 64)
-        }
-
-        var isComplete: Bool { count == Int(size / FerrySystem.pageSize) }
-
-        /// Marks 4 KiB page `index` arrived; false when it had already.
-        mutating func mark(_ index: Int) -> Bool {
-            let bit: UInt64 = 1 << UInt64(index & 63)
-            guard arrived[index >> 6] & bit == 0 else { return false }
-            arrived[index >> 6] |= bit
-            count += 1
-            return true
-        }
-
-        func release() { munmap(buffer, Int(size)) }
     }
 
     /// Counters for tests and benchmarks.
@@ -181,24 +148,14 @@ public final class MissingFaultMemory: @unchecked Sendable {
     /// Names the process holding the memory in errors: "our own process", "pid 4242".
     let owner: String
     /// Unmaps the regions (in whatever process holds them).
-    private let unmapper: @Sendable ([Mapping]) -> Void
+    let unmapper: @Sendable ([Mapping]) -> Void
 
-    private let lock = Lock()
-    /// Installed (or poisoned) pages, one bit a page, per mapping.
-    private var bitmaps: [[UInt64]]
-    private var installedCount = 0
-    /// Touched pages (source addresses; a huge page by its start) waiting
-    /// for data, with the first touch's time.
-    private var pending: [UInt64: ContinuousClock.Instant] = [:]
-    /// Huge pages partly arrived, by source address.
-    private var staged: [UInt64: HugeStage] = [:]
-    private var stats = Statistics()
-    private var failure: MissingFaultMemoryError?
-    private var onFault: (@Sendable (UInt64) -> Void)?
-    private var handler: pthread_t?
-    private var unmapped = false
+    /// Everything mutable, under one lock (see `State`).
+    let state: Mutex<State>
+    /// The handler thread's id while it runs, 0 otherwise (for assertions).
+    let handlerThread = Atomic<pthread_t>(0)
     /// Written once by `stopHandler` to end the handler's poll.
-    private let stopPipe: (read: Int32, write: Int32)
+    let stopPipe: StopPipe
 
     public let totalPages: Int
 
@@ -210,12 +167,9 @@ public final class MissingFaultMemory: @unchecked Sendable {
         self.owner = owner
         self.faultTimeout = faultTimeout
         self.unmapper = unmapper
-        bitmaps = self.mappings.map { Array(repeating: 0, count: (Int($0.source.pageCount) + 63) / 64) }
+        state = Mutex(State(bitmaps: self.mappings.map { Array(repeating: 0, count: (Int($0.source.pageCount) + 63) / 64) }))
         totalPages = self.mappings.reduce(0) { $0 + Int($1.source.pageCount) }
-        var fds: [Int32] = [0, 0]
-        try checkedCall("pipe", on: "the post-copy memory of \(owner)") { pipe(&fds) }
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        stopPipe = (fds[0], fds[1])
+        stopPipe = try StopPipe(for: "the post-copy memory of \(owner)")
     }
 
     /// Maps `regions` (page aligned, disjoint) as empty private anonymous
@@ -297,11 +251,12 @@ public final class MissingFaultMemory: @unchecked Sendable {
         // it must not be left reading zeros where pages never arrived.
         if guardian != nil && !isComplete { fail("post-copy was dropped before every page arrived") }
         stopHandler()
-        for stage in staged.values { stage.release() }
+        state.withLock { state in
+            for stage in state.staged.values { stage.release() }
+        }
         uffd.close()
         guardian?.dismiss()
-        Glibc.close(stopPipe.read)
-        Glibc.close(stopPipe.write)
+        stopPipe.close()
     }
 
     // MARK: - Lookup
@@ -329,22 +284,18 @@ public final class MissingFaultMemory: @unchecked Sendable {
         return nil
     }
 
-    public var statistics: Statistics { lock.withLock { stats } }
-    public var installedPages: Int { lock.withLock { installedCount } }
-    public var isComplete: Bool { lock.withLock { installedCount == totalPages } }
+    public var statistics: Statistics { state.withLock { $0.stats } }
+    public var installedPages: Int { state.withLock { $0.installedCount } }
+    public var isComplete: Bool { state.withLock { $0.installedCount == totalPages } }
     /// Set once a page timed out or post-copy was abandoned.
-    public var failureReason: MissingFaultMemoryError? { lock.withLock { failure } }
-    /// Touched pages still waiting for data.
-    public var pendingFaults: [UInt64] { lock.withLock { Array(pending.keys) } }
+    public var failureReason: MissingFaultMemoryError? { state.withLock { $0.failure } }
 
     public func isInstalled(_ source: UInt64) -> Bool {
-        lock.withLock {
-            guard let (m, i) = locate(source) else { return false }
-            return bit(m, i)
-        }
+        guard let (m, i) = locate(source) else { return false }
+        return state.withLock { $0.bit(m, i) }
     }
 
-    private func locate(_ source: UInt64) -> (Int, Int)? {
+    func locate(_ source: UInt64) -> (Int, Int)? {
         var low = 0, high = mappings.count
         while low < high {
             let mid = (low + high) / 2
@@ -354,439 +305,17 @@ public final class MissingFaultMemory: @unchecked Sendable {
         return (low, Int((source - mappings[low].source.start) / pageSize))
     }
 
-    private func bit(_ m: Int, _ i: Int) -> Bool { bitmaps[m][i >> 6] & (1 << UInt64(i & 63)) != 0 }
-    private func setBits(_ m: Int, _ from: Int, _ count: Int) {
-        for i in from..<from + count { bitmaps[m][i >> 6] |= 1 << UInt64(i & 63) }
-        installedCount += count
-    }
-
-    // MARK: - Installing
-
-    /// Installs whole pages at source range `range` (`data.count == range.length`).
-    /// Pages already installed are skipped, never copied again; a page that
-    /// was touched wakes its toucher. Pages outside every region are ignored.
-    /// In hugetlb regions the pages are staged until their huge page is
-    /// whole, then installed with it. Returns the number of pages newly
-    /// installed (4 KiB pages).
-    @discardableResult
-    public func install(_ range: AddressRange, data: UnsafeRawBufferPointer) throws -> Int {
-        precondition(UInt64(data.count) == range.length, "page data does not match its range")
-        return try installRuns(range, data: data) { local, offset, length, done in
-            var copy = uffdio_copy(dst: local, src: UInt64(UInt(bitPattern: data.baseAddress!)) + offset,
-                                   len: length, mode: 0, copy: 0)
-            // SAFETY: `src` points into `data`, which holds `length` bytes from `offset`;
-            // `dst` is inside a mapping we registered.
-            let result = try uffd.withDescriptor { fd in ferry_uffdio_copy(fd, &copy) }
-            done = copy.copy > 0 ? UInt64(copy.copy) : 0
-            return result < 0 ? errno : 0
-        } count: { stats.pagesCopied += $0 }
-    }
-
-    /// Installs all-zero pages at source range `range` with the zero page
-    /// (staged as zeros in hugetlb regions, which have no zero page).
-    @discardableResult
-    public func installZero(_ range: AddressRange) throws -> Int {
-        try installRuns(range, data: nil) { local, _, length, done in
-            var zero = uffdio_zeropage(range: uffdio_range(start: local, len: length), mode: 0, zeropage: 0)
-            // SAFETY: `local..<local+length` is inside a mapping we registered; the kernel only writes `zeropage`.
-            let result = try uffd.withDescriptor { fd in ferry_uffdio_zeropage(fd, &zero) }
-            done = zero.zeropage > 0 ? UInt64(zero.zeropage) : 0
-            return result < 0 ? errno : 0
-        } count: { stats.pagesZeroed += $0 }
-    }
-
-    /// Runs `ioctl(local, offsetInRange, length, &bytesDone) -> errno` for each
-    /// contiguous run of pages of `range` not installed yet, under `lock`.
-    /// EAGAIN (the map is changing) is retried from where it stopped; EEXIST
-    /// (present already) marks the page and moves past it. Hugetlb regions
-    /// take `data` (nil: zeros) into their huge pages' stages instead.
-    private func installRuns(_ range: AddressRange, data: UnsafeRawBufferPointer?,
-                             _ ioctl: (UInt64, UInt64, UInt64, inout UInt64) throws -> Int32,
-                             count: (Int) -> Void) throws -> Int {
-        try lock.withLock {
-            var installed = 0
-            var address = range.start
-            while address < range.end {
-                guard let (m, first) = locateOrNext(address, limit: range.end) else { break }
-                let mapping = mappings[m]
-                let stop = min(range.end, mapping.source.end)
-                if mapping.isHugetlb {
-                    installed += try stageLocked(m, from: max(address, mapping.source.start), to: stop,
-                                                 data: data.map { ($0, range.start) })
-                    address = stop
-                    continue
-                }
-                let pages = Int((stop - max(address, mapping.source.start)) / pageSize)
-                var i = first
-                while i < first + pages {
-                    if bit(m, i) { stats.pagesAlreadyInstalled += 1; i += 1; continue }
-                    var j = i
-                    while j < first + pages && !bit(m, j) { j += 1 }
-                    // Pages i..<j are missing: one ioctl for the run.
-                    var runStart = i
-                    var attempts = 0
-                    while runStart < j {
-                        let source = mapping.source.start + UInt64(runStart) * pageSize
-                        let length = UInt64(j - runStart) * pageSize
-                        var done: UInt64 = 0
-                        stats.installCalls += 1
-                        let error = try ioctl(mapping.localAddress(of: source), source - range.start, length, &done)
-                        let donePages = Int(done / pageSize)
-                        if donePages > 0 {
-                            setBits(m, runStart, donePages)
-                            installed += donePages
-                            count(donePages)
-                            for page in 0..<donePages { pending[source + UInt64(page) * pageSize] = nil }
-                            runStart += donePages
-                        }
-                        switch error {
-                        case 0:
-                            runStart = j
-                        case EAGAIN:
-                            attempts += 1
-                            if attempts > Userfaultfd.busyRetries {
-                                throw SystemError(operation: "UFFDIO_COPY", target: "\(owner) at 0x\(String(source, radix: 16))",
-                                                  errno: EAGAIN, hint: "the memory map kept changing")
-                            }
-                            usleep(attempts < 10 ? 0 : 100)
-                        case EEXIST:
-                            // Present without us: keep it, never overwrite; wake anyone waiting on it.
-                            let page = mapping.source.start + UInt64(runStart) * pageSize
-                            stats.kernelAlreadyPresent += 1
-                            setBits(m, runStart, 1)
-                            pending[page] = nil
-                            let local = mapping.localAddress(of: page)
-                            try? uffd.wake(AddressRange(start: local, end: local + pageSize))
-                            runStart += 1
-                        default:
-                            throw SystemError(operation: "installing pages", target: "\(owner) at 0x\(String(source, radix: 16)) "
-                                              + "(local 0x\(String(mapping.localAddress(of: source), radix: 16)))", errno: error,
-                                              hint: error == ENOENT ? "the region was unmapped by its program" : nil)
-                        }
-                    }
-                    i = j
-                }
-                address = stop
-            }
-            return installed
-        }
-    }
-
-    /// Stages the 4 KiB pages `from..<to` of hugetlb mapping `m` (`data`
-    /// holds them at offset `page - dataStart`; nil: zeros) and installs
-    /// each huge page whose pages are all there. Caller holds `lock`.
-    /// Returns the 4 KiB pages newly installed.
-    private func stageLocked(_ m: Int, from: UInt64, to: UInt64,
-                             data: (bytes: UnsafeRawBufferPointer, start: UInt64)?) throws -> Int {
-        let mapping = mappings[m]
-        let size = mapping.pageSize
-        var installed = 0
-        var page = from
-        while page < to {
-            let huge = page & ~(size - 1)
-            let end = min(to, huge + size)
-            defer { page = end }
-            if bit(m, Int((huge - mapping.source.start) / pageSize)) {
-                stats.pagesAlreadyInstalled += Int((end - page) / pageSize)
-                continue
-            }
-            // Taken out while it changes, so its bitmap is not copied on write.
-            var stage = try staged.removeValue(forKey: huge) ?? HugeStage(size: size, owner: owner)
-            // Every copy of a page after Finalize holds the same bytes (the
-            // frozen source's), so a page staged again is simply written again.
-            // SAFETY: `page..<end` lies inside this huge page's buffer, and
-            // inside `data` (the caller's range covers it).
-            if let data {
-                memcpy(stage.buffer + Int(page - huge), data.bytes.baseAddress! + Int(page - data.start), Int(end - page))
-            } else {
-                memset(stage.buffer + Int(page - huge), 0, Int(end - page))
-            }
-            var index = Int((page - huge) / pageSize)
-            for _ in 0..<Int((end - page) / pageSize) {
-                if !stage.mark(index) { stats.pagesAlreadyInstalled += 1 }
-                index += 1
-            }
-            guard stage.isComplete else {
-                staged[huge] = stage
-                continue
-            }
-            defer { stage.release() }
-            installed += try copyHugeLocked(m, huge, from: stage.buffer)
-        }
-        return installed
-    }
-
-    /// Installs the huge page at source address `huge` of mapping `m` with
-    /// one UFFDIO_COPY from `buffer` (its whole size). Caller holds `lock`.
-    private func copyHugeLocked(_ m: Int, _ huge: UInt64, from buffer: UnsafeMutableRawPointer) throws -> Int {
-        let mapping = mappings[m]
-        let local = mapping.localAddress(of: huge)
-        let pages = Int(mapping.pageSize / pageSize)
-        let first = Int((huge - mapping.source.start) / pageSize)
-        var attempts = 0
-        while true {
-            var copy = uffdio_copy(dst: local, src: UInt64(UInt(bitPattern: buffer)), len: mapping.pageSize, mode: 0, copy: 0)
-            stats.installCalls += 1
-            // SAFETY: `src` is a stage of `len` bytes; `dst` a whole huge page of a mapping we registered.
-            let result = try uffd.withDescriptor { fd in ferry_uffdio_copy(fd, &copy) }
-            let error = result < 0 ? errno : 0
-            if error == 0 || copy.copy == Int64(mapping.pageSize) {
-                setBits(m, first, pages)
-                stats.pagesCopied += pages
-                stats.hugePagesCopied += 1
-                pending[huge] = nil
-                return pages
-            }
-            switch error {
-            case EAGAIN:
-                attempts += 1
-                if attempts > Userfaultfd.busyRetries {
-                    throw SystemError(operation: "UFFDIO_COPY of a huge page", target: "\(owner) at 0x\(String(huge, radix: 16))",
-                                      errno: EAGAIN, hint: "the memory map kept changing")
-                }
-                usleep(attempts < 10 ? 0 : 100)
-            case EEXIST:
-                // Present without us: keep it, never overwrite; wake anyone waiting on it.
-                stats.kernelAlreadyPresent += 1
-                setBits(m, first, pages)
-                pending[huge] = nil
-                try? uffd.wake(AddressRange(start: local, end: local + mapping.pageSize))
-                return 0
-            default:
-                let kib = mapping.pageSize >> 10
-                throw SystemError(operation: "installing a huge page of \(kib) KiB",
-                                  target: "\(owner) at 0x\(String(huge, radix: 16)) (local 0x\(String(local, radix: 16)))",
-                                  errno: error,
-                                  hint: error == ENOENT ? "the region was unmapped by its program"
-                                      : error == ENOMEM ? "no free huge page of \(kib) KiB in the pool "
-                                                          + "(/sys/kernel/mm/hugepages/hugepages-\(kib)kB/nr_hugepages)" : nil)
-            }
-        }
-    }
-
-    private func locateOrNext(_ address: UInt64, limit: UInt64) -> (Int, Int)? {
-        var low = 0, high = mappings.count
-        while low < high {
-            let mid = (low + high) / 2
-            if mappings[mid].source.end <= address { low = mid + 1 } else { high = mid }
-        }
-        guard low < mappings.count, mappings[low].source.start < limit else { return nil }
-        let start = max(address, mappings[low].source.start)
-        return (low, Int((start - mappings[low].source.start) / pageSize))
-    }
-
-    /// Source ranges of pages not installed yet, coalesced, in address order.
-    public func missingRanges() -> [AddressRange] {
-        lock.withLock {
-            var out: [AddressRange] = []
-            for (m, mapping) in mappings.enumerated() {
-                var i = 0
-                let n = Int(mapping.source.pageCount)
-                while i < n {
-                    if bit(m, i) { i += 1; continue }
-                    var j = i
-                    while j < n && !bit(m, j) { j += 1 }
-                    out.append(AddressRange(start: mapping.source.start + UInt64(i) * pageSize,
-                                            end: mapping.source.start + UInt64(j) * pageSize))
-                    i = j
-                }
-            }
-            return out
-        }
-    }
-
-    /// Marks pages of `range` (source addresses) that nothing backs in the
-    /// source (past the end of its file): they raise SIGBUS when touched, as
-    /// they did there. Returns how many were marked.
-    @discardableResult
-    public func installHole(_ range: AddressRange) -> Int {
-        lock.withLock { poisonLocked(range) }
-    }
-
-    // MARK: - Failing cleanly
-
-    /// Poisons the missing pages of `range` (source addresses): each then
-    /// raises SIGBUS when touched, and blocked touchers are woken to get it.
-    /// Caller holds `lock`.
-    private func poisonLocked(_ range: AddressRange) -> Int {
-        var poisoned = 0
-        var address = range.start
-        while address < range.end, let (m, _) = locateOrNext(address, limit: range.end) {
-            let mapping = mappings[m]
-            let stop = min(range.end, mapping.source.end)
-            // In units of the mapping's pages: hugetlb memory is poisoned in whole huge pages.
-            let unit = mapping.pageSize
-            let from = max(address, mapping.source.start) & ~(unit - 1)
-            let first = Int((from - mapping.source.start) / pageSize)
-            let pages = Int(((stop + unit - 1) & ~(unit - 1)) - from) / Int(pageSize)
-            let step = Int(unit / pageSize)
-            for i in stride(from: first, to: first + pages, by: step) where !bit(m, i) {
-                let source = mapping.source.start + UInt64(i) * pageSize
-                let local = mapping.localAddress(of: source)
-                var request = uffdio_poison(range: uffdio_range(start: local, len: unit), mode: 0, updated: 0)
-                var attempts = 0
-                while true {
-                    // SAFETY: one page of the mapping's size inside a mapping we registered; the kernel only writes `updated`.
-                    let result = (try? uffd.withDescriptor { fd in ferry_uffdio_poison(fd, &request) }) ?? -1
-                    if result == 0 || errno == EEXIST { break }
-                    attempts += 1
-                    if errno != EAGAIN || attempts > 1000 { break }
-                    usleep(100)
-                }
-                setBits(m, i, step)
-                pending[source] = nil
-                staged.removeValue(forKey: source)?.release()
-                poisoned += step
-            }
-            address = stop
-        }
-        stats.pagesPoisoned += poisoned
-        return poisoned
-    }
-
     /// Gives up on every page not installed yet: they raise SIGBUS when
     /// touched (now and later) instead of blocking or reading zeros.
     /// Returns the error recorded, which names how many pages were lost.
     @discardableResult
     public func fail(_ reason: String) -> MissingFaultMemoryError {
-        lock.withLock {
+        state.withLock { state in
             var poisoned = 0
-            for mapping in mappings { poisoned += poisonLocked(mapping.source) }
+            for mapping in mappings { poisoned += poison(mapping.source, state: &state) }
             let error = MissingFaultMemoryError.abandoned(reason: reason, pagesPoisoned: poisoned)
-            if failure == nil || poisoned > 0 { failure = error }
-            return failure ?? error
-        }
-    }
-
-    // MARK: - Faults
-
-    /// Starts the handler thread: each touched missing page is reported once
-    /// to `onFault` (source address, aligned to the page size of its mapping:
-    /// a huge page is reported by its start), from the handler thread;
-    /// `onFault` should return quickly (queue a fetch, or install at once).
-    public func start(onFault: @escaping @Sendable (UInt64) -> Void) throws {
-        try lock.withLock {
-            guard handler == nil else { return }
-            self.onFault = onFault
-            // The thread keeps the memory alive until its loop ends.
-            handler = try startThread(for: "the post-copy fault handler of \(owner)") { [self] in handleFaults() }
-        }
-    }
-
-    /// Stops the handler thread. Pages still missing stay registered: a
-    /// touch then blocks until an install or `fail`. Call `finish()` instead
-    /// once every page is installed.
-    public func stopHandler() {
-        let thread: pthread_t? = lock.withLock {
-            defer { handler = nil }
-            return handler
-        }
-        guard let thread else { return }
-        var byte: UInt8 = 1
-        _ = Glibc.write(stopPipe.write, &byte, 1)
-        pthread_join(thread, nil)
-        var drain: UInt8 = 0
-        _ = Glibc.read(stopPipe.read, &drain, 1)
-    }
-
-    /// Ends post-copy: stops the handler, closes the descriptor and
-    /// dismisses the guardian (waiting for it to exit), which unregisters
-    /// the regions; pages not installed by then are poisoned first, so
-    /// nothing reads zeros that the source did not hold. The memory stays
-    /// mapped and belongs to the program.
-    public func finish() {
-        if !isComplete { fail("post-copy ended before every page arrived") }
-        stopHandler()
-        uffd.close()
-        guardian?.dismiss()
-    }
-
-    /// The pid of the guardian process, for memory in another process.
-    public var guardianPid: Int32? { guardian?.pid }
-
-    /// Unmaps the regions (once). Only for memory nobody touches any more.
-    public func unmap() {
-        let doIt: Bool = lock.withLock {
-            defer { unmapped = true }
-            return !unmapped
-        }
-        guard doIt else { return }
-        finish()
-        unmapper(mappings)
-    }
-
-    /// The handler thread: read fault messages, report each page once, and
-    /// poison pages that waited longer than `faultTimeout`.
-    private func handleFaults() {
-        var events: [UserfaultfdEvent] = []
-        events.reserveCapacity(64)
-        let timeoutMs = Int32(max(1, min(50, faultTimeout.components.seconds * 1000 / 4
-                                         + faultTimeout.components.attoseconds / 4_000_000_000_000_000)))
-        do {
-            try uffd.withDescriptor { fd in
-                var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
-                           pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)]
-                while true {
-                    let anyPending = lock.withLock { !pending.isEmpty }
-                    let ready = poll(&fds, 2, anyPending ? timeoutMs : -1)
-                    if ready < 0 {
-                        if errno == EINTR { continue }
-                        throw SystemError(operation: "poll userfaultfd", target: owner, errno: errno)
-                    }
-                    if fds[1].revents != 0 { return }
-                    if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 { return }
-                    events.removeAll(keepingCapacity: true)
-                    if fds[0].revents != 0 { try uffd.readEvents(into: &events) }
-                    handle(events)
-                    expireTimedOutFaults()
-                }
-            }
-        } catch {
-            // The descriptor is gone or broken: nothing more can be resolved.
-            _ = fail("the fault handler stopped: \(error)")
-        }
-    }
-
-    private func handle(_ events: [UserfaultfdEvent]) {
-        var report: [UInt64] = []
-        let callback: (@Sendable (UInt64) -> Void)? = lock.withLock {
-            let now = ContinuousClock.now
-            for event in events {
-                guard case .pageFault(let address, _) = event else { continue }
-                stats.faults += 1
-                guard let touched = sourceAddress(of: address), let mapping = self.mapping(containing: touched) else { continue }
-                // The page of the mapping's size: a huge page is fetched and installed whole.
-                let source = touched & ~(mapping.pageSize - 1)
-                guard let (m, i) = locate(source) else { continue }
-                let local = mapping.localAddress(of: source)
-                if bit(m, i) {
-                    // Installed between the touch and our read: the install woke it.
-                    stats.faultsAlreadyResolved += 1
-                    try? uffd.wake(AddressRange(start: local, end: local + mapping.pageSize))
-                } else if pending[source] != nil {
-                    stats.faultsCoalesced += 1
-                } else {
-                    pending[source] = now
-                    stats.faultCallbacks += 1
-                    report.append(source)
-                }
-            }
-            return onFault
-        }
-        // Outside the lock: the callback may install at once.
-        for source in report { callback?(source) }
-    }
-
-    private func expireTimedOutFaults() {
-        lock.withLock {
-            let now = ContinuousClock.now
-            for (source, since) in pending where now - since >= faultTimeout {
-                guard poisonLocked(AddressRange(start: source, end: source + pageSize)) > 0 else { continue }
-                let seconds = Double(faultTimeout.components.seconds) + Double(faultTimeout.components.attoseconds) / 1e18
-                if failure == nil {
-                    failure = .faultTimedOut(source: source, local: localAddress(of: source) ?? 0, seconds: seconds)
-                }
-            }
+            if state.failure == nil || poisoned > 0 { state.failure = error }
+            return state.failure ?? error
         }
     }
 }

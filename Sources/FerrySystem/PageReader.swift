@@ -27,6 +27,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+internal import CFerryLinux
 import Synchronization
 import FerryToolkit
 
@@ -129,7 +130,7 @@ public final class PageReader: Sendable {
         var vanished: [AddressRange] = []
         var cursor = Cursor()
         // /proc/PID/mem when we have it (it never changes sharing); process_vm_readv otherwise.
-        var useVMReadv = memFD < 0 && Self.processVMReadv != nil
+        var useVMReadv = memFD < 0
         /// The maps, read at the first page that cannot be read, once per call.
         var layout: [Region]?
         try withUnsafeTemporaryAllocation(of: iovec.self, capacity: Self.maxIovecs) { remote in
@@ -263,40 +264,44 @@ public final class PageReader: Sendable {
                          _ remote: UnsafeMutableBufferPointer<iovec>, _ count: Int) throws -> VMReadvOutcome {
         var local = iovec(iov_base: destination, iov_len: length)
         while true {
-            // SAFETY: `local` covers `length` bytes of the caller's buffer;
-            // `remote` holds `count` initialized iovecs; the function pointer
-            // has process_vm_readv's C signature.
-            let n = Self.processVMReadv!(vmTarget.load(ordering: .relaxed), &local, 1, remote.baseAddress, UInt(count), 0)
-            if n >= 0 { return .read(n) }
-            let error = errno
-            switch error {
-            case EINTR: continue
-            case EFAULT: return .read(0) // the first byte is not readable: settled below
-            case ESRCH:
-                if retarget() { continue }
-                throw PageReaderError.noSuchProcess(pid: pid)
-            case EPERM, EACCES, ENOSYS:
-                // Refused (ptrace policy, seccomp, old kernel): try /proc/PID/mem.
-                if memFD < 0 { throw PageReaderError.permissionDenied(pid: pid) }
-                return .refused
-            default:
-                throw PageReaderError.system(SystemError(operation: "process_vm_readv", target: "pid \(pid)", errno: error))
+            do {
+                // SAFETY: `local` covers `length` bytes of the caller's buffer;
+                // `remote` holds `count` initialized iovecs.
+                return .read(try checkedCall("process_vm_readv", on: "pid \(pid)") {
+                    ferry_process_vm_readv(vmTarget.load(ordering: .relaxed), &local, 1, remote.baseAddress, UInt(count))
+                })
+            } catch let error as SystemError {
+                switch error.errno {
+                case EFAULT: return .read(0) // the first byte is not readable: settled below
+                case ESRCH:
+                    if retarget() { continue }
+                    throw PageReaderError.noSuchProcess(pid: pid)
+                case EPERM, EACCES, ENOSYS:
+                    // Refused (ptrace policy, seccomp, old kernel): try /proc/PID/mem.
+                    if memFD < 0 { throw PageReaderError.permissionDenied(pid: pid) }
+                    return .refused
+                default:
+                    throw PageReaderError.system(error)
+                }
             }
         }
     }
 
     /// process_vm_readv of one range; the bytes read, 0 when it fails.
     private func vmReadvOne(_ destination: UnsafeMutableRawPointer, address: UInt64, length: Int) -> Int {
-        guard let processVMReadv = Self.processVMReadv else { return 0 }
         var local = iovec(iov_base: destination, iov_len: length)
         var remote = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: UInt(address)), iov_len: length)
         while true {
-            // SAFETY: `local` covers `length` bytes of the caller's buffer; the
-            // function pointer has process_vm_readv's C signature.
-            let n = processVMReadv(vmTarget.load(ordering: .relaxed), &local, 1, &remote, 1, 0)
-            if n >= 0 { return n }
-            if errno == ESRCH && retarget() { continue }
-            if errno != EINTR { return 0 }
+            do {
+                // SAFETY: `local` covers `length` bytes of the caller's buffer.
+                return try checkedCall("process_vm_readv", on: "pid \(pid)") {
+                    ferry_process_vm_readv(vmTarget.load(ordering: .relaxed), &local, 1, &remote, 1)
+                }
+            } catch let error as SystemError where error.errno == ESRCH {
+                if !retarget() { return 0 }
+            } catch {
+                return 0
+            }
         }
     }
 
@@ -331,51 +336,12 @@ public final class PageReader: Sendable {
         var done = 0
         while done < length {
             // SAFETY: destination has `length` bytes of room in the caller's buffer.
-            let n = pread(memFD, destination + done, length - done, off_t(Int64(bitPattern: address + UInt64(done))))
-            if n > 0 { done += n; continue }
-            if n < 0 && errno == EINTR { continue }
-            break // EIO/EFAULT: not mapped
+            let n = (try? checkedCall("pread", on: "/proc/\(pid)/mem") {
+                pread(memFD, destination + done, length - done, off_t(Int64(bitPattern: address + UInt64(done))))
+            }) ?? 0
+            guard n > 0 else { break } // EIO/EFAULT: not mapped
+            done += n
         }
         return done
-    }
-
-    // glibc exports process_vm_readv but Swift's Glibc module does not import
-    // its declaration (it sits behind _GNU_SOURCE), so resolve it once by name.
-    private typealias ProcessVMReadv = @convention(c) (pid_t, UnsafePointer<iovec>?, UInt, UnsafePointer<iovec>?, UInt, UInt) -> Int
-    private static let processVMReadv: ProcessVMReadv? = {
-        // SAFETY: RTLD_DEFAULT (null handle) searches the global symbols; the
-        // symbol, when present, is glibc's process_vm_readv with this signature.
-        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "process_vm_readv") else { return nil }
-        return unsafeBitCast(symbol, to: ProcessVMReadv.self)
-    }()
-
-    // MARK: - Zero pages
-
-    /// True when every byte is zero. Compares 64 bytes per step (eight
-    /// 8-byte words OR-ed, which the compiler vectorizes) and stops at the
-    /// first block with a set bit, so non-zero pages are rejected early.
-    public static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        guard let base = bytes.baseAddress else { return true }
-        let count = bytes.count
-        var i = 0
-        // SAFETY: every load below lies within `bytes` (i + 64 <= count, then i + 8 <= count).
-        while i + 64 <= count {
-            let p = base + i
-            let a = p.loadUnaligned(as: UInt64.self) | p.loadUnaligned(fromByteOffset: 8, as: UInt64.self)
-            let b = p.loadUnaligned(fromByteOffset: 16, as: UInt64.self) | p.loadUnaligned(fromByteOffset: 24, as: UInt64.self)
-            let c = p.loadUnaligned(fromByteOffset: 32, as: UInt64.self) | p.loadUnaligned(fromByteOffset: 40, as: UInt64.self)
-            let d = p.loadUnaligned(fromByteOffset: 48, as: UInt64.self) | p.loadUnaligned(fromByteOffset: 56, as: UInt64.self)
-            if (a | b | c | d) != 0 { return false }
-            i += 64
-        }
-        while i + 8 <= count {
-            if base.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
-            i += 8
-        }
-        while i < count {
-            if base.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
-            i += 1
-        }
-        return true
     }
 }

@@ -38,7 +38,7 @@ public enum ProcessMapsError: Error, CustomStringConvertible, Sendable, Equatabl
         case .permissionDenied(let pid):
             return "cannot read the memory map of pid \(pid): permission denied (run as root or as the process's user with CAP_SYS_PTRACE)"
         case .readFailed(let pid, let errno):
-            return "cannot read /proc/\(pid)/maps: \(String(cString: strerror(errno)))"
+            return "cannot read /proc/\(pid)/maps: \(SystemError.text(errno))"
         case .malformedLine(let pid, let line):
             return "cannot parse a line of /proc/\(pid)/maps: \"\(line)\" (unknown kernel format; please report it)"
         }
@@ -245,10 +245,16 @@ public enum ProcessMaps {
                     // SAFETY: the destination is the uninitialized tail of
                     // `buffer`, `buffer.count - used` bytes; only the bytes
                     // read(2) wrote are counted as initialized.
-                    let n = Glibc.read(fd, buffer.baseAddress! + used, buffer.count - used)
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        failure = errno
+                    let n: Int
+                    do {
+                        n = try checkedCall("read", on: "/proc/\(pid)/\(file)") {
+                            Glibc.read(fd, buffer.baseAddress! + used, buffer.count - used)
+                        }
+                    } catch let error as SystemError {
+                        failure = error.errno
+                        break
+                    } catch {
+                        failure = EIO
                         break
                     }
                     if n == 0 { break }

@@ -11,36 +11,36 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Dispatch
 internal import CFerryLinux
 import FerryToolkit
+import Synchronization
 
 /// A dedicated OS thread that runs submitted closures one at a time, in order.
-///
-/// `@unchecked Sendable` invariant: `queue` and `stopping` are only touched
-/// while holding `lock`; the pthread handle is written once before `init` returns.
-final class PtraceThread: @unchecked Sendable {
-    private let lock = Lock()
-    private var queue: [Job] = []
-    private var stopping = false
-    private let wakeup = DispatchSemaphore(value: 0)
-    private var thread = pthread_t()
-
-    /// One submitted closure and its completion. `@unchecked Sendable`
-    /// invariant: the submitter blocks on `done` until the worker signals it,
-    /// so `body` and `error` are used by one thread at a time.
-    private final class Job: @unchecked Sendable {
-        /// Cleared by the worker before it signals `done`: the closure must not
+/// Plainly `Sendable`: the queue lives in a `ConditionLock`, the thread id is
+/// a constant.
+final class PtraceThread: Sendable {
+    /// One submitted closure and its outcome. The submitter waits on it
+    /// until the worker sets `finished`.
+    private struct Job {
+        /// Taken by the worker before it runs it: the closure must not
         /// outlive `run`'s `withoutActuallyEscaping`.
         var body: (() throws -> Void)?
         var error: Error?
-        let done = DispatchSemaphore(value: 0)
-        init(_ body: @escaping () throws -> Void) { self.body = body }
+        var finished = false
     }
 
+    private struct Queue {
+        var jobs: [ConditionLock<Job>] = []
+        var stopping = false
+    }
+
+    private let queue: ConditionLock<Queue>
+    private let thread: pthread_t
+
     init() throws {
-        // The worker keeps this object alive until its loop ends.
-        thread = try startThread(for: "the ptrace thread") { [self] in loop() }
+        let queue = ConditionLock(Queue())
+        self.queue = queue
+        thread = try startThread(for: "the ptrace thread") { Self.loop(queue) }
         pthread_detach(thread)
     }
 
@@ -51,13 +51,9 @@ final class PtraceThread: @unchecked Sendable {
         if isCurrent { return try body() }
         return try withoutActuallyEscaping(body) { body in
             var result: T?
-            let job = Job { result = try body() }
-            lock.withLock {
-                queue.append(job)
-            }
-            wakeup.signal()
-            job.done.wait()
-            if let error = job.error { throw error }
+            let job = ConditionLock(Job(body: { result = try body() }))
+            queue.withLockThenBroadcast { $0.jobs.append(job) }
+            if let error = job.wait(until: \.finished, then: { $0.error })! { throw error }
             return result!
         }
     }
@@ -65,27 +61,42 @@ final class PtraceThread: @unchecked Sendable {
     /// Ends the thread after the jobs already queued. Tracees still attached
     /// are detached by the kernel when the thread exits.
     func stop() {
-        lock.withLock { stopping = true }
-        wakeup.signal()
+        queue.withLockThenBroadcast { $0.stopping = true }
     }
 
-    private func loop() {
+    /// The ids of the ptrace threads running now, for `onPtraceThread`.
+    private static let running = Mutex(Set<pthread_t>())
+
+    /// True on a `PtraceThread`: the kernel answers ptrace requests only
+    /// from the thread that attached, so `Ptrace` asserts this.
+    static var onPtraceThread: Bool { running.withLock { $0.contains(pthread_self()) } }
+
+    private static func loop(_ queue: ConditionLock<Queue>) {
+        running.withLock { _ = $0.insert(pthread_self()) }
+        defer { running.withLock { _ = $0.remove(pthread_self()) } }
         while true {
-            wakeup.wait()
-            while true {
-                let next: Job? = lock.withLock { queue.isEmpty ? nil : queue.removeFirst() }
-                guard let job = next else { break }
-                do { try job.body?() } catch { job.error = error }
-                job.body = nil
-                job.done.signal()
+            let next = queue.wait(until: { !$0.jobs.isEmpty || $0.stopping }) { queue in
+                queue.jobs.isEmpty ? nil : queue.jobs.removeFirst()
+            }!
+            // Empty and stopping: every queued job ran.
+            guard let job = next else { return }
+            var body = job.withLock { job in
+                defer { job.body = nil }
+                return job.body
             }
-            if lock.withLock({ stopping && queue.isEmpty }) { return }
+            var error: Error?
+            do { try body?() } catch let failure { error = failure }
+            body = nil
+            job.withLockThenBroadcast { job in
+                job.error = error
+                job.finished = true
+            }
         }
     }
 }
 
 /// How a traced thread is stopped, which decides how it is released.
-enum TraceeStop {
+enum TraceeStop: Sendable {
     /// An interrupt or group stop (PTRACE_EVENT_STOP). `signal` is SIGTRAP for
     /// our interrupt, or the stop signal when the process was stopped (group stop);
     /// the kernel restores a group stop by itself on detach.
@@ -105,17 +116,20 @@ enum TraceeWait {
 /// Thin, error-naming wrappers over ptrace(2) and waitpid(2). Call only on the `PtraceThread`.
 enum Ptrace {
     static func seize(_ tid: Int32, pid: Int32) throws {
+        assert(PtraceThread.onPtraceThread, "ptrace requests run on the ptrace thread")
         try checkedCall("PTRACE_SEIZE", on: "thread \(tid) of pid \(pid)", hint: { errno in
             errno == EPERM ? "run as root or grant CAP_SYS_PTRACE; the process may already be traced" : nil
         }) { ferry_ptrace_seize(tid, 0) }
     }
 
     static func interrupt(_ tid: Int32, pid: Int32) throws {
+        assert(PtraceThread.onPtraceThread, "ptrace requests run on the ptrace thread")
         try checkedCall("PTRACE_INTERRUPT", on: "thread \(tid) of pid \(pid)") { ferry_ptrace_interrupt(tid) }
     }
 
     /// Releases `tid`, handing back a signal it was about to take.
     static func detach(_ tid: Int32, pid: Int32, stop: TraceeStop) throws {
+        assert(PtraceThread.onPtraceThread, "ptrace requests run on the ptrace thread")
         var signal: Int32 = 0
         if case .signal(let number, var info) = stop {
             // Restore the original siginfo: after a remote syscall the thread
@@ -131,6 +145,7 @@ enum Ptrace {
 
     /// Waits until `tid` reports a stop or ends.
     static func waitStop(_ tid: Int32, pid: Int32) throws -> TraceeWait {
+        assert(PtraceThread.onPtraceThread, "only the tracer may wait for its tracees")
         var status: Int32 = 0
         _ = try checkedCall("waitpid", on: "thread \(tid) of pid \(pid)") {
             waitpid(tid, &status, ferry_wall())
@@ -144,6 +159,7 @@ enum Ptrace {
     /// until the group is empty), so a blocking wait would never return.
     /// Polls instead, and answers `.gone` once the leader is a zombie.
     static func waitLeaderStop(_ pid: Int32) throws -> TraceeWait {
+        assert(PtraceThread.onPtraceThread, "only the tracer may wait for its tracees")
         var status: Int32 = 0
         while true {
             let waited = try checkedCall("waitpid", on: "the leader of pid \(pid)") {

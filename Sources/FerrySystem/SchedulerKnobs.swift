@@ -26,7 +26,7 @@ public func lowerCurrentThreadPriority(nice: Int32 = 10) {
 /// of at the end of that thread's slice. Returns how many threads took it.
 @discardableResult
 public func setSchedulerSlice(_ slice: Duration?, threadsOf pid: Int32) -> Int {
-    let nanoseconds = slice.map { UInt64(max(0, $0.components.seconds)) * 1_000_000_000 + UInt64(max(0, $0.components.attoseconds / 1_000_000_000)) } ?? 0
+    let nanoseconds = slice.map { UInt64(max(0, $0.wholeNanoseconds)) } ?? 0
     guard let directory = opendir("/proc/\(pid)/task") else { return 0 }
     defer { closedir(directory) }
     var done = 0

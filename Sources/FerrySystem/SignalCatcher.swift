@@ -15,31 +15,31 @@ import Glibc
 #endif
 internal import CFerryLinux
 import FerryToolkit
+import Synchronization
 
 /// Calls `handler` for each of `signals` the process receives, on a thread
 /// that all catchers share. Several may be alive; each sees its own signals.
-///
-/// `@unchecked Sendable` invariant: the shared registry is read and written
-/// only while holding `registryLock`; instances are immutable.
-public final class SignalCatcher: @unchecked Sendable {
-    private static let registryLock = Lock()
-    // SAFETY: read and written only while holding `registryLock`.
-    nonisolated(unsafe) private static var registry: [ObjectIdentifier: (signals: Set<Int32>, handler: @Sendable (Int32) -> Void)] = [:]
-    nonisolated(unsafe) private static var readerStarted = false
+public final class SignalCatcher: Sendable {
+    private struct Registry {
+        var catchers: [ObjectIdentifier: (signals: Set<Int32>, handler: @Sendable (Int32) -> Void)] = [:]
+        var readerStarted = false
+    }
+    private static let registry = Mutex(Registry())
 
     public init(_ signals: [Int32], handler: @escaping @Sendable (Int32) -> Void) throws {
-        try Self.registryLock.withLock {
-            Self.registry[ObjectIdentifier(self)] = (Set(signals), handler)
+        let id = ObjectIdentifier(self)
+        try Self.registry.withLock { registry in
+            registry.catchers[id] = (Set(signals), handler)
             let fd = signals.withUnsafeBufferPointer { ferry_signals_catch($0.baseAddress, Int32($0.count)) }
             guard fd >= 0 else {
-                Self.registry[ObjectIdentifier(self)] = nil
+                registry.catchers[id] = nil
                 throw SystemError(operation: "sigaction", target: "signals \(signals) of this process", errno: errno)
             }
-            if !Self.readerStarted {
+            if !registry.readerStarted {
                 // Lives as long as the process (the pipe is never closed).
                 let thread = try startThread(for: "the signal catcher") { Self.read(fd) }
                 pthread_detach(thread)
-                Self.readerStarted = true
+                registry.readerStarted = true
             }
         }
     }
@@ -47,16 +47,10 @@ public final class SignalCatcher: @unchecked Sendable {
     private static func read(_ fd: Int32) {
         while true {
             var byte: UInt8 = 0
-            let n = Glibc.read(fd, &byte, 1)
-            if n == 1 {
-                let signal = Int32(byte)
-                let handlers = registryLock.withLock { registry.values.filter { $0.signals.contains(signal) }.map(\.handler) }
-                for handler in handlers { handler(signal) }
-            } else if n < 0 && errno == EINTR {
-                continue
-            } else {
-                return
-            }
+            guard case .done(1)? = try? systemCall("read", on: "the signal pipe", { Glibc.read(fd, &byte, 1) }) else { return }
+            let signal = Int32(byte)
+            let handlers = registry.withLock { $0.catchers.values.filter { $0.signals.contains(signal) }.map(\.handler) }
+            for handler in handlers { handler(signal) }
         }
     }
 
@@ -72,7 +66,8 @@ public final class SignalCatcher: @unchecked Sendable {
     /// so one that arrives while the process winds down does not end it
     /// half-way.
     public func cancel() {
-        Self.registryLock.withLock { Self.registry[ObjectIdentifier(self)] = nil }
+        let id = ObjectIdentifier(self)
+        Self.registry.withLock { $0.catchers[id] = nil }
     }
 
     deinit { cancel() }

@@ -11,17 +11,17 @@
 // not the kernel of our machines). Capability: PTRACE_MODE_ATTACH for clear_refs.
 #if canImport(Glibc)
 import Glibc
-import FerryToolkit
 #endif
+import FerryToolkit
+import Synchronization
 
-/// `@unchecked Sendable` invariant: `pid` is immutable; `cleared` is only
-/// touched under `lock`, which also serializes scans; file access happens
-/// through descriptors opened and closed within each call.
-final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
+/// `pid` is immutable; `cleared` (whether clear_refs was written once) lives
+/// in a `Mutex`, which also serializes scans; file access happens through
+/// descriptors opened and closed within each call.
+final class SoftDirtyTracker: DirtyTracker {
     let kind = TrackerKind.softDirty
     private let pid: Int32
-    private let lock = Lock()
-    private var cleared = false
+    private let cleared = Mutex(false)
 
     /// Bit 55 of a pagemap entry: the page was written since the last clear.
     static let softDirtyBit: UInt64 = 1 << 55
@@ -59,7 +59,7 @@ final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
         }
         // clear_refs resets the whole process: do it once, at the first range.
         // Ranges registered later are reported dirty in full by the owner.
-        try lock.withLock {
+        try cleared.withLock { cleared in
             if !cleared { try clearRefs(); cleared = true }
         }
     }
@@ -75,7 +75,7 @@ final class SoftDirtyTracker: DirtyTracker, @unchecked Sendable {
     /// The reset is for the whole process, so every scan re-arms, whatever
     /// `rearm` says: each written page is still reported at least once.
     func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan {
-        try lock.withLock {
+        try cleared.withLock { _ in
             let fd = ThreadGroup.openProcFile("pagemap", of: pid, flags: O_RDONLY).fd
             if fd < 0 { throw SystemError(operation: "open /proc/\(pid)/pagemap", target: "pid \(pid)", errno: errno) }
             defer { Glibc.close(fd) }

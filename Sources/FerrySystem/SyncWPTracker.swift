@@ -31,53 +31,56 @@
 // Kernel: 5.7+. Capability: as Userfaultfd.swift.
 #if canImport(Glibc)
 import Glibc
-import FerryToolkit
 #endif
+import FerryToolkit
+import Synchronization
 
-/// `@unchecked Sendable` invariant: `dirtyPages`, `lostRanges`, `hugePages` and
-/// `handlerError` are only touched under `lock`; the other properties are
+/// The mutable state lives in one `Mutex`; the other properties are
 /// immutable after init; the handler thread is joined before `uffd` closes.
-final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
+final class SyncWPTracker: DirtyTracker {
     let kind = TrackerKind.sync
     private let uffd: Userfaultfd
     private let pid: Int32
-    private let lock = Lock()
-    private var dirtyPages = Set<UInt64>()
-    private var lostRanges: [AddressRange] = []
-    /// The hugetlb ranges registered: faults there dirty and unprotect whole huge pages.
-    private var hugePages = HugePageMap()
-    private var handlerError: Error?
-    private var handler: pthread_t?
+
+    private struct State {
+        var dirtyPages = Set<UInt64>()
+        var lostRanges: [AddressRange] = []
+        /// The hugetlb ranges registered: faults there dirty and unprotect whole huge pages.
+        var hugePages = HugePageMap()
+        var handlerError: Error?
+        var handler: pthread_t?
+
+        /// Records every 4 KiB page of `range` as written.
+        mutating func insertDirty(_ range: AddressRange) {
+            for page in (range.start / pageSize)..<(range.end / pageSize) { dirtyPages.insert(page) }
+        }
+    }
+    private let state = Mutex(State())
     /// Written once by `close` to end the handler's poll.
-    private let stopPipe: (read: Int32, write: Int32)
+    private let stopPipe: StopPipe
 
     init(uffd: Userfaultfd, pid: Int32) throws {
         self.uffd = uffd
         self.pid = pid
-        var fds: [Int32] = [0, 0]
-        try checkedCall("pipe", on: "the sync tracker of pid \(pid)") { pipe(&fds) }
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        stopPipe = (fds[0], fds[1])
+        stopPipe = try StopPipe(for: "the sync tracker of pid \(pid)")
         do {
             // The thread keeps the tracker alive until its loop ends.
-            handler = try startThread(for: "the sync tracker of pid \(pid)") { [self] in handleFaults() }
+            let thread = try startThread(for: "the sync tracker of pid \(pid)") { [self] in handleFaults() }
+            state.withLock { $0.handler = thread }
         } catch {
-            Glibc.close(fds[0]); Glibc.close(fds[1])
+            stopPipe.close()
             throw error
         }
     }
 
     func close() {
-        let thread: pthread_t? = lock.withLock {
-            defer { handler = nil }
-            return handler
+        let thread: pthread_t? = state.withLock { state in
+            defer { state.handler = nil }
+            return state.handler
         }
         guard let thread else { return }
-        var byte: UInt8 = 1
-        _ = Glibc.write(stopPipe.write, &byte, 1)
-        pthread_join(thread, nil)
-        Glibc.close(stopPipe.read)
-        Glibc.close(stopPipe.write)
+        stopPipe.stop(joining: thread)
+        stopPipe.close()
         uffd.close()
     }
 
@@ -86,7 +89,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
             // Hugetlb: write-protection only (see the file comment). Known
             // before the first fault can come, so the handler aligns it.
             try uffd.register(range)
-            lock.withLock { hugePages.add(range, size: pageSize) }
+            state.withLock { $0.hugePages.add(range, size: pageSize) }
         } else {
             do {
                 try uffd.register(range, missing: true)
@@ -101,21 +104,21 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
 
     func rearm(_ ranges: [AddressRange]) throws {
         let merged = Ranges.merge(ranges)
-        try protect(merged) {
-            // Forget first, protect second, both under `lock`: see the file comment.
+        try protect(merged) { state in
+            // Forget first, protect second, both under the lock: see the file comment.
             let pageCount = merged.reduce(0) { $0 + $1.pageCount }
-            if pageCount > UInt64(dirtyPages.count) {
-                dirtyPages = dirtyPages.filter { page in !Ranges.contains(merged, page * pageSize) }
+            if pageCount > UInt64(state.dirtyPages.count) {
+                state.dirtyPages = state.dirtyPages.filter { page in !Ranges.contains(merged, page * pageSize) }
             } else {
                 for range in merged {
-                    for page in (range.start / pageSize)..<(range.end / pageSize) { dirtyPages.remove(page) }
+                    for page in (range.start / pageSize)..<(range.end / pageSize) { state.dirtyPages.remove(page) }
                 }
             }
         }
     }
 
     /// Runs `prepare` and then write-protects `ranges`, all while holding
-    /// `lock`, so no handler can record-and-unprotect in between. When the
+    /// the state's lock, so no handler can record-and-unprotect in between. When the
     /// kernel says the map is busy (EAGAIN: an event our handler has not read
     /// yet), the lock is let go so the handler can read it, and the remaining
     /// ranges are protected after a short pause.
@@ -126,13 +129,13 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     /// a range is then protected page by page, and a page that cannot be
     /// protected is recorded as written: unprotected, its next write would
     /// raise no fault, and a copy of it must not count as current.
-    private func protect(_ ranges: [AddressRange], prepare: () -> Void) throws {
-        var remaining = lock.withLock { hugePages.split(ranges) }[...]
+    private func protect(_ ranges: [AddressRange], prepare: (inout State) -> Void) throws {
+        var remaining = state.withLock { $0.hugePages.split(ranges) }[...]
         var prepared = false
         var attempts = 0
         while true {
-            let busy: Bool = try lock.withLock {
-                if !prepared { prepare(); prepared = true }
+            let busy: Bool = try state.withLock { state in
+                if !prepared { prepare(&state); prepared = true }
                 while let range = remaining.first {
                     do {
                         try uffd.writeProtect(range, protect: true, waitWhileBusy: false)
@@ -140,11 +143,11 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
                         return true
                     } catch let error as SystemError where error.errno == ENOENT {
                         remaining.removeFirst()
-                        let pages = hugePages.pages(of: range)
+                        let pages = state.hugePages.pages(of: range)
                         if pages.count > 1 {
                             remaining = (pages + remaining)[...]
                         } else {
-                            insertDirty(range)
+                            state.insertDirty(range)
                         }
                         continue
                     }
@@ -165,23 +168,19 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
     func untrack(_ range: AddressRange) throws {
         try uffd.unregister(range)
         // Faults recorded in the range belong to the tracking that ended.
-        lock.withLock {
-            dirtyPages = dirtyPages.filter { !range.contains($0 * pageSize) }
-            hugePages.remove(range)
+        state.withLock { state in
+            state.dirtyPages = state.dirtyPages.filter { !range.contains($0 * pageSize) }
+            state.hugePages.remove(range)
         }
     }
 
     func scan(_ ranges: [AddressRange], rearm: Bool) throws -> DirtyScan {
-        var pages = Set<UInt64>()
-        var lost: [AddressRange] = []
-        var failure: Error?
-        let taken = lock.withLock {
-            pages = dirtyPages
-            lost = lostRanges
-            failure = handlerError
-            dirtyPages.removeAll(keepingCapacity: true)
-            lostRanges.removeAll()
-            return Ranges.intersect(Ranges.fromPages(pages), ranges)
+        let (taken, lost, failure) = state.withLock { state in
+            let pages = state.dirtyPages
+            let lost = state.lostRanges
+            state.dirtyPages.removeAll(keepingCapacity: true)
+            state.lostRanges.removeAll()
+            return (Ranges.intersect(Ranges.fromPages(pages), ranges), lost, state.handlerError)
         }
         if let failure { throw failure }
         // The set was emptied under the lock and the pages are protected
@@ -190,13 +189,8 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
         // (faults meanwhile are recorded in the new set).
         // Without rearm the pages stay writable and out of the set: reported
         // once, and watched again from the next `rearm` (the owner keeps them dirty).
-        if rearm { try protect(taken) {} }
+        if rearm { try protect(taken) { _ in } }
         return DirtyScan(dirty: taken, lost: Ranges.intersect(Ranges.merge(lost), ranges))
-    }
-
-    /// Records every 4 KiB page of `range` as written. The caller holds `lock`.
-    private func insertDirty(_ range: AddressRange) {
-        for page in (range.start / pageSize)..<(range.end / pageSize) { dirtyPages.insert(page) }
     }
 
     /// The handler thread: poll, record, unprotect (which wakes the writer).
@@ -211,65 +205,62 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
                 while true {
                     // Unprotects refused with EAGAIN (the target's memory map is
                     // changing until we read its event) are retried soon.
-                    let ready = poll(&fds, 2, retry.isEmpty ? -1 : 1)
-                    if ready < 0 {
-                        if errno == EINTR { continue }
-                        throw SystemError(operation: "poll userfaultfd", target: "pid \(pid)", errno: errno)
-                    }
+                    try checkedCall("poll userfaultfd", on: "pid \(pid)") { poll(&fds, 2, retry.isEmpty ? -1 : 1) }
                     if fds[1].revents != 0 { return }
                     if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 { return }
-                    // Read and record under one hold of `lock`: reading an
+                    // Read and record under one hold of the lock: reading an
                     // UNMAP event lets the unmapping thread go on (and map
                     // something new at the same place), so a scan must never
                     // fall between the read and the record, or it would miss
                     // the lost range; at Finalize that scan is the last one.
-                    retry = try lock.withLock {
+                    retry = try state.withLock { state in
                         events.removeAll(keepingCapacity: true)
                         try readEvents(fd: fd, into: &events)
-                        return try handleLocked(events, retry: retry)
+                        return try handle(events, retry: retry, state: &state)
                     }
                 }
             }
         } catch {
-            lock.withLock { handlerError = error }
+            state.withLock { $0.handlerError = error }
         }
     }
 
     private func readEvents(fd: Int32, into events: inout [UserfaultfdEvent]) throws {
-        // Userfaultfd.readEvents takes the read lock again; glibc's default
-        // rwlock prefers readers, so a second read lock by this thread cannot deadlock.
+        // Userfaultfd.readEvents takes the read lock again; that lock prefers
+        // readers, so a second read lock by this thread cannot deadlock.
         try uffd.readEvents(into: &events)
     }
 
     /// Records `events`, unprotects their pages and those of `retry`; returns
-    /// the pages to retry (missing-page ones tagged with bit 0). The caller holds `lock`.
-    private func handleLocked(_ events: [UserfaultfdEvent], retry: [UInt64]) throws -> [UInt64] {
+    /// the pages to retry (missing-page ones tagged with bit 0). The caller
+    /// holds the lock of `state`.
+    private func handle(_ events: [UserfaultfdEvent], retry: [UInt64], state: inout State) throws -> [UInt64] {
         var unprotect: [UInt64] = []
         var missing: [UInt64] = []
         var again: [UInt64] = []
-        // Recording and unprotecting happen under one hold of `lock`, so a
+        // Recording and unprotecting happen under one hold of the lock, so a
         // scan or rearm (which empties the set and protects under the same
         // lock) never has its protection undone by an unprotect whose page
         // it did not see recorded. Retried pages are recorded again for that
         // reason: a scan may have taken them since.
         do {
             for address in retry {
-                insertDirty(hugePages.page(at: address & ~1))
+                state.insertDirty(state.hugePages.page(at: address & ~1))
                 if address & 1 == 0 { unprotect.append(address) } else { missing.append(address & ~1) }
             }
             for event in events {
                 switch event {
                 case .pageFault(let address, let writeProtect):
                     // A hugetlb fault dirties (and unprotects) its whole huge page.
-                    let page = hugePages.page(at: address)
-                    insertDirty(page)
+                    let page = state.hugePages.page(at: address)
+                    state.insertDirty(page)
                     if writeProtect { unprotect.append(page.start) } else { missing.append(address) }
                 case .remove(let range):
-                    for piece in hugePages.split([Ranges.pageAligned(range)]) { insertDirty(piece) }
+                    for piece in state.hugePages.split([Ranges.pageAligned(range)]) { state.insertDirty(piece) }
                 case .unmap(let range):
-                    lostRanges.append(Ranges.pageAligned(range))
+                    state.lostRanges.append(Ranges.pageAligned(range))
                 case .remap(_, let to, let length):
-                    lostRanges.append(Ranges.pageAligned(AddressRange(start: to, end: to + length)))
+                    state.lostRanges.append(Ranges.pageAligned(AddressRange(start: to, end: to + length)))
                 case .other:
                     break
                 }
@@ -277,7 +268,7 @@ final class SyncWPTracker: DirtyTracker, @unchecked Sendable {
             // Unprotect after recording: the writer wakes and writes only now.
             for address in unprotect {
                 do {
-                    try uffd.writeProtect(hugePages.page(at: address), protect: false, waitWhileBusy: false)
+                    try uffd.writeProtect(state.hugePages.page(at: address), protect: false, waitWhileBusy: false)
                 } catch let error as SystemError where error.errno == EAGAIN {
                     again.append(address)
                 } catch let error as SystemError where error.errno == ENOENT {

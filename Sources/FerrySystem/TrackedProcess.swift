@@ -14,37 +14,41 @@ import Glibc
 #endif
 internal import CFerryLinux
 import FerryToolkit
+import Synchronization
 
 /// A process whose writes are tracked.
 ///
-/// `@unchecked Sendable` invariant: every mutable stored property is read and
-/// written only while holding `lock`; `scanLock` serializes the
+/// Every mutable property lives in `state`; `scanLock` serializes the
 /// scan/refresh/track operations that change registrations, so that a
 /// registration and the bookkeeping that records it cannot interleave with
 /// another; ptrace state (`frozen`) is only acted on inside `ptrace.run`.
-public final class TrackedProcess: @unchecked Sendable {
+public final class TrackedProcess: Sendable {
     public let pid: Int32
     public let trackerKind: TrackerKind
 
     private let tracker: any DirtyTracker
     private let reader: PageReader
     private let ptrace: PtraceThread
-    private let lock = Lock()
-    private let scanLock = Lock()
+    private let scanLock = Mutex(())
 
-    private var _regions: [Region]
-    private var _unprotectable: [Region] = []
-    /// Ranges registered with the tracker, merged.
-    private var tracked: [AddressRange] = []
-    /// New or grown parts found by `refreshLayout`, or lost registrations:
-    /// reported dirty in full by the next scan.
-    private var pendingDirty: [AddressRange] = []
-    private var tracking = false
-    private var frozen: FrozenProcess?
-    private var detached = false
-    private var _lastFreezeLatency: Duration?
+    private struct State {
+        var regions: [Region]
+        var unprotectable: [Region] = []
+        /// Ranges registered with the tracker, merged.
+        var tracked: [AddressRange] = []
+        /// New or grown parts found by `refreshLayout`, or lost registrations:
+        /// reported dirty in full by the next scan.
+        var pendingDirty: [AddressRange] = []
+        var tracking = false
+        var frozen: FrozenProcess?
+        var detached = false
+        var lastFreezeLatency: Duration?
+        var signalStopsSeen = 0
+    }
+    private let state: Mutex<State>
+
     /// Signal-delivery stops seen by all freezes so far (tests look at it).
-    private(set) var signalStopsSeen = 0
+    var signalStopsSeen: Int { state.withLock { $0.signalStopsSeen } }
 
     // MARK: - Attach
 
@@ -111,7 +115,7 @@ public final class TrackedProcess: @unchecked Sendable {
         self.tracker = tracker
         self.reader = reader
         self.ptrace = ptrace
-        self._regions = regions
+        self.state = Mutex(State(regions: regions))
     }
 
     deinit {
@@ -134,7 +138,7 @@ public final class TrackedProcess: @unchecked Sendable {
             switch errno {
             case ENOENT, ESRCH: throw AttachError.noSuchProcess(pid: pid)
             case EACCES, EPERM: throw AttachError.permissionDenied(pid: pid, operation: "opening \(path)")
-            default: throw AttachError.system(pid: pid, step: "opening \(path)", underlying: String(cString: strerror(errno)))
+            default: throw AttachError.system(pid: pid, step: "opening \(path)", underlying: SystemError.text(errno))
             }
         }
         close(fd)
@@ -253,18 +257,18 @@ public final class TrackedProcess: @unchecked Sendable {
 
     // MARK: - State
 
-    public var regions: [Region] { lock.withLock { _regions } }
-    public var unprotectable: [Region] { lock.withLock { _unprotectable } }
-    public var isFrozen: Bool { lock.withLock { frozen != nil } }
-    public var isTracking: Bool { lock.withLock { tracking } }
+    public var regions: [Region] { state.withLock { $0.regions } }
+    public var unprotectable: [Region] { state.withLock { $0.unprotectable } }
+    public var isFrozen: Bool { state.withLock { $0.frozen != nil } }
+    public var isTracking: Bool { state.withLock { $0.tracking } }
     /// How long the last `freeze()` took.
-    public var lastFreezeLatency: Duration? { lock.withLock { _lastFreezeLatency } }
+    public var lastFreezeLatency: Duration? { state.withLock { $0.lastFreezeLatency } }
 
     /// Runs one public operation: refuses it after `detach()`, and turns
     /// failures into a `TrackedProcessError` that names the operation, unless
     /// they already speak for themselves (page reader, attach errors).
     private func perform<T>(_ operation: String, _ body: () throws -> T) throws -> T {
-        if lock.withLock({ detached }) { throw TrackedProcessError.detached(pid: pid, operation: operation) }
+        if state.withLock({ $0.detached }) { throw TrackedProcessError.detached(pid: pid, operation: operation) }
         do {
             return try body()
         } catch let error as TrackedProcessError {
@@ -294,8 +298,8 @@ public final class TrackedProcess: @unchecked Sendable {
     }
 
     private func startTrackingLocked() throws {
-        try scanLock.withLock {
-            if lock.withLock({ tracking }) { return }
+        try scanLock.withLock { _ in
+            if state.withLock({ $0.tracking }) { return }
             let current = try ProcessMaps.read(pid: pid)
             var registered: [AddressRange] = []
             var refused: [Region] = []
@@ -307,12 +311,12 @@ public final class TrackedProcess: @unchecked Sendable {
                     refused.append(region)
                 }
             }
-            lock.withLock {
-                _regions = current
-                _unprotectable = refused
-                tracked = Ranges.merge(registered)
-                pendingDirty = []
-                tracking = true
+            state.withLock { state in
+                state.regions = current
+                state.unprotectable = refused
+                state.tracked = Ranges.merge(registered)
+                state.pendingDirty = []
+                state.tracking = true
             }
         }
     }
@@ -331,8 +335,8 @@ public final class TrackedProcess: @unchecked Sendable {
     }
 
     private func scanDirtyLocked(rearm: Bool) throws -> [AddressRange] {
-        try scanLock.withLock {
-            let (ranges, isTracking) = lock.withLock { (tracked, tracking) }
+        try scanLock.withLock { _ in
+            let (ranges, isTracking) = state.withLock { ($0.tracked, $0.tracking) }
             guard isTracking else { return [] }
             let scan = try tracker.scan(ranges, rearm: rearm)
             // A dead process's page tables are gone and a scan of them finds
@@ -343,10 +347,10 @@ public final class TrackedProcess: @unchecked Sendable {
                 // The mapping under these addresses was replaced: register what is there now.
                 extra += try retrack(scan.lost)
             }
-            return lock.withLock {
-                let others = extra + pendingDirty + _unprotectable.map(\.range)
+            return state.withLock { state in
+                let others = extra + state.pendingDirty + state.unprotectable.map(\.range)
                 let result = others.isEmpty ? scan.dirty : Ranges.merge(scan.dirty + others)
-                pendingDirty = []
+                state.pendingDirty = []
                 return result
             }
         }
@@ -362,9 +366,9 @@ public final class TrackedProcess: @unchecked Sendable {
                 do { try tracker.track(piece, pageSize: region.pageSize); newlyTracked.append(piece) } catch { refused.append(region) }
             }
         }
-        lock.withLock {
-            tracked = Ranges.merge(Ranges.subtract(tracked, Ranges.merge(ranges)) + newlyTracked)
-            _unprotectable += refused
+        state.withLock { state in
+            state.tracked = Ranges.merge(Ranges.subtract(state.tracked, Ranges.merge(ranges)) + newlyTracked)
+            state.unprotectable += refused
         }
         return Ranges.merge(ranges + newlyTracked)
     }
@@ -413,7 +417,7 @@ public final class TrackedProcess: @unchecked Sendable {
     /// across both), takes it back. Readers that want hugetlb pages to turn
     /// clean read them whole.
     private func rearm(_ ranges: [AddressRange]) throws {
-        let (trackedNow, isTracking, regions) = lock.withLock { (tracked, tracking, _regions) }
+        let (trackedNow, isTracking, regions) = state.withLock { ($0.tracked, $0.tracking, $0.regions) }
         guard isTracking else { return }
         var whole = Ranges.merge(ranges.compactMap { $0.aligned(inwardTo: pageSize) })
         var partial: [AddressRange] = []
@@ -427,7 +431,7 @@ public final class TrackedProcess: @unchecked Sendable {
         let rearm = Ranges.intersect(whole, trackedNow)
         if !rearm.isEmpty { try tracker.rearm(rearm) }
         let stale = Ranges.intersect(Ranges.merge(partial), trackedNow)
-        if !stale.isEmpty { lock.withLock { pendingDirty = Ranges.merge(pendingDirty + stale) } }
+        if !stale.isEmpty { state.withLock { $0.pendingDirty = Ranges.merge($0.pendingDirty + stale) } }
     }
 
     /// Re-reads the maps. New and grown migrate parts are registered and
@@ -437,10 +441,10 @@ public final class TrackedProcess: @unchecked Sendable {
     }
 
     private func refreshLayoutLocked() throws -> LayoutChange {
-        try scanLock.withLock {
+        try scanLock.withLock { _ in
             let current = try ProcessMaps.read(pid: pid)
-            let (old, isTracking, trackedNow, refusedNow) = lock.withLock {
-                (_regions, tracking, tracked, _unprotectable.map(\.range))
+            let (old, isTracking, trackedNow, refusedNow) = state.withLock {
+                ($0.regions, $0.tracking, $0.tracked, $0.unprotectable.map(\.range))
             }
             var change = LayoutChange.diff(old: old, new: current)
             if isTracking {
@@ -464,17 +468,17 @@ public final class TrackedProcess: @unchecked Sendable {
                     }
                 }
             }
-            lock.withLock {
-                _regions = current
+            state.withLock { state in
+                state.regions = current
                 if isTracking {
                     let gone = change.unmapped
-                    tracked = Ranges.merge(Ranges.subtract(tracked, gone) + newlyTracked)
+                    state.tracked = Ranges.merge(Ranges.subtract(state.tracked, gone) + newlyTracked)
                     // Keep refusals that still exist, plus the new ones.
                     let stillMapped = current.filter { $0.kind == .migrate }.map(\.range)
-                    _unprotectable = _unprotectable.compactMap { region in
+                    state.unprotectable = state.unprotectable.compactMap { region in
                         Ranges.intersect([region.range], Ranges.merge(stillMapped)).isEmpty ? nil : region
                     } + refused
-                    pendingDirty = Ranges.merge(pendingDirty + change.newlyDirty)
+                    state.pendingDirty = Ranges.merge(state.pendingDirty + change.newlyDirty)
                 }
             }
             return change
@@ -484,10 +488,10 @@ public final class TrackedProcess: @unchecked Sendable {
     /// Stops write-protection; the process stays attached (uffd open) and may
     /// be tracked again with `startTracking()`.
     public func stopTracking() throws {
-        scanLock.withLock {
-            let ranges: [AddressRange] = lock.withLock {
-                defer { tracked = []; tracking = false; pendingDirty = [] }
-                return tracking ? tracked : []
+        scanLock.withLock { _ in
+            let ranges: [AddressRange] = state.withLock { state in
+                defer { state.tracked = []; state.tracking = false; state.pendingDirty = [] }
+                return state.tracking ? state.tracked : []
             }
             for range in ranges { try? tracker.untrack(range) }
         }
@@ -503,10 +507,10 @@ public final class TrackedProcess: @unchecked Sendable {
             if isFrozen { return .zero }
             do {
                 let state = try ptrace.run { try Freezer.freeze(pid: pid) }
-                lock.withLock {
-                    frozen = state
-                    _lastFreezeLatency = state.latency
-                    signalStopsSeen += state.signalStops
+                self.state.withLock { now in
+                    now.frozen = state
+                    now.lastFreezeLatency = state.latency
+                    now.signalStopsSeen += state.signalStops
                 }
                 return state.latency
             } catch let error as FreezeError {
@@ -524,9 +528,9 @@ public final class TrackedProcess: @unchecked Sendable {
     /// Lets every thread run again exactly as it was (a process stopped before
     /// the freeze stays stopped; signals caught by the freeze are delivered).
     public func thaw() throws {
-        guard let state = lock.withLock({ frozen }) else { return }
-        try ptrace.run { try Freezer.thaw(state) }
-        lock.withLock { frozen = nil }
+        guard let frozen = state.withLock({ $0.frozen }) else { return }
+        try ptrace.run { try Freezer.thaw(frozen) }
+        state.withLock { $0.frozen = nil }
     }
 
     // MARK: - Detach
@@ -534,13 +538,13 @@ public final class TrackedProcess: @unchecked Sendable {
     /// Stops tracking, closes the userfaultfd and thaws the process if frozen;
     /// the process runs on unaffected. Calling it again does nothing.
     public func detach() throws {
-        if lock.withLock({ detached }) { return }
+        if state.withLock({ $0.detached }) { return }
         var firstError: Error?
         do { try stopTracking() } catch { firstError = error }
         tracker.close()
         do { try thaw() } catch { if firstError == nil { firstError = error } }
         ptrace.stop()
-        lock.withLock { detached = true }
+        state.withLock { $0.detached = true }
         if let firstError { throw firstError }
     }
 }

@@ -14,6 +14,7 @@ import Glibc
 #endif
 internal import CFerryLinux
 import FerryToolkit
+import Synchronization
 
 /// Feature bits of UFFDIO_API that Ferry asks for.
 struct UserfaultfdFeatures: OptionSet, Sendable, Hashable {
@@ -44,51 +45,46 @@ enum UserfaultfdEvent: Equatable {
 
 /// Owns one userfaultfd descriptor: closes it exactly once and lends it out
 /// only inside `withDescriptor`, under a read lock, so it cannot be closed
-/// (and its number reused) while an ioctl on it is running.
-///
-/// `@unchecked Sendable` invariant: `fd` is only read while holding the read
-/// side of `rwlock` and only set to -1 (in `close`) under its write side.
-final class Userfaultfd: @unchecked Sendable {
-    private var fd: Int32
-    private let rwlock: UnsafeMutablePointer<pthread_rwlock_t>
+/// (and its number reused) while an ioctl on it is running: `fd` is read
+/// under the shared side of `lock` and set to -1 (in `close`) under its
+/// exclusive side.
+final class Userfaultfd: Sendable {
+    private let fd: Atomic<Int32>
+    /// Prefers readers: the sync tracker's handler reads events (shared)
+    /// while it already holds the descriptor (shared).
+    private let lock = ReadWriteLock(preferWriters: false)
     /// Names the target in errors: "pid 4242".
     let target: String
 
     /// Takes ownership of `fd`.
     init(adopting fd: Int32, target: String) {
-        self.fd = fd
+        self.fd = Atomic(fd)
         self.target = target
-        rwlock = .allocate(capacity: 1)
-        // SAFETY: freshly allocated, initialized here, destroyed in deinit.
-        pthread_rwlock_init(rwlock, nil)
     }
 
     deinit {
         close()
-        pthread_rwlock_destroy(rwlock)
-        rwlock.deallocate()
     }
 
     /// Closes the descriptor if still open. Closing unregisters every range and
     /// wakes every thread blocked on a fault of this descriptor.
     func close() {
-        pthread_rwlock_wrlock(rwlock)
-        defer { pthread_rwlock_unlock(rwlock) }
-        if fd >= 0 {
-            _ = Glibc.close(fd)
-            fd = -1
+        lock.exclusive {
+            let open = fd.exchange(-1, ordering: .relaxed)
+            if open >= 0 { Glibc.close(open) }
         }
     }
 
     /// Lends the descriptor to `body`; throws if it was already closed.
     @discardableResult
     func withDescriptor<T>(_ body: (Int32) throws -> T) throws -> T {
-        pthread_rwlock_rdlock(rwlock)
-        defer { pthread_rwlock_unlock(rwlock) }
-        guard fd >= 0 else {
-            throw SystemError(operation: "userfaultfd", target: target, errno: EBADF, hint: "the tracker was stopped")
+        try lock.shared {
+            let fd = fd.load(ordering: .relaxed)
+            guard fd >= 0 else {
+                throw SystemError(operation: "userfaultfd", target: target, errno: EBADF, hint: "the tracker was stopped")
+            }
+            return try body(fd)
         }
-        return try body(fd)
     }
 
     /// UFFDIO_API: enables `features`; returns the features the kernel reports.

@@ -11,45 +11,20 @@
 import Glibc
 #endif
 
-/// A small mutex for state shared between our own threads.
-/// Being replaced by `Mutex`; do not add new uses.
-///
-/// `@unchecked Sendable` invariant: the pthread mutex lives in memory this
-/// object allocates, never moves, and is destroyed only in deinit.
-public final class Lock: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-
-    public init() {
-        mutex = .allocate(capacity: 1)
-        // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
-}
-
-/// Many readers or one writer. Writers are preferred, so a steady stream of
-/// readers cannot hold a writer off.
-///
-/// `@unchecked Sendable` invariant: the pthread lock lives in memory this
-/// object allocates, never moves, and is destroyed only in deinit.
+/// Many readers or one writer. Writers are preferred by default, so a
+/// steady stream of readers cannot hold a writer off; a lock that one thread
+/// may take shared twice (nested) must prefer readers, or a waiting writer
+/// would deadlock it.
 public final class ReadWriteLock: @unchecked Sendable {
+    // `@unchecked Sendable` invariant: the pthread lock is allocated here, never moves, and is destroyed only in deinit.
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
-    public init() {
+    public init(preferWriters: Bool = true) {
         lock = .allocate(capacity: 1)
         var attributes = pthread_rwlockattr_t()
         pthread_rwlockattr_init(&attributes)
-        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        let kind = preferWriters ? PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP : PTHREAD_RWLOCK_PREFER_READER_NP
+        pthread_rwlockattr_setkind_np(&attributes, Int32(kind))
         // SAFETY: freshly allocated, initialized once here, destroyed in deinit.
         pthread_rwlock_init(lock, &attributes)
         pthread_rwlockattr_destroy(&attributes)
@@ -78,11 +53,8 @@ public final class ReadWriteLock: @unchecked Sendable {
 /// A mutex with a condition variable, for a dedicated thread that sleeps
 /// until another thread hands it work or asks it to stop. Only blocking
 /// threads wait on it; tasks never do.
-///
-/// `@unchecked Sendable` invariant: the pthread mutex and condition live in
-/// memory this object allocates, never move, and are destroyed only in
-/// deinit; `protected` is touched only while the mutex is held.
 public final class ConditionLock<Protected>: @unchecked Sendable {
+    // `@unchecked Sendable` invariant: `protected` is touched only with the mutex held; the pthread objects never move.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
     private var protected: Protected
@@ -117,9 +89,20 @@ public final class ConditionLock<Protected>: @unchecked Sendable {
 
     /// Runs `body` with the protected value and then wakes every waiter.
     public func withLockThenBroadcast<T>(_ body: (inout Protected) throws -> T) rethrows -> T {
+        try withLock(thenWaking: pthread_cond_broadcast, body)
+    }
+
+    /// Runs `body` with the protected value and then wakes one waiter: for
+    /// queues where any one of several identical workers may take the item.
+    public func withLockThenSignal<T>(_ body: (inout Protected) throws -> T) rethrows -> T {
+        try withLock(thenWaking: pthread_cond_signal, body)
+    }
+
+    private func withLock<T>(thenWaking wake: (UnsafeMutablePointer<pthread_cond_t>) -> Int32,
+                             _ body: (inout Protected) throws -> T) rethrows -> T {
         pthread_mutex_lock(mutex)
         defer {
-            pthread_cond_broadcast(condition)
+            _ = wake(condition)
             pthread_mutex_unlock(mutex)
         }
         return try body(&protected)

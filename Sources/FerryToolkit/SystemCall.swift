@@ -24,9 +24,17 @@ public struct SystemError: Error, CustomStringConvertible, Sendable, Equatable {
     }
 
     public var description: String {
-        var text = "\(operation) on \(target) failed: \(String(cString: strerror(errno)))"
+        var text = "\(operation) on \(target) failed: \(Self.text(errno))"
         if let hint { text += " (\(hint))" }
         return text
+    }
+}
+
+extension SystemError {
+    /// The C library's text for `errno` ("connection refused"): the one place
+    /// Ferry turns an errno into words, for messages that are not a SystemError.
+    public static func text(_ errno: Int32) -> String {
+        String(cString: strerror(errno))
     }
 }
 

@@ -30,9 +30,8 @@ public func startThread(for target: String, _ body: @escaping () -> Void) throws
 /// A thread started by `startThread`, for code outside this module: long
 /// blocking work (file I/O and hashing of megabytes) that must not hold a
 /// Swift concurrency thread. Join it exactly once.
-public struct DedicatedThread: @unchecked Sendable {
-    // `@unchecked Sendable` invariant: a pthread_t is an opaque id that any
-    // thread may join; `join` is called once, by the owner.
+/// (A pthread_t is a plain id on Linux, so this is plainly Sendable.)
+public struct DedicatedThread: Sendable {
     private let thread: pthread_t
 
     /// Starts `body` on a new thread; `target` names what it serves, for the error.

@@ -17,12 +17,11 @@
 // increment (default 10; 0 = the caller's priority), FERRY_BULK_INLINE=1
 // seals and opens every record on the calling task instead.
 import Glibc
+import FerryToolkit
 
 /// A fixed set of low-priority threads running closures, awaited by async callers.
-///
-/// `@unchecked Sendable` invariant: `jobs`, `head` and `started` are only
-/// touched while holding `mutex`; the other stored properties are immutable.
-public final class BulkWorkers: @unchecked Sendable {
+/// The queue lives in a `ConditionLock`; the other stored properties are immutable.
+public final class BulkWorkers: Sendable {
     /// The process-wide workers: one per core, started on first use.
     public static let shared = BulkWorkers(threads: max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))),
                                            nice: getenv("FERRY_BULK_NICE").map { Int32(atoi($0)) } ?? 10)
@@ -30,14 +29,15 @@ public final class BulkWorkers: @unchecked Sendable {
     /// Records from this size up are sealed and opened here.
     public static let minimumBytes = getenv("FERRY_BULK_INLINE") != nil ? Int.max : 64 << 10
 
-    private var jobs: [@Sendable () -> Void] = []
-    private var head = 0
-    private var started = false
-    // SAFETY: initialised in init and never destroyed: workers live as long
-    // as the process (their threads wait on these forever), so make one
-    // `shared` per process; tests make a few more, which stay until exit.
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let wake: UnsafeMutablePointer<pthread_cond_t>
+    private struct Queue {
+        var jobs: [@Sendable () -> Void] = []
+        var head = 0
+        var started = false
+    }
+    /// Never destroyed while a worker runs: workers live as long as the
+    /// process (their threads wait on it forever, holding this object), so
+    /// make one `shared` per process; tests make a few more, which stay until exit.
+    private let queue = ConditionLock(Queue())
     private let threads: Int
     private let nice: Int32
 
@@ -45,10 +45,6 @@ public final class BulkWorkers: @unchecked Sendable {
     public init(threads: Int, nice: Int32) {
         self.threads = threads
         self.nice = nice
-        mutex = .allocate(capacity: 1)
-        wake = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(wake, nil)
     }
 
     /// Runs `work` on a worker thread and returns its result.
@@ -59,45 +55,29 @@ public final class BulkWorkers: @unchecked Sendable {
     }
 
     private func submit(_ job: @escaping @Sendable () -> Void) {
-        pthread_mutex_lock(mutex)
-        jobs.append(job)
-        let start = !started
-        started = true
-        pthread_cond_signal(wake)
-        pthread_mutex_unlock(mutex)
+        let start = queue.withLockThenSignal { queue in
+            queue.jobs.append(job)
+            defer { queue.started = true }
+            return !queue.started
+        }
         if start { startThreads() }
     }
 
     private func startThreads() {
-        final class Context {
-            let workers: BulkWorkers
-            init(_ workers: BulkWorkers) { self.workers = workers }
-        }
         var running = 0
         for _ in 0..<threads {
-            var thread = pthread_t()
-            let context = Unmanaged.passRetained(Context(self)).toOpaque()
-            let rc = pthread_create(&thread, nil, { argument in
-                let context = Unmanaged<Context>.fromOpaque(argument!).takeRetainedValue()
-                context.workers.work()
-                return nil
-            }, context)
-            if rc != 0 {
-                Unmanaged<Context>.fromOpaque(context).release()
-                continue
-            }
+            guard let thread = try? startThread(for: "a bulk worker", { [self] in work() }) else { continue }
             pthread_detach(thread)
             running += 1
         }
         // No thread at all (out of resources): callers must not hang, so the
         // job runs here, and the next submit tries to start threads again.
         if running == 0 {
-            pthread_mutex_lock(mutex)
-            started = false
-            let pending = Array(jobs[head...])
-            jobs.removeAll()
-            head = 0
-            pthread_mutex_unlock(mutex)
+            let pending = queue.withLock { queue in
+                queue.started = false
+                defer { queue.jobs.removeAll(); queue.head = 0 }
+                return Array(queue.jobs[queue.head...])
+            }
             for job in pending { job() }
         }
     }
@@ -107,14 +87,14 @@ public final class BulkWorkers: @unchecked Sendable {
         let which = __priority_which_t(PRIO_PROCESS.rawValue)
         errno = 0
         let current = getpriority(which, 0)
-        if errno == 0 { _ = setpriority(which, 0, current + nice) }
+        if errno == 0 { setpriority(which, 0, current + nice) }
         while true {
-            pthread_mutex_lock(mutex)
-            while head == jobs.count { pthread_cond_wait(wake, mutex) }
-            let job = jobs[head]
-            head += 1
-            if head == jobs.count { jobs.removeAll(keepingCapacity: true); head = 0 }
-            pthread_mutex_unlock(mutex)
+            let job = queue.wait(until: { $0.head < $0.jobs.count }) { queue in
+                let job = queue.jobs[queue.head]
+                queue.head += 1
+                if queue.head == queue.jobs.count { queue.jobs.removeAll(keepingCapacity: true); queue.head = 0 }
+                return job
+            }!
             job()
         }
     }

@@ -18,6 +18,7 @@
 
 internal import CZstd
 import Synchronization
+import FerryToolkit
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -131,9 +132,9 @@ public enum CompressionError: Error, CustomStringConvertible, Sendable, Equatabl
 
 /// zstd one-shot compression and bounded decompression.
 ///
-/// `@unchecked Sendable` invariant: the context pools are only touched while
-/// holding their `Mutex`; a context taken out is used by one thread at a time.
-final class Zstd: @unchecked Sendable {
+/// The context pools live in a `Mutex`; a context taken out is used by one
+/// thread at a time.
+final class Zstd: Sendable {
     static let shared = Zstd()
 
     /// Contexts kept for reuse (one per concurrent compressor; BulkWorkers
@@ -142,8 +143,12 @@ final class Zstd: @unchecked Sendable {
     private let dctxs = Mutex<[UnsafeContext]>([])
     private static let poolLimit = 16
 
-    private struct UnsafeContext: @unchecked Sendable {   // SAFETY: owned by the pool or by one caller at a time
-        let pointer: OpaquePointer
+    /// A zstd context, owned by the pool or by one caller at a time. Kept as
+    /// its address, so the pools hold plain data.
+    private struct UnsafeContext: Sendable {
+        private let address: UInt
+        init(pointer: OpaquePointer?) { address = UInt(bitPattern: pointer) }
+        var pointer: OpaquePointer { OpaquePointer(bitPattern: address)! }
     }
 
     /// Compresses `input` at `level` into `frame || suffix`; nil when the
@@ -381,11 +386,4 @@ public struct CompressionStats: Sendable, Equatable {
     public var autoOffWindows = 0
     /// Times `auto` switched compression off because it did not speed frames up.
     public var autoTrialsFailed = 0
-}
-
-extension Duration {
-    var inSeconds: Double {
-        let c = components
-        return Double(c.seconds) + Double(c.attoseconds) * 1e-18
-    }
 }

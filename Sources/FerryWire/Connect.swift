@@ -6,6 +6,7 @@
 
 internal import CUV
 import Glibc
+import FerryToolkit
 
 /// Factories for the libuv transports.
 public enum Transports {
@@ -70,16 +71,16 @@ public enum Transports {
         }
     }
 
-    /// One connect attempt, raced against a timer; on the loop thread.
+    /// One connect attempt, raced against a timer, run as a job on the loop thread.
     private static func attempt(
         on loop: EventLoop, endpoint: Endpoint, timeout: Duration,
         start: @escaping @Sendable (UVStream, @escaping (Int32) -> Void) -> Int32
     ) async throws -> UVStream {
-        let attempt = ConnectAttempt()
+        let attempt = LoopBound(ConnectAttempt(), on: loop)
         return try await withTaskCancellationHandler {
           try await withCheckedThrowingContinuation { (c: CheckedContinuation<UVStream, any Error>) in
             let accepted = loop.execute {
-                if attempt.cancelled {
+                if attempt.value.cancelled {
                     c.resume(throwing: CancellationError())
                     return
                 }
@@ -112,24 +113,23 @@ public enum Transports {
                     finish(.failure(SocketError.connectFailed(endpoint: endpoint.description, UVError(rc))))
                     return
                 }
-                let ms = max(1, UInt64(timeout.components.seconds) * 1000 + UInt64(timeout.components.attoseconds / 1_000_000_000_000_000))
-                timer.start(milliseconds: ms) {
+                timer.start(milliseconds: UInt64(max(1, timeout.wholeMilliseconds))) {
                     finish(.failure(SocketError.connectTimedOut(endpoint: endpoint.description, timeout)))
                 }
-                attempt.cancel = { finish(.failure(CancellationError())) }
+                attempt.value.cancel = { finish(.failure(CancellationError())) }
             }
             if !accepted { c.resume(throwing: EventLoopError.shutDown(name: loop.name)) }
           }
         } onCancel: {
             loop.execute {
-                attempt.cancelled = true
-                attempt.cancel?()
-                attempt.cancel = nil
+                attempt.value.cancelled = true
+                attempt.value.cancel?()
+                attempt.value.cancel = nil
             }
         }
     }
 
-    /// Wraps a connected stream in a transport and starts reading; on the loop thread.
+    /// Wraps a connected stream in a transport and starts reading (a job on the loop thread).
     ///
     /// Socket buffer sizes are deliberately left to Linux's autotuning
     /// (tcp_wmem/tcp_rmem, here up to 4 MiB / 32 MiB): setting SO_SNDBUF or
@@ -176,10 +176,9 @@ public enum Transports {
     }
 }
 
-/// Lets a cancelled task stop its connect attempt.
-private final class ConnectAttempt: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: both members are used only on the
-    // loop thread (the attempt and the cancellation both run there as jobs).
+/// Lets a cancelled task stop its connect attempt. Loop-bound: the attempt
+/// and the cancellation both run on the loop thread, as jobs.
+private final class ConnectAttempt {
     var cancelled = false
     var cancel: (() -> Void)?
 }

@@ -11,13 +11,14 @@
 internal import CUV
 import Glibc
 import Synchronization
+import FerryToolkit
 
 /// One libuv loop running on a dedicated thread.
+/// `loop` and `wakeup` are touched only on the loop thread once `init`
+/// returns, apart from `uv_async_send`, which libuv documents as thread-safe;
+/// the cross-thread state is in `jobs`, a Mutex.
 final class EventLoop: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: `loop` and `wakeup` are touched only
-    // on the loop thread once `init` returns (apart from `uv_async_send`,
-    // which libuv documents as thread-safe); the cross-thread state is in
-    // `jobs`, a Mutex.
+    // `@unchecked Sendable` invariant: the libuv pointers are used on the loop thread only (plus the thread-safe uv_async_send).
 
     /// The process-wide loop used by `Transports`, `Listener` and `StdioTransport`.
     static let shared = EventLoop(name: "ferry-uv")
@@ -60,16 +61,14 @@ final class EventLoop: @unchecked Sendable {
         // for as long as the wakeup handle can fire.
         wakeup.pointee.data = Unmanaged.passUnretained(self).toOpaque()
 
-        // The thread keeps the loop object alive until it exits.
-        let context = Unmanaged.passRetained(self).toOpaque()
-        var thread = pthread_t()
-        let rc = pthread_create(&thread, nil, { arg in
-            let me = Unmanaged<EventLoop>.fromOpaque(arg!).takeRetainedValue()
-            me.threadMain()
-            return nil
-        }, context)
-        precondition(rc == 0, "cannot start the libuv loop thread: \(String(cString: strerror(rc)))")
-        pthread_detach(thread)
+        // The thread keeps the loop object alive until it exits. Without a
+        // thread nothing can work, as above.
+        do {
+            let thread = try startThread(for: "the libuv loop \(name)") { [self] in threadMain() }
+            pthread_detach(thread)
+        } catch {
+            preconditionFailure("cannot start the libuv loop thread: \(SystemError.text((error as? SystemError)?.errno ?? EAGAIN))")
+        }
     }
 
     /// True on this loop's thread.
@@ -128,6 +127,7 @@ final class EventLoop: @unchecked Sendable {
     }
 
     fileprivate func runJobs() {
+        assert(inLoopThread, "the wakeup handle fires on the loop thread")
         let batch = jobs.withLock { j -> [@Sendable () -> Void] in
             defer { j.queue = [] }
             return j.queue
@@ -198,15 +198,31 @@ enum EventLoopError: Error, CustomStringConvertible {
     }
 }
 
-#if FERRY_TSAN_LOCK
-// Debug aid, as in StreamTransport.swift: a Mutex ThreadSanitizer can see.
-fileprivate final class Mutex<Value>: @unchecked Sendable {
-    private var m = pthread_mutex_t()
-    private var value: Value
-    init(_ v: Value) { value = v; pthread_mutex_init(&m, nil) }
-    func withLock<R, E: Error>(_ body: (inout Value) throws(E) -> R) throws(E) -> R {
-        pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
-        return try body(&value)
+/// A value confined to one loop's thread, which any thread may hold and pass
+/// along (to jobs for `loop.execute`): only the loop thread may read or change
+/// what it holds, and debug builds check that it does (swift-nio's
+/// `NIOLoopBound`). The loop-confined state of the libuv transports lives in
+/// these instead of classes marked Sendable one by one.
+final class LoopBound<Value>: @unchecked Sendable {
+    // `@unchecked Sendable` invariant: `stored` is touched only on `loop`'s thread (asserted).
+    let loop: EventLoop
+    private var stored: Value
+
+    /// Wraps `value`, which nothing else may reach from now on but through this box.
+    init(_ value: Value, on loop: EventLoop) {
+        self.loop = loop
+        stored = value
+    }
+
+    /// The value; on the loop thread only.
+    var value: Value {
+        _read {
+            assert(loop.inLoopThread, "loop-bound state touched off the \(loop.name) loop thread")
+            yield stored
+        }
+        _modify {
+            assert(loop.inLoopThread, "loop-bound state touched off the \(loop.name) loop thread")
+            yield &stored
+        }
     }
 }
-#endif

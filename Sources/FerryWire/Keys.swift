@@ -11,6 +11,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import FerryToolkit
 
 /// A credential file is missing, unreadable, too open, or malformed.
 public struct KeyFileError: Error, CustomStringConvertible, Sendable, Equatable {
@@ -261,7 +262,11 @@ extension Substring {
 
 /// Small file helpers (no Foundation, so the fuzz build stays lean).
 enum KeyFiles {
-    static func errnoText() -> String { String(cString: strerror(errno)) }
+    static func errnoText() -> String { SystemError.text(errno) }
+    /// The errno text of a failed `checkedCall`.
+    static func text(of error: any Error) -> String {
+        (error as? SystemError).map { SystemError.text($0.errno) } ?? "\(error)"
+    }
 
     static func read(_ path: String, limit: Int = 1 << 20) throws -> String {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -274,8 +279,12 @@ enum KeyFiles {
         var out = [UInt8]()
         var buf = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if n < 0 { if errno == EINTR { continue }; throw KeyFileError(path: path, line: nil, problem: "cannot read: \(errnoText())") }
+            let n: Int
+            do {
+                n = try checkedCall("read", on: path) { buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) } }
+            } catch {
+                throw KeyFileError(path: path, line: nil, problem: "cannot read: \(Self.text(of: error))")
+            }
             if n == 0 { break }
             out.append(contentsOf: buf[0..<n])
             guard out.count <= limit else { throw KeyFileError(path: path, line: nil, problem: "file is larger than \(limit) bytes; is this the right file?") }
@@ -344,8 +353,12 @@ enum KeyFiles {
         defer { Sodium.wipe(&bytes) }
         var off = 0
         while off < bytes.count {
-            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
-            if n < 0 { if errno == EINTR { continue }; throw KeyFileError(path: path, line: nil, problem: "cannot write: \(errnoText())") }
+            let n: Int
+            do {
+                n = try checkedCall("write", on: path) { bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) } }
+            } catch {
+                throw KeyFileError(path: path, line: nil, problem: "cannot write: \(Self.text(of: error))")
+            }
             off += n
         }
         guard fsync(fd) == 0 else { throw KeyFileError(path: path, line: nil, problem: "cannot write: \(errnoText())") }

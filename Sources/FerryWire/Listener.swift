@@ -16,9 +16,9 @@ public final class Listener: Sendable {
     /// The bound address; for TCP with the real port when port 0 was asked for.
     public let endpoint: Endpoint
     let loop: EventLoop
-    private let core: ListenerCore
+    private let core: LoopBound<ListenerCore>
 
-    private init(endpoint: Endpoint, loop: EventLoop, core: ListenerCore) {
+    private init(endpoint: Endpoint, loop: EventLoop, core: LoopBound<ListenerCore>) {
         self.endpoint = endpoint
         self.loop = loop
         self.core = core
@@ -39,7 +39,7 @@ public final class Listener: Sendable {
             resolved = try await Transports.resolve(host: host, port: port, passive: true, on: loop)
         }
         let addresses = resolved
-        let (core, bound) = try await loop.submit { () throws -> (ListenerCore, Endpoint) in
+        let (core, bound) = try await loop.submit { () throws -> (LoopBound<ListenerCore>, Endpoint) in
             let stream: UVStream
             let bound: Endpoint
             do {
@@ -72,12 +72,12 @@ public final class Listener: Sendable {
             } catch let e as UVError {
                 throw SocketError.bindFailed(endpoint: endpoint.description, e)
             }
-            return (ListenerCore(stream: stream, endpoint: bound, unixPath: endpoint.unixPath), bound)
+            return (LoopBound(ListenerCore(stream: stream, endpoint: bound, unixPath: endpoint.unixPath), on: loop), bound)
         }
         return Listener(endpoint: bound, loop: loop, core: core)
     }
 
-    private static func bindUnixAgain(path: String, endpoint: Endpoint, loop: EventLoop) throws -> (ListenerCore, Endpoint) {
+    private static func bindUnixAgain(path: String, endpoint: Endpoint, loop: EventLoop) throws -> (LoopBound<ListenerCore>, Endpoint) {
         let stream: UVStream
         do { stream = try UVStream.pipe(on: loop) } catch { throw SocketError.bindFailed(endpoint: endpoint.description, error) }
         var rc = stream.bind(path: path)
@@ -86,7 +86,7 @@ public final class Listener: Sendable {
             stream.close()
             throw SocketError.bindFailed(endpoint: endpoint.description, UVError(rc))
         }
-        return (ListenerCore(stream: stream, endpoint: endpoint, unixPath: path), endpoint)
+        return (LoopBound(ListenerCore(stream: stream, endpoint: endpoint, unixPath: path), on: loop), endpoint)
     }
 
     /// True if `path` is a Unix socket nobody listens on (then it is removed).
@@ -115,7 +115,7 @@ public final class Listener: Sendable {
     /// The next incoming connection. Throws `SocketError.listenerClosed` if the
     /// listener is (or gets) closed.
     public func accept() async throws -> FrameTransport {
-        let (stream, peer) = try await core.accept(loop: loop)
+        let (stream, peer) = try await ListenerCore.accept(core, loop: loop)
         return await Transports.makeTransport(stream, peer: peer, on: loop)
     }
 
@@ -123,7 +123,7 @@ public final class Listener: Sendable {
     /// file this listener created is removed.
     public func close() {
         let core = self.core
-        loop.execute { core.close() }
+        loop.execute { core.value.close() }
     }
 }
 
@@ -134,10 +134,9 @@ extension Endpoint {
     }
 }
 
-/// The loop-side state of a listener.
-private final class ListenerCore: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: every member is used only on the
-    // loop thread (the `Listener` reaches it only through `loop.execute`).
+/// The loop-side state of a listener: loop-bound (the `Listener` reaches it
+/// only through `loop.execute`).
+private final class ListenerCore {
     let stream: UVStream
     let endpoint: Endpoint
     let unixPath: String?
@@ -153,31 +152,34 @@ private final class ListenerCore: @unchecked Sendable {
         stream.onConnection = { [weak self] status in self?.incoming(status) }
     }
 
-    func accept(loop: EventLoop) async throws -> (UVStream, String) {
-        let id = IDBox()
+    /// Waits for the next connection of `core`; from any thread.
+    static func accept(_ core: LoopBound<ListenerCore>, loop: EventLoop) async throws -> (UVStream, String) {
+        let id = LoopBound(AcceptID(), on: loop)
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { c in
                 let accepted = loop.execute {
-                    if self.closed {
-                        c.resume(throwing: SocketError.listenerClosed(endpoint: self.endpoint.description))
+                    let me = core.value
+                    if me.closed {
+                        c.resume(throwing: SocketError.listenerClosed(endpoint: me.endpoint.description))
                         return
                     }
-                    if id.cancelled {
+                    if id.value.cancelled {
                         c.resume(throwing: CancellationError())
                         return
                     }
-                    self.nextID += 1
-                    id.value = self.nextID
-                    self.waiters.append((self.nextID, c))
-                    self.serve()
+                    me.nextID += 1
+                    id.value.value = me.nextID
+                    me.waiters.append((me.nextID, c))
+                    me.serve()
                 }
                 if !accepted { c.resume(throwing: EventLoopError.shutDown(name: loop.name)) }
             }
         } onCancel: {
             loop.execute {
-                id.cancelled = true
-                guard let i = self.waiters.firstIndex(where: { $0.id == id.value }) else { return }
-                self.waiters.remove(at: i).continuation.resume(throwing: CancellationError())
+                id.value.cancelled = true
+                let me = core.value
+                guard let i = me.waiters.firstIndex(where: { $0.id == id.value.value }) else { return }
+                me.waiters.remove(at: i).continuation.resume(throwing: CancellationError())
             }
         }
     }
@@ -225,9 +227,8 @@ private final class ListenerCore: @unchecked Sendable {
     }
 }
 
-/// Identifies one pending accept for its cancellation handler.
-private final class IDBox: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: used only on the loop thread.
+/// Identifies one pending accept for its cancellation handler (loop-bound).
+private final class AcceptID {
     var value: UInt64 = 0
     var cancelled = false
 }

@@ -11,6 +11,7 @@
 // below 1024 need CAP_NET_BIND_SERVICE).
 import Glibc
 import Synchronization
+import FerryToolkit
 
 /// The bounds of the metrics endpoint.
 public struct MetricsServerLimits: Sendable {
@@ -55,9 +56,9 @@ public enum MetricsServerError: Error, CustomStringConvertible, Sendable, Equata
             case EADDRNOTAVAIL: advice = "; no interface of this host has that address: use 127.0.0.1 or 0.0.0.0"
             default: advice = ""
             }
-            return "cannot serve metrics on \(address): \(String(cString: strerror(code)))\(advice)"
+            return "cannot serve metrics on \(address): \(SystemError.text(code))\(advice)"
         case .cannotStart(let address, let code):
-            return "cannot serve metrics on \(address): no thread for it (\(String(cString: strerror(code))))"
+            return "cannot serve metrics on \(address): no thread for it (\(SystemError.text(code)))"
         }
     }
 }
@@ -92,22 +93,14 @@ public final class MetricsServer: Sendable {
         address = host.contains(":") ? "[\(host)]:\(bound)" : "\(host):\(bound)"
         listener = fd
         wakeWrite = pipeFDs[1]
+        // Handed to the server thread, the only one that uses it from then on.
         let loop = Loop(listener: fd, wake: pipeFDs[0], limits: limits, render: render)
-        // SAFETY: one retain, taken back by the thread, or released below if it never starts.
-        let context = Unmanaged.passRetained(loop).toOpaque()
-        var started = pthread_t()
-        let rc = pthread_create(&started, nil, { argument in
-            // SAFETY: the retained Loop passed below; taken back exactly once, here.
-            let loop = Unmanaged<Loop>.fromOpaque(argument!).takeRetainedValue()
-            loop.run()
-            return nil
-        }, context)
-        guard rc == 0 else {
-            Unmanaged<Loop>.fromOpaque(context).release()
+        do {
+            thread = try startThread(for: "the metrics server on \(shown)") { loop.run() }
+        } catch {
             for fd in [fd, pipeFDs[0], pipeFDs[1]] { Glibc.close(fd) }
-            throw MetricsServerError.cannotStart(address: shown, errno: rc)
+            throw MetricsServerError.cannotStart(address: shown, errno: (error as? SystemError)?.errno ?? EAGAIN)
         }
-        thread = started
     }
 
     deinit { close() }
@@ -117,7 +110,8 @@ public final class MetricsServer: Sendable {
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         var byte: UInt8 = 1
-        _ = write(wakeWrite, &byte, 1)
+        // The pipe is ours and non-blocking: a full pipe means the thread is waking already.
+        _ = try? systemCall("write", on: "the metrics server's wake pipe") { write(wakeWrite, &byte, 1) }
         pthread_join(thread, nil)
         Glibc.close(wakeWrite)
         Glibc.close(listener)
@@ -195,10 +189,9 @@ private enum Socket {
     static let closeOnExec: Int32 = 0o2000000
 }
 
-/// The server thread's state: only that thread touches it after `run` starts.
-private final class Loop: @unchecked Sendable {
-    // @unchecked Sendable invariant: handed to the server thread once at
-    // start (through Unmanaged); from then on only that thread uses it.
+/// The server thread's state: only that thread touches it after `run` starts
+/// (not Sendable: the closure that starts the thread hands it over).
+private final class Loop {
     let listener: Int32
     let wake: Int32
     let limits: MetricsServerLimits
@@ -238,11 +231,9 @@ private final class Loop: @unchecked Sendable {
             var wait: Int32 = -1
             if let next = clients.values.map(\.deadline).min() {
                 let left = next - now
-                let ms = left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1
-                wait = Int32(clamping: max(0, ms))
+                wait = Int32(clamping: max(0, left.wholeMilliseconds + 1))
             }
-            let ready = poll(&fds, nfds_t(fds.count), wait)
-            if ready < 0 && errno != EINTR { return }
+            guard (try? checkedCall("poll", on: "the metrics server", { poll(&fds, nfds_t(fds.count), wait) })) != nil else { return }
             if fds[0].revents != 0 { return }
             var index = 1
             if accepting {
@@ -280,9 +271,13 @@ private final class Loop: @unchecked Sendable {
         if client.answer.isEmpty {
             // Reading the request head; never more than the limit plus one read.
             var chunk = [UInt8](repeating: 0, count: 2048)
-            let n = recv(fd, &chunk, chunk.count, 0)
-            if n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR) { return drop(fd) }
-            if n < 0 { return }
+            let n: Int
+            switch try? systemCall("recv", on: "a metrics client", { recv(fd, &chunk, chunk.count, 0) }) {
+            case .done(let got)?: n = got
+            case .wouldBlock?: return
+            case nil: return drop(fd)
+            }
+            if n == 0 { return drop(fd) }
             client.request += chunk[..<n]
             if let head = Self.head(of: client.request) {
                 client.answer = answer(to: head)
@@ -299,11 +294,16 @@ private final class Loop: @unchecked Sendable {
         }
         // Writing the answer.
         // SAFETY: `written` < `answer.count` here, so the pointer and length stay inside the answer.
-        let n = client.answer.withUnsafeBytes { bytes in
-            send(fd, bytes.baseAddress! + client.written, bytes.count - client.written, Int32(MSG_NOSIGNAL))
+        let sent = try? systemCall("send", on: "a metrics client") {
+            client.answer.withUnsafeBytes { bytes in
+                send(fd, bytes.baseAddress! + client.written, bytes.count - client.written, Int32(MSG_NOSIGNAL))
+            }
         }
-        if n < 0 && errno != EAGAIN && errno != EINTR { return drop(fd) }
-        if n > 0 { client.written += n }
+        switch sent {
+        case .done(let n)?: client.written += n
+        case .wouldBlock?: break
+        case nil: return drop(fd)
+        }
         if client.written >= client.answer.count {
             shutdown(fd, Int32(SHUT_WR))
             return drop(fd)

@@ -15,6 +15,7 @@
 // order. Waiters re-check at least every `maxSleep`, so a cap changed while
 // a migration runs takes effect within that, in both directions.
 import Synchronization
+import FerryToolkit
 
 /// A bandwidth cap in bytes per second, parsed from `200M`, `1G`, `1.5GiB/s`.
 public struct BandwidthRate: Sendable, Equatable, CustomStringConvertible {
@@ -266,7 +267,7 @@ public final class Pacer: Sendable {
         let origin = ContinuousClock.now
         return {
             let elapsed = ContinuousClock.now - origin
-            return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            return elapsed.inSeconds
         }
     }()
 }

@@ -3,6 +3,7 @@
 // cancellation, keepalive and idle timeout over any FrameTransport.
 
 import Synchronization
+import FerryToolkit
 
 /// Limits and timers of an RPC connection (Protocols/wire.md § Limits).
 public struct RPCOptions: Sendable {
@@ -294,7 +295,7 @@ final class RPCClientCore: Sendable {
                 shutdown(RPCError(.idleTimeout, "nothing received from \(transport.peerDescription) for \(idle) (limit \(limit)); connection closed"))
                 return
             }
-            if idle >= interval, clock.nanoseconds - lastPing >= Int64(interval.components.seconds) * 1_000_000_000 + interval.components.attoseconds / 1_000_000_000 {
+            if idle >= interval, clock.nanoseconds - lastPing >= interval.wholeNanoseconds {
                 lastPing = clock.nanoseconds
                 try? outbox.enqueue(RPCMessage.frame(.ping, id: UInt32(truncatingIfNeeded: lastPing)))
             }

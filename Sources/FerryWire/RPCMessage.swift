@@ -345,15 +345,17 @@ extension Outbox {
 /// Hands one frame to a child task without a second reference to its buffer
 /// (a captured array would be copied when the encoding flag is appended).
 ///
-/// `@unchecked Sendable` invariant: `take()` is called once, by the one task
-/// the box was made for, after the creating task stopped touching it.
-private final class FrameBox: @unchecked Sendable {
-    private var frame: [UInt8]
-    init(_ frame: consuming [UInt8]) { self.frame = frame }
+/// `take()` is called once, by the one task the box was made for; the
+/// (uncontended) lock makes the hand-over plainly safe.
+private final class FrameBox: Sendable {
+    private let frame: Mutex<[UInt8]>
+    init(_ frame: consuming [UInt8]) { self.frame = Mutex(frame) }
     func take() -> [UInt8] {
-        var out: [UInt8] = []
-        swap(&out, &frame)
-        return out
+        frame.withLock { frame in
+            var out: [UInt8] = []
+            swap(&out, &frame)
+            return out
+        }
     }
 }
 
@@ -361,9 +363,9 @@ private final class FrameBox: @unchecked Sendable {
 struct MonotonicClock: Sendable {
     let base = ContinuousClock.now
     var nanoseconds: Int64 {
-        let d = base.duration(to: .now).components
-        return d.seconds * 1_000_000_000 + d.attoseconds / 1_000_000_000
+        base.duration(to: .now).wholeNanoseconds
     }
 }
 
 import Synchronization
+import FerryToolkit

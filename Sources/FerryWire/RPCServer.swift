@@ -3,6 +3,7 @@
 // keepalive and idle timeout over any FrameTransport.
 
 import Synchronization
+import FerryToolkit
 
 /// Streams parts of a response before the handler returns its final payload.
 public struct RPCPartWriter: Sendable {
@@ -146,7 +147,7 @@ public final class RPCServer: Sendable {
         let interval = options.keepaliveInterval, limit = options.idleTimeout
         let tick = min(interval, limit / 4)
         var lastPing: Int64 = -(1 << 62)
-        let intervalNs = Int64(interval.components.seconds) * 1_000_000_000 + interval.components.attoseconds / 1_000_000_000
+        let intervalNs = interval.wholeNanoseconds
         while !Task.isCancelled {
             do { try await Task.sleep(for: tick) } catch { return }
             let idleNs = clock.nanoseconds - lastReceive.load(ordering: .relaxed)

@@ -90,7 +90,7 @@ public enum StdioError: Error, CustomStringConvertible, Sendable {
         case .cannotOpen(let fd, let kind, let e):
             return "cannot use \(Self.name(fd)) (a \(kind)) as a transport: \(e)"
         case .notOpen(let fd, let errno):
-            return "\(Self.name(fd)) is not open (\(String(cString: strerror(errno)))); the stdio transport needs both standard input and output"
+            return "\(Self.name(fd)) is not open (\(SystemError.text(errno))); the stdio transport needs both standard input and output"
         }
     }
 
@@ -106,3 +106,4 @@ public enum StdioError: Error, CustomStringConvertible, Sendable {
 #if canImport(Glibc)
 import Glibc
 #endif
+import FerryToolkit

@@ -26,11 +26,13 @@
 internal import CUV
 import Glibc
 import Synchronization
+import FerryToolkit
 
-final class StreamTransport: FrameTransport, @unchecked Sendable {
-    // Invariant for @unchecked Sendable: members marked "loop thread" are used
-    // only on `loop`'s thread; everything shared is inside `state` (a Mutex)
-    // or `limit` (an Atomic); the rest are immutable.
+/// Plainly Sendable: the loop thread's part is in `onLoop` (a `LoopBound`),
+/// everything shared is inside `state` (a Mutex) or `limit` (an Atomic), the
+/// rest is immutable. Reading, writing and closing on the loop thread are in
+/// StreamTransport+Loop.swift.
+final class StreamTransport: FrameTransport {
 
     /// Bytes queued for sending above which `send` suspends. 8 MiB keeps a
     /// loopback or LAN pipe full (several socket buffers' worth) while bounding
@@ -61,18 +63,43 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     let loop: EventLoop
     public let peerDescription: String
 
+    /// What only the loop thread touches: the handles and the decoder.
+    struct OnLoop {
+        var input: UVStream?
+        var output: UVStream?
+        var decoder: FrameDecoder
+        var stash: [UInt8] = []                // bytes after a header that stopped the decoder
+        var lingerTimer: UVTimer?
+    }
+    let onLoop: LoopBound<OnLoop>
+
     // Loop thread.
-    private var input: UVStream?
-    private var output: UVStream?
-    private var decoder: FrameDecoder
-    private var stash: [UInt8] = []            // bytes after a header that stopped the decoder
-    private var lingerTimer: UVTimer?
+    var input: UVStream? {
+        get { onLoop.value.input }
+        set { onLoop.value.input = newValue }
+    }
+    var output: UVStream? {
+        get { onLoop.value.output }
+        set { onLoop.value.output = newValue }
+    }
+    var decoder: FrameDecoder {
+        _read { yield onLoop.value.decoder }
+        _modify { yield &onLoop.value.decoder }
+    }
+    var stash: [UInt8] {
+        _read { yield onLoop.value.stash }
+        _modify { yield &onLoop.value.stash }
+    }
+    var lingerTimer: UVTimer? {
+        get { onLoop.value.lingerTimer }
+        set { onLoop.value.lingerTimer = newValue }
+    }
 
-    private enum Item { case frame([UInt8]); case oversized(Int) }
-    private enum DeferredClose { case graceful, now }
-    private enum ReadEnd { case eof; case failed(any Error) }
+    enum Item { case frame([UInt8]); case oversized(Int) }
+    enum DeferredClose { case graceful, now }
+    enum ReadEnd { case eof; case failed(any Error) }
 
-    private struct State {
+    struct State {
         var inbox: [Item] = []
         var head = 0
         var inboxBytes = 0
@@ -97,16 +124,16 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         var decoderBlocked = false
         var opened = false
     }
-    private let state = Mutex(State())
-    private let limit: Atomic<Int>
+    let state = Mutex(State())
+    let limit: Atomic<Int>
 
-    private struct Effects {
+    struct Effects {
         var resumeReading = false
         var resumeDecoder = false
         var failure: (any Error)? = nil
     }
 
-    private enum Next {
+    enum Next {
         case frame([UInt8]), end, failed(any Error), wait
     }
 
@@ -114,19 +141,18 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     init(loop: EventLoop, peer: String) {
         self.loop = loop
         self.peerDescription = peer
-        self.decoder = FrameDecoder(maxFrameSize: Self.defaultMaxIncomingFrameSize)
+        self.onLoop = LoopBound(OnLoop(decoder: FrameDecoder(maxFrameSize: Self.defaultMaxIncomingFrameSize)), on: loop)
         self.limit = Atomic(Self.defaultMaxIncomingFrameSize)
     }
 
     deinit {
         // Dropped without close(): close the handles so descriptors do not leak.
-        let input = self.input, output = self.output, timer = lingerTimer
-        if input != nil || output != nil || timer != nil {
-            loop.execute {
-                input?.close()
-                output?.close()
-                timer?.close()
-            }
+        let onLoop = self.onLoop
+        loop.execute {
+            let handles = onLoop.value
+            handles.input?.close()
+            handles.output?.close()
+            handles.lingerTimer?.close()
         }
     }
 
@@ -135,6 +161,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     /// Attaches the stream(s) and starts reading. `input` and `output` may be
     /// the same handle (sockets) or two (standard input and output).
     func attach(input: UVStream, output: UVStream) {
+        assert(loop.inLoopThread, "handles are attached on the loop thread")
         self.input = input
         self.output = output
         input.onRead = { [weak self] event in self?.didRead(event) }
@@ -212,7 +239,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     /// sendmsg with MSG_NOSIGNAL cannot raise SIGPIPE on this thread.
     static let directWrites = true
 
-    private func writeDirectly(_ frame: [UInt8], to fd: Int32) -> (any Error)? {
+    func writeDirectly(_ frame: [UInt8], to fd: Int32) -> (any Error)? {
         let h = FrameDecoder.header(forLength: frame.count)
         var prefix = (h.0, h.1, h.2, h.3)
         let total = frame.count + FrameDecoder.headerSize
@@ -228,13 +255,14 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
                     var message = msghdr()
                     message.msg_iov = iovs.baseAddress!.assumingMemoryBound(to: iovec.self)
                     message.msg_iovlen = payload.isEmpty ? 1 : 2
-                    while true {
-                        let n = sendmsg(fd, &message, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
-                        if n >= 0 { written = n; return }
-                        if errno == EINTR { continue }
-                        if errno != EAGAIN && errno != EWOULDBLOCK { error = errno }
-                        return
-                    }
+                    do {
+                        let result = try systemCall("sendmsg", on: peerDescription) {
+                            sendmsg(fd, &message, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+                        }
+                        if case .done(let n) = result { written = n }
+                    } catch let failure as SystemError {
+                        error = failure.errno
+                    } catch {}
                 }
             }
         }
@@ -276,7 +304,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     }
 
     /// Backpressure: suspends until the send queue is below the low-water mark.
-    private func waitForRoom() async throws {
+    func waitForRoom() async throws {
         let id = state.withLock { s -> UInt64 in s.nextID += 1; return s.nextID }
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
@@ -341,7 +369,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         }
     }
 
-    private static func resume(_ c: CheckedContinuation<[UInt8]?, any Error>, with next: Next) {
+    static func resume(_ c: CheckedContinuation<[UInt8]?, any Error>, with next: Next) {
         switch next {
         case .frame(let f): c.resume(returning: f)
         case .end: c.resume(returning: nil)
@@ -351,7 +379,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
     }
 
     /// Takes the next thing `receive` should return, with the state locked.
-    private func nextLocked(_ s: inout State, _ effects: inout Effects) -> Next {
+    func nextLocked(_ s: inout State, _ effects: inout Effects) -> Next {
         if s.closed { return .end }
         if s.inboxCount > 0 {
             switch s.inbox[s.head] {
@@ -397,7 +425,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         }
     }
 
-    private func perform(_ effects: Effects) {
+    func perform(_ effects: Effects) {
         if let failure = effects.failure {
             fail(failure)
         }
@@ -432,7 +460,7 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
 
     /// Ends the transport with `error`: waiting calls throw it, queued frames
     /// are dropped, the handles close.
-    private func fail(_ error: any Error) {
+    func fail(_ error: any Error) {
         let (receiver, senders) = state.withLock { s -> (CheckedContinuation<[UInt8]?, any Error>?, [CheckedContinuation<Void, any Error>]) in
             failLocked(&s, error)
             // A waiting receiver has, by definition, an empty inbox.
@@ -447,294 +475,10 @@ final class StreamTransport: FrameTransport, @unchecked Sendable {
         for w in senders { w.resume(throwing: error) }
     }
 
-    private func failLocked(_ s: inout State, _ error: any Error) {
+    func failLocked(_ s: inout State, _ error: any Error) {
         if s.failure == nil { s.failure = error }
         if s.readEnd == nil { s.readEnd = .failed(error) }
         s.outbox = []
         s.outboxSkip = 0
     }
-
-    // MARK: Reading (loop thread)
-
-    private func didRead(_ event: UVReadEvent) {
-        switch event {
-        case .bytes(let bytes):
-            process(bytes)
-        case .direct(let n):
-            var frames: [[UInt8]] = []
-            decoder.bodyReceived(n) { frames.append($0) }
-            if !frames.isEmpty { handOver(frames, oversized: nil) }
-        case .eof:
-            do {
-                try decoder.finish()
-                endReading(.eof)
-            } catch .closedMidFrame(let received, let expected) {
-                endReading(.failed(TransportError.truncatedFrame(peer: peerDescription, expected: expected, received: received)))
-            } catch {
-                // An oversized header is pending: the stream also ended, so the
-                // frame can never arrive whatever the limit becomes.
-                endReading(.failed(TransportError.truncatedFrame(peer: peerDescription, expected: decoder.oversizedAnnouncement ?? 0, received: 0)))
-            }
-        case .error(let e):
-            if e.code == Int32(UV_ECONNRESET.rawValue) {
-                endReading(.failed(SocketError.connectionReset(peer: peerDescription)))
-            } else {
-                endReading(.failed(SocketError.readFailed(peer: peerDescription, e)))
-            }
-        }
-    }
-
-    private func endReading(_ end: ReadEnd) {
-        input?.stopReading()
-        let receiver = state.withLock { s -> CheckedContinuation<[UInt8]?, any Error>? in
-            if s.readEnd == nil { s.readEnd = end }
-            if s.inboxCount == 0, let r = s.receiver {
-                s.receiver = nil
-                return r
-            }
-            return nil
-        }
-        guard let receiver else { return }
-        switch end {
-        case .eof: receiver.resume(returning: nil)
-        case .failed(let e): receiver.resume(throwing: e)
-        }
-    }
-
-    /// Decodes `bytes` and hands the frames over. Returns false if decoding
-    /// stopped at an oversized header (reading is then stopped).
-    @discardableResult
-    private func process(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        decoder.maxFrameSize = limit.load(ordering: .relaxed)
-        var frames: [[UInt8]] = []
-        let consumed = decoder.feed(bytes) { frames.append($0) }
-        let oversized = decoder.oversizedAnnouncement
-        if oversized != nil {
-            // Keep what follows the header; it is decoded if the limit is raised.
-            stash = Array(UnsafeRawBufferPointer(rebasing: bytes[consumed...]))
-            input?.stopReading()
-        }
-        if frames.isEmpty && oversized == nil { return true }
-        handOver(frames, oversized: oversized)
-        return oversized == nil
-    }
-
-    /// Reads of at least this many bytes go straight into the frame body
-    /// (no copy through the read buffer); smaller remainders are not worth a
-    /// separate read.
-    static let directReadMinimum = 64 << 10
-
-    private func directReadRegion() -> UnsafeMutableRawBufferPointer? {
-        decoder.bodyRegion(minimum: Self.directReadMinimum)
-    }
-
-    /// Queues decoded frames for `receive` (and hands one to a waiting receiver).
-    private func handOver(_ frames: [[UInt8]], oversized: Int?) {
-        var effects = Effects()
-        var pause = false
-        let handoff = state.withLock { s -> (CheckedContinuation<[UInt8]?, any Error>, Next)? in
-            if s.closed || s.failure != nil { return nil }
-            for f in frames {
-                s.inbox.append(.frame(f))
-                s.inboxBytes += f.count
-            }
-            if let n = oversized {
-                s.inbox.append(.oversized(n))
-                s.decoderBlocked = true
-            }
-            if !s.readPaused && (s.inboxBytes > Self.receiveHighWater || s.inboxCount > Self.receiveMaxFrames) {
-                s.readPaused = true
-                pause = true
-            }
-            if let r = s.receiver {
-                let n = nextLocked(&s, &effects)
-                if case .wait = n { return nil }
-                s.receiver = nil
-                return (r, n)
-            }
-            return nil
-        }
-        if pause { input?.stopReading() }
-        perform(effects)
-        if let (c, n) = handoff { Self.resume(c, with: n) }
-    }
-
-    private func resumeReading() {
-        let go = state.withLock { s -> Bool in
-            s.readResumeScheduled = false
-            guard s.readPaused, !s.decoderBlocked, s.readEnd == nil, !s.closed else { return false }
-            if s.inboxBytes > Self.receiveLowWater || s.inboxCount > Self.receiveResumeFrames { return false }
-            s.readPaused = false
-            return true
-        }
-        if go { startReading() }
-    }
-
-    /// The consumer reached an oversized header and the limit now allows it.
-    private func resumeDecoder() {
-        decoder.maxFrameSize = limit.load(ordering: .relaxed)
-        guard decoder.resume() else {
-            // Lowered again in between: the frame is refused after all.
-            let n = decoder.oversizedAnnouncement ?? 0
-            fail(TransportError.frameTooLarge(peer: peerDescription, size: n, limit: decoder.maxFrameSize))
-            return
-        }
-        state.withLock { $0.decoderBlocked = false }
-        let pending = stash
-        stash = []
-        let unblocked = pending.withUnsafeBytes { process($0) }
-        // Processing the stash may itself have paused reading.
-        let paused = state.withLock { s in s.readPaused || s.closed || s.readEnd != nil || s.failure != nil }
-        if unblocked && !paused { startReading() }
-    }
-
-    /// Starts (or restarts) reading; "already reading" is not an error.
-    private func startReading() {
-        guard let input, !input.isClosing else { return }
-        let rc = input.startReading()
-        if rc != 0 && rc != Int32(UV_EALREADY.rawValue) {
-            fail(SocketError.readFailed(peer: peerDescription, UVError(rc)))
-        }
-    }
-
-    // MARK: Writing (loop thread)
-
-    private func flush() {
-        guard let output, !output.isClosing else {
-            state.withLock { $0.flushScheduled = false }
-            return
-        }
-        let (frames, skip) = state.withLock { s -> ([[UInt8]], Int) in
-            s.flushScheduled = false
-            // A direct writer is mid-sendmsg: it schedules a flush when done.
-            if !s.opened || s.directWriter || s.outbox.isEmpty { return ([], 0) }
-            let taken = (s.outbox, s.outboxSkip)
-            s.outbox = []
-            s.outboxSkip = 0
-            s.writesInFlight += (taken.0.count + Self.maxFramesPerWrite - 1) / Self.maxFramesPerWrite
-            return taken
-        }
-        guard !frames.isEmpty else { return }
-        var start = 0
-        while start < frames.count {
-            let end = min(frames.count, start + Self.maxFramesPerWrite)
-            let chunk = end - start == frames.count ? frames : Array(frames[start ..< end])
-            let first = start == 0 ? skip : 0
-            let bytes = chunk.reduce(0) { $0 + $1.count + FrameDecoder.headerSize } - first
-            let rc = output.writeFrames(chunk, skipFirst: first) { [self] status in self.didWrite(bytes: bytes, status: status) }
-            if rc != 0 {
-                let unsent = (frames.count - start + Self.maxFramesPerWrite - 1) / Self.maxFramesPerWrite
-                state.withLock { $0.writesInFlight -= unsent }
-                fail(writeError(rc))
-                return
-            }
-            start = end
-        }
-    }
-
-    private func writeError(_ code: Int32) -> any Error {
-        if code == Int32(UV_EPIPE.rawValue) || code == Int32(UV_ECONNRESET.rawValue) {
-            return TransportError.peerClosed(peer: peerDescription)
-        }
-        return SocketError.writeFailed(peer: peerDescription, UVError(code))
-    }
-
-    private func didWrite(bytes: Int, status: Int32) {
-        let woken = state.withLock { s -> [CheckedContinuation<Void, any Error>] in
-            s.queuedBytes -= bytes
-            s.writesInFlight -= 1
-            guard s.queuedBytes <= Self.sendLowWater, !s.senders.isEmpty else { return [] }
-            defer { s.senders = [] }
-            return s.senders.map(\.continuation)
-        }
-        for w in woken { w.resume() }
-        if status != 0 && status != UVError.canceled {
-            fail(writeError(status))
-        }
-    }
-
-    // MARK: Closing (loop thread)
-
-    /// Local close: write what `send` already accepted, shut the write side
-    /// down so the peer reads a clean end of stream, then close the handles.
-    private func closeGracefully() {
-        let busy = state.withLock { s -> Bool in
-            if s.directWriter {
-                // Never shut down or close under a sendmsg in progress; the
-                // writer calls us again when it is done.
-                if s.deferredClose == nil { s.deferredClose = .graceful }
-                return true
-            }
-            s.directFD = -1
-            return false
-        }
-        if busy { return }
-        flush()
-        input?.stopReading()
-        guard let output, !output.isClosing else {
-            closeHandlesNow()
-            return
-        }
-        if let input, input !== output { input.close() }
-        let rc = output.shutdown { [self] _ in self.closeHandlesNow() }
-        if rc != 0 {
-            closeHandlesNow()
-            return
-        }
-        // A peer that never reads would hold the shutdown (and the descriptor) forever.
-        let timer = UVTimer(loop: loop)
-        lingerTimer = timer
-        timer.start(milliseconds: Self.closeLingerMilliseconds) { [self] in self.closeHandlesNow() }
-    }
-
-    /// Test hook: what this transport's descriptors point at ("socket:[123]"),
-    /// to check after closing that none is still open.
-    func descriptorLinks() async throws -> [String] {
-        try await loop.submit { [self] in
-            var links: [String] = []
-            for stream in [input, output].compactMap({ $0 }) {
-                guard let fd = stream.descriptor else { continue }
-                var buf = [CChar](repeating: 0, count: 256)
-                let n = readlink("/proc/self/fd/\(fd)", &buf, buf.count - 1)
-                if n > 0 { links.append(String(decoding: buf[0 ..< n].map { UInt8(bitPattern: $0) }, as: UTF8.self)) }
-            }
-            return Array(Set(links))
-        }
-    }
-
-    private func closeHandlesNow() {
-        let busy = state.withLock { s -> Bool in
-            if s.directWriter {
-                // Closing now could let the writer's descriptor number be reused
-                // under it; the writer calls us again when it is done.
-                s.deferredClose = .now
-                return true
-            }
-            s.directFD = -1
-            return false
-        }
-        if busy { return }
-        input?.close()
-        output?.close()
-        lingerTimer?.close()
-        lingerTimer = nil
-    }
 }
-
-#if FERRY_TSAN_LOCK
-// Debug aid: ThreadSanitizer cannot see the synchronisation inside
-// Synchronization.Mutex on Linux and reports every State access as a race.
-// This pthread-based stand-in (same API) makes the real races visible:
-//   swift build --build-tests --sanitize=thread -Xswiftc -DFERRY_TSAN_LOCK
-//   swift test --skip-build --sanitize=thread --filter TransportTests
-// (clean at commit time: 39 tests, no reports).
-fileprivate final class Mutex<Value>: @unchecked Sendable {
-    private var m = pthread_mutex_t()
-    private var value: Value
-    init(_ v: Value) { value = v; pthread_mutex_init(&m, nil) }
-    func withLock<R, E: Error>(_ body: (inout Value) throws(E) -> R) throws(E) -> R {
-        pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
-        return try body(&value)
-    }
-}
-#endif

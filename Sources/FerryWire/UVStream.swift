@@ -37,9 +37,8 @@ public struct UVError: Error, Sendable, Hashable, CustomStringConvertible {
 }
 
 /// A socket address (IPv4, IPv6) as returned by the resolver or getsockname.
-struct SocketAddress: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: a plain value (bytes of a
-    // sockaddr_storage), never shared by reference.
+/// A plain value: the bytes of a sockaddr_storage.
+struct SocketAddress: Sendable {
     var storage = sockaddr_storage()
 
     var family: Int32 { Int32(storage.ss_family) }
@@ -94,9 +93,7 @@ enum UVReadEvent {
 
 /// A libuv stream handle (`uv_tcp_t`, `uv_pipe_t` or `uv_tty_t`).
 final class UVStream: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: every member is used only on
-    // `loop`'s thread; other threads only pass the reference along to jobs
-    // submitted with `loop.execute`.
+    // `@unchecked Sendable` invariant: members are used only on `loop`'s thread (asserted); others only pass it to `loop.execute` jobs.
 
     /// Bytes per read: large enough that a 1 MiB frame takes few reads, small
     /// enough to stay in the L2 cache while it is copied into the frame.
@@ -219,6 +216,7 @@ final class UVStream: @unchecked Sendable {
     /// Closes the handle (once; later calls do nothing). Pending writes fail
     /// with UV_ECANCELED; `onClose` runs from the close callback.
     func close() {
+        assertOnLoop()
         guard initialised, !isClosing else { return }
         isClosing = true
         onRead = nil
@@ -283,7 +281,13 @@ final class UVStream: @unchecked Sendable {
     // MARK: Reading
 
     func startReading() -> Int32 {
-        uv_read_start(stream, uvStreamAlloc, uvStreamRead)
+        assertOnLoop()
+        return uv_read_start(stream, uvStreamAlloc, uvStreamRead)
+    }
+
+    /// Debug builds check the threading contract at the handle's entry points.
+    private func assertOnLoop() {
+        assert(loop.inLoopThread, "a libuv stream is used on its loop's thread only")
     }
 
     func stopReading() {
@@ -331,6 +335,7 @@ final class UVStream: @unchecked Sendable {
     /// `skipFirst` bytes of the first frame (prefix included) were already
     /// written by someone else and are left out.
     func writeFrames(_ frames: [[UInt8]], skipFirst: Int = 0, completion: @escaping (Int32) -> Void) -> Int32 {
+        assertOnLoop()
         let request = UVWriteRequest(frames: frames, completion: completion)
         let bufferCount = frames.count * 2
         let rc = withUnsafeTemporaryAllocation(of: uv_buf_t.self, capacity: bufferCount) { bufs -> Int32 in
@@ -371,9 +376,6 @@ final class UVStream: @unchecked Sendable {
         if rc != 0 { request.abandon() }
         return rc
     }
-
-    /// Bytes libuv holds in its write queue (not yet taken by the kernel).
-    var writeQueueSize: Int { uv_stream_get_write_queue_size(stream) }
 
     // MARK: Connecting and listening
 
@@ -532,8 +534,9 @@ private func uvShutdownDone(_ req: UnsafeMutablePointer<uv_shutdown_t>?, _ statu
 }
 
 /// A one-shot libuv timer.
-final class UVTimer: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: used only on `loop`'s thread.
+/// Not Sendable: created, started and closed on `loop`'s thread (asserted).
+final class UVTimer {
+    let loop: EventLoop
     // SAFETY: allocated in init, freed in deinit, which cannot run before the
     // close callback releases the retain held in `data`.
     private let timer: UnsafeMutablePointer<uv_timer_t>
@@ -541,6 +544,8 @@ final class UVTimer: @unchecked Sendable {
     fileprivate var onFire: (() -> Void)?
 
     init(loop: EventLoop) {
+        assert(loop.inLoopThread, "a libuv timer is made on its loop's thread")
+        self.loop = loop
         timer = .allocate(capacity: 1)
         // uv_timer_init cannot fail on Unix (it only fills in the struct).
         uv_timer_init(loop.loop, timer)
@@ -551,6 +556,7 @@ final class UVTimer: @unchecked Sendable {
 
     /// Fires `body` once after `milliseconds`, unless closed first.
     func start(milliseconds: UInt64, _ body: @escaping () -> Void) {
+        assert(loop.inLoopThread, "a libuv timer is used on its loop's thread")
         guard !isClosing else { return }
         onFire = body
         uv_timer_start(timer, uvTimerFired, milliseconds, 0)
@@ -558,6 +564,7 @@ final class UVTimer: @unchecked Sendable {
 
     /// Stops and closes the timer (once).
     func close() {
+        assert(loop.inLoopThread, "a libuv timer is closed on its loop's thread")
         guard !isClosing else { return }
         isClosing = true
         onFire = nil

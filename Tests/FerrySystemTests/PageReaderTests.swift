@@ -198,19 +198,4 @@ private final class Buffer {
         #expect(try reader.read(ranges, into: buffer.bytes) == 8)
         #expect(buffer.word(0) == 0x55)
     }
-
-    @Test func isZeroChecksEveryByte() {
-        let buffer = Buffer(4096 + 13)
-        buffer.bytes.initializeMemory(as: UInt8.self, repeating: 0)
-        #expect(PageReader.isZero(UnsafeRawBufferPointer(buffer.bytes)))
-        #expect(PageReader.isZero(UnsafeRawBufferPointer(rebasing: buffer.bytes[0..<0])))
-        for position in [0, 7, 8, 63, 64, 1000, 4095, 4096, 4100, 4108] {
-            buffer.bytes[position] = 1
-            #expect(!PageReader.isZero(UnsafeRawBufferPointer(buffer.bytes)), "byte \(position)")
-            // Unaligned views too.
-            #expect(!PageReader.isZero(UnsafeRawBufferPointer(rebasing: buffer.bytes[(position > 0 ? 1 : 0)...])))
-            buffer.bytes[position] = 0
-        }
-        #expect(PageReader.isZero(UnsafeRawBufferPointer(rebasing: buffer.bytes[3..<4099])))
-    }
 }

@@ -5,7 +5,7 @@
 //   write  per-first-write cost of each tracker vs the same writer untracked
 //   scan   dirty scan time over 1 GiB with 0 %, 1 %, 10 %, 100 % of pages written
 //   read   page read throughput (PageReader and TrackedProcess.read) vs memcpy
-//   zero   PageReader.isZero throughput
+//   zero   isAllZero (FerryToolkit) throughput
 //
 // Build and run in release mode:
 //   swift build -c release --product ferry-bench-system && swift build -c release --product memwriter
@@ -13,6 +13,7 @@
 // The redis figure comes from Tools/bench-redis.sh.
 import Dispatch
 import FerrySystem
+import FerryToolkit
 import CFerryLinux
 import FerryTestSupport
 #if canImport(Glibc)
@@ -333,12 +334,12 @@ func benchZero() {
     for _ in 0..<3 {
         let t = now()
         zeros = 0
-        for page in stride(from: 0, to: size, by: 4096) where PageReader.isZero(UnsafeRawBufferPointer(rebasing: buffer[page..<page + 4096])) {
+        for page in stride(from: 0, to: size, by: 4096) where isAllZero(UnsafeRawBufferPointer(rebasing: buffer[page..<page + 4096])) {
             zeros += 1
         }
         best = min(best, now() - t)
     }
-    say("== zero: PageReader.isZero over 256 MiB of zero pages: \(fixed(Double(size) / best / 1e9, 2)) GB/s (\(zeros) pages)")
+    say("== zero: isAllZero over 256 MiB of zero pages: \(fixed(Double(size) / best / 1e9, 2)) GB/s (\(zeros) pages)")
 }
 
 // MARK: - Main

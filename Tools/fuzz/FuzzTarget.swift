@@ -1,4 +1,4 @@
-// libFuzzer entry point over the wire's parsers (see Sources/FerryWire/WireFuzz.swift).
+// libFuzzer entry point over the wire's parsers (see Tests/FerryWireTests/WireFuzz.swift).
 // Built by Tools/fuzz.sh together with the FerryWire sources it needs, as one module.
 
 @_cdecl("LLVMFuzzerTestOneInput")

@@ -14,8 +14,6 @@
 // <linux/fs.h> is not included: it clashes with glibc's <sys/mount.h> in
 // Swift's module map, and Debian 12's copy lacks PAGEMAP_SCAN anyway.
 
-int ferry_page_size(void);
-
 // MARK: - userfaultfd uapi additions (kernel 6.4 / 6.7)
 
 #ifndef UFFD_USER_MODE_ONLY
@@ -104,7 +102,6 @@ uint8_t ferry_uffd_event_remove(void);
 uint8_t ferry_uffd_event_unmap(void);
 uint8_t ferry_uffd_event_remap(void);
 uint64_t ferry_uffd_pagefault_flag_wp(void);
-uint64_t ferry_uffd_pagefault_flag_write(void);
 uint64_t ferry_page_is_written(void);
 uint64_t ferry_page_is_present(void);
 uint64_t ferry_page_is_swapped(void);
@@ -153,7 +150,6 @@ int ferry_uffdio_wake(int fd, struct uffdio_range *range);
 int ferry_uffdio_zeropage(int fd, struct uffdio_zeropage *zero);
 int ferry_uffdio_copy(int fd, struct uffdio_copy *copy);
 int ferry_uffdio_poison(int fd, struct uffdio_poison *poison);
-uint64_t ferry_uffd_feature_poison(void);
 long ferry_pagemap_scan(int fd, struct pm_scan_arg *arg);
 
 // Fields of uffd_msg that Swift cannot reach through the anonymous unions.
@@ -171,7 +167,6 @@ uint64_t ferry_uffd_msg_remap_len(const struct uffd_msg *msg);
 long ferry_ptrace_seize(pid_t tid, unsigned long options);
 long ferry_ptrace_interrupt(pid_t tid);
 long ferry_ptrace_detach(pid_t tid, int sig);
-long ferry_ptrace_cont(pid_t tid, int sig);
 long ferry_ptrace_singlestep(pid_t tid, int sig);
 long ferry_ptrace_getsiginfo(pid_t tid, siginfo_t *info);
 long ferry_ptrace_setsiginfo(pid_t tid, const siginfo_t *info);
@@ -184,11 +179,8 @@ int ferry_wifexited(int status);
 int ferry_wifsignaled(int status);
 int ferry_wifstopped(int status);
 int ferry_wstopsig(int status);
-int ferry_wexitstatus(int status);
-int ferry_wtermsig(int status);
 /// The PTRACE_EVENT_* in the high bits of a stop status, 0 when none.
 int ferry_wptrace_event(int status);
-int ferry_ptrace_event_stop(void);
 int ferry_wall(void);
 
 // General-purpose registers of a stopped thread, as an opaque buffer large

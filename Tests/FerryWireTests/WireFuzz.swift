@@ -3,6 +3,12 @@
 // message in both modes, Reject, the record opener, and the credential-file
 // parsers. Used by FuzzReplayTests (seeded, in-process) and by the libFuzzer
 // target in Tools/fuzz/ (Tools/fuzz.sh). It must never crash or trap.
+// It lives with the tests, not in FerryWire: building its fixture uses
+// `try!`, which the product library has none of. Tools/fuzz.sh compiles it
+// into one module with the FerryWire sources, hence the conditional import.
+#if canImport(FerryWire)
+@testable import FerryWire
+#endif
 
 enum WireFuzz {
     /// Targets, selected by the first input byte (modulo the count).
