@@ -83,6 +83,13 @@ ssize_t ferry_process_vm_readv(pid_t pid, const struct iovec *local, unsigned lo
     return process_vm_readv(pid, local, liovcnt, remote, riovcnt, 0);
 }
 int ferry_tgkill(pid_t tgid, pid_t tid, int sig) { return (int)syscall(__NR_tgkill, tgid, tid, sig); }
+ssize_t ferry_copy_file_range(int fd_in, long long *off_in, int fd_out, long long *off_out, size_t len) {
+    _Static_assert(sizeof(long long) == sizeof(loff_t), "loff_t is 64 bits");
+    return copy_file_range(fd_in, (loff_t *)off_in, fd_out, (loff_t *)off_out, len, 0);
+}
+int ferry_punch_hole(int fd, long long offset, long long length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
 
 static const int ferry_deferred_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGTSTP };
 #define FERRY_DEFERRED_COUNT ((int)(sizeof(ferry_deferred_signals) / sizeof(ferry_deferred_signals[0])))

@@ -104,17 +104,6 @@ final class RegionFile {
     deinit { close(fd) }
 }
 
-typealias CopyFileRange = @convention(c) (Int32, UnsafeMutablePointer<Int64>?, Int32, UnsafeMutablePointer<Int64>?, Int, UInt32) -> Int
-typealias Fallocate = @convention(c) (Int32, Int32, off_t, off_t) -> Int32
-
-// SAFETY: RTLD_DEFAULT (null handle) searches the global symbols; when
-// present these are glibc's copy_file_range(2) and fallocate(2) with these
-// signatures (off64_t is off_t on 64-bit Linux).
-let copyFileRange: CopyFileRange? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "copy_file_range")
-    .map { unsafeBitCast($0, to: CopyFileRange.self) }
-let fallocateFunction: Fallocate? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "fallocate")
-    .map { unsafeBitCast($0, to: Fallocate.self) }
-
 func writeFully(_ fd: Int32, _ pointer: UnsafeRawPointer, _ count: Int, at offset: off_t, path: String) throws {
     var done = 0
     while done < count {

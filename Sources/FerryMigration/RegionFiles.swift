@@ -167,17 +167,8 @@ final class RegionFiles {
     }
 
     private func copyBytes(_ source: RegionFile, at from: off_t, count: Int, to target: RegionFile, at to: off_t) throws {
-        var done = 0
-        if let copy = copyFileRange {
-            while done < count {
-                var inOffset = Int64(from) + Int64(done)
-                var outOffset = Int64(to) + Int64(done)
-                let n = copy(source.fd, &inOffset, target.fd, &outOffset, count - done, 0)
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { break } // EXDEV, ENOSYS, ...: copy through memory
-                done += n
-            }
-        }
+        // In the kernel where the file system can; what it cannot, through memory.
+        var done = FileRanges.copy(from: source.fd, at: Int64(from), to: target.fd, at: Int64(to), count: count)
         while done < count {
             let step = min(buffer.count, count - done)
             try readFully(source.fd, buffer.baseAddress!, step, at: from + off_t(done), path: source.path)
@@ -203,10 +194,7 @@ final class RegionFiles {
     func writeZero(_ range: AddressRange) throws {
         try forEachPart(of: range) { file, part in
             let offset = file.offset(of: part.start)
-            if let punch = fallocateFunction,
-               punch(file.fd, Self.punchHole | Self.keepSize, offset, off_t(part.length)) == 0 {
-                return
-            }
+            if FileRanges.punchHole(file.fd, at: Int64(offset), length: Int64(part.length)) { return }
             // No hole punching here: write the zeros.
             memset(buffer.baseAddress!, 0, min(buffer.count, Int(part.length)))
             var done: UInt64 = 0
@@ -322,11 +310,9 @@ final class RegionFiles {
         return entries
     }
 
-    // MARK: - Calls Swift's Glibc module does not declare (they sit behind _GNU_SOURCE)
+    // MARK: - Constants Swift's Glibc module does not declare (they sit behind _GNU_SOURCE)
 
-    /// lseek whences and fallocate modes of Linux (include/uapi/linux/fs.h, falloc.h).
+    /// lseek whences of Linux (include/uapi/linux/fs.h).
     private static let seekData: Int32 = 3
     private static let seekHole: Int32 = 4
-    private static let keepSize: Int32 = 0x01
-    private static let punchHole: Int32 = 0x02
 }

@@ -120,6 +120,8 @@ int ferry_pidfd_getfd(int pidfd, int targetfd, unsigned int flags);
 ssize_t ferry_process_vm_readv(pid_t pid, const struct iovec *local, unsigned long liovcnt,
                                const struct iovec *remote, unsigned long riovcnt);
 int ferry_tgkill(pid_t tgid, pid_t tid, int sig);
+ssize_t ferry_copy_file_range(int fd_in, long long *off_in, int fd_out, long long *off_out, size_t len);
+int ferry_punch_hole(int fd, long long offset, long long length);
 
 /* Deferring SIGINT, SIGTERM, SIGHUP and SIGTSTP while a remote system call
  * runs (DeferredSignals.swift). `defer` installs a handler that only marks a
