@@ -227,7 +227,8 @@ public final class Leecher {
             return try await link.open()
         } catch let error as RPCError where error.code != .connectionClosed {
             throw error
-        } catch let error where error is SocketError || error is RPCError {
+        } catch let error where error is SocketError || error is RPCError || error is TransportError {
+            // TransportError: a cut that lands on a send (EPIPE) rather than a read.
             throw MigrationError.connectionLost(
                 "could not open the migration with the seeder (handshake and Track): \(error); the source was not frozen and runs on: run the leecher again")
         }
