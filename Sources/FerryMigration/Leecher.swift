@@ -88,6 +88,8 @@ public final class Leecher {
     private let image: ImageWriter?
     /// The post-copy path's live memory; nil when writing an image.
     private let live: LiveMemorySink?
+    /// Issue 13 hook: the whole-process restore (CriuRestore.swift); nil otherwise.
+    private var restore: CriuRestore? = nil
     private let options: LeecherOptions
     private let events: @Sendable (LeecherEvent) -> Void
 
@@ -142,6 +144,15 @@ public final class Leecher {
                   events: events)
     }
 
+    /// Issue 13 hook: a leecher whose pages serve CRIU's restore of the
+    /// whole process (CriuRestore.swift, Protocols/criu.md).
+    public convenience init(connect: @escaping Connector, restore: CriuRestore, options: LeecherOptions = .init(),
+                            migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+        self.init(connect: connect, sink: restore.store, image: nil, live: nil, options: options, migration: migration,
+                  events: events)
+        self.restore = restore
+    }
+
     private init(connect: @escaping Connector, sink: any PageSink, image: ImageWriter?, live: LiveMemorySink?,
                  options: LeecherOptions, migration: String, events: @escaping @Sendable (LeecherEvent) -> Void) {
         self.connect = connect
@@ -163,6 +174,7 @@ public final class Leecher {
     public func run() async throws -> LeecherSummary {
         started = .now
         startedWallMilliseconds = UInt64(max(0, Date().timeIntervalSince1970 * 1000))
+        var restoring: Task<Void, any Error>? = nil // issue 13 hook
         do {
             let reply = try await openFirst()
             seeder = reply
@@ -175,6 +187,8 @@ public final class Leecher {
                               tracker: reply.tracker, regions: layout.count, pages: store.totalPages))
             try await pull(precopy: true)
             try await finalize()
+            // Issue 13 hook: CRIU restores the process beside post-copy.
+            if let restore { restoring = Task { [link] in try await restore.sourceFrozen(link: link) } }
             // The source is frozen, so its checksums are final: the seeder
             // hashes it while post-copy runs and while we finish hashing the
             // image (its writer has hashed since Finalize) or the live memory.
@@ -205,6 +219,8 @@ public final class Leecher {
                 throw error
             }
             if let expected { try verify(manifest, against: try await expected.value) }
+            // Issue 13 hook: Complete lets CRIU kill the source; the process must run here first.
+            try await restoring?.value
             // Interrupted before Complete: abort instead (below).
             try Task.checkCancellation()
             let said: String
@@ -225,6 +241,8 @@ public final class Leecher {
                                   seederSays: said)
         } catch {
             checksumCall?.cancel()
+            restoring?.cancel() // issue 13 hook
+            restore?.cancel()
             live?.fail("\(error)")
             // Cancelled (SIGINT, SIGTERM): say what became of the source, not
             // "CancellationError()".
@@ -323,7 +341,7 @@ public final class Leecher {
         var needResync = false
         var bestToPull = Int.max
         var stalledSyncs = 0
-        var listening = !precopy && live != nil
+        var listening = !precopy && (live != nil || restore != nil) // restore: issue 13 hook
         var listenerRunning = false
         var touchesInFlight = 0
         /// Rounds of the heuristic's order begun since a batch was last
@@ -339,7 +357,7 @@ public final class Leecher {
                 // loop asks itself instead of waiting for a failed job.
                 try Task.checkCancellation()
                 // Post-copy into live memory: always one task waiting for touched pages.
-                if listening && !listenerRunning, let priority = live?.priority {
+                if listening && !listenerRunning, let priority = live?.priority ?? restore?.touches {
                     listenerRunning = true
                     group.addTask { .touched(await priority.next()) }
                 }
@@ -352,9 +370,9 @@ public final class Leecher {
                 // Post-copy into live memory keeps less in flight, and nothing new while a
                 // touched page is on its way: its reply queues behind every reply before it
                 // on the one connection, so the window bounds first-touch latency.
-                let window = listening ? min(options.requestsInFlight, live!.options.postCopyRequestsInFlight) : options.requestsInFlight
+                let window = listening ? min(options.requestsInFlight, (live?.options ?? LiveMemoryOptions()).postCopyRequestsInFlight) : options.requestsInFlight
                 while !stopIssuing, !paused, touchesInFlight == 0, readsInFlight < window {
-                    guard let batch = nextBatch(&queue, &cursor, limit: listening ? live!.options.postCopyPagesPerRequest : nil,
+                    guard let batch = nextBatch(&queue, &cursor, limit: listening ? live?.options.postCopyPagesPerRequest : nil,
                                                 precopy: precopy) else { break }
                     roundsWithoutIssue = 0
                     store.markRequested(batch)

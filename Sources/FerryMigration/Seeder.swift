@@ -22,6 +22,9 @@ public struct SeederOptions: Sendable {
     /// before they are sent; a companion connection's (post-copy touches)
     /// only charge it. Nil: no cap.
     public var pacer: Pacer? = nil
+    /// Issue 13 hook: methods beyond the migration protocol (CRIU's images,
+    /// CriuSource.swift), answered to the session's owner. Nil: none.
+    public var extraMethods: (any SeederExtraMethods)? = nil
 
     public init(then: ThenAction = .stop, grace: Duration = .seconds(5), migration: String = "") {
         self.then = then
@@ -260,6 +263,13 @@ public final class SeederService: Sendable {
     private func handle(_ method: UInt16, _ payload: [UInt8], _ parts: RPCPartWriter,
                         _ connection: Connection) async throws -> [UInt8] {
         guard let known = MigrationMethod(rawValue: method) else {
+            // Issue 13 hook: extension methods (CriuSource.swift), owner only.
+            if let extra = options.extraMethods, extra.handles(method) {
+                try requireOwner(connection)
+                let reply = try await extra.handle(method, payload)
+                for part in reply.dropLast() { try await parts.send(part) }
+                return reply.last ?? []
+            }
             throw RPCError(code: .unknownMethod, message: "unknown method 0x\(String(method, radix: 16))")
         }
         if known == .hello {
