@@ -32,11 +32,15 @@ public final class CriuDump: @unchecked Sendable {
         directory = workDirectory
         images = workDirectory + "/images"
         try FileManager.default.createDirectory(atPath: images, withIntermediateDirectories: true)
-        hook = try PostDumpHook(in: workDirectory, grace: grace)
+        hook = try PostDumpHook(in: workDirectory, limit: grace + Self.maxHold)
         port = try freeLoopbackPort()
     }
 
     public var log: String { directory + "/dump.log" }
+
+    /// How long CRIU may hold the process after the dump for the leecher to
+    /// restore it and fetch its memory (post-copy), beyond the grace period.
+    public static let maxHold: Duration = .seconds(1800)
 
     /// Runs the dump until the post-dump hook reports every image written,
     /// the process frozen; at most the grace period. On failure the process

@@ -84,7 +84,9 @@ public final class LazyPageServer: @unchecked Sendable {
     }
 
     private func isLazy(_ header: PageServerHeader) -> Bool {
-        guard header.destination & 0xFF == PageServerHeader.typePid, let ranges = lazy[header.destination >> 8] else { return false }
+        // A GET names the process by its pid alone (criu/pagemap.c:
+        // request_remote_pages(pr->img_id, ...)), not (id << 8) | type.
+        guard let ranges = lazy[header.destination] else { return false }
         let end = header.address + header.pages * 4096
         return ranges.contains { $0.start <= header.address && end <= $0.start + $0.pages * 4096 }
     }
@@ -114,7 +116,7 @@ public final class LazyPageServer: @unchecked Sendable {
                             throw CriuError.protocolViolation("PS_IOV_GET of \(header.pages) pages")
                         }
                         guard isLazy(header) else {
-                            throw CriuError.protocolViolation(String(format: "PS_IOV_GET of %llu pages at 0x%llx (id %llu) that CRIU did not mark lazy", header.pages, header.address, header.destination >> 8))
+                            throw CriuError.protocolViolation(String(format: "PS_IOV_GET of %llu pages at 0x%llx (pid %llu) that CRIU did not mark lazy", header.pages, header.address, header.destination))
                         }
                         provider.want(address: header.address, pages: Int(header.pages))
                     }

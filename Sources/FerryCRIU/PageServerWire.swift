@@ -7,7 +7,8 @@
 //   offset 4  u32 padding   (zero when we write it, ignored when read)
 //   offset 8  u64 nr_pages
 //   offset 16 u64 vaddr
-//   offset 24 u64 dst_id    (id << 8) | type; type 1 = a process's pagemap
+//   offset 24 u64 dst_id    in PS_IOV_GET and its reply: the process's pid
+//                           in the dump (other commands: (id << 8) | type)
 import FerryToolkit
 
 public enum PageServerCommand: UInt32, Sendable {

@@ -8,7 +8,7 @@
 // verdict line on the other. Ferry holds both FIFOs open read-write, so
 // neither side blocks opening them; when Ferry is gone the script reads end
 // of file and exits 1 (the process resumes), and `timeout` bounds the wait
-// by the grace period in any case.
+// by `limit` in any case.
 import Foundation
 import FerryToolkit
 #if canImport(Glibc)
@@ -22,8 +22,10 @@ public final class PostDumpHook: @unchecked Sendable {
     private let dumped: Int32
     private let verdict: Int32
 
-    /// A hook whose script gives up (status 1, the process resumes) after `grace`.
-    public init(in parent: String, grace: Duration) throws {
+    /// A hook whose script gives up (status 1, the process resumes) after
+    /// `limit`: a bound on the whole migration after the dump, since the
+    /// script waits for its end. Ferry gone ends it at once (end of file).
+    public init(in parent: String, limit: Duration) throws {
         let directory = parent + "/hook"
         self.directory = directory
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
@@ -36,7 +38,7 @@ public final class PostDumpHook: @unchecked Sendable {
         dumped = try checkedCall("open", on: directory + "/dumped") { open(directory + "/dumped", O_RDWR | O_CLOEXEC) }
         verdict = try checkedCall("open", on: directory + "/verdict") { open(directory + "/verdict", O_RDWR | O_CLOEXEC) }
         script = directory + "/post-dump.sh"
-        let seconds = max(1, Int(grace.inSeconds.rounded(.up)))
+        let seconds = max(1, Int(limit.inSeconds.rounded(.up)))
         let text = """
             #!/bin/sh
             # Ferry's post-dump hook (Protocols/criu.md): 0 lets CRIU finish the

@@ -69,6 +69,8 @@ public final class CriuRestore: Sendable {
                 try restore.wait(timeout: grace + .seconds(60))
             } catch {
                 daemon.terminate()
+                // Our side of the page server failing is the likelier story.
+                if let failure = server.failure { throw CriuError.protocolViolation("serving CRIU's lazy pages: \(failure)") }
                 throw error
             }
             let text = try? String(contentsOfFile: pidfile, encoding: .utf8)
