@@ -45,8 +45,18 @@ public final class CriuRestore: Sendable {
         let frozenAt = ContinuousClock.now
         running.withLock { $0.frozenAt = frozenAt }
         let bundle = try await link.callExtra(CriuMethod.images, [], limit: CriuImages.maxBundleBytes)
+        let pid: Int32?
+        do {
+            pid = try await restoreNow(bundle: bundle)
+        } catch {
+            throw CriuStepFailed("\(error); the migration is aborted, so CRIU resumes the source, which runs on")
+        }
+        events(.restored(pid: pid, afterFinalize: ContinuousClock.now - frozenAt))
+    }
+
+    private func restoreNow(bundle: [UInt8]) async throws -> Int32? {
         let (criu, directory, grace, store) = (self.criu, self.directory, self.grace, self.store)
-        let pid = try await runOnDedicatedThread(for: "criu restore") { [self] () throws -> Int32? in
+        return try await runOnDedicatedThread(for: "criu restore") { [self] () throws -> Int32? in
             let names = try CriuImages.unpack(bundle, into: directory)
             let lazy = try CriuImages.lazyRanges(directory: directory)
             guard lazy.count <= 1 else {
@@ -76,7 +86,6 @@ public final class CriuRestore: Sendable {
             let text = try? String(contentsOfFile: pidfile, encoding: .utf8)
             return text.flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
         }
-        events(.restored(pid: pid, afterFinalize: ContinuousClock.now - frozenAt))
     }
 
     /// After Complete: waits (at most `timeout`) until the lazy-pages daemon

@@ -59,7 +59,12 @@ public final class CriuMemorySource: MemorySource, SeederExtraMethods {
     /// CRIU dumps the process and holds it frozen in the post-dump hook.
     public func freeze() throws -> Duration {
         if dumped.withLock({ $0 }) { return .zero }
-        let took = try dump.dumpUntilFrozen()
+        let took: Duration
+        do {
+            took = try dump.dumpUntilFrozen()
+        } catch {
+            throw CriuStepFailed("\(error); pid \(pid) was not dumped and runs on")
+        }
         dumped.withLock { $0 = true }
         report(took)
         return took
@@ -97,6 +102,12 @@ public final class CriuMemorySource: MemorySource, SeederExtraMethods {
         } while offset < bytes.count
         return parts
     }
+}
+
+/// A CRIU step failed, and what became of the process.
+struct CriuStepFailed: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }
 
 extension SessionLink {

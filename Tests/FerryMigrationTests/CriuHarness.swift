@@ -22,8 +22,10 @@ enum CriuSupport {
     /// The criu the tests use: $FERRY_CRIU, criu on PATH, or the one
     /// Tools/setup-criu.sh put under .build/criu.
     static let criu: Criu? = {
-        if let found = try? Criu.locate() { return found }
-        return try? Criu.check(path: root + "/.build/criu/criu")
+        guard let found = (try? Criu.locate()) ?? (try? Criu.check(path: root + "/.build/criu/criu")) else { return nil }
+        // The seeders and leechers the tests start find it the same way.
+        setenv("FERRY_CRIU", found.path, 1)
+        return found
     }()
 
     static let tools = ["/usr/bin/nsenter", "/usr/bin/unshare", "/usr/bin/gcc", "/usr/bin/setsid"]
@@ -46,14 +48,15 @@ final class CriuHosts {
     private let link: String
 
     init() throws {
-        let tag = getpid() % 100_000
+        // Unique per instance: suites may run at once.
+        let tag = Int.random(in: 0..<100_000)
         source = "ferry-cs-\(tag)"
         destination = "ferry-cd-\(tag)"
-        let octet = Int(tag % 250) + 1
+        let octet = tag % 250 + 1
         sourceAddress = "10.232.\(octet).1"
         destinationAddress = "10.232.\(octet).2"
         link = "fcs\(tag)"
-        scratch = "/tmp/ferry-criu-test-\(getpid())"
+        scratch = "/tmp/ferry-criu-test-\(getpid())-\(tag)"
         Self.remove([source, destination], link)
         try? FileManager.default.removeItem(atPath: scratch)
         try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
