@@ -27,6 +27,6 @@ swift build --build-tests
 # with blocking reads for minutes in all. Run beside everything else they
 # would hold the cooperative pool's threads (one per core) and starve the
 # in-process tests' handshakes, so they run on their own, one at a time.
-commands='CommandLineTests|HubCommandLineTests|HubNetnsTests|FaultMatrixTests|GuardianTests|MetricsCommandLineTests'
+commands='CommandLineTests|HubCommandLineTests|HubNetnsTests|FaultMatrixTests|GuardianTests|MetricsCommandLineTests|CriuMigrationTests|CriuFailureTests|CriuRedisTests'
 swift test --skip-build --skip "$commands"
 swift test --skip-build --no-parallel --filter "$commands"
