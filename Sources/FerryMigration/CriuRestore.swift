@@ -62,7 +62,7 @@ public final class CriuRestore: Sendable {
             guard lazy.count <= 1 else {
                 throw CriuError.badImages("the dump holds \(lazy.count) processes; Ferry migrates the memory of one")
             }
-            let server = try LazyPageServer(provider: store, lazy: lazy, timeout: grace)
+            let server = try LazyPageServer(provider: store, lazy: lazy, timeout: max(grace, .seconds(30)))
             events(.imagesReceived(bytes: bundle.count, files: names.count, lazyPages: server.lazyPages))
             try server.start()
             let daemon = try CriuRun(criu, "lazy-pages", ["--page-server", "--address", "127.0.0.1", "--port", "\(server.port)"],
