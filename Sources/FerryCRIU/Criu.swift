@@ -118,7 +118,7 @@ public final class CriuRun: @unchecked Sendable {
     /// Starts `criu step arguments`, logging to `log` (-o, -v4). With
     /// `statusFD`, criu's stdout is a pipe it signals readiness on.
     public init(_ criu: Criu, _ step: String, _ arguments: [String], directory: String, log: String,
-                statusFD: Bool = false, environment: [String: String]? = nil) throws {
+                statusFD: Bool = false) throws {
         self.step = step
         self.log = log
         let process = Process()
@@ -126,7 +126,6 @@ public final class CriuRun: @unchecked Sendable {
         process.arguments = [step, "-D", directory, "-o", log, "-v4"] + (statusFD ? ["--status-fd", "1"] : []) + arguments
         process.standardInput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
-        if let environment { process.environment = environment }
         if statusFD {
             let pipe = Pipe()
             process.standardOutput = pipe

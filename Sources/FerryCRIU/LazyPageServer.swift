@@ -27,22 +27,27 @@ public final class LazyPageServer: @unchecked Sendable {
     public let port: UInt16
     private let listener: Int32
     private let provider: any LazyPageProvider
-    /// Lazy pages per process id of the dump (CriuImages.lazyRanges).
-    private let lazy: [UInt64: [(start: UInt64, pages: UInt64)]]
     private let timeout: Duration
-    public let lazyPages: UInt64
-    private struct Counters { var served: UInt64 = 0; var failure: String? = nil; var closed = false; var lastPage: ContinuousClock.Instant? = nil }
+    private struct Counters {
+        var served: UInt64 = 0
+        var failure: String? = nil
+        var closed = false
+        var lastPage: ContinuousClock.Instant? = nil
+        /// Lazy pages per process id of the dump (CriuImages.lazyRanges); set once the images are in.
+        var lazy: [UInt64: [(start: UInt64, pages: UInt64)]] = [:]
+        var lazyPages: UInt64 = 0
+    }
     private let counters = Mutex(Counters())
 
     /// Largest request answered: CRIU asks for at most a VMA's worth, in
     /// chunks; 64 MiB bounds the buffer a peer can make us allocate.
     public static let maxPagesPerRequest: UInt64 = 16384
 
-    public init(provider: any LazyPageProvider, lazy: [UInt64: [(start: UInt64, pages: UInt64)]], timeout: Duration) throws {
+    /// A server listening on 127.0.0.1 (an ephemeral port); it answers
+    /// pages once `setLazy` has said which ones CRIU left lazy.
+    public init(provider: any LazyPageProvider, timeout: Duration) throws {
         self.provider = provider
-        self.lazy = lazy.mapValues { $0.sorted { $0.start < $1.start } }
         self.timeout = timeout
-        lazyPages = lazy.values.joined().reduce(0) { $0 + $1.pages }
         let fd = try checkedCall("socket", on: "127.0.0.1") { socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
         var address = loopback(port: 0)
         do {
@@ -73,10 +78,19 @@ public final class LazyPageServer: @unchecked Sendable {
         }
     }
 
+    /// The pages CRIU left lazy, from the dump's pagemap (CriuImages.lazyRanges).
+    public func setLazy(_ lazy: [UInt64: [(start: UInt64, pages: UInt64)]]) {
+        counters.withLock {
+            $0.lazy = lazy.mapValues { $0.sorted { $0.start < $1.start } }
+            $0.lazyPages = lazy.values.joined().reduce(0) { $0 + $1.pages }
+        }
+    }
+
+    public var lazyPages: UInt64 { counters.withLock { $0.lazyPages } }
     public var pagesServed: UInt64 { counters.withLock { $0.served } }
     public var failure: String? { counters.withLock { $0.failure } }
     /// When the last lazy page was sent, once every one was.
-    public var everyPageSent: ContinuousClock.Instant? { counters.withLock { $0.served >= lazyPages ? $0.lastPage : nil } }
+    public var everyPageSent: ContinuousClock.Instant? { counters.withLock { $0.served >= $0.lazyPages ? $0.lastPage : nil } }
     public var closed: Bool { counters.withLock { $0.closed } }
 
     private func fail(_ reason: String) {
@@ -86,7 +100,7 @@ public final class LazyPageServer: @unchecked Sendable {
     private func isLazy(_ header: PageServerHeader) -> Bool {
         // A GET names the process by its pid alone (criu/pagemap.c:
         // request_remote_pages(pr->img_id, ...)), not (id << 8) | type.
-        guard let ranges = lazy[header.destination] else { return false }
+        guard let ranges = counters.withLock({ $0.lazy[header.destination] }) else { return false }
         let end = header.address + header.pages * 4096
         return ranges.contains { $0.start <= header.address && end <= $0.start + $0.pages * 4096 }
     }

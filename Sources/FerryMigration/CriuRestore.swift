@@ -40,52 +40,68 @@ public final class CriuRestore: Sendable {
 
     var touches: PriorityRequests { store.touches }
 
-    /// Called by the leecher right after Finalize, beside post-copy.
-    func sourceFrozen(link: SessionLink) async throws {
-        let frozenAt = ContinuousClock.now
-        running.withLock { $0.frozenAt = frozenAt }
-        let bundle = try await link.callExtra(CriuMethod.images, [], limit: CriuImages.maxBundleBytes)
-        let pid: Int32?
-        do {
-            pid = try await restoreNow(bundle: bundle)
-        } catch {
-            throw CriuStepFailed("\(error); the migration is aborted, so CRIU resumes the source, which runs on")
-        }
-        events(.restored(pid: pid, afterFinalize: ContinuousClock.now - frozenAt))
+    /// Before the migration: our page server, listening.
+    public func prepare() throws {
+        let server = try LazyPageServer(provider: store, timeout: max(grace, .seconds(30)))
+        try server.start()
+        running.withLock { $0.server = server }
     }
 
-    private func restoreNow(bundle: [UInt8]) async throws -> Int32? {
-        let (criu, directory, grace, store) = (self.criu, self.directory, self.grace, self.store)
-        return try await runOnDedicatedThread(for: "criu restore") { [self] () throws -> Int32? in
+    /// Right after Finalize, before post-copy takes the link: CRIU's images,
+    /// then CRIU's lazy-pages daemon (it reads the images as it starts).
+    func receiveImages(link: SessionLink) async throws {
+        let frozenAt = ContinuousClock.now
+        running.withLock { $0.frozenAt = frozenAt }
+        let (criu, directory, grace) = (self.criu, self.directory, self.grace)
+        do {
+            guard let server = running.withLock({ $0.server }) else { throw CriuError.badImages("the page server is not running") }
+            let bundle = try await link.callExtra(CriuMethod.images, [], limit: CriuImages.maxBundleBytes)
             let names = try CriuImages.unpack(bundle, into: directory)
             let lazy = try CriuImages.lazyRanges(directory: directory)
             guard lazy.count <= 1 else {
                 throw CriuError.badImages("the dump holds \(lazy.count) processes; Ferry migrates the memory of one")
             }
-            let server = try LazyPageServer(provider: store, lazy: lazy, timeout: max(grace, .seconds(30)))
+            server.setLazy(lazy)
             events(.imagesReceived(bytes: bundle.count, files: names.count, lazyPages: server.lazyPages))
-            try server.start()
-            let daemon = try CriuRun(criu, "lazy-pages", ["--page-server", "--address", "127.0.0.1", "--port", "\(server.port)"],
-                                     directory: directory, log: directory + "/lazy-pages.log", statusFD: true)
-            running.withLock { $0.server = server; $0.lazyPages = daemon }
-            guard daemon.waitReady(timeout: grace) else {
-                daemon.terminate()
-                throw CriuError.failed(step: "lazy-pages", status: -1, log: daemon.log, tail: Criu.logTail(daemon.log))
+            try await runOnDedicatedThread(for: "criu lazy-pages") { [self] in
+                let daemon = try CriuRun(criu, "lazy-pages", ["--page-server", "--address", "127.0.0.1", "--port", "\(server.port)"],
+                                         directory: directory, log: directory + "/lazy-pages.log", statusFD: true)
+                running.withLock { $0.lazyPages = daemon }
+                guard daemon.waitReady(timeout: grace) else {
+                    daemon.terminate()
+                    throw CriuError.failed(step: "lazy-pages", status: -1, log: daemon.log, tail: Criu.logTail(daemon.log))
+                }
             }
-            let pidfile = directory + "/restored.pid"
-            let restore = try CriuRun(criu, "restore", ["--lazy-pages", "--restore-detached", "--pidfile", pidfile],
-                                      directory: directory, log: directory + "/restore.log")
-            do {
-                try restore.wait(timeout: grace + .seconds(60))
-            } catch {
-                daemon.terminate()
-                // Our side of the page server failing is the likelier story.
-                if let failure = server.failure { throw CriuError.protocolViolation("serving CRIU's lazy pages: \(failure)") }
-                throw error
-            }
-            let text = try? String(contentsOfFile: pidfile, encoding: .utf8)
-            return text.flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        } catch {
+            throw CriuStepFailed("\(error); the migration is aborted, so CRIU resumes the source, which runs on")
         }
+    }
+
+    /// Beside post-copy: `criu restore --lazy-pages`, detached.
+    func restoreProcess() async throws {
+        let (criu, directory, grace) = (self.criu, self.directory, self.grace)
+        let (server, daemon, frozenAt) = running.withLock { ($0.server, $0.lazyPages, $0.frozenAt ?? .now) }
+        let pid: Int32?
+        do {
+            pid = try await runOnDedicatedThread(for: "criu restore") { () throws -> Int32? in
+                let pidfile = directory + "/restored.pid"
+                let restore = try CriuRun(criu, "restore", ["--lazy-pages", "--restore-detached", "--pidfile", pidfile],
+                                          directory: directory, log: directory + "/restore.log")
+                do {
+                    try restore.wait(timeout: grace + .seconds(60))
+                } catch {
+                    daemon?.terminate()
+                    // Our side of the page server failing is the likelier story.
+                    if let failure = server?.failure { throw CriuError.protocolViolation("serving CRIU's lazy pages: \(failure)") }
+                    throw error
+                }
+                let text = try? String(contentsOfFile: pidfile, encoding: .utf8)
+                return text.flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            }
+        } catch {
+            throw CriuStepFailed("\(error); the migration is aborted, so CRIU resumes the source, which runs on")
+        }
+        events(.restored(pid: pid, afterFinalize: ContinuousClock.now - frozenAt))
     }
 
     /// After Complete: waits (at most `timeout`) until the lazy-pages daemon

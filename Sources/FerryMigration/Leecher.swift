@@ -188,7 +188,10 @@ public final class Leecher {
             try await pull(precopy: true)
             try await finalize()
             // Issue 13 hook: CRIU restores the process beside post-copy.
-            if let restore { restoring = Task { [link] in try await restore.sourceFrozen(link: link) } }
+            if let restore {
+                try await restore.receiveImages(link: link)
+                restoring = Task { try await restore.restoreProcess() }
+            }
             // The source is frozen, so its checksums are final: the seeder
             // hashes it while post-copy runs and while we finish hashing the
             // image (its writer has hashed since Finalize) or the live memory.

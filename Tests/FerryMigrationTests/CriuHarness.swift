@@ -79,8 +79,19 @@ final class CriuHosts {
     }
 
     deinit {
+        // A leecher killed after the images arrived leaves its `criu
+        // lazy-pages` waiting: end every process that names our scratch directory.
+        for pid in Self.processes(naming: scratch) { kill(pid, SIGKILL) }
         Self.remove([source, destination], link)
         try? FileManager.default.removeItem(atPath: scratch)
+    }
+
+    /// Processes whose command line contains `text`.
+    static func processes(naming text: String) -> [Int32] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { Int32($0) }.filter { pid in
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+            return String(decoding: data.map { $0 == 0 ? 32 : $0 }, as: UTF8.self).contains(text)
+        }
     }
 
     private static func remove(_ namespaces: [String], _ link: String) {
