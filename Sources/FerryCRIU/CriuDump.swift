@@ -12,8 +12,7 @@ import Synchronization
 import Glibc
 #endif
 
-public final class CriuDump: @unchecked Sendable {
-    // @unchecked Sendable: `run` is set once, by dumpUntilFrozen() before anything else is called; `finished` is a Mutex.
+public final class CriuDump: Sendable {
     public let criu: Criu
     public let pid: Int32
     public let directory: String
@@ -21,8 +20,8 @@ public final class CriuDump: @unchecked Sendable {
     public let grace: Duration
     private let hook: PostDumpHook
     private let port: UInt16
-    private var run: CriuRun?
-    private let finished = Mutex(false)
+    /// The running dump, once started; whether `end` ran.
+    private let state = Mutex<(run: CriuRun?, finished: Bool)>((nil, false))
 
     /// Images and logs go under `workDirectory` (created).
     public init(criu: Criu, pid: Int32, workDirectory: String, grace: Duration) throws {
@@ -51,7 +50,7 @@ public final class CriuDump: @unchecked Sendable {
         let run = try CriuRun(criu, "dump", ["-t", "\(pid)", "--lazy-pages", "--address", "127.0.0.1", "--port", "\(port)",
                                              "--action-script", hook.script],
                               directory: images, log: log, statusFD: true)
-        self.run = run
+        state.withLock { $0.run = run }
         let deadline = began + grace + .seconds(30)
         while ContinuousClock.now < deadline {
             if hook.waitDumped(timeout: .milliseconds(50)) { return ContinuousClock.now - began }
@@ -73,8 +72,8 @@ public final class CriuDump: @unchecked Sendable {
     /// bounded by the grace period. Blocking; safe to call more than once.
     @discardableResult
     public func end(resume: Bool) -> (any Error)? {
-        let first = finished.withLock { done in defer { done = true }; return !done }
-        guard first, let run else { return nil }
+        let (first, started) = state.withLock { s in defer { s.finished = true }; return (!s.finished, s.run) }
+        guard first, let run = started else { return nil }
         hook.answer(resume: resume)
         do {
             // The page server listens once the hook has returned (--status-fd).

@@ -22,8 +22,7 @@ public protocol LazyPageProvider: AnyObject, Sendable {
     func copy(address: UInt64, pages: Int, into buffer: UnsafeMutableRawBufferPointer, timeout: Duration) throws
 }
 
-public final class LazyPageServer: @unchecked Sendable {
-    // @unchecked Sendable: `listener` is a constant; the serving thread owns the connection; counters are a Mutex.
+public final class LazyPageServer: Sendable {
     public let port: UInt16
     private let listener: Int32
     private let provider: any LazyPageProvider

@@ -15,8 +15,7 @@ import FerryToolkit
 import Glibc
 #endif
 
-public final class PostDumpHook: @unchecked Sendable {
-    // @unchecked Sendable: the two descriptors are set once in init and closed once in close().
+public final class PostDumpHook: Sendable {
     public let directory: String
     public let script: String
     private let dumped: Int32

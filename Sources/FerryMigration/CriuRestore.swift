@@ -129,8 +129,8 @@ public final class CriuRestore: Sendable {
 /// The pages of the migrated process, in this process's memory: what the
 /// lazy page server answers CRIU with. Pages held before the freeze count
 /// only if Finalize found them clean.
-final class CriuPageStore: PageSink, LazyPageProvider, @unchecked Sendable {
-    // @unchecked Sendable: every mutable field is inside `state`, a ConditionLock; buffers are reached only under it.
+final class CriuPageStore: PageSink, LazyPageProvider, Sendable {
+    // Every mutable field is inside `state`, a ConditionLock; the buffers are reached only under it.
     let touches = PriorityRequests()
 
     private final class Area {
