@@ -145,9 +145,9 @@ run_lazy() {
     local dumper=$!
     until [[ -s "$d/ready" ]] || ! kill -0 "$dumper" 2>/dev/null; do sleep 0.005; done
     cp "$d/src/"*.img "$d/dst/"
-    in_dst "$criu" lazy-pages -D "$d/dst" --page-server --address $A --port 7072 -o lazy.log -v4 &
+    in_dst "$criu" lazy-pages -D "$d/dst" --page-server --address $A --port 7072 --status-fd 1 -o lazy.log -v4 > "$d/lazy-ready" &
     local daemon=$!
-    sleep 0.05
+    until [[ -s "$d/lazy-ready" ]] || ! kill -0 "$daemon" 2>/dev/null; do sleep 0.005; done
     in_dst "$criu" restore -D "$d/dst" --lazy-pages --restore-detached --pidfile "$d/pid" -o restore.log -v4 \
         || { grep Error "$d/dst/restore.log" >&2; return 1; }
     local restored; restored=$(cat "$d/pid")

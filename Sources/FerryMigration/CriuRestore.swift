@@ -222,17 +222,21 @@ final class CriuPageStore: PageSink, LazyPageProvider, Sendable {
         }
     }
 
+    /// The first page of the range not held jumps the queue: a touched
+    /// page is the whole of its request (CRIU asks for a faulting page
+    /// alone), and the daemon's background requests wait for the pages
+    /// they lack while post-copy fetches them in bulk, rather than as one
+    /// small request per page.
     func want(address: UInt64, pages: Int) {
-        let missing: [UInt64] = state.withLock { s in
-            var out: [UInt64] = []
+        let missing: UInt64? = state.withLock { s in
             for page in 0..<pages {
                 let at = address + UInt64(page) * pageSize
                 guard let i = Self.index(s.areas, at) else { continue }
-                if !s.areas[i].isHeld(Int((at - s.areas[i].range.start) / pageSize)) { out.append(at) }
+                if !s.areas[i].isHeld(Int((at - s.areas[i].range.start) / pageSize)) { return at }
             }
-            return out
+            return nil
         }
-        for page in missing { touches.push(page) }
+        if let missing { touches.push(missing) }
     }
 
     func copy(address: UInt64, pages: Int, into buffer: UnsafeMutableRawBufferPointer, timeout: Duration) throws {

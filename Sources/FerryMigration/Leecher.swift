@@ -373,7 +373,7 @@ public final class Leecher {
                 // Post-copy into live memory keeps less in flight, and nothing new while a
                 // touched page is on its way: its reply queues behind every reply before it
                 // on the one connection, so the window bounds first-touch latency.
-                let window = listening ? min(options.requestsInFlight, (live?.options ?? LiveMemoryOptions()).postCopyRequestsInFlight) : options.requestsInFlight
+                let window = listening ? min(options.requestsInFlight, live?.options.postCopyRequestsInFlight ?? options.requestsInFlight) : options.requestsInFlight
                 while !stopIssuing, !paused, touchesInFlight == 0, readsInFlight < window {
                     guard let batch = nextBatch(&queue, &cursor, limit: listening ? live?.options.postCopyPagesPerRequest : nil,
                                                 precopy: precopy) else { break }

@@ -6,6 +6,7 @@ import Foundation
 import FerryCLI
 import FerryCRIU
 import FerryMigration
+import FerryToolkit
 
 struct RestoreOptions: ParsableArguments {
     @Flag(name: .long, help: ArgumentHelp(
@@ -38,7 +39,7 @@ struct RestoreOptions: ParsableArguments {
     }
 
     static func report(_ event: CriuRestoreEvent, _ reporter: Reporter, since began: ContinuousClock.Instant) {
-        func ms(_ d: Duration) -> Double { Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15 }
+        func ms(_ d: Duration) -> Double { d.inSeconds * 1000 }
         switch event {
         case .imagesReceived(let bytes, let files, let lazy):
             reporter.event("dumped", ["image_bytes": .int(Int64(bytes)), "files": .int(Int64(files)), "lazy_pages": .int(Int64(lazy))],

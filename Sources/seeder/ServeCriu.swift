@@ -6,6 +6,7 @@ import Foundation
 import FerryCLI
 import FerryCRIU
 import FerryMigration
+import FerryToolkit
 
 struct CriuServeOptions: ParsableArguments {
     @Flag(name: .long, help: ArgumentHelp(
@@ -32,7 +33,7 @@ struct CriuServeOptions: ParsableArguments {
         guard let criu else { return (process, nil) }
         let directory = criuDir ?? (NSTemporaryDirectory() + "ferry-criu-dump-\(process.pid)-\(getpid())")
         let source = try CriuMemorySource(process: process, criu: criu, workDirectory: directory, grace: grace) { took in
-            let ms = Double(took.components.seconds) * 1000 + Double(took.components.attoseconds) / 1e15
+            let ms = took.inSeconds * 1000
             reporter.event("dumped", ["pid": .int(Int64(process.pid)), "dump_ms": .double(ms), "directory": .string(directory)],
                            text: String(format: "seeder: CRIU dumped pid %d in %.1f ms (%@); it holds it frozen until the leecher is done", process.pid, ms, directory))
         }
