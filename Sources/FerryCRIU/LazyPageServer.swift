@@ -4,7 +4,8 @@
 // (in the background); each reply is the request's header with cmd
 // PS_IOV_ADD_F | PE_PRESENT << 16, then the pages, in request order. Pages
 // come from a provider (Ferry's store of the pre-copied memory), which waits
-// for pages it does not hold yet and fetches them from the seeder first; only
+// for the first page of a request if it does not hold it yet and fetches it
+// from the seeder first, answering with the pages it holds from there; only
 // pages CRIU marked lazy are answered, and none is ever made up.
 import Foundation
 import FerryToolkit
@@ -17,9 +18,11 @@ import Glibc
 public protocol LazyPageProvider: AnyObject, Sendable {
     /// These pages are wanted soon: fetch any not held first. Non-blocking.
     func want(address: UInt64, pages: Int)
-    /// Blocks until every page of the range is held, at most `timeout`, and
-    /// copies them into `buffer`; throws when they cannot be had.
-    func copy(address: UInt64, pages: Int, into buffer: UnsafeMutableRawBufferPointer, timeout: Duration) throws
+    /// Blocks until the first page of the range is held, at most `timeout`,
+    /// and copies into `buffer` the pages held from there on, in order up to
+    /// the first one not held; returns how many (at least 1). Throws when
+    /// the first page cannot be had.
+    func copy(address: UInt64, pages: Int, into buffer: UnsafeMutableRawBufferPointer, timeout: Duration) throws -> Int
 }
 
 public final class LazyPageServer: Sendable {
@@ -148,14 +151,19 @@ public final class LazyPageServer: Sendable {
                     buffer = .allocate(byteCount: bytes, alignment: 4096)
                 }
                 let view = UnsafeMutableRawBufferPointer(rebasing: buffer[..<bytes])
-                try provider.copy(address: header.address, pages: Int(header.pages), into: view, timeout: timeout)
+                // A short reply is CRIU's to take (criu/uffd.c, uffd_io_complete:
+                // "the remote side may send less pages than we requested"): it
+                // asks for the rest again later. So a request waits only for its
+                // first page, never behind pages post-copy has not fetched yet.
+                let held = try provider.copy(address: header.address, pages: Int(header.pages), into: view, timeout: timeout)
                 var reply = header
+                reply.pages = UInt64(held)
                 reply.command = PageServerCommand.addFlagged.rawValue
                 reply.flags = PagemapFlag.present
                 try sendAll(connection, reply.encoded())
-                try sendAll(connection, UnsafeRawBufferPointer(view))
+                try sendAll(connection, UnsafeRawBufferPointer(rebasing: view[..<(held * 4096)]))
                 let now = ContinuousClock.now
-                counters.withLock { $0.served += header.pages; $0.lastPage = now }
+                counters.withLock { $0.served += UInt64(held); $0.lastPage = now }
             case .close, .forceClose:
                 var status: Int32 = 0
                 try withUnsafeBytes(of: &status) { try sendAll(connection, $0) }

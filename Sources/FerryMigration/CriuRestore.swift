@@ -222,49 +222,37 @@ final class CriuPageStore: PageSink, LazyPageProvider, Sendable {
         }
     }
 
-    /// The first page of the range not held jumps the queue: a touched
-    /// page is the whole of its request (CRIU asks for a faulting page
-    /// alone), and the daemon's background requests wait for the pages
-    /// they lack while post-copy fetches them in bulk, rather than as one
-    /// small request per page.
+    /// A request waits only for its first page (see `copy`): that one
+    /// jumps the queue when it is not held; post-copy fetches the rest in bulk.
     func want(address: UInt64, pages: Int) {
-        let missing: UInt64? = state.withLock { s in
-            for page in 0..<pages {
-                let at = address + UInt64(page) * pageSize
-                guard let i = Self.index(s.areas, at) else { continue }
-                if !s.areas[i].isHeld(Int((at - s.areas[i].range.start) / pageSize)) { return at }
-            }
-            return nil
+        let missing = state.withLock { s -> Bool in
+            guard let i = Self.index(s.areas, address) else { return false }
+            return !s.areas[i].isHeld(Int((address - s.areas[i].range.start) / pageSize))
         }
-        if let missing { touches.push(missing) }
+        if missing { touches.push(address) }
     }
 
-    func copy(address: UInt64, pages: Int, into buffer: UnsafeMutableRawBufferPointer, timeout: Duration) throws {
-        let range = AddressRange(start: address, end: address + UInt64(pages) * pageSize)
-        enum Outcome { case copied, notMigrated }
-        let outcome = state.wait(until: { s in
-            guard s.frozen else { return false }
-            var address = range.start
-            while address < range.end {
-                guard let i = Self.index(s.areas, address) else { return true } // reported below
-                if !s.areas[i].isHeld(Int((address - s.areas[i].range.start) / pageSize)) { return false }
-                address += pageSize
-            }
-            return true
-        }, timeout: timeout) { s -> Outcome in
-            var covered = 0
-            pieces(s.areas, range) { area, offset, from, length in
-                (buffer.baseAddress! + from).copyMemory(from: area.memory + offset, byteCount: length)
-                covered += length
-            }
-            return covered == buffer.count ? .copied : .notMigrated
+    func copy(address: UInt64, pages: Int, into buffer: UnsafeMutableRawBufferPointer, timeout: Duration) throws -> Int {
+        let first = AddressRange(start: address, end: address + pageSize)
+        let copied = state.wait(until: { s in
+            guard s.frozen, let i = Self.index(s.areas, address) else { return s.frozen }
+            return s.areas[i].isHeld(Int((address - s.areas[i].range.start) / pageSize))
+        }, timeout: timeout) { s -> Int in
+            guard let i = Self.index(s.areas, address) else { return 0 }
+            let area = s.areas[i]
+            let start = Int((address - area.range.start) / pageSize)
+            var count = 0
+            while count < pages, start + count < Int(area.range.pageCount), area.isHeld(start + count) { count += 1 }
+            let offset = start * Int(pageSize)
+            buffer.baseAddress!.copyMemory(from: area.memory + offset, byteCount: count * Int(pageSize))
+            return count
         }
-        switch outcome {
-        case .copied: return
-        case .notMigrated:
-            throw CriuError.protocolViolation("CRIU asked for pages at \(range) that Ferry does not migrate; not making them up")
-        case nil:
-            throw CriuError.timedOut(step: "lazy-pages (pages at \(range) did not arrive)", seconds: timeout.inSeconds, log: "")
+        guard let copied else {
+            throw CriuError.timedOut(step: "lazy-pages (the page at \(first) did not arrive)", seconds: timeout.inSeconds, log: "")
         }
+        guard copied > 0 else {
+            throw CriuError.protocolViolation("CRIU asked for the page at \(first), which Ferry does not migrate; not making it up")
+        }
+        return copied
     }
 }
