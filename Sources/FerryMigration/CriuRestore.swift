@@ -204,8 +204,22 @@ final class CriuPageStore: PageSink, LazyPageProvider, Sendable {
         state.withLockThenBroadcast { s in
             var kept: [Area] = []
             for range in wanted {
-                if let old = s.areas.first(where: { $0.range == range }) { kept.append(old) }
-                else if let area = try? Area(range: range) { kept.append(area) }
+                if let old = s.areas.first(where: { $0.range == range }) { kept.append(old); continue }
+                guard let area = try? Area(range: range) else { continue }
+                // A region that grew, shrank or moved keeps the pages held at
+                // addresses it still covers.
+                for old in s.areas where old.range.start < range.end && range.start < old.range.end {
+                    var address = max(old.range.start, range.start)
+                    while address < min(old.range.end, range.end) {
+                        let from = Int((address - old.range.start) / pageSize), to = Int((address - range.start) / pageSize)
+                        if old.isHeld(from) {
+                            (area.memory + to * Int(pageSize)).copyMemory(from: old.memory + from * Int(pageSize), byteCount: Int(pageSize))
+                            area.setHeld(to, true)
+                        }
+                        address += pageSize
+                    }
+                }
+                kept.append(area)
             }
             s.areas = kept.sorted { $0.range.start < $1.range.start }
         }
