@@ -38,7 +38,9 @@ let package = Package(
         // Transports, secure channel, RPC.
         .target(name: "FerryWire", dependencies: ["CUV", "CSodium", "CZstd", "FerryToolkit"]),
         // Seeder, leecher, hub, heuristics, page store, image format.
-        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "FerryToolkit"]),
+        // CRIU's commands, page-server protocol and images (issue 13, Protocols/criu.md).
+        .target(name: "FerryCRIU", dependencies: ["FerryToolkit"]),
+        .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "FerryToolkit", "FerryCRIU"]),
         // What the three commands share: credential flags, JSON events, progress, exit codes.
         .target(
             name: "FerryCLI",

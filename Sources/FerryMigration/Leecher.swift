@@ -87,6 +87,8 @@ public final class Leecher {
     private let link: SessionLink
     private let destination: any Destination
     private let puller: Puller
+    /// Issue 13: the whole-process restore (CriuRestore.swift); nil otherwise.
+    private var restore: CriuRestore? = nil
     private let options: LeecherOptions
     private let events: @Sendable (LeecherEvent) -> Void
 
@@ -110,6 +112,15 @@ public final class Leecher {
         self.init(connect: connect, destination: memory, options: options, migration: migration, events: events)
     }
 
+    /// A leecher whose pages serve CRIU's restore of the whole process
+    /// (CriuRestore.swift, Protocols/criu.md): its destination is the page
+    /// store CRIU's lazy-pages daemon is answered from.
+    public convenience init(connect: @escaping Connector, restore: CriuRestore, options: LeecherOptions = .init(),
+                            migration: String = "", events: @escaping @Sendable (LeecherEvent) -> Void = { _ in }) {
+        self.init(connect: connect, destination: restore.store, options: options, migration: migration, events: events)
+        self.restore = restore
+    }
+
     init(connect: @escaping Connector, destination: any Destination, options: LeecherOptions, migration: String,
          events: @escaping @Sendable (LeecherEvent) -> Void) {
         link = SessionLink(migration: migration, connect: connect) { event in
@@ -129,6 +140,7 @@ public final class Leecher {
     public func run() async throws -> LeecherSummary {
         let started = ContinuousClock.now
         startedWallMilliseconds = UInt64(max(0, Date().timeIntervalSince1970 * 1000))
+        var restoring: Task<Void, any Error>? = nil
         do {
             let reply = try await openFirst()
             seeder = reply
@@ -138,6 +150,12 @@ public final class Leecher {
             try await puller.pull(precopy: true)
             let (finalized, downtime) = try await puller.finalize()
             let layout = puller.layout
+            // Whole-process restore: CRIU's images now, before post-copy
+            // takes the link; CRIU restores the process beside post-copy.
+            if let restore {
+                try await restore.receiveImages(link: link)
+                restoring = Task { try await restore.restoreProcess() }
+            }
             // The source is frozen, so its checksums are final: the seeder
             // hashes it while post-copy runs and while we finish hashing the
             // image (its writer has hashed since Finalize) or the live memory.
@@ -160,6 +178,8 @@ public final class Leecher {
                 throw error
             }
             if let expected { try verify(manifest, against: try await expected.value) }
+            // Complete lets CRIU kill the source: the process must run here first.
+            try await restoring?.value
             // Interrupted before Complete: abort instead (below).
             try Task.checkCancellation()
             let said: String
@@ -179,6 +199,8 @@ public final class Leecher {
                                   seederSays: said)
         } catch {
             checksumCall?.cancel()
+            restoring?.cancel()
+            restore?.cancel()
             destination.fail("\(error)")
             // Cancelled (SIGINT, SIGTERM): say what became of the source, not
             // "CancellationError()".

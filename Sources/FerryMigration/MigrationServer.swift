@@ -34,6 +34,10 @@ protocol MigrationServer: AnyObject, Sendable {
     func connectionEnded(_ connection: Connection, peer: String, reason: String, inOrder: Bool)
 
     func hello() -> HelloReply
+    /// A method beyond `MigrationMethod` (the CRIU images of issue 13),
+    /// asked on an owning connection: its reply's parts, or nil when this
+    /// server does not know it.
+    func extensionMethod(_ method: UInt16, _ payload: [UInt8], on connection: Connection) async throws -> [[UInt8]]?
     /// Called with a request whose version this side speaks.
     func track(_ request: TrackRequest, on connection: Connection) async throws -> TrackReply
     /// The session `connection` acts for. Throws when it has none (no Track
@@ -52,6 +56,9 @@ protocol MigrationServer: AnyObject, Sendable {
 }
 
 extension MigrationServer {
+    /// No extension methods unless a server has some.
+    func extensionMethod(_ method: UInt16, _ payload: [UInt8], on connection: Connection) async throws -> [[UInt8]]? { nil }
+
     /// Answers requests on `transport` until the peer goes, then tells
     /// `connectionEnded` why.
     func answer(_ transport: FrameTransport) async {
@@ -75,6 +82,9 @@ enum MigrationDispatcher {
                                                   to server: Server, on connection: Server.Connection)
         async throws -> [UInt8] {
         guard let known = MigrationMethod(rawValue: method) else {
+            if !connection.isCompanion, let reply = try await server.extensionMethod(method, payload, on: connection) {
+                return try await stream(reply, through: parts)
+            }
             throw RPCError(code: .unknownMethod, message: "unknown method 0x\(String(method, radix: 16))")
         }
         switch known {

@@ -26,6 +26,9 @@ public struct SeederOptions: Sendable {
     /// before they are sent; a companion connection's (post-copy touches)
     /// only charge it. Nil: no cap.
     public var pacer: Pacer? = nil
+    /// Issue 13 hook: methods beyond the migration protocol (CRIU's images,
+    /// CriuSource.swift), answered to the session's owner. Nil: none.
+    public var extraMethods: (any SeederExtraMethods)? = nil
 
     public init(then: ThenAction = .stop, grace: Duration = .seconds(5), migration: String = "") {
         self.then = then

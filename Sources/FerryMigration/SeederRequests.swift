@@ -15,6 +15,13 @@ extension SeederService {
         return HelloReply(migration: options.migration, pid: source.pid, host: options.host, phase: phase)
     }
 
+    /// Issue 13: the methods of `options.extraMethods` (CriuSource.swift), for the session's owner only.
+    func extensionMethod(_ method: UInt16, _ payload: [UInt8], on connection: SeederConnection) async throws -> [[UInt8]]? {
+        guard let extra = options.extraMethods, extra.handles(method) else { return nil }
+        try requireOwner(connection)
+        return try await extra.handle(method, payload)
+    }
+
     func session(of connection: SeederConnection, companion: Bool) throws -> SeederConnection {
         if companion {
             let phase = state.withLock { $0.phase }

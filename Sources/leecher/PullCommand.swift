@@ -87,6 +87,7 @@ struct PullCommand: AsyncParsableCommand {
         valueName: "SECONDS"))
     var maxFreezeAge: Double = 600
 
+    @OptionGroup var wholeProcess: RestoreOptions // issue 13: --restore, --images, --criu
     @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
     @OptionGroup var compression: CompressOptions
@@ -107,6 +108,7 @@ struct PullCommand: AsyncParsableCommand {
             guard into != nil else { throw ValidationError("--slice-us applies to post-copy into a process: use it with --into PID") }
             guard (50...100_000).contains(sliceUs) else { throw ValidationError("--slice-us takes 50 to 100000 microseconds") }
         }
+        try wholeProcess.validate(into: into)
         if seederKey != nil && noVerify {
             throw ValidationError("--seeder-key checks the seeder's signed checksums, which --no-verify skips; drop one of them")
         }
@@ -119,6 +121,7 @@ struct PullCommand: AsyncParsableCommand {
             // source is already frozen: refuse a target we could not attach
             // to now, before connecting, so a typo costs the source nothing.
             if let into { try TrackedProcess.checkAttachable(pid: into) }
+            let criuRestore = try wholeProcess.make(grace: .seconds(30), reporter: reporter) // issue 13
             tuneAllocatorForBulkFrames()
             var options = LeecherOptions()
             options.policy = FinalizePolicy(cleanShare: try FinalizePolicy.parsePercent(finalizeAt),
@@ -127,7 +130,7 @@ struct PullCommand: AsyncParsableCommand {
             options.heuristic = try HeuristicName.make(heuristic)
             options.requestsInFlight = inFlight
             options.pagesPerRequest = batchPages
-            options.verify = !noVerify
+            options.verify = !noVerify && criuRestore == nil
             options.abortAtEnd = dryRun
             options.seederKey = try seederKey.map { try AuthOptions.publicKey($0) }
             options.maxFreezeAge = .milliseconds(Int64(maxFreezeAge * 1000))
@@ -140,7 +143,9 @@ struct PullCommand: AsyncParsableCommand {
             let events: @Sendable (LeecherEvent) -> Void = { event in Self.report(event, reporter) }
             let leecher: Leecher
             var imageDirectory: String? = nil
-            if let into {
+            if let criuRestore {
+                leecher = Leecher(connect: connect, restore: criuRestore, options: options, migration: migration, events: events)
+            } else if let into {
                 var live = LiveMemoryOptions()
                 live.targetPid = into
                 leecher = Leecher(connect: connect, memory: try LiveMemorySink(options: live), options: options,
@@ -158,6 +163,7 @@ struct PullCommand: AsyncParsableCommand {
                 }
             }
             defer { if let into, sliceUs != nil { setSchedulerSlice(nil, threadsOf: into) } }
+            try criuRestore?.prepare() // issue 13: the page server CRIU's lazy-pages daemon will use
             let task = Task { try await leecher.run() }
             // SIGHUP too (a closed terminal or ssh session): an orderly end, in which
             // pages that never arrived are poisoned rather than lost.
@@ -173,7 +179,9 @@ struct PullCommand: AsyncParsableCommand {
             } catch let interrupted as MigrationInterrupted {
                 throw Interrupted(signal: caught.load(ordering: .relaxed), source: interrupted.source)
             }
-            if let imageDirectory {
+            if let criuRestore {
+                try await criuRestore.waitEveryPage(timeout: .seconds(600))
+            } else if let imageDirectory {
                 reporter.event("image", ["directory": .string(imageDirectory),
                                          "regions": .int(Int64(summary.manifest.regions.count))],
                                text: "leecher: image written to \(imageDirectory) (\(summary.manifest.regions.count) regions)")

@@ -57,6 +57,7 @@ struct ServeCommand: AsyncParsableCommand {
         valueName: "FILE"))
     var signingKey: String?
 
+    @OptionGroup var wholeProcess: CriuServeOptions // issue 13: --with-criu, --criu, --criu-dir
     @OptionGroup var bandwidth: BandwidthOptions
     @OptionGroup var auth: AuthOptions
     @OptionGroup var metricsOptions: MetricsOptions
@@ -78,6 +79,7 @@ struct ServeCommand: AsyncParsableCommand {
                 return kind
             }
             let graceDuration = try parseSeconds(grace, option: "--grace")
+            let criu = try wholeProcess.locate() // issue 13
             let connections = Connections(credentials: try auth.credentials(createDefault: true), compression: compression)
             // Check every address before touching the process.
             let hubEndpoint = try via.map { try Endpoint(parsing: $0) }
@@ -97,11 +99,13 @@ struct ServeCommand: AsyncParsableCommand {
                 try? process.detach()
                 throw MigrationError.seeder("interrupted by signal \(signal) while attaching; pid \(pid) was let go untouched and runs on")
             }
-            var options = SeederOptions(then: thenAction, grace: graceDuration, migration: name ?? "pid-\(pid)")
+            let (source, extraMethods) = try wholeProcess.source(process, criu: criu, grace: graceDuration, reporter: reporter)
+            var options = SeederOptions(then: criu == nil ? thenAction : .kill, grace: graceDuration, migration: name ?? "pid-\(pid)")
             options.host = ProcessInfo.processInfo.hostName
             options.signingKey = try (signingKey ?? auth.key).map { try KeyPair.load(path: $0) }
             options.pacer = pacer
-            let service = SeederService(source: process, options: options) { event in
+            options.extraMethods = extraMethods
+            let service = SeederService(source: source, options: options) { event in
                 Self.report(event, reporter)
             }
             metrics?.show(service.metrics) { service.metricGauges }
