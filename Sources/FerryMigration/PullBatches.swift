@@ -58,6 +58,10 @@ extension Puller {
     /// of it not held clean, in requests of at most `maxPagesPerRead` pages.
     /// None for an address outside the layout.
     func touchRequests(_ page: UInt64) -> [[AddressRange]] {
+        // The wake-up of a resumed fill (LiveMemorySink.pauseBackgroundFill)
+        // names the last page of the address space, in no region: a page
+        // range there would overflow.
+        guard page <= UInt64.max - pageSize else { return [] }
         var index = 0
         let unit = hugetlbRegions.isEmpty ? nil : Self.hugePage(at: page, in: hugetlbRegions, from: &index)
         let range = unit ?? AddressRange(start: page, end: page + pageSize)
