@@ -81,7 +81,7 @@ done
 lib="$prefix/root/usr/lib/x86_64-linux-gnu"
 cat > "$wrapper" <<WRAPPER
 #!/bin/sh
-# Debian 13's criu from a private prefix (Tools/setup-criu.sh), run through
+# Debian's criu ($suite) from a private prefix (Tools/setup-criu.sh), run through
 # the prefix's own loader so it uses the libc it was built for.
 exec "$lib/ld-linux-x86-64.so.2" --library-path "$lib" "$prefix/root/usr/sbin/criu" "\$@"
 WRAPPER

@@ -96,6 +96,12 @@ public final class SeederService: MigrationServer, Sendable {
     /// across scan + merge (then `state` inside it): what makes "written since
     /// last sent" exact, while reads for several requests run at once.
     let reading = ReadWriteLock()
+    /// Bulk part reads under way. Each runs on a thread of its own, but no
+    /// more than one per core at once, as when they ran on the cooperative
+    /// pool: Finalize takes `reading` alone and waits for every read holding
+    /// it, so it waits for at most that many, not for every request in flight.
+    let bulkReads = ConditionLock(0)
+    static let bulkReadLimit = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
     private let openConnections = Atomic<Int>(0)
     /// The transports being served, so an abandoned migration can hang up on them.
     private let transports = Mutex<[ObjectIdentifier: FrameTransport]>([:])

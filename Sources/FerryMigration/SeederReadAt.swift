@@ -27,7 +27,9 @@ extension SeederService {
             // would cost it more than the read.
             let part = urgent ? try readPart(ranges, pages: pages)
                 : try await runOnDedicatedThread(for: "the pages of pid \(source.pid)") { [self] in
-                    try readPart(ranges, pages: pages)
+                    _ = bulkReads.wait(until: { $0 < Self.bulkReadLimit }) { $0 += 1 }
+                    defer { bulkReads.withLockThenSignal { $0 -= 1 } }
+                    return try readPart(ranges, pages: pages)
                 }
             metrics.sent(pages: pages, bytes: part.bytes.count, resent: part.resent)
             batch.removeAll(keepingCapacity: true)
