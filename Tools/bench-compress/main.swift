@@ -87,38 +87,8 @@ while let a = arguments.popFirst() {
     }
 }
 
-// MARK: - Children: always killed, even when the benchmark is interrupted
-
-nonisolated(unsafe) let liveChildren = UnsafeMutablePointer<pid_t>.allocate(capacity: 16)
-nonisolated(unsafe) var liveCount = 0
-nonisolated(unsafe) var secretPath: UnsafeMutablePointer<CChar>? = nil
-
-func spawn(_ path: String, _ arguments: [String]) throws -> ChildProcess {
-    let child = try ChildProcess(path, arguments)
-    precondition(liveCount < 16)
-    liveChildren[liveCount] = child.pid
-    liveCount += 1
-    return child
-}
-
-func finish(_ children: [ChildProcess?]) {
-    for child in children.compactMap({ $0 }) {
-        child.stop()
-        for i in 0..<liveCount where liveChildren[i] == child.pid {
-            liveChildren[i] = liveChildren[liveCount - 1]
-            liveCount -= 1
-            break
-        }
-    }
-}
-
-for signalNumber in [SIGINT, SIGTERM, SIGHUP] {
-    signal(signalNumber) { number in
-        for i in 0..<liveCount { kill(liveChildren[i], SIGKILL) }
-        if let secretPath { unlink(secretPath) }
-        _exit(128 + number)
-    }
-}
+// Children are always killed, even when the benchmark is interrupted (BenchChildren).
+BenchChildren.killOnInterrupt()
 
 func event(_ line: String) throws -> [String: Any] {
     guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
@@ -180,22 +150,22 @@ func migrate(_ c: Case, pid: Int32, secret: String) throws -> Run {
     let image = "\(settings.scratch)/ferry-bench-compress-\(getpid())"
     try? FileManager.default.removeItem(atPath: image)
     defer { try? FileManager.default.removeItem(atPath: image) }
-    let seeder = try spawn(builtExecutable("seeder"), ["serve", "\(pid)", "--listen", "127.0.0.1:0", "--secret-file", secret, "--json",
+    let seeder = try BenchChildren.spawn(builtExecutable("seeder"), ["serve", "\(pid)", "--listen", "127.0.0.1:0", "--secret-file", secret, "--json",
                                                        "--then", "resume", "--compress", c.compress])
     var relay: ChildProcess? = nil
     var leecher: ChildProcess? = nil
-    defer { finish([leecher, relay, seeder]) }
+    defer { BenchChildren.finish([leecher, relay, seeder]) }
     let listening = try seeder.expect("{\"event\":\"listening\"", timeout: 60)
     guard let r = listening.range(of: #"127\.0\.0\.1:\d+"#, options: .regularExpression) else { throw BenchFailure("no address in \(listening)") }
     var address = String(listening[r])
     if c.relayed {
-        let rl = try spawn(builtExecutable("relay"), ["--listen", "0", "--to", address, "--rate", "\(settings.rate)"])
+        let rl = try BenchChildren.spawn(builtExecutable("relay"), ["--listen", "0", "--to", address, "--rate", "\(settings.rate)"])
         relay = rl
         let line = try rl.expect("relay listening", timeout: 10)
         address = "127.0.0.1:" + (line.split(separator: " ").last.map(String.init) ?? "")
     }
     let start = ChildProcess.now()
-    let l = try spawn(builtExecutable("leecher"), ["pull", address, "--secret-file", secret, "--out", image, "--json", "--compress", c.compress])
+    let l = try BenchChildren.spawn(builtExecutable("leecher"), ["pull", address, "--secret-file", secret, "--out", image, "--json", "--compress", c.compress])
     leecher = l
     let complete = try event(try l.expect("{\"event\":\"complete\"", timeout: 600))
     guard l.waitForExit(timeout: 120) == 0 else { throw BenchFailure("the leecher did not exit with status 0") }
@@ -222,7 +192,7 @@ func migrate(_ c: Case, pid: Int32, secret: String) throws -> Run {
         guard f.count == 2 else { throw BenchFailure("relay byte counts unreadable") }
         wire = f[0] + f[1]
     }
-    finish([relay])   // reaped, so its CPU time counts
+    BenchChildren.finish([relay])   // reaped, so its CPU time counts
     return Run(seconds: seconds, pageBytes: (complete["bytes"] as? NSNumber)?.doubleValue ?? 0, wireBytes: wire,
                cpuSeconds: childrenCPU() - cpuBefore)
 }
@@ -243,20 +213,20 @@ say("# ferry-bench-compress: \(settings.runs) round(s), CPython dict of \(settin
 var failed = false
 do {
     let secret = "/tmp/ferry-bench-compress-\(getpid())-secret"
-    let generated = try spawn(builtExecutable("seeder"), ["secret"])
+    let generated = try BenchChildren.spawn(builtExecutable("seeder"), ["secret"])
     let text = try generated.readLine(timeout: 10)
-    finish([generated])
+    BenchChildren.finish([generated])
     guard FileManager.default.createFile(atPath: secret, contents: Data((text + "\n").utf8), attributes: [.posixPermissions: 0o600]) else {
         throw BenchFailure("cannot write \(secret)")
     }
-    secretPath = strdup(secret)
+    BenchChildren.removeOnInterrupt(secret)
     defer { try? FileManager.default.removeItem(atPath: secret) }
 
     let script = "/tmp/ferry-bench-compress-\(getpid()).py"
     try pythonWorkload.write(toFile: script, atomically: true, encoding: .utf8)
     defer { try? FileManager.default.removeItem(atPath: script) }
-    let python = try spawn(FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? "/usr/bin/python3" : "/usr/bin/env", (FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? [] : ["python3"]) + [script, "\(settings.mib)"])
-    defer { finish([python]) }
+    let python = try BenchChildren.spawn(FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? "/usr/bin/python3" : "/usr/bin/env", (FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? [] : ["python3"]) + [script, "\(settings.mib)"])
+    defer { BenchChildren.finish([python]) }
     let ready = try python.expect("ready", timeout: 600).split(separator: " ")
     guard ready.count == 3, let pid = Int32(ready[1]) else { throw BenchFailure("python said \(ready)") }
     say("# workload: python3 pid \(pid), \(ready[2]) entries")

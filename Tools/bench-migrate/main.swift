@@ -127,49 +127,11 @@ func parse() -> Settings {
     return settings
 }
 
-// MARK: - Children: always killed, even when the benchmark is interrupted
+// MARK: - Children: always killed, even when the benchmark is interrupted (BenchChildren)
 
-/// Pids of the children alive now, for the signal handler. A fixed C array:
-/// the handler may only read memory and call kill(2).
-nonisolated(unsafe) let liveChildren = UnsafeMutablePointer<pid_t>.allocate(capacity: 16)
-nonisolated(unsafe) var liveCount = 0
-/// The secret file's path as a C string, for the handler to unlink.
-nonisolated(unsafe) var secretPath: UnsafeMutablePointer<CChar>? = nil
-
-/// Starts a child and registers it for the handler. Runs on the main thread only.
+/// Starts one of our built products as a child.
 func spawn(_ name: String, _ arguments: [String]) throws -> ChildProcess {
-    let child = try ChildProcess(builtExecutable(name), arguments)
-    track(child.pid)
-    return child
-}
-
-func track(_ pid: pid_t) {
-    precondition(liveCount < 16, "more children than the handler's table holds")
-    liveChildren[liveCount] = pid
-    liveCount += 1
-}
-
-/// Kills and reaps `children` (ChildProcess.stop is idempotent) and forgets them.
-func finish(_ children: [ChildProcess?]) {
-    for child in children.compactMap({ $0 }) {
-        child.stop()
-        for i in 0..<liveCount where liveChildren[i] == child.pid {
-            liveChildren[i] = liveChildren[liveCount - 1]
-            liveCount -= 1
-            break
-        }
-    }
-}
-
-func installInterruptHandlers() {
-    for signalNumber in [SIGINT, SIGTERM, SIGHUP] {
-        signal(signalNumber) { number in
-            // A frozen 1 GiB workload must not outlive us.
-            for i in 0..<liveCount { kill(liveChildren[i], SIGKILL) }
-            if let secretPath { unlink(secretPath) }
-            _exit(128 + number)
-        }
-    }
+    try BenchChildren.spawn(builtExecutable(name), arguments)
 }
 
 // MARK: - Figures
@@ -258,12 +220,12 @@ func migrate(_ workload: Workload, mib: Int, settings: Settings, secret: String)
     try? FileManager.default.removeItem(atPath: image)
     defer {
         // Leecher first, so nothing is mid-pull when its seeder goes; the workload last.
-        finish([leecher, seeder, relay, memwriter?.child])
+        BenchChildren.finish([leecher, seeder, relay, memwriter?.child])
         try? FileManager.default.removeItem(atPath: image)
     }
     let writer = try Memwriter(workload.memwriter)
     memwriter = writer
-    track(writer.pid)
+    BenchChildren.track(writer.pid)
     // Let the writer threads reach their pace before the migration starts.
     usleep(300_000)
 
@@ -337,7 +299,7 @@ func migrate(_ workload: Workload, mib: Int, settings: Settings, secret: String)
 /// 2-core runs (the channel at its best on this host). Returns bytes per second.
 func linkRate(mib: Int) throws -> Double {
     let wire = try spawn("ferry-bench-wire", ["--only", "secure", "--bytes", "\(mib)M"])
-    defer { finish([wire]) }
+    defer { BenchChildren.finish([wire]) }
     var best = 0.0
     while true {
         let line: String
@@ -391,7 +353,7 @@ func runRow(_ name: String, _ m: Migration) -> String {
 // MARK: - Main
 
 let settings = parse()
-installInterruptHandlers()
+BenchChildren.killOnInterrupt()
 
 let shared = 16
 func workload(_ c: Case) -> (Workload, mib: Int)? {
@@ -441,12 +403,12 @@ do {
     let secret = "/tmp/ferry-bench-migrate-\(getpid())-secret"
     let generated = try spawn("seeder", ["secret"])
     let text = try generated.readLine(timeout: 10)
-    finish([generated])
+    BenchChildren.finish([generated])
     guard FileManager.default.createFile(atPath: secret, contents: Data((text + "\n").utf8),
                                          attributes: [.posixPermissions: 0o600]) else {
         throw BenchFailure("cannot write \(secret)")
     }
-    secretPath = strdup(secret)
+    BenchChildren.removeOnInterrupt(secret)
     defer { try? FileManager.default.removeItem(atPath: secret) }
 
     for round in 1...settings.runs {
