@@ -39,7 +39,7 @@ let package = Package(
         .target(name: "FerryWire", dependencies: ["CUV", "CSodium", "CZstd", "FerryToolkit"]),
         // Seeder, leecher, hub, heuristics, page store, image format.
         // CRIU's commands, page-server protocol and images (issue 13, Protocols/criu.md).
-        .target(name: "FerryCRIU", dependencies: ["FerryToolkit"]),
+        .target(name: "FerryCRIU", dependencies: ["FerryToolkit", "CFerryLinux"]),
         .target(name: "FerryMigration", dependencies: ["FerrySystem", "FerryWire", "FerryToolkit", "FerryCRIU"]),
         // What the three commands share: credential flags, JSON events, progress, exit codes.
         .target(

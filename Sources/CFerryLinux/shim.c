@@ -11,6 +11,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/ptrace.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
@@ -55,6 +56,7 @@ uint8_t ferry_uffd_event_pagefault(void) { return UFFD_EVENT_PAGEFAULT; }
 uint8_t ferry_uffd_event_remove(void) { return UFFD_EVENT_REMOVE; }
 uint8_t ferry_uffd_event_unmap(void) { return UFFD_EVENT_UNMAP; }
 uint8_t ferry_uffd_event_remap(void) { return UFFD_EVENT_REMAP; }
+uint8_t ferry_uffd_event_fork(void) { return UFFD_EVENT_FORK; }
 uint64_t ferry_uffd_pagefault_flag_wp(void) { return UFFD_PAGEFAULT_FLAG_WP; }
 uint64_t ferry_page_is_written(void) { return PAGE_IS_WRITTEN; }
 uint64_t ferry_page_is_present(void) { return PAGE_IS_PRESENT; }
@@ -208,6 +210,27 @@ uint64_t ferry_uffd_msg_remove_end(const struct uffd_msg *msg) { return msg->arg
 uint64_t ferry_uffd_msg_remap_from(const struct uffd_msg *msg) { return msg->arg.remap.from; }
 uint64_t ferry_uffd_msg_remap_to(const struct uffd_msg *msg) { return msg->arg.remap.to; }
 uint64_t ferry_uffd_msg_remap_len(const struct uffd_msg *msg) { return msg->arg.remap.len; }
+int32_t ferry_uffd_msg_fork_ufd(const struct uffd_msg *msg) { return (int32_t)msg->arg.fork.ufd; }
+
+int ferry_recv_fd(int sock) {
+    char byte;
+    struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
+    union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
+    memset(&control, 0, sizeof(control));
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space, .msg_controllen = sizeof(control.space) };
+    ssize_t got;
+    do { got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (got < 0 && errno == EINTR);
+    if (got < 0) return -1;
+    if (got == 0) { errno = ENOMSG; return -1; }
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    if (!cmsg || cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS || cmsg->cmsg_len != CMSG_LEN(sizeof(int))) {
+        errno = EBADMSG;
+        return -1;
+    }
+    int fd;
+    memcpy(&fd, CMSG_DATA(cmsg), sizeof(fd));
+    return fd;
+}
 
 long ferry_ptrace_seize(pid_t tid, unsigned long options) { return ptrace(PTRACE_SEIZE, tid, 0, (void *)options); }
 long ferry_ptrace_interrupt(pid_t tid) { return ptrace(PTRACE_INTERRUPT, tid, 0, 0); }

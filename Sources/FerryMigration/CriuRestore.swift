@@ -1,11 +1,12 @@
 // `leecher pull --restore` (issue 13, Protocols/criu.md § 4): the pages go to
 // a store in this process's memory instead of an image; at Finalize the
-// leecher fetches CRIU's images, serves CRIU's lazy-pages daemon from the
-// store on loopback, and runs `criu restore --lazy-pages`. The restored
-// process runs at once; a page it touches is asked for by the daemon, and a
-// page the store does not hold yet is fetched from the seeder first, ahead of
-// the background fill. Complete (CRIU then kills the source) waits until the
-// process is restored and the store holds every page.
+// leecher fetches CRIU's images and runs `criu restore --lazy-pages`, and is
+// itself the lazy-pages daemon: restore hands it the restored process's
+// userfaultfd over `lazy-pages.socket`, and Ferry fills the pages CRIU left
+// lazy straight from the store (LazyRestoredMemory), touched pages first; a
+// touched page the store does not hold yet is fetched from the seeder ahead
+// of the rest of post-copy. Complete (CRIU then kills the source) waits until
+// the process is restored and the store holds every page.
 import Foundation
 import FerryCRIU
 import FerrySystem
@@ -25,7 +26,16 @@ public final class CriuRestore: Sendable {
     public let grace: Duration
     let store: CriuPageStore
     private let events: @Sendable (CriuRestoreEvent) -> Void
-    private struct Running { var server: LazyPageServer?; var lazyPages: CriuRun?; var frozenAt: ContinuousClock.Instant? }
+    private struct Running {
+        var socket: LazyPagesSocket?
+        var connection: LazyPagesSocket.Connection?
+        var stopped = false
+        /// Lazy pages per pid of the dump (CriuImages.lazyRanges).
+        var lazy: [UInt64: [(start: UInt64, pages: UInt64)]] = [:]
+        var memories: [LazyRestoredMemory] = []
+        var frozenAt: ContinuousClock.Instant?
+        var restoredPid: Int32?
+    }
     private let running = Mutex(Running())
 
     /// `directory` receives CRIU's images and logs (created).
@@ -40,96 +50,131 @@ public final class CriuRestore: Sendable {
 
     var touches: UrgentPages { store.touches }
 
-    /// Before the migration: our page server, listening.
+    /// Before the migration: the socket restore will hand the process's memory over on.
     public func prepare() throws {
-        let server = try LazyPageServer(provider: store, timeout: max(grace, .seconds(30)))
-        try server.start()
-        running.withLock { $0.server = server }
+        let socket = try LazyPagesSocket(directory: directory)
+        running.withLock { $0.socket = socket }
     }
 
     /// Right after Finalize, before post-copy takes the link: CRIU's images,
-    /// then CRIU's lazy-pages daemon (it reads the images as it starts).
+    /// and which pages CRIU left lazy (every one of them in Ferry's store).
     func receiveImages(link: SessionLink) async throws {
         let frozenAt = ContinuousClock.now
         running.withLock { $0.frozenAt = frozenAt }
-        let (criu, directory, grace) = (self.criu, self.directory, self.grace)
         do {
-            guard let server = running.withLock({ $0.server }) else { throw CriuError.badImages("the page server is not running") }
             let bundle = try await link.callExtra(CriuMethod.images, [], limit: CriuImages.maxBundleBytes)
             let names = try CriuImages.unpack(bundle, into: directory)
             let lazy = try CriuImages.lazyRanges(directory: directory)
             guard lazy.count <= 1 else {
                 throw CriuError.badImages("the dump holds \(lazy.count) processes; Ferry migrates the memory of one")
             }
-            server.setLazy(lazy)
-            events(.imagesReceived(bytes: bundle.count, files: names.count, lazyPages: server.lazyPages))
-            try await runOnDedicatedThread(for: "criu lazy-pages") { [self] in
-                let daemon = try CriuRun(criu, "lazy-pages", ["--page-server", "--address", "127.0.0.1", "--port", "\(server.port)"],
-                                         directory: directory, log: directory + "/lazy-pages.log", statusFD: true)
-                running.withLock { $0.lazyPages = daemon }
-                guard daemon.waitReady(timeout: grace) else {
-                    daemon.terminate()
-                    throw CriuError.failed(step: "lazy-pages", status: -1, log: daemon.log, tail: Criu.logTail(daemon.log))
+            for range in lazy.values.joined() {
+                let covered = AddressRange(start: range.start, end: range.start + range.pages * pageSize)
+                guard store.covers(covered) else {
+                    throw CriuError.badImages("CRIU left \(covered) lazy, which is not memory Ferry migrated; not making it up")
                 }
             }
+            running.withLock { $0.lazy = lazy }
+            events(.imagesReceived(bytes: bundle.count, files: names.count, lazyPages: lazy.values.joined().reduce(0) { $0 + $1.pages }))
         } catch {
             throw CriuStepFailed("\(error); the migration is aborted, so CRIU resumes the source, which runs on")
         }
     }
 
-    /// Beside post-copy: `criu restore --lazy-pages`, detached.
+    /// Beside post-copy: `criu restore --lazy-pages`, detached, and the
+    /// restored process's memory taken over on the socket as restore hands it.
     func restoreProcess() async throws {
         let (criu, directory, grace) = (self.criu, self.directory, self.grace)
-        let (server, daemon, frozenAt) = running.withLock { ($0.server, $0.lazyPages, $0.frozenAt ?? .now) }
+        let frozenAt = running.withLock { $0.frozenAt ?? .now }
+        let handoffs = Task { try await runOnDedicatedThread(for: "CRIU's lazy-pages socket") { [self] in try takeHandoffs() } }
         let pid: Int32?
         do {
             pid = try await runOnDedicatedThread(for: "criu restore") { () throws -> Int32? in
                 let pidfile = directory + "/restored.pid"
                 let restore = try CriuRun(criu, "restore", ["--lazy-pages", "--restore-detached", "--pidfile", pidfile],
                                           directory: directory, log: directory + "/restore.log")
-                do {
-                    try restore.wait(timeout: grace + .seconds(60))
-                } catch {
-                    daemon?.terminate()
-                    // Our side of the page server failing is the likelier story.
-                    if let failure = server?.failure { throw CriuError.protocolViolation("serving CRIU's lazy pages: \(failure)") }
-                    throw error
-                }
+                try restore.wait(timeout: grace + .seconds(60))
                 let text = try? String(contentsOfFile: pidfile, encoding: .utf8)
                 return text.flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
             }
+            running.withLock { $0.restoredPid = pid }
+            try await handoffs.value
         } catch {
+            stopHandoffs()
             throw CriuStepFailed("\(error); the migration is aborted, so CRIU resumes the source, which runs on")
         }
         events(.restored(pid: pid, afterFinalize: ContinuousClock.now - frozenAt))
     }
 
-    /// After Complete: waits (at most `timeout`) until the lazy-pages daemon
-    /// has every lazy page and exits; reports when the last one was sent.
-    public func waitEveryPage(timeout: Duration) async throws {
-        let (server, daemon, frozenAt) = running.withLock { ($0.server, $0.lazyPages, $0.frozenAt) }
-        guard let server, let daemon, let frozenAt else { return }
-        try await runOnDedicatedThread(for: "criu lazy-pages") {
-            try daemon.wait(timeout: timeout)
+    /// On a thread of its own: restore's connection, until it closes; each
+    /// task's memory starts filling the moment it arrives.
+    private func takeHandoffs() throws {
+        guard let socket = running.withLock({ $0.socket }) else { throw CriuError.protocolViolation("the lazy-pages socket is not open") }
+        let connection = try socket.accept(timeout: grace + .seconds(60)) { running.withLock { $0.stopped } }
+        let stopped = running.withLock { running in
+            running.connection = connection
+            return running.stopped
         }
-        if let failure = server.failure { throw CriuError.protocolViolation(failure) }
-        if let last = server.everyPageSent {
-            events(.everyPageSent(pages: server.pagesServed, afterFinalize: last - frozenAt))
-        } else if server.lazyPages == 0 {
-            events(.everyPageSent(pages: 0, afterFinalize: ContinuousClock.now - frozenAt))
+        if stopped { return }
+        while true {
+            switch try connection.next() {
+            case .memory(let pid, let uffd):
+                guard let lazy = running.withLock({ $0.lazy[UInt64(pid)] }) else {
+                    close(uffd)
+                    throw CriuError.protocolViolation("restore handed over the memory of pid \(pid), which has no pagemap among the images")
+                }
+                let memory = try LazyRestoredMemory(adopting: uffd, owner: "the restored process (pid \(pid) in its images)",
+                                                    lazy: lazy, supply: store, faultTimeout: max(grace, .seconds(30)))
+                running.withLock { $0.memories.append(memory) }
+                try memory.start()
+            case .zombie, .restoreFinished:
+                continue
+            case .closed:
+                return
+            }
         }
     }
 
-    /// The migration failed: stop the daemon (the restored process, if any, is left alone).
+    private func stopHandoffs() {
+        let connection = running.withLock { running in
+            running.stopped = true
+            return running.connection
+        }
+        connection?.shutDown()
+    }
+
+    /// After Complete: waits (at most `timeout`) until the restored process
+    /// holds every lazy page; reports when the last one went in.
+    public func waitEveryPage(timeout: Duration) async throws {
+        let (memories, frozenAt) = running.withLock { ($0.memories, $0.frozenAt) }
+        guard let frozenAt else { return }
+        let deadline = ContinuousClock.now + timeout
+        while !memories.allSatisfy({ $0.isComplete || $0.failure != nil }) {
+            guard ContinuousClock.now < deadline else {
+                for memory in memories { memory.fail("not every page was in after \(timeout.inSeconds) s") }
+                break
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        if let failure = memories.lazy.compactMap(\.failure).first { throw CriuError.protocolViolation(failure) }
+        let pages = memories.reduce(0) { $0 + $1.statistics.pagesCopied }
+        let last = memories.compactMap(\.finishedAt).max() ?? .now
+        events(.everyPageSent(pages: UInt64(pages), afterFinalize: last - frozenAt))
+    }
+
+    /// The migration failed: no more handoffs, and whatever the restored
+    /// process still misses raises SIGBUS instead of waiting forever (the
+    /// source runs on: CRIU resumes it).
     public func cancel() {
-        running.withLock { $0.lazyPages }?.terminate()
+        stopHandoffs()
+        for memory in running.withLock({ $0.memories }) { memory.fail("the migration failed") }
     }
 }
 
 /// The pages of the migrated process, in this process's memory: what the
 /// lazy page server answers CRIU with. Pages held before the freeze count
 /// only if Finalize found them clean.
-final class CriuPageStore: PageSink, LazyPageProvider, Sendable {
+final class CriuPageStore: PageSink, LazyPageSupply, Sendable {
     // Every mutable field is inside `state`, a ConditionLock; the buffers are reached only under it.
     let touches = UrgentPages()
 
@@ -231,38 +276,37 @@ final class CriuPageStore: PageSink, LazyPageProvider, Sendable {
         }
     }
 
-    /// A request waits only for its first page (see `copy`): that one
-    /// jumps the queue when it is not held; post-copy fetches the rest in bulk.
-    func want(address: UInt64, pages: Int) {
-        let missing = state.withLock { s -> Bool in
-            guard let i = Self.index(s.areas, address) else { return false }
-            return !s.areas[i].isHeld(Int((address - s.areas[i].range.start) / pageSize))
+    /// Whether every page of `range` is in an area (memory Ferry migrates).
+    func covers(_ range: AddressRange) -> Bool {
+        state.withLock { s in
+            var address = range.start
+            while address < range.end {
+                guard let i = Self.index(s.areas, address) else { return false }
+                address = s.areas[i].range.end
+            }
+            return true
         }
-        if missing { touches.push(address) }
     }
 
-    func copy(address: UInt64, pages: Int, into buffer: UnsafeMutableRawBufferPointer, timeout: Duration) throws -> Int {
-        let first = AddressRange(start: address, end: address + pageSize)
-        let copied = state.wait(until: { s in
-            guard s.frozen, let i = Self.index(s.areas, address) else { return s.frozen }
-            return s.areas[i].isHeld(Int((address - s.areas[i].range.start) / pageSize))
-        }, timeout: timeout) { s -> Int in
-            guard let i = Self.index(s.areas, address) else { return 0 }
+    /// A page the restored process touched and the store lacks: fetch it first.
+    func want(_ image: UInt64) {
+        touches.push(image)
+    }
+
+    /// The run of held pages from `image`, under the store's lock (so
+    /// post-copy cannot write them meanwhile); nil before the source froze
+    /// (the pre-copied pages may be stale until Finalize's dirty set is
+    /// applied) or when the first is not held.
+    func withHeldPages<T>(from image: UInt64, upTo pages: Int, _ body: (UnsafeRawPointer, Int) throws -> T) rethrows -> T? {
+        try state.withLock { s -> T? in
+            guard s.frozen, let i = Self.index(s.areas, image) else { return nil }
             let area = s.areas[i]
-            let start = Int((address - area.range.start) / pageSize)
+            let start = Int((image - area.range.start) / pageSize)
             var count = 0
             while count < pages, start + count < Int(area.range.pageCount), area.isHeld(start + count) { count += 1 }
-            let offset = start * Int(pageSize)
-            buffer.baseAddress!.copyMemory(from: area.memory + offset, byteCount: count * Int(pageSize))
-            return count
+            guard count > 0 else { return nil }
+            return try body(area.memory + start * Int(pageSize), count)
         }
-        guard let copied else {
-            throw CriuError.timedOut(step: "lazy-pages (the page at \(first) did not arrive)", seconds: timeout.inSeconds, log: "")
-        }
-        guard copied > 0 else {
-            throw CriuError.protocolViolation("CRIU asked for the page at \(first), which Ferry does not migrate; not making it up")
-        }
-        return copied
     }
 }
 

@@ -150,6 +150,7 @@ public final class Leecher {
             try await puller.pull(precopy: true)
             let (finalized, downtime) = try await puller.finalize()
             let layout = puller.layout
+            try destination.sourceFrozen(layout: layout, clean: puller.store.ranges(in: [.clean]))
             // Whole-process restore: CRIU's images now, before post-copy
             // takes the link; CRIU restores the process beside post-copy.
             if let restore {
@@ -166,7 +167,6 @@ public final class Leecher {
                 try await link.call(.checksum, payload)
             } : nil
             checksumCall = expected
-            try destination.sourceFrozen(layout: layout, clean: puller.store.ranges(in: [.clean]))
             try await puller.pull(precopy: false)
             if options.verify { events(.verifying(pages: puller.store.totalPages)) }
             let manifest: Manifest

@@ -261,6 +261,8 @@ final class SyncWPTracker: DirtyTracker {
                     state.lostRanges.append(Ranges.pageAligned(range))
                 case .remap(_, let to, let length):
                     state.lostRanges.append(Ranges.pageAligned(AddressRange(start: to, end: to + length)))
+                case .fork(let child):
+                    Glibc.close(child)  // never asked for (no fork events): not ours to follow
                 case .other:
                     break
                 }

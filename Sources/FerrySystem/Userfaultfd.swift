@@ -40,6 +40,8 @@ enum UserfaultfdEvent: Equatable {
     case unmap(AddressRange)
     /// mremap moved a range.
     case remap(from: UInt64, to: UInt64, length: UInt64)
+    /// fork: the child's memory is on a new descriptor, now the reader's to close.
+    case fork(child: Int32)
     case other(UInt8)
 }
 
@@ -186,6 +188,8 @@ final class Userfaultfd: Sendable {
                 } else if event == ferry_uffd_event_remap() {
                     events.append(.remap(from: ferry_uffd_msg_remap_from(message), to: ferry_uffd_msg_remap_to(message),
                                          length: ferry_uffd_msg_remap_len(message)))
+                } else if event == ferry_uffd_event_fork() {
+                    events.append(.fork(child: ferry_uffd_msg_fork_ufd(message)))
                 } else {
                     events.append(.other(event))
                 }

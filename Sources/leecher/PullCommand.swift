@@ -163,7 +163,7 @@ struct PullCommand: AsyncParsableCommand {
                 }
             }
             defer { if let into, sliceUs != nil { setSchedulerSlice(nil, threadsOf: into) } }
-            try criuRestore?.prepare() // issue 13: the page server CRIU's lazy-pages daemon will use
+            try criuRestore?.prepare() // issue 13: the socket CRIU's restore hands the process's memory over on
             let task = Task { try await leecher.run() }
             // SIGHUP too (a closed terminal or ssh session): an orderly end, in which
             // pages that never arrived are poisoned rather than lost.

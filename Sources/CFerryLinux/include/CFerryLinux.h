@@ -101,6 +101,7 @@ uint8_t ferry_uffd_event_pagefault(void);
 uint8_t ferry_uffd_event_remove(void);
 uint8_t ferry_uffd_event_unmap(void);
 uint8_t ferry_uffd_event_remap(void);
+uint8_t ferry_uffd_event_fork(void);
 uint64_t ferry_uffd_pagefault_flag_wp(void);
 uint64_t ferry_page_is_written(void);
 uint64_t ferry_page_is_present(void);
@@ -163,6 +164,13 @@ uint64_t ferry_uffd_msg_remove_end(const struct uffd_msg *msg);
 uint64_t ferry_uffd_msg_remap_from(const struct uffd_msg *msg);
 uint64_t ferry_uffd_msg_remap_to(const struct uffd_msg *msg);
 uint64_t ferry_uffd_msg_remap_len(const struct uffd_msg *msg);
+/// The child's new userfaultfd of a UFFD_EVENT_FORK message (now ours to close).
+int32_t ferry_uffd_msg_fork_ufd(const struct uffd_msg *msg);
+
+/// Receives one descriptor passed with SCM_RIGHTS on `sock` together with
+/// one byte (CRIU's send_fd); returns it (close-on-exec), or -1 with errno
+/// (ENOMSG: end of stream; EBADMSG: no descriptor came).
+int ferry_recv_fd(int sock);
 
 // MARK: - ptrace
 
