@@ -204,23 +204,22 @@ public final class LazyRestoredMemory: Sendable {
     }
 
     private func poisonEverything(because reason: String) {
+        shared.withLock { shared in if shared.failure == nil { shared.failure = reason } }
         let poisoned = areas.withLock { areas in
             var count = 0
             for index in areas.indices { count += poisonMissing(&areas[index]) }
             return count
         }
-        shared.withLock { shared in
-            shared.stats.pagesPoisoned += poisoned
-            if shared.failure == nil { shared.failure = reason }
-        }
+        shared.withLock { $0.stats.pagesPoisoned += poisoned }
     }
 
     /// True once the process exited before every page was in (nothing failed: nobody is left to read them).
     public var exited: Bool { shared.withLock { $0.exited } }
 
-    /// True once this process and every child it forked hold all their lazy pages.
+    /// True once this process and every child it forked hold all their
+    /// lazy pages (none poisoned).
     public var isComplete: Bool {
-        let (done, children) = shared.withLock { ($0.finished != nil, $0.children) }
+        let (done, children) = shared.withLock { ($0.finished != nil && $0.failure == nil, $0.children) }
         return done && children.allSatisfy(\.isComplete)
     }
 
@@ -393,18 +392,19 @@ public final class LazyRestoredMemory: Sendable {
             } else if let settled = try install(at: address, image: image, upTo: Self.faultRun, fd: fd), settled > 0 {
                 waiting[address] = nil
             } else if now - wait.since >= faultTimeout {
-                let poisoned = areas.withLock { areas -> Int in
-                    guard let (a, page) = locate(address, in: areas) else { return 0 }
-                    return poisonPage(&areas[a], page)
-                }
-                waiting[address] = nil
+                // Said before the poison: the toucher learns of it at once.
                 shared.withLock { shared in
-                    shared.stats.pagesPoisoned += poisoned
                     if shared.failure == nil {
                         shared.failure = "the page at 0x\(String(image, radix: 16)) of \(owner) did not arrive within "
                             + "\(faultTimeout.inSeconds) s of its first touch; the process got SIGBUS there"
                     }
                 }
+                let poisoned = areas.withLock { areas -> Int in
+                    guard let (a, page) = locate(address, in: areas) else { return 0 }
+                    return poisonPage(&areas[a], page)
+                }
+                waiting[address] = nil
+                shared.withLock { $0.stats.pagesPoisoned += poisoned }
             }
         }
     }
