@@ -10,7 +10,7 @@ import FerryToolkit
 
 struct RestoreOptions: ParsableArguments {
     @Flag(name: .long, help: ArgumentHelp(
-        "Move the whole process: at Finalize fetch CRIU's images from a `seeder serve --with-criu`, restore the process here with `criu restore --lazy-pages` (detached: it outlives the leecher), and serve its memory to CRIU from what was pre-copied, touched pages first. Complete, after which CRIU kills the source, waits until the process runs here and every page is held. Needs CRIU 4.1 or later (--criu)."))
+        "Move the whole process: at Finalize fetch CRIU's images from a `seeder serve --with-criu`, restore the process here with `criu restore --lazy-pages` (detached: it outlives the leecher), and, as CRIU's lazy-pages daemon, fill its memory straight from what was pre-copied, touched pages first. Complete, after which CRIU kills the source, waits until the process runs here and every page is held. Needs CRIU 4.1 or later (--criu)."))
     var restore = false
 
     @Option(name: .long, help: ArgumentHelp("With --restore: the directory for CRIU's images and logs (default: a new one under /tmp).", valueName: "DIR"))
@@ -49,7 +49,7 @@ struct RestoreOptions: ParsableArguments {
                            text: String(format: "leecher: process restored here as pid %@, %.1f ms after the freeze", pid.map { "\($0)" } ?? "?", ms(after)))
         case .everyPageSent(let pages, let after):
             reporter.event("last_page", ["pages": .int(Int64(pages)), "after_finalize_ms": .double(ms(after))],
-                           text: String(format: "leecher: every lazy page is in the restored process (%llu pages), %.1f ms after the freeze", pages, ms(after)))
+                           text: String(format: "leecher: every lazy page is in the restored process (%llu pages installed), %.1f ms after the freeze", pages, ms(after)))
         }
     }
 }
