@@ -115,7 +115,16 @@ public final class CriuRun: @unchecked Sendable {
     /// Criu's stdout: `--status-fd 1` writes one zero byte there when it is ready.
     private let status: FileHandle?
 
-    /// Starts `criu step arguments`, logging to `log` (-o, -v4). With
+    /// CRIU's log level: $FERRY_CRIU_VERBOSITY (0-4), else 2 (errors and
+    /// warnings). At 4 CRIU writes a line per page run and per parasite
+    /// command, thousands for a GiB, one write(2) each, much of it while the
+    /// process is frozen: 4 is for finding out why CRIU failed.
+    public static var verbosity: Int {
+        let text = ProcessInfo.processInfo.environment["FERRY_CRIU_VERBOSITY"] ?? ""
+        return Int(text).map { min(max($0, 0), 4) } ?? 2
+    }
+
+    /// Starts `criu step arguments`, logging to `log` (-o, -v`verbosity`). With
     /// `statusFD`, criu's stdout is a pipe it signals readiness on.
     public init(_ criu: Criu, _ step: String, _ arguments: [String], directory: String, log: String,
                 statusFD: Bool = false) throws {
@@ -123,7 +132,7 @@ public final class CriuRun: @unchecked Sendable {
         self.log = log
         let process = Process()
         process.executableURL = URL(fileURLWithPath: criu.path)
-        process.arguments = [step, "-D", directory, "-o", log, "-v4"] + (statusFD ? ["--status-fd", "1"] : []) + arguments
+        process.arguments = [step, "-D", directory, "-o", log, "-v\(Self.verbosity)"] + (statusFD ? ["--status-fd", "1"] : []) + arguments
         process.standardInput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         if statusFD {

@@ -188,6 +188,10 @@ final class CriuPageStore: PageSink, LazyPageSupply, Sendable {
                   pointer != MAP_FAILED else {
                 throw SystemError(operation: "mmap", target: "a store for \(range)", errno: errno)
             }
+            // Not copied into a fork: the guardian of the restored process's
+            // memory is forked while the process waits for its first pages,
+            // and copying the page tables of a GiB store would delay them.
+            madvise(pointer, Int(range.length), MADV_DONTFORK)
             memory = pointer
             held = [UInt64](repeating: 0, count: Int((range.pageCount + 63) / 64))
         }
