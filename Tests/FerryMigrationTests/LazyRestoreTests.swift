@@ -93,6 +93,7 @@ struct LazyRestoreTests {
         let socket = try LazyPagesSocket(directory: directory)
         let child = try ChildProcess(Self.handoff, [socket.path, mode])
         let connection = try socket.accept(timeout: .seconds(10)) { false }
+        if mode == "touch" { #expect(try connection.next() == .zombie(pid: 4242)) }
         guard case .memory(let pid, let uffd) = try connection.next() else { throw TestFailure("no memory handed over") }
         #expect(pid == child.pid)
         #expect(try connection.next() == .restoreFinished)

@@ -7,7 +7,8 @@
 // Memory: PAGES pages at BASE. Pages 0..63 are "restored" by us (0xAB);
 // CRIU would leave 64..899 lazy (the daemon fills them with pattern(address));
 // 900..PAGES-1 were never used at the source (they must read zero).
-// After the handoff (pid, the userfaultfd with SCM_RIGHTS, 0x52535446) it
+// After the handoff (in touch mode first a zombie's negated pid; then the
+// pid, the userfaultfd with SCM_RIGHTS, and 0x52535446) it
 // prints "handed", and then:
 //   churn  MADV_DONTNEED on 100..149 (must read zero), munmap 200..219,
 //          mremap 300..339 to MOVED, fork (the child checks 400..899 and
@@ -66,7 +67,7 @@ static void die(const char *what) {
     exit(1);
 }
 
-static void hand_over(const char *path) {
+static void hand_over(const char *path, int zombie_first) {
     int uffd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
     if (uffd < 0) die("userfaultfd");
     struct uffdio_api api = { .api = UFFD_API,
@@ -79,6 +80,9 @@ static void hand_over(const char *path) {
     struct sockaddr_un address = { .sun_family = AF_UNIX };
     strncpy(address.sun_path, path, sizeof(address.sun_path) - 1);
     if (connect(sock, (struct sockaddr *)&address, sizeof(address))) die("connect");
+    // A zombie task has no memory: its negated pid, and nothing after it.
+    int zombie = -4242;
+    if (zombie_first && send(sock, &zombie, sizeof(zombie), 0) != sizeof(zombie)) die("send zombie");
     int pid = getpid();
     if (send(sock, &pid, sizeof(pid), 0) != sizeof(pid)) die("send pid");
     char dummy = 0;
@@ -112,7 +116,7 @@ int main(int argc, char **argv) {
     char *base = mmap(BASE, PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     if (base != BASE) die("mmap");
     for (unsigned long i = 0; i < 64; i++) memset(base + i * PAGE, 0xAB, PAGE);
-    hand_over(argv[1]);
+    hand_over(argv[1], strcmp(argv[2], "touch") == 0);
     printf("handed\n");
 
     if (strcmp(argv[2], "touch") == 0) {
