@@ -65,6 +65,13 @@ public struct Criu: Sendable {
         throw CriuError.notFound(tried: flag != nil ? [flag!] : (tried.count > 3 ? ["$FERRY_CRIU", "criu on PATH"] : tried))
     }
 
+    /// Whether this criu reads the 24-byte page-server header of CRIU 4.1
+    /// (PageServerWire.swift): any 4.1.x.
+    public var hasNarrowPageServerHeader: Bool {
+        let numbers = version.split(separator: ".").compactMap { Int($0.prefix(while: \.isNumber)) }
+        return numbers.count >= 2 && (numbers[0], numbers[1]) < (4, 2)
+    }
+
     /// Version and `criu check` of the binary at `path`.
     public static func check(path: String) throws -> Criu {
         let (status, output) = try run(path, ["--version"])

@@ -91,7 +91,7 @@ public final class CriuDump: Sendable {
     private func closePageServer() throws {
         let socket = try connectLoopback(port: port)
         defer { close(socket) }
-        let header = PageServerHeader(command: .close).encoded()
+        let header = PageServerHeader(command: .close).encoded(narrow: criu.hasNarrowPageServerHeader)
         try sendAll(socket, header)
         var status: Int32 = -1
         _ = withUnsafeMutableBytes(of: &status) { recv(socket, $0.baseAddress, 4, Int32(MSG_WAITALL)) }

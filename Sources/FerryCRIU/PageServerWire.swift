@@ -1,7 +1,7 @@
 // CRIU's page-server protocol, the part Ferry speaks (criu/page-xfer.c;
 // Protocols/criu.md § 4). A request or reply header is CRIU's
-// `struct page_server_iov` as the C compiler lays it out on x86-64: 32 bytes,
-// little-endian, with 4 bytes of padding after `cmd`.
+// `struct page_server_iov` as the C compiler lays it out on x86-64: since
+// CRIU 4.2, 32 bytes, little-endian, with 4 bytes of padding after `cmd`.
 //
 //   offset 0  u32 cmd       low 16 bits the command, high 16 bits PE_* flags
 //   offset 4  u32 padding   (zero when we write it, ignored when read)
@@ -9,6 +9,11 @@
 //   offset 16 u64 vaddr
 //   offset 24 u64 dst_id    in PS_IOV_GET and its reply: the process's pid
 //                           in the dump (other commands: (id << 8) | type)
+//
+// CRIU 4.1 has `u32 nr_pages` and no padding: 24 bytes (cmd, nr_pages,
+// vaddr at 8, dst_id at 16). A header of the other size is a protocol
+// error to CRIU (it reads the rest as data), so the size follows the
+// version of the criu at the other end.
 import FerryToolkit
 
 public enum PageServerCommand: UInt32, Sendable {
@@ -62,14 +67,25 @@ public struct PageServerHeader: Sendable, Equatable {
 
     public var known: PageServerCommand? { PageServerCommand(rawValue: command) }
 
-    public func encoded() -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: Self.size)
+    /// The header as CRIU 4.2 and later read it (32 bytes), or, with
+    /// `narrow`, as CRIU 4.1 does (24 bytes; at most 2^32-1 pages).
+    public func encoded(narrow: Bool = false) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: narrow ? Self.narrowSize : Self.size)
         bytes.withUnsafeMutableBytes { raw in
             raw.storeBytes(of: (flags << 16 | command).littleEndian, toByteOffset: 0, as: UInt32.self)
-            raw.storeBytes(of: pages.littleEndian, toByteOffset: 8, as: UInt64.self)
-            raw.storeBytes(of: address.littleEndian, toByteOffset: 16, as: UInt64.self)
-            raw.storeBytes(of: destination.littleEndian, toByteOffset: 24, as: UInt64.self)
+            if narrow {
+                raw.storeBytes(of: UInt32(truncatingIfNeeded: pages).littleEndian, toByteOffset: 4, as: UInt32.self)
+                raw.storeBytes(of: address.littleEndian, toByteOffset: 8, as: UInt64.self)
+                raw.storeBytes(of: destination.littleEndian, toByteOffset: 16, as: UInt64.self)
+            } else {
+                raw.storeBytes(of: pages.littleEndian, toByteOffset: 8, as: UInt64.self)
+                raw.storeBytes(of: address.littleEndian, toByteOffset: 16, as: UInt64.self)
+                raw.storeBytes(of: destination.littleEndian, toByteOffset: 24, as: UInt64.self)
+            }
         }
         return bytes
     }
+
+    /// CRIU 4.1's header size.
+    public static let narrowSize = 24
 }

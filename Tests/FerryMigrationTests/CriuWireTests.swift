@@ -2,7 +2,7 @@
 // the page-server header, the image bundle and the pagemap reader.
 import Foundation
 import Testing
-import FerryCRIU
+@testable import FerryCRIU
 
 struct CriuWireTests {
     @Test func headerLayoutIsCriusStruct() {
@@ -19,6 +19,18 @@ struct CriuWireTests {
         #expect(decoded.known == .addFlagged)
         let close = PageServerHeader(command: .close).encoded()
         #expect(Array(close[0..<4]) == [0x23, 0x10, 0, 0])
+    }
+
+    @Test func criu41ReadsTheNarrowHeader() {
+        // CRIU 4.1: u32 cmd, u32 nr_pages, u64 vaddr, u64 dst_id; 32 bytes make it fail ("Unexpected data").
+        let bytes = PageServerHeader(command: .close, pages: 2, address: 0x1000, destination: 7).encoded(narrow: true)
+        #expect(bytes.count == 24)
+        #expect(Array(bytes[0..<8]) == [0x23, 0x10, 0, 0, 2, 0, 0, 0])
+        #expect(Array(bytes[8..<16]) == [0, 0x10, 0, 0, 0, 0, 0, 0])
+        #expect(Array(bytes[16..<24]) == [7, 0, 0, 0, 0, 0, 0, 0])
+        #expect(Criu(path: "criu", version: "4.1.1").hasNarrowPageServerHeader)
+        #expect(!Criu(path: "criu", version: "4.2").hasNarrowPageServerHeader)
+        #expect(!Criu(path: "criu", version: "5.0").hasNarrowPageServerHeader)
     }
 
     @Test func bundleRoundTripsAndRefusesPaths() throws {
