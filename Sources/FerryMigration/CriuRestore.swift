@@ -292,6 +292,17 @@ final class CriuPageStore: PageSink, LazyPageSupply, Sendable {
         }
     }
 
+    func pagesNotHeld(from image: UInt64, upTo pages: Int) -> Int {
+        state.withLock { s in
+            guard s.frozen, let i = Self.index(s.areas, image) else { return pages }
+            let area = s.areas[i]
+            let start = Int((image - area.range.start) / pageSize)
+            var count = 0
+            while count < pages, start + count < Int(area.range.pageCount), !area.isHeld(start + count) { count += 1 }
+            return count
+        }
+    }
+
     /// A page the restored process touched and the store lacks: fetch it first.
     func want(_ image: UInt64) {
         touches.push(image)

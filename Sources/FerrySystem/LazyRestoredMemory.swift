@@ -52,6 +52,9 @@ public protocol LazyPageSupply: AnyObject, Sendable {
     /// address `image` on (at most `pages`, at least 1), under whatever lock
     /// keeps them still; nil when the page at `image` is not held (yet).
     func withHeldPages<T>(from image: UInt64, upTo pages: Int, _ body: (UnsafeRawPointer, Int) throws -> T) rethrows -> T?
+    /// How many pages from source address `image` on (at most `pages`) are
+    /// not held: the background fill steps over them at once.
+    func pagesNotHeld(from image: UInt64, upTo pages: Int) -> Int
     /// The page at source address `image` is touched and not held: fetch it first.
     func want(_ image: UInt64)
 }
@@ -438,8 +441,8 @@ public final class LazyRestoredMemory: Sendable {
             }
             switch try install(at: next.address, image: next.image, upTo: next.run, fd: fd) {
             case nil:
-                budget -= 1  // not held yet
-                cursor = (next.area, next.page + 1)
+                budget -= 1  // not held yet: step over the run on its way
+                cursor = (next.area, next.page + max(1, supply.pagesNotHeld(from: next.image, upTo: next.run)))
             case 0?:
                 return progressed  // the map is changing: read its event first
             case let settled?:

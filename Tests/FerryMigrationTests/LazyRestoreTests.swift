@@ -60,6 +60,17 @@ private final class PatternSupply: LazyPageSupply, Sendable {
         }
     }
 
+    func pagesNotHeld(from image: UInt64, upTo pages: Int) -> Int {
+        state.withLock { s in
+            guard s.frozen, image >= Self.base else { return pages }
+            let first = Int((image - Self.base) / pageSize)
+            var count = 0
+            while count < pages, first + count < Self.pages,
+                  s.onTheirWay.contains(first + count) || s.never.contains(first + count) { count += 1 }
+            return count
+        }
+    }
+
     func want(_ image: UInt64) {
         // It "arrives" at once: the next look installs it.
         state.withLock { s in
