@@ -40,7 +40,7 @@ export FERRY_CRIU=$criu
 swift build -c release --product seeder >/dev/null
 swift build -c release --product leecher >/dev/null
 bin=$(swift build -c release --show-bin-path)
-work=$(mktemp -d /tmp/ferry-bench-criu.XXXXXX)
+work=$(mktemp -d "${TMPDIR:-/tmp}/ferry-bench-criu.XXXXXX")
 gcc -O2 -pthread -o "$work/workload" Tools/criu-workload/workload.c
 "$bin/seeder" secret > "$work/secret"
 chmod 600 "$work/secret"
