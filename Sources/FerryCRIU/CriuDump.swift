@@ -174,24 +174,26 @@ extension CriuDump {
     /// images bundle takes (`CriuImages.maxBundleBytes`) for a 1 GiB process,
     /// and pages Ferry moves anyway travel twice.
     ///
-    /// This makes the images what CRIU writes when no stack pointer is
-    /// aligned: each page present in pages-*.img that lies in a VMA CRIU may
-    /// restore lazily (vma_entry_can_be_lazy(): private anonymous, not
-    /// MAP_LOCKED, not hugetlb, not vDSO, vvar or vsyscall) and inside
-    /// `servable` (the memory Ferry migrates: the leecher serves it to
-    /// CRIU's lazy-pages daemon) is flagged PE_LAZY instead and its bytes
-    /// dropped. Returns nil when every such page was lazy already (the usual
-    /// case: nothing is written). Call it with the process frozen, before
-    /// the images are packed.
+    /// This makes the images what is_stack() meant: each page present in
+    /// pages-*.img that lies in a VMA CRIU may restore lazily
+    /// (vma_entry_can_be_lazy(): private anonymous, not MAP_LOCKED, not
+    /// hugetlb, not vDSO, vvar or vsyscall), inside `servable` (the memory
+    /// Ferry migrates: the leecher serves it to CRIU's lazy-pages daemon) and
+    /// not a thread's current stack page (the stack pointers of the x86-64
+    /// core-*.img) is flagged PE_LAZY instead and its bytes dropped. Returns
+    /// nil when every such page was lazy already (the usual case, and a
+    /// CRIU whose is_stack() is fixed: nothing is written). Call it with the
+    /// process frozen, before the images are packed.
     public func leaveLazy(servable: [(start: UInt64, end: UInt64)]) throws -> LazyRepair? {
         let names = try FileManager.default.contentsOfDirectory(atPath: images)
         var pages: UInt64 = 0
         var bytes: UInt64 = 0
+        let stacks = try CriuImageRecords.stackPages(directory: images, names: names)
         for name in names.sorted() where name.hasPrefix("pagemap-") && name.hasSuffix(".img") && !name.hasPrefix("pagemap-shmem") {
             let id = name.dropFirst("pagemap-".count).dropLast(".img".count)
             guard UInt64(id) != nil, names.contains("mm-\(id).img") else { continue }
             let lazyable = try CriuImageRecords.lazyableVMAs(path: images + "/mm-\(id).img")
-            let allowed = intersect(lazyable, servable.filter { $0.start < $0.end }.sorted { $0.start < $1.start })
+            let allowed = subtract(stacks, from: intersect(lazyable, servable.filter { $0.start < $0.end }.sorted { $0.start < $1.start }))
             guard !allowed.isEmpty, let repair = try relazy(pagemap: name, allowed: allowed) else { continue }
             pages += repair.pages
             bytes += repair.bytes
@@ -339,6 +341,21 @@ extension CriuDump {
         return result
     }
 
+    /// `ranges` (sorted) without the pages at `pages`.
+    private func subtract(_ pages: Set<UInt64>, from ranges: [(start: UInt64, end: UInt64)]) -> [(start: UInt64, end: UInt64)] {
+        let page = UInt64(CriuImageRecords.pageBytes)
+        var result: [(start: UInt64, end: UInt64)] = []
+        for range in ranges {
+            var at = range.start
+            for hole in pages.sorted() where hole >= range.start && hole < range.end {
+                if hole > at { result.append((at, hole)) }
+                at = max(at, hole + page)
+            }
+            if at < range.end { result.append((at, range.end)) }
+        }
+        return result
+    }
+
     /// [start, end) cut into pieces inside (lazy) or outside the allowed ranges.
     private func split(start: UInt64, end: UInt64, by allowed: [(start: UInt64, end: UInt64)]) -> [(start: UInt64, end: UInt64, lazy: Bool)] {
         var pieces: [(start: UInt64, end: UInt64, lazy: Bool)] = []
@@ -456,6 +473,24 @@ enum CriuImageRecords {
     /// (criu/include/vma.h, image.h).
     static let mapPrivate: UInt64 = 0x02, mapAnonymous: UInt64 = 0x20, mapLocked: UInt64 = 0x2000, mapHugetlb: UInt64 = 0x40000
     static let areaVsyscall: UInt64 = 1 << 2, areaVdso: UInt64 = 1 << 3, areaVvar: UInt64 = 1 << 12
+
+    /// The pages holding a thread's stack pointer, from every core-*.img of
+    /// an x86-64 dump (core_entry.thread_info.gpregs.sp); none for another
+    /// architecture.
+    static func stackPages(directory: String, names: [String]) throws -> Set<UInt64> {
+        var pages = Set<UInt64>()
+        for name in names where name.hasPrefix("core-") && name.hasSuffix(".img") {
+            let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: directory + "/" + name)))
+            guard let core = try records(bytes, name: name).first else { continue }
+            let fields = try fields(core, name: name)
+            guard fields.first(where: { $0.number == 1 })?.value == 1, // mtype X86_64
+                  let thread = fields.first(where: { $0.number == 2 }),
+                  let regs = try self.fields(thread.bytes, name: name).first(where: { $0.number == 2 }),
+                  let sp = try self.fields(regs.bytes, name: name).first(where: { $0.number == 20 })?.value else { continue }
+            pages.insert(sp & ~UInt64(pageBytes - 1))
+        }
+        return pages
+    }
 
     /// The VMAs of mm-ID.img whose pages CRIU may leave lazy, sorted.
     static func lazyableVMAs(path: String) throws -> [(start: UInt64, end: UInt64)] {
