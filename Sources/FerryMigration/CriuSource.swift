@@ -35,11 +35,12 @@ public final class CriuMemorySource: MemorySource, SeederExtraMethods {
     public let process: TrackedProcess
     public let dump: CriuDump
     private let dumped = Mutex(false)
-    private let report: @Sendable (Duration) -> Void
+    private let report: @Sendable (Duration, CriuDump.LazyRepair?) -> Void
 
-    /// `dumpedEvent` is told how long the dump took, once it holds the process.
+    /// `dumpedEvent` is told how long the dump took, once it holds the
+    /// process, and what `CriuDump.leaveLazy` put back in the lazy set.
     public init(process: TrackedProcess, criu: Criu, workDirectory: String, grace: Duration,
-                dumpedEvent: @escaping @Sendable (Duration) -> Void = { _ in }) throws {
+                dumpedEvent: @escaping @Sendable (Duration, CriuDump.LazyRepair?) -> Void = { _, _ in }) throws {
         self.process = process
         dump = try CriuDump(criu: criu, pid: process.pid, workDirectory: workDirectory, grace: grace)
         report = dumpedEvent
@@ -66,7 +67,14 @@ public final class CriuMemorySource: MemorySource, SeederExtraMethods {
             throw CriuStepFailed("\(error); pid \(pid) was not dumped and runs on")
         }
         dumped.withLock { $0 = true }
-        report(took)
+        // CRIU may have written memory it should have left lazy (a
+        // page-aligned stack pointer: CriuDump.leaveLazy): Ferry moves that
+        // memory, so the images need not carry it. Should the repair fail,
+        // the images stay as CRIU wrote them (still a valid dump).
+        var servable = process.regions.map { (start: $0.range.start, end: $0.range.end) }
+        servable += process.unprotectable.map { (start: $0.range.start, end: $0.range.end) }
+        let repair = try? dump.leaveLazy(servable: servable)
+        report(took, repair)
         return took
     }
 

@@ -32,10 +32,18 @@ struct CriuServeOptions: ParsableArguments {
     func source(_ process: TrackedProcess, criu: Criu?, grace: Duration, reporter: Reporter) throws -> (any MemorySource, (any SeederExtraMethods)?) {
         guard let criu else { return (process, nil) }
         let directory = criuDir ?? (NSTemporaryDirectory() + "ferry-criu-dump-\(process.pid)-\(getpid())")
-        let source = try CriuMemorySource(process: process, criu: criu, workDirectory: directory, grace: grace) { took in
+        let source = try CriuMemorySource(process: process, criu: criu, workDirectory: directory, grace: grace) { took, repair in
             let ms = took.inSeconds * 1000
-            reporter.event("dumped", ["pid": .int(Int64(process.pid)), "dump_ms": .double(ms), "directory": .string(directory)],
-                           text: String(format: "seeder: CRIU dumped pid %d in %.1f ms (%@); it holds it frozen until the leecher is done", process.pid, ms, directory))
+            let text = String(format: "seeder: CRIU dumped pid %d in %.1f ms (%@); it holds it frozen until the leecher is done", process.pid, ms, directory)
+            if let repair {
+                // CRIU's is_stack() bug (CriuDump.leaveLazy): its images held memory Ferry moves.
+                reporter.event("dumped", ["pid": .int(Int64(process.pid)), "dump_ms": .double(ms), "directory": .string(directory),
+                                          "relazied_pages": .uint(repair.pages), "relazied_bytes": .uint(repair.bytes)],
+                               text: text + String(format: "; CRIU had written %llu pages it should have left lazy (a page-aligned stack pointer): flagged lazy again, %.1f MB dropped from its images",
+                                                   repair.pages, Double(repair.bytes) / 1e6))
+            } else {
+                reporter.event("dumped", ["pid": .int(Int64(process.pid)), "dump_ms": .double(ms), "directory": .string(directory)], text: text)
+            }
         }
         return (source, source)
     }

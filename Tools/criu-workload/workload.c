@@ -23,6 +23,14 @@
 // SIGUSR2 resets the largest gap. Standard streams should not be inherited
 // pipes (CRIU would need them on restore): the program points them at
 // /dev/null and closes every other inherited descriptor.
+//
+// With WORKLOAD_ALIGNED_SP=1 in the environment, the main thread waits for
+// signals with its stack pointer on a page boundary (x86-64 only). CRIU
+// 4.2.1's lazy dump then writes every page into its images instead of
+// leaving them lazy (criu/mem.c is_stack() tests `(sp ^ vaddr) & ~PAGE_MASK`,
+// true for every page when some thread's sp is page aligned): the condition
+// a process meets by chance, 1 dump in 256 for a thread whose stack is
+// randomized, made certain for the tests of Ferry's handling of it.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -244,8 +252,27 @@ int main(int argc, char **argv) {
     char line[128];
     snprintf(line, sizeof line, "ready pid=%d pages=%zu listen=%d\n", getpid(), pages, listen_port);
     say(line);
+    char *aligned_sp = NULL;
+#if defined(__x86_64__)
+    const char *want_aligned = getenv("WORKLOAD_ALIGNED_SP");
+    if (want_aligned && strcmp(want_aligned, "1") == 0) {
+        // A stack of its own for the wait (signal frames go below it).
+        char *stack = mmap(NULL, 1 << 16, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (stack == MAP_FAILED) return 6;
+        memset(stack, 0, 1 << 16);
+        aligned_sp = stack + (1 << 15);
+    }
+#endif
     for (;;) {
-        pause();
+#if defined(__x86_64__)
+        if (aligned_sp) {
+            long ret;
+            __asm__ volatile("mov %%rsp, %%r12\n\tmov %1, %%rsp\n\tmov $34, %%eax\n\tsyscall\n\tmov %%r12, %%rsp"
+                             : "=a"(ret) : "r"(aligned_sp) : "r12", "rcx", "r11", "memory");
+            (void)ret;
+        } else
+#endif
+            pause();
         if (check_wanted) { check_wanted = 0; check(); }
     }
 }
