@@ -127,7 +127,10 @@ public final class CriuRestore: Sendable {
                                                     lazy: lazy, supply: store, faultTimeout: max(grace, .seconds(30)))
                 running.withLock { $0.memories.append(memory) }
                 try memory.start()
-            case .zombie, .restoreFinished:
+            case .restoreFinished:
+                // Every mapping is in place and registered: fill in the background.
+                for memory in running.withLock({ $0.memories }) { memory.restoreFinished() }
+            case .zombie:
                 continue
             case .closed:
                 return

@@ -9,6 +9,10 @@
 // the daemon: it installs them with UFFDIO_COPY in runs of up to 1 MiB,
 // touched pages first, and every page is local within about a second.
 //
+// Touched pages are installed from the handoff on; the background fill
+// waits until restore says it has finished (`restoreFinished`), when every
+// mapping is in place and registered, as CRIU's daemon does.
+//
 // What is filled: exactly the pages CRIU marked lazy (PE_LAZY), each from
 // the store at its source ("image") address, which is where CRIU maps it
 // too until the process moves it. A touch of a registered page that was
@@ -128,6 +132,8 @@ public final class LazyRestoredMemory: Sendable {
         var exited = false
         var children: [LazyRestoredMemory] = []
         var handler: pthread_t?
+        /// Set by `restoreFinished`: the background fill may run.
+        var mayFill = false
     }
 
     /// Names the process in errors and thread names: "restored pid 57".
@@ -184,6 +190,18 @@ public final class LazyRestoredMemory: Sendable {
             guard shared.handler == nil else { return }
             shared.handler = try startThread(for: "the lazy pages of \(owner)") { [self] in run() }
         }
+    }
+
+    /// CRIU has finished restoring (its 0x52535446 on the socket): every
+    /// area is registered at its place, so the background fill may start.
+    /// Until then only touched pages are installed: restore hands the
+    /// descriptor over before its restorer has moved each mapping into
+    /// place and registered it, and an install into a range not registered
+    /// yet fails as if the process had dropped it (ENOENT), which would
+    /// leave the page to the kernel's zeros once the descriptor closes.
+    /// CRIU's own daemon waits for the same message.
+    public func restoreFinished() {
+        shared.withLock { $0.mayFill = true }
     }
 
     /// Stops the handler thread (and the children's); pages still missing
@@ -303,8 +321,10 @@ public final class LazyRestoredMemory: Sendable {
             let left = areas.withLock { $0.reduce(0) { $0 + $1.left } }
             if left == 0 && waiting.isEmpty { return true }
             // Filling: look at the descriptor without waiting. Waiting for
-            // pages on their way: every millisecond. Else until a fault.
-            let timeout: Int32 = !idle ? 0 : (waiting.isEmpty && left == 0 ? -1 : 1)
+            // pages on their way: every millisecond. Waiting for restore to
+            // finish: every 5. Else until a fault.
+            let mayFill = shared.withLock { $0.mayFill }
+            let timeout: Int32 = mayFill && !idle ? 0 : !waiting.isEmpty ? 1 : !mayFill ? 5 : left == 0 ? -1 : 1
             try checkedCall("poll userfaultfd", on: owner) { poll(&fds, 2, timeout) }
             if fds[1].revents != 0 { return false }
             if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 { throw Exited() }
@@ -314,7 +334,7 @@ public final class LazyRestoredMemory: Sendable {
                 try handle(events, fd: fd, waiting: &waiting)
             }
             try serve(&waiting, fd: fd)
-            idle = try !fillSome(fd: fd, cursor: &cursor)
+            if mayFill { idle = try !fillSome(fd: fd, cursor: &cursor) }
         }
     }
 
@@ -468,16 +488,26 @@ public final class LazyRestoredMemory: Sendable {
         }
         guard run > 0 else { return 1 }
         let result: (settled: Int, errno: Int32)? = supply.withHeldPages(from: image, upTo: run) { bytes, held in
-            var copy = uffdio_copy(dst: address, src: UInt64(UInt(bitPattern: bytes)), len: UInt64(held) * pageSize, mode: 0, copy: 0)
-            // SAFETY: `src` points at `held` pages the supply keeps still during this call;
-            // `dst` is in memory CRIU registered on this descriptor.
-            let status = ferry_uffdio_copy(fd, &copy)
-            let error = status < 0 ? errno : 0
-            let copied = copy.copy > 0 ? Int(copy.copy / Int64(pageSize)) : 0
-            switch error {
-            case 0: return (held, 0)
-            case EEXIST: return (copied + 1, 0)  // present already: settled, not by us
-            default: return (copied, error)
+            // One UFFDIO_COPY stays inside one VMA (else ENOENT, copying
+            // nothing), and an area need not: CRIU merges lazy pages of
+            // adjacent VMAs into one pagemap entry (a thread's stack and the
+            // mapping after it), and the process may split a VMA since
+            // (mprotect). So an ENOENT is halved down to the one page, and
+            // only the one page's ENOENT means it is not registered any more.
+            var pages = held
+            while true {
+                var copy = uffdio_copy(dst: address, src: UInt64(UInt(bitPattern: bytes)), len: UInt64(pages) * pageSize, mode: 0, copy: 0)
+                // SAFETY: `src` points at `held` >= `pages` pages the supply keeps
+                // still during this call; `dst` is in memory CRIU registered on this descriptor.
+                let status = ferry_uffdio_copy(fd, &copy)
+                let error = status < 0 ? errno : 0
+                let copied = copy.copy > 0 ? Int(copy.copy / Int64(pageSize)) : 0
+                switch error {
+                case 0: return (pages, 0)
+                case EEXIST: return (copied + 1, 0)  // present already: settled, not by us
+                case ENOENT where copied == 0 && pages > 1: pages /= 2
+                default: return (copied, error)
+                }
             }
         }
         guard var result else { return nil }
@@ -575,6 +605,7 @@ public final class LazyRestoredMemory: Sendable {
         let child = try LazyRestoredMemory(uffd: Userfaultfd(adopting: descriptor, target: "\(owner), child \(index)"),
                                            owner: "\(owner), child \(index)", areas: remaining, supply: supply,
                                            faultTimeout: faultTimeout, guarded: guardian != nil)
+        child.restoreFinished()  // a fork comes after the restore
         shared.withLock { $0.children.append(child) }
         try child.start()
     }

@@ -83,7 +83,10 @@ final class CriuHosts {
         // lazy-pages` waiting: end every process that names our scratch directory.
         for pid in Self.processes(naming: scratch) { kill(pid, SIGKILL) }
         Self.remove([source, destination], link)
-        try? FileManager.default.removeItem(atPath: scratch)
+        // FERRY_TEST_KEEP=1 keeps the images and CRIU's logs for a post-mortem.
+        if ProcessInfo.processInfo.environment["FERRY_TEST_KEEP"] != "1" {
+            try? FileManager.default.removeItem(atPath: scratch)
+        }
     }
 
     /// Processes whose command line contains `text`.
@@ -131,10 +134,11 @@ final class CriuHosts {
         throw TestFailure("the program did not start in its pid namespace")
     }
 
-    /// The workload with MIB of memory under RATE writes a second; returns its log path too.
-    func startWorkload(mib: Int, rate: Int) throws -> (ChildProcess, Int32, String) {
+    /// The workload with MIB of memory under RATE writes a second, with
+    /// `environment` (NAME=value) added to its own; returns its log path too.
+    func startWorkload(mib: Int, rate: Int, environment: [String] = []) throws -> (ChildProcess, Int32, String) {
         let log = scratch + "/workload.log"
-        let (parent, pid) = try startInPidNamespace([Self.workload, "\(mib)", "\(rate)", log])
+        let (parent, pid) = try startInPidNamespace(["/usr/bin/env"] + environment + [Self.workload, "\(mib)", "\(rate)", log])
         let deadline = ChildProcess.now() + 30
         while ChildProcess.now() < deadline {
             if (try? String(contentsOfFile: log, encoding: .utf8))?.contains("ready") == true { return (parent, pid, log) }

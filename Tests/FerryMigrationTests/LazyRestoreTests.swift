@@ -131,6 +131,7 @@ struct LazyRestoreTests {
         let memory = try LazyRestoredMemory(adopting: uffd, owner: "handoff pid \(child.pid)", lazy: Self.lazy,
                                             supply: supply, faultTimeout: .seconds(20))
         try memory.start()
+        memory.restoreFinished()
         _ = try child.expect("churned")
         supply.freeze()
         child.send("go")
@@ -163,6 +164,7 @@ struct LazyRestoreTests {
         let memory = try LazyRestoredMemory(adopting: uffd, owner: "handoff pid \(child.pid)", lazy: Self.lazy,
                                             supply: PatternSupply(), faultTimeout: .seconds(20))
         try memory.start()
+        memory.restoreFinished()
         memory.fail("the migration failed")
         child.send("go")
         #expect(try child.readLine() == "sigbus")
@@ -179,6 +181,7 @@ struct LazyRestoreTests {
         let memory = try LazyRestoredMemory(adopting: uffd, owner: "handoff pid \(child.pid)", lazy: Self.lazy,
                                             supply: PatternSupply(frozen: true, never: [64]), faultTimeout: .milliseconds(300))
         try memory.start()
+        memory.restoreFinished()
         defer { memory.fail("test over") }
         child.send("go")
         #expect(try child.readLine(timeout: 10) == "sigbus")

@@ -7,6 +7,9 @@
 // Memory: PAGES pages at BASE. Pages 0..63 are "restored" by us (0xAB);
 // CRIU would leave 64..899 lazy (the daemon fills them with pattern(address));
 // 900..PAGES-1 were never used at the source (they must read zero).
+// Pages 500..511 are a VMA of their own (also executable), as adjacent
+// mappings are that CRIU puts in one lazy pagemap entry: one install must
+// not cross from one into the next.
 // After the handoff (in touch mode first a zombie's negated pid; then the
 // pid, the userfaultfd with SCM_RIGHTS, and 0x52535446) it
 // prints "handed", and then:
@@ -115,6 +118,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     char *base = mmap(BASE, PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     if (base != BASE) die("mmap");
+    if (mprotect(base + 500 * PAGE, 12 * PAGE, PROT_READ | PROT_WRITE | PROT_EXEC)) die("mprotect");
     for (unsigned long i = 0; i < 64; i++) memset(base + i * PAGE, 0xAB, PAGE);
     hand_over(argv[1], strcmp(argv[2], "touch") == 0);
     printf("handed\n");
