@@ -130,16 +130,16 @@ run_pageserver() {
     local rate=$1 d="$work/ps-$rate"
     start_workload ps-$rate "$rate"
     mkdir -p "$d/src" "$d/dst"
-    in_dst "$criu" page-server -D "$d/dst" --address $B --port 7071 -o ps.log -v4 &
+    in_dst "$criu" page-server -D "$d/dst" --address $B --port 7071 -o ps.log -v"$verbosity" &
     local server=$!
     sleep 0.5
     local t0; t0=$(now)
-    in_src "$criu" dump -t "$wpid" -D "$d/src" --page-server --address $B --port 7071 -o dump.log -v4 \
+    in_src "$criu" dump -t "$wpid" -D "$d/src" --page-server --address $B --port 7071 -o dump.log -v"$verbosity" \
         || { grep Error "$d/src/dump.log" >&2; return 1; }
     local t_dumped; t_dumped=$(now)
     wait "$server" || true
     cp "$d/src/"*.img "$d/dst/" 2>/dev/null || true
-    in_dst "$criu" restore -D "$d/dst" --restore-detached --pidfile "$d/pid" -o restore.log -v4 \
+    in_dst "$criu" restore -D "$d/dst" --restore-detached --pidfile "$d/pid" -o restore.log -v"$verbosity" \
         || { grep Error "$d/dst/restore.log" >&2; return 1; }
     local t_restored; t_restored=$(now)
     local restored; restored=$(cat "$d/pid")
@@ -157,14 +157,14 @@ run_lazy() {
     start_workload lazy-$rate "$rate"
     mkdir -p "$d/src" "$d/dst"
     local t0; t0=$(now)
-    in_src "$criu" dump -t "$wpid" -D "$d/src" --lazy-pages --address $A --port 7072 --status-fd 1 -o dump.log -v4 > "$d/ready" &
+    in_src "$criu" dump -t "$wpid" -D "$d/src" --lazy-pages --address $A --port 7072 --status-fd 1 -o dump.log -v"$verbosity" > "$d/ready" &
     local dumper=$!
     until [[ -s "$d/ready" ]] || ! kill -0 "$dumper" 2>/dev/null; do sleep 0.005; done
     cp "$d/src/"*.img "$d/dst/"
     in_dst "$criu" lazy-pages -D "$d/dst" --page-server --address $A --port 7072 --status-fd 1 -o lazy.log -v4 > "$d/lazy-ready" &
     local daemon=$!
     until [[ -s "$d/lazy-ready" ]] || ! kill -0 "$daemon" 2>/dev/null; do sleep 0.005; done
-    in_dst "$criu" restore -D "$d/dst" --lazy-pages --restore-detached --pidfile "$d/pid" -o restore.log -v4 \
+    in_dst "$criu" restore -D "$d/dst" --lazy-pages --restore-detached --pidfile "$d/pid" -o restore.log -v"$verbosity" \
         || { grep Error "$d/dst/restore.log" >&2; return 1; }
     local restored; restored=$(cat "$d/pid")
     kill_list="$kill_list $restored"
@@ -181,6 +181,10 @@ run_lazy() {
 }
 
 link_rate=0
+# Every dump and restore logs at the level Ferry's do (Criu.swift), so log
+# writing weighs the same on all three; CRIU's lazy-pages daemon logs at 4,
+# the only level at which it says how many pages it moved.
+verbosity=${FERRY_CRIU_VERBOSITY:-2}
 echo "bench-criu: $mib MiB, writes/s: ${rates[*]}, modes: ${modes[*]}; criu $("$criu" --version | head -1)" >&2
 for rate in "${rates[@]}"; do
     if wants ferry; then run_ferry "$rate" || record ferry "$rate" failed - - - -; fi

@@ -77,46 +77,12 @@ public enum CriuImages {
         return result
     }
 
-    /// Entries of a pagemap image: two magic words, then records of a u32
-    /// size and a protobuf message; the first is pagemap_head.
+    /// The PE_LAZY entries of a pagemap image (its first record is
+    /// pagemap_head).
     static func lazyEntries(_ bytes: [UInt8], name: String) throws -> [(start: UInt64, pages: UInt64)] {
-        var cursor = 8
-        var first = true
-        var lazy: [(start: UInt64, pages: UInt64)] = []
-        while cursor + 4 <= bytes.count {
-            let size = Int(bytes[cursor..<cursor + 4].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
-            cursor += 4
-            guard size <= bytes.count - cursor else { throw CriuError.badImages("\(name) is cut short") }
-            let message = bytes[cursor..<cursor + size]
-            cursor += size
-            if first { first = false; continue }
-            var fields: [UInt64: UInt64] = [:]
-            var at = message.startIndex
-            while at < message.endIndex {
-                let (key, next) = try varint(message, at, name)
-                guard key & 7 == 0 else { throw CriuError.badImages("\(name): unexpected field type \(key & 7)") }
-                let (value, after) = try varint(message, next, name)
-                fields[key >> 3] = value
-                at = after
-            }
-            guard let vaddr = fields[1] else { throw CriuError.badImages("\(name): an entry without vaddr") }
-            let pages = fields[5] ?? fields[2] ?? 0
-            if (UInt32(truncatingIfNeeded: fields[4] ?? 0) & PagemapFlag.lazy) != 0 { lazy.append((vaddr, pages)) }
+        try CriuImageRecords.records(bytes, name: name).dropFirst().compactMap { record in
+            let entry = try CriuImageRecords.pagemapEntry(record, name: name)
+            return UInt32(truncatingIfNeeded: entry.flags) & PagemapFlag.lazy != 0 ? (entry.vaddr, entry.pages) : nil
         }
-        return lazy
-    }
-
-    private static func varint(_ bytes: ArraySlice<UInt8>, _ start: Int, _ name: String) throws -> (UInt64, Int) {
-        var value: UInt64 = 0
-        var shift: UInt64 = 0
-        var at = start
-        while at < bytes.endIndex, shift < 64 {
-            let byte = bytes[at]
-            value |= UInt64(byte & 0x7F) << shift
-            at += 1
-            if byte & 0x80 == 0 { return (value, at) }
-            shift += 7
-        }
-        throw CriuError.badImages("\(name): a malformed varint")
     }
 }
