@@ -87,21 +87,19 @@ enum CriuImageRecords {
         out += message
     }
 
+    /// The varint fields of a message by number (the last one of a number wins).
+    static func varints(_ message: ArraySlice<UInt8>, name: String) throws -> [UInt64: UInt64] {
+        var values: [UInt64: UInt64] = [:]
+        for field in try fields(message, name: name) where field.bytes.isEmpty { values[field.number] = field.value }
+        return values
+    }
+
     /// A pagemap_entry's address, page count (nr_pages, else the older
     /// compat_nr_pages) and flags.
     static func pagemapEntry(_ record: ArraySlice<UInt8>, name: String) throws -> (vaddr: UInt64, pages: UInt64, flags: UInt64) {
-        var vaddr: UInt64?, flags: UInt64 = 0, compat: UInt64 = 0, count: UInt64?
-        for field in try fields(record, name: name) {
-            switch field.number {
-            case 1: vaddr = field.value
-            case 2: compat = field.value
-            case 4: flags = field.value
-            case 5: count = field.value
-            default: break
-            }
-        }
-        guard let vaddr else { throw CriuError.badImages("\(name): an entry without vaddr") }
-        return (vaddr, count ?? compat, flags)
+        let values = try varints(record, name: name)
+        guard let vaddr = values[1] else { throw CriuError.badImages("\(name): an entry without vaddr") }
+        return (vaddr, values[5] ?? values[2] ?? 0, values[4] ?? 0)
     }
 
     /// A pagemap_entry as CRIU writes one: vaddr, compat_nr_pages 0 (a
@@ -145,16 +143,9 @@ enum CriuImageRecords {
         guard let mm = try records(bytes, name: name).first else { throw CriuError.badImages("\(name) is empty") }
         var result: [(start: UInt64, end: UInt64)] = []
         for field in try fields(mm, name: name) where field.number == 14 {
-            var start: UInt64 = 0, end: UInt64 = 0, flags: UInt64 = 0, status: UInt64 = 0
-            for f in try fields(field.bytes, name: name) {
-                switch f.number {
-                case 1: start = f.value
-                case 2: end = f.value
-                case 6: flags = f.value
-                case 7: status = f.value
-                default: break
-                }
-            }
+            // vma_entry: start 1, end 2, flags 6, status 7.
+            let values = try varints(field.bytes, name: name)
+            let (start, end, flags, status) = (values[1] ?? 0, values[2] ?? 0, values[6] ?? 0, values[7] ?? 0)
             guard flags & mapAnonymous != 0, flags & mapPrivate != 0, flags & (mapLocked | mapHugetlb) == 0,
                   status & (areaVsyscall | areaVdso | areaVvar) == 0, start < end else { continue }
             result.append((start, end))
