@@ -7,7 +7,8 @@
 // no fault waits, so a process writing at random stays slow for minutes.
 // Ferry already holds the pages (pre-copied, plus the dirty set), so Ferry is
 // the daemon: it installs them with UFFDIO_COPY in runs of up to 1 MiB,
-// touched pages first, and every page is local within about a second.
+// touched pages first: for 1 GiB every page is local half a second to two
+// seconds after the freeze (docs/benchmarks-criu.md).
 //
 // Touched pages are installed from the handoff on; the background fill
 // waits until restore says it has finished (`restoreFinished`), when every
