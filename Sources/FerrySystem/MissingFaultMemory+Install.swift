@@ -134,12 +134,15 @@ extension MissingFaultMemory {
                     if state.bit(m, i) { state.stats.pagesAlreadyInstalled += 1; i += 1; continue }
                     var j = i
                     while j < first + pages && !state.bit(m, j) { j += 1 }
-                    // Pages i..<j are missing: one ioctl for the run.
+                    // Pages i..<j are missing: one ioctl for the run, or for
+                    // runStart..<runEnd while a VMA boundary splits it.
                     var runStart = i
+                    var runEnd = j
                     var attempts = 0
                     while runStart < j {
+                        if runStart >= runEnd { runEnd = j }
                         let source = mapping.source.start + UInt64(runStart) * pageSize
-                        let length = UInt64(j - runStart) * pageSize
+                        let length = UInt64(runEnd - runStart) * pageSize
                         var done: UInt64 = 0
                         state.stats.installCalls += 1
                         let error = try ioctl(mapping.localAddress(of: source), source - range.start, length, &done)
@@ -153,7 +156,13 @@ extension MissingFaultMemory {
                         }
                         switch error {
                         case 0:
-                            runStart = j
+                            runStart = runEnd
+                        case ENOENT where donePages == 0 && runEnd - runStart > 1:
+                            // One ioctl stays inside one VMA, and the program
+                            // may have split the mapping since (mprotect,
+                            // madvise of some flags): halve down to the page;
+                            // only a page's own ENOENT means it is unmapped.
+                            runEnd = runStart + (runEnd - runStart) / 2
                         case EAGAIN:
                             try pauseWhileBusy(&attempts, "UFFDIO_COPY", at: source)
                         case EEXIST:

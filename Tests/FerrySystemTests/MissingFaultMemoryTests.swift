@@ -161,6 +161,28 @@ struct MissingFaultMemoryTests {
         #expect(read(memory.localAddress(of: region.start + 33 * pageSize)!) == [UInt8](repeating: 0, count: Int(pageSize)))
     }
 
+    /// The program splits a region into VMAs while post-copy runs
+    /// (mprotect): one UFFDIO_COPY cannot cross the boundary, so the run is
+    /// split, and every page arrives with its bytes; nothing fails.
+    @Test func aMappingSplitByTheProgramIsStillFilledWhole() throws {
+        let region = testRegion(64, slot: 40)
+        let memory = try MissingFaultMemory.inOwnProcess(regions: [region])
+        defer { memory.unmap() }
+        try memory.start { _ in }
+        let local = try #require(memory.localAddress(of: region.start))
+        // SAFETY: pages 20..<27 of the test's own mapping; still readable and writable.
+        let split = UnsafeMutableRawPointer(bitPattern: UInt(local + 20 * pageSize))!
+        #expect(mprotect(split, 7 * Int(pageSize), PROT_READ | PROT_WRITE | PROT_EXEC) == 0)
+        var bytes: [UInt8] = []
+        for page in stride(from: region.start, to: region.end, by: Int(pageSize)) { bytes += sourcePage(page) }
+        #expect(try bytes.withUnsafeBytes { try memory.install(region, data: $0) } == 64)
+        #expect(memory.isComplete)
+        for page in stride(from: region.start, to: region.end, by: Int(pageSize)) {
+            #expect(read(memory.localAddress(of: page)!) == sourcePage(page))
+        }
+        #expect(memory.statistics.pagesCopied == 64)
+    }
+
     @Test func aPageThatNeverArrivesRaisesSIGBUSInTheToucherNotZeros() throws {
         let region = testRegion(4, slot: 6)
         let memory = try MissingFaultMemory.inOwnProcess(regions: [region], faultTimeout: .milliseconds(300))
