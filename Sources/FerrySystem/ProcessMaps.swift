@@ -74,11 +74,54 @@ public enum ProcessMaps {
     /// Hugetlb memory (`MAP_HUGETLB`, `SHM_HUGETLB`, `MFD_HUGETLB`, files on
     /// hugetlbfs) is classified like the shmem or file mapping it looks like,
     /// and gets its page size in `Region.pageSize` (see `hugePageSizes`).
+    ///
+    /// The layout returned is sorted and without overlaps. The kernel does
+    /// not promise one consistent walk: 6.18 walks the maps without holding
+    /// the mmap lock across the walk, and a mapping that changes meanwhile
+    /// can appear twice, as it was and as it is (a heap whose break moves
+    /// in a loop: 1 read in 100). Such a walk is read again; should
+    /// `walkAttempts` walks all be torn, the last is made consistent
+    /// (`consistent`), and the next read of a running process corrects it.
     public static func read(pid: Int32) throws -> [Region] {
-        let bytes = try readFile(pid: pid, file: "maps")
-        var regions = try parse(bytes, pid: pid)
+        var regions: [Region] = []
+        for attempt in 1...walkAttempts {
+            regions = try parse(try readFile(pid: pid, file: "maps"), pid: pid)
+            if isConsistent(regions) { break }
+            if attempt == walkAttempts { regions = consistent(regions) }
+        }
         try findHugePages(in: &regions, pid: pid)
         return regions
+    }
+
+    /// Walks of /proc/PID/maps tried before a torn one is repaired.
+    static let walkAttempts = 8
+
+    /// Whether `regions` is sorted, with no empty region and no overlap.
+    static func isConsistent(_ regions: [Region]) -> Bool {
+        var previousEnd: UInt64 = 0
+        for region in regions {
+            guard region.start >= previousEnd, region.start < region.end else { return false }
+            previousEnd = region.end
+        }
+        return true
+    }
+
+    /// A torn walk made sorted and without overlaps: a line that lies
+    /// within the one before it is dropped; one that overlaps its end
+    /// starts where it ends (file offset moved with it). The union of the
+    /// addresses is kept, so no memory goes untracked.
+    static func consistent(_ regions: [Region]) -> [Region] {
+        var result: [Region] = []
+        // By start, the longer first: a shorter copy of a line is then dropped whole.
+        for var region in regions.filter({ $0.start < $0.end }).sorted(by: { $0.start != $1.start ? $0.start < $1.start : $0.end > $1.end }) {
+            if let last = result.last, region.start < last.end {
+                guard region.end > last.end else { continue }
+                region.offset += last.end - region.start
+                region.range = AddressRange(start: last.end, end: region.end)
+            }
+            result.append(region)
+        }
+        return result
     }
 
     // MARK: - Huge pages

@@ -1,4 +1,5 @@
 import Testing
+import Foundation
 import FerryTestSupport
 import Glibc
 @testable import FerrySystem
@@ -151,6 +152,65 @@ import Glibc
         #expect(ours.count == pages)
         #expect(ours.allSatisfy { $0.kind == .migrate || $0.kind == .recordOnly })
         #expect(ours.filter { $0.start >= base && $0.end <= end }.allSatisfy { $0.range.length == 4096 })
+    }
+
+    /// A process whose heap break moves in a loop, with a thread mapping
+    /// and unmapping beside it: the kernel (6.18) tears about 1 walk of
+    /// /proc/PID/maps in 100, showing the heap twice. Every layout read
+    /// must still be sorted and without overlaps (the wire refuses others:
+    /// a hub once lost its seeder over one).
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/gcc"), "needs gcc"))
+    func aLayoutReadWhileTheHeapMovesIsConsistent() throws {
+        let source = """
+            #include <pthread.h>
+            #include <stdio.h>
+            #include <sys/mman.h>
+            #include <unistd.h>
+            static void *churn(void *unused) {
+                for (;;) { void *p = mmap(0, 1 << 16, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0); munmap(p, 1 << 16); }
+                return unused;
+            }
+            int main(void) {
+                pthread_t thread;
+                pthread_create(&thread, 0, churn, 0);
+                printf("ready\\n");
+                fflush(stdout);
+                for (;;) { sbrk(32768); ((char *)sbrk(0))[-1] = 1; sbrk(-32768); }
+            }
+            """
+        let directory = "/tmp/ferry-maps-\(getpid())-\(Int.random(in: 0..<1_000_000))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try source.write(toFile: directory + "/brk.c", atomically: true, encoding: .utf8)
+        let gcc = try ChildProcess("/usr/bin/gcc", ["-O1", "-pthread", "-o", directory + "/brk", directory + "/brk.c"])
+        #expect(gcc.waitForExit() == 0)
+        let child = try ChildProcess(directory + "/brk", [])
+        defer { child.stop() }
+        #expect(try child.readLine() == "ready")
+        var torn = 0
+        for _ in 0..<3000 {
+            let regions = try ProcessMaps.read(pid: child.pid)
+            if !ProcessMaps.isConsistent(regions) { torn += 1 }
+        }
+        #expect(torn == 0, "\(torn) of 3000 layouts overlapped")
+    }
+
+    /// What a torn walk becomes when no walk was whole: sorted, the copy
+    /// inside another dropped, the overlapping end kept, nothing lost.
+    @Test func aTornWalkIsMadeConsistent() throws {
+        let torn = try ProcessMaps.parse(Array("""
+            1000-5000 rw-p 00000000 00:00 0                          [heap]
+            1000-3000 rw-p 00000000 00:00 0                          [heap]
+            0-1000 r--p 00000000 fe:00 7                             /bin/x
+            4000-8000 r--p 00002000 fe:00 8                          /lib/y
+            9000-a000 rw-p 00000000 00:00 0
+            """.utf8), pid: 1)
+        #expect(!ProcessMaps.isConsistent(torn))
+        let fixed = ProcessMaps.consistent(torn)
+        #expect(ProcessMaps.isConsistent(fixed))
+        #expect(fixed.map(\.start) == [0, 0x1000, 0x5000, 0x9000])
+        #expect(fixed.map(\.end) == [0x1000, 0x5000, 0x8000, 0xa000])
+        #expect(fixed[2].name == "/lib/y" && fixed[2].offset == 0x3000)
     }
 
     @Test func readingIsFast() throws {
