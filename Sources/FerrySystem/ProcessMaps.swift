@@ -9,10 +9,11 @@
 // apart through /proc/PID/map_files needs CAP_SYS_ADMIN (or
 // CAP_CHECKPOINT_RESTORE); without it /proc/PID/smaps answers, more slowly.
 //
-// The whole file is read with a few large read(2) calls (the kernel's seq_file
-// fills the caller's buffer as far as it can, so a large buffer sees one
-// consistent walk in most cases) and parsed byte by byte without building a
-// String per field except for the three text fields each Region keeps.
+// The whole file is read with a few large read(2) calls (the kernel's
+// seq_file fills the caller's buffer as far as it can; a walk torn by a
+// mapping that changed meanwhile is read again, see `read`) and parsed byte
+// by byte without building a String per field except for the three text
+// fields each Region keeps.
 #if canImport(Glibc)
 import Glibc
 #endif
