@@ -16,6 +16,7 @@ public enum CriuError: Error, CustomStringConvertible, Sendable {
     case unusable(path: String, output: String)
     case failed(step: String, status: Int32, log: String, tail: String)
     case timedOut(step: String, seconds: Double, log: String)
+    /// Restore's handoff of the process's memory, or its filling, went wrong.
     case protocolViolation(String)
     case badImages(String)
 
@@ -32,7 +33,7 @@ public enum CriuError: Error, CustomStringConvertible, Sendable {
         case .timedOut(let step, let seconds, let log):
             return "criu \(step) did not finish within \(seconds) s (log: \(log))"
         case .protocolViolation(let what):
-            return "CRIU page-server protocol: \(what)"
+            return "CRIU lazy pages: \(what)"
         case .badImages(let what):
             return "CRIU images: \(what)"
         }

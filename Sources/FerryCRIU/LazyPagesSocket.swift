@@ -31,11 +31,14 @@ public final class LazyPagesSocket: Sendable {
     static let restoreFinished: UInt32 = 0x5253_5446
 
     public let path: String
+    /// Restore's log beside the socket, for errors (CriuRestore writes it there).
+    private let restoreLog: String
     private let listener: Int32
 
     /// Listens at `directory`/lazy-pages.socket (replacing a stale one).
     public init(directory: String) throws {
         path = directory + "/" + Self.fileName
+        restoreLog = directory + "/restore.log"
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
@@ -69,7 +72,7 @@ public final class LazyPagesSocket: Sendable {
         while try checkedCall("poll", on: path, { poll(&poller, 1, 50) }) == 0 {
             if stopped() { throw CriuError.protocolViolation("stopped waiting for restore on \(path)") }
             if ContinuousClock.now >= deadline {
-                throw CriuError.timedOut(step: "restore (it never connected to \(path))", seconds: timeout.inSeconds, log: "")
+                throw CriuError.timedOut(step: "restore (it never connected to \(path))", seconds: timeout.inSeconds, log: restoreLog)
             }
         }
         let fd = try checkedCall("accept", on: path) { Glibc.accept(listener, nil, nil) }

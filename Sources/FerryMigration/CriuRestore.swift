@@ -133,6 +133,9 @@ public final class CriuRestore: Sendable {
             case .zombie:
                 continue
             case .closed:
+                // Restore is done with the socket (it sends RSTF first; a
+                // restore that failed is cancelled, which poisons instead).
+                for memory in running.withLock({ $0.memories }) { memory.restoreFinished() }
                 return
             }
         }

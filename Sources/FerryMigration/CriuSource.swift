@@ -35,12 +35,13 @@ public final class CriuMemorySource: MemorySource, SeederExtraMethods {
     public let process: TrackedProcess
     public let dump: CriuDump
     private let dumped = Mutex(false)
-    private let report: @Sendable (Duration, CriuDump.LazyRepair?) -> Void
+    private let report: @Sendable (Duration, Result<CriuDump.LazyRepair?, any Error>) -> Void
 
     /// `dumpedEvent` is told how long the dump took, once it holds the
-    /// process, and what `CriuDump.leaveLazy` put back in the lazy set.
+    /// process, and what `CriuDump.leaveLazy` put back in the lazy set (or
+    /// why it could not).
     public init(process: TrackedProcess, criu: Criu, workDirectory: String, grace: Duration,
-                dumpedEvent: @escaping @Sendable (Duration, CriuDump.LazyRepair?) -> Void = { _, _ in }) throws {
+                dumpedEvent: @escaping @Sendable (Duration, Result<CriuDump.LazyRepair?, any Error>) -> Void = { _, _ in }) throws {
         self.process = process
         dump = try CriuDump(criu: criu, pid: process.pid, workDirectory: workDirectory, grace: grace)
         report = dumpedEvent
@@ -70,10 +71,11 @@ public final class CriuMemorySource: MemorySource, SeederExtraMethods {
         // CRIU may have written memory it should have left lazy (a
         // page-aligned stack pointer: CriuDump.leaveLazy): Ferry moves that
         // memory, so the images need not carry it. Should the repair fail,
-        // the images stay as CRIU wrote them (still a valid dump).
+        // the images stay as CRIU wrote them (still a valid dump, perhaps
+        // too large to send) and the seeder says why.
         var servable = process.regions.map { (start: $0.range.start, end: $0.range.end) }
         servable += process.unprotectable.map { (start: $0.range.start, end: $0.range.end) }
-        let repair = try? dump.leaveLazy(servable: servable)
+        let repair = Result { try dump.leaveLazy(servable: servable) }
         report(took, repair)
         return took
     }

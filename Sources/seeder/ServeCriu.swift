@@ -35,14 +35,19 @@ struct CriuServeOptions: ParsableArguments {
         let source = try CriuMemorySource(process: process, criu: criu, workDirectory: directory, grace: grace) { took, repair in
             let ms = took.inSeconds * 1000
             let text = String(format: "seeder: CRIU dumped pid %d in %.1f ms (%@); it holds it frozen until the leecher is done", process.pid, ms, directory)
-            if let repair {
+            switch repair {
+            case .success(nil):
+                reporter.event("dumped", ["pid": .int(Int64(process.pid)), "dump_ms": .double(ms), "directory": .string(directory)], text: text)
+            case .success(let repair?):
                 // CRIU's is_stack() bug (CriuDump.leaveLazy): its images held memory Ferry moves.
                 reporter.event("dumped", ["pid": .int(Int64(process.pid)), "dump_ms": .double(ms), "directory": .string(directory),
                                           "relazied_pages": .uint(repair.pages), "relazied_bytes": .uint(repair.bytes)],
                                text: text + String(format: "; CRIU had written %llu pages it should have left lazy (a page-aligned stack pointer): flagged lazy again, %.1f MB dropped from its images",
                                                    repair.pages, Double(repair.bytes) / 1e6))
-            } else {
-                reporter.event("dumped", ["pid": .int(Int64(process.pid)), "dump_ms": .double(ms), "directory": .string(directory)], text: text)
+            case .failure(let error):
+                reporter.event("dumped", ["pid": .int(Int64(process.pid)), "dump_ms": .double(ms), "directory": .string(directory),
+                                          "relazy_error": .string("\(error)")],
+                               text: text + "; its images could not be checked for memory CRIU should have left lazy (\(error)): they go as CRIU wrote them")
             }
         }
         return (source, source)

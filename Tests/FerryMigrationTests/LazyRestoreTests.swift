@@ -194,4 +194,52 @@ struct LazyRestoreTests {
         let long = "/tmp/" + String(repeating: "d", count: 120)
         #expect(throws: CriuError.self) { try LazyPagesSocket(directory: long) }
     }
+
+    /// What restore says on the socket, cut short or missing its descriptor,
+    /// or a restore that never connects: each a clear error, not a hang.
+    @Test func aHandoffCutShortOrNeverMadeIsNamed() throws {
+        let directory = scratch()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = try LazyPagesSocket(directory: directory)
+
+        /// Connects as restore would, writes `bytes`, and closes.
+        func restoreSays(_ bytes: [UInt8]) throws {
+            let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+            defer { close(fd) }
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(socket.path.utf8)) }
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            guard connected == 0 else { throw TestFailure("connect: \(errno)") }
+            #expect(bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) } == bytes.count)
+        }
+
+        try restoreSays([1, 2])
+        let short = try socket.accept(timeout: .seconds(5)) { false }
+        do {
+            _ = try short.next()
+            Issue.record("two bytes were taken for a pid")
+        } catch {
+            #expect("\(error)".contains("restore sent 2 bytes where a pid belongs"), "\(error)")
+        }
+        #expect(try short.next() == .closed)
+
+        try restoreSays(withUnsafeBytes(of: Int32(77)) { Array($0) })
+        let noDescriptor = try socket.accept(timeout: .seconds(5)) { false }
+        do {
+            _ = try noDescriptor.next()
+            Issue.record("a pid without its descriptor was accepted")
+        } catch {
+            #expect("\(error)".contains("receiving the userfaultfd of pid 77"), "\(error)")
+        }
+
+        do {
+            _ = try socket.accept(timeout: .milliseconds(200)) { false }
+            Issue.record("accept returned without restore connecting")
+        } catch {
+            #expect("\(error)".contains("never connected") && "\(error)".contains(directory + "/restore.log"), "\(error)")
+        }
+    }
 }
