@@ -13,7 +13,7 @@ struct RestoreOptions: ParsableArguments {
         "Move the whole process: at Finalize fetch CRIU's images from a `seeder serve --with-criu`, restore the process here with `criu restore --lazy-pages` (detached: it outlives the leecher), and, as CRIU's lazy-pages daemon, fill its memory straight from what was pre-copied, touched pages first. Complete, after which CRIU kills the source, waits until the process runs here and every page is held. Needs CRIU 4.1 or later (--criu)."))
     var restore = false
 
-    @Option(name: .long, help: ArgumentHelp("With --restore: the directory for CRIU's images and logs (default: a new one under /tmp).", valueName: "DIR"))
+    @Option(name: .long, help: ArgumentHelp("With --restore: the directory for CRIU's images and logs (default: a new one under /tmp; at most 89 bytes, for CRIU's socket there). CRIU logs at level $FERRY_CRIU_VERBOSITY, default 2 (4 to report a CRIU bug).", valueName: "DIR"))
     var images: String?
 
     @Option(name: .long, help: ArgumentHelp("With --restore: the criu to run (default: $FERRY_CRIU, then criu on PATH).", valueName: "PATH"))

@@ -16,7 +16,7 @@ struct CriuServeOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("With --with-criu: the criu to run (default: $FERRY_CRIU, then criu on PATH).", valueName: "PATH"))
     var criu: String?
 
-    @Option(name: .long, help: ArgumentHelp("With --with-criu: the directory for CRIU's images and logs (default: a new one under /tmp).", valueName: "DIR"))
+    @Option(name: .long, help: ArgumentHelp("With --with-criu: the directory for CRIU's images and logs (default: a new one under /tmp). CRIU logs at level $FERRY_CRIU_VERBOSITY, default 2 (4 to report a CRIU bug).", valueName: "DIR"))
     var criuDir: String?
 
     /// CRIU, checked before the process is touched.
